@@ -1,0 +1,250 @@
+"""The gateway: start-up and shutdown order in one readable place.
+
+Start-up:
+  1. build the TLS context, the authenticator and RBAC (a bad file fails here);
+  2. start one hub per VM (each opens its port and keeps reconnecting);
+  3. bind the health listener, then the TLS listener;
+  4. start the keepalive sweeper; set `ready` (systemd READY=1 goes here).
+Shutdown (SIGTERM/SIGINT, or `stop()`):
+  1. draining: /readyz turns 503, new requests get 503;
+  2. stop accepting on the TLS listener;
+  3. tell sessions (notice), close them with 1001, wait (bounded) until they are gone;
+  4. cancel the hubs (closing their ports) and the sweeper; close the health listener.
+Every task belongs to one TaskGroup; nothing outlives `serve()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections import Counter
+from collections.abc import Callable
+
+from . import control
+from .audit import audit
+from .auth import Authenticator, Principal
+from .config import Config, VmConfig
+from .connection import ClientConnection, Request
+from .errors import AuthError, ForbiddenError, RateLimitedError
+from .health import HealthConnection, make_registry
+from .hub import ConsoleHub
+from .log import get_logger
+from .rbac import Rbac
+from .session import ConsoleSession
+from .tls import server_context
+
+log = get_logger("relayd.app")
+
+BACKLOG = 4096
+SHUTDOWN_CLOSE_TIMEOUT = 6.0
+
+
+class Gateway:
+    """One relayd process: listeners, hubs, sessions."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.region = config.gateway.region
+        self.ssl_context = server_context(config.tls)
+        self.authenticator = Authenticator(config.auth)
+        self.rbac = Rbac(config.role_assignments)
+        self.hubs: dict[str, ConsoleHub] = {
+            vm.id: ConsoleHub(vm, config.limits) for vm in config.vms
+        }
+        self.sessions: dict[str, ConsoleSession] = {}
+        self.connections: set[ClientConnection] = set()
+        self.auth_failures: Counter[str] = Counter()
+        self.draining = False
+        self.ready = asyncio.Event()
+        self.tls_port = 0
+        self.health_port = 0
+        self._stop = asyncio.Event()
+        self._connections_changed = asyncio.Event()
+        self._listening = False
+
+    # -- policy used by connections ------------------------------------------------------
+
+    def authenticate(self, request: Request) -> Principal:
+        """The request's principal; failures are counted and audited.
+
+        Raises:
+            AuthError: no or bad credentials.
+        """
+        try:
+            return self.authenticator.authenticate(request.headers.get("authorization"))
+        except AuthError as exc:
+            self.auth_failures[exc.code] += 1
+            audit("auth_failed", reason=exc.code, peer=request.peer, region=self.region)
+            raise
+
+    def check_origin(self, request: Request) -> None:
+        """Refuse cross-site WebSocket requests (browsers always send Origin).
+
+        Raises:
+            ForbiddenError: the Origin is not the gateway's own nor allowed.
+        """
+        origin = request.headers.get("origin")
+        if origin is None:
+            return
+        allowed = self.config.gateway.allowed_origins
+        own = f"https://{request.headers.get('host', '')}"
+        if origin == own or (allowed is not None and origin in allowed):
+            return
+        raise ForbiddenError(f"origin {origin[:100]!r} is not allowed", code="bad_origin")
+
+    def check_session_limits(self, principal: Principal) -> None:
+        """Per-gateway and per-principal session caps.
+
+        Raises:
+            RateLimitedError: a cap is reached.
+        """
+        limits = self.config.limits
+        if limits.max_sessions is not None and len(self.sessions) >= limits.max_sessions:
+            raise RateLimitedError(
+                f"gateway session limit {limits.max_sessions} reached", code="session_limit"
+            )
+        if limits.max_sessions_per_principal is not None:
+            mine = sum(1 for s in self.sessions.values() if s.principal.id == principal.id)
+            if mine >= limits.max_sessions_per_principal:
+                raise RateLimitedError(
+                    f"session limit {limits.max_sessions_per_principal} per principal reached",
+                    code="session_limit",
+                )
+
+    def console_enabled(self, vm: VmConfig) -> bool:
+        """Whether the VM's serial console is switched on (subscription and VM)."""
+        sub = self.config.subscription(vm.subscription)
+        return vm.serial_console and (sub is None or sub.serial_console)
+
+    def unready_reasons(self) -> list[str]:
+        """Why /readyz is not 200 (empty when ready)."""
+        reasons = []
+        if not self._listening:
+            reasons.append("listener not bound")
+        if self.draining:
+            reasons.append("draining")
+        return reasons
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        """Forget a connection (and its session); wakes a waiting shutdown."""
+        self.connections.discard(conn)
+        if conn.session is not None:
+            self.sessions.pop(conn.session.session_id, None)
+        self._connections_changed.set()
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown (idempotent; safe from a signal handler)."""
+        self._stop.set()
+
+    async def serve(self, *, install_signals: bool = False) -> None:
+        """Run until `stop()`; see the module docstring for the order."""
+        loop = asyncio.get_running_loop()
+        gw = self.config.gateway
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        health_server: asyncio.Server | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                hub_tasks = [
+                    tg.create_task(hub.run(), name=f"hub-{vm_id}")
+                    for vm_id, hub in self.hubs.items()
+                ]
+                if gw.health_listen is not None:
+                    registry = make_registry(self)
+                    health_server = await loop.create_server(
+                        lambda: HealthConnection(self, registry),
+                        gw.health_listen.host,
+                        gw.health_listen.port,
+                        reuse_address=True,
+                    )
+                    self.health_port = health_server.sockets[0].getsockname()[1]
+                server = await loop.create_server(
+                    lambda: ClientConnection(self),
+                    gw.listen.host,
+                    gw.listen.port,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=gw.handshake_timeout,
+                    backlog=BACKLOG,
+                    reuse_address=True,
+                )
+                self.tls_port = server.sockets[0].getsockname()[1]
+                self._listening = True
+                sweeper = tg.create_task(self._sweep(), name="sweeper")
+                log.info(
+                    "gateway_ready",
+                    listen=str(gw.listen),
+                    port=self.tls_port,
+                    health_port=self.health_port,
+                    vms=len(self.hubs),
+                )
+                self.ready.set()
+                await self._stop.wait()
+                await self._shutdown(server)
+                for task in (*hub_tasks, sweeper):
+                    task.cancel()
+        finally:
+            self._listening = False
+            if health_server is not None:
+                health_server.close()
+                await health_server.wait_closed()
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            log.info("gateway_stopped")
+
+    async def _shutdown(self, server: asyncio.Server) -> None:
+        self.draining = True
+        log.info("gateway_draining", sessions=len(self.sessions))
+        server.close()
+        for session in list(self.sessions.values()):
+            session.send_text(control.encode_notice("shutting_down"))
+            session.close(control.CLOSE_GOING_AWAY, "gateway shutting down")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT):
+                while self.connections:
+                    self._connections_changed.clear()
+                    await self._connections_changed.wait()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    async def _sweep(self) -> None:
+        """Keepalive pings: a writer that stops answering is dropped within two intervals."""
+        interval = self.config.limits.keepalive_interval
+        while True:
+            await asyncio.sleep(interval)
+            for session in list(self.sessions.values()):
+                session.keepalive()
+
+
+def run_forever(config: Config, *, on_ready: Callable[[Gateway], None] | None = None) -> int:
+    """Run a gateway on a fresh event loop (uvloop when installed) until SIGTERM/SIGINT."""
+
+    async def main() -> None:
+        gateway = Gateway(config)
+        task = asyncio.create_task(gateway.serve(install_signals=True))
+        ready = asyncio.create_task(gateway.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and on_ready is not None:
+            on_ready(gateway)
+        ready.cancel()
+        await task
+
+    _run(main())
+    return 0
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a Linux dependency
+        asyncio.run(coro)  # type: ignore[arg-type]
+        return
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
+__all__ = ["Gateway", "run_forever"]

@@ -1,0 +1,194 @@
+"""The `relayd` command: argparse in, exit codes out.
+
+This is the only place that turns exceptions into exit codes: 0 success,
+1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import Config, load_config, parse_duration
+from .errors import ConfigError, RelaydError
+from .log import configure_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relayd", description="Serial-console gateway.")
+    p.add_argument("--version", action="version", version=f"relayd {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", required=True, type=Path)
+
+    demo = sub.add_parser("demo", help="gateway plus three simulated VMs on loopback")
+    demo.add_argument("--certs", type=Path, default=Path("certs/dev"))
+    demo.add_argument("--state-dir", type=Path, default=Path(".relayd-demo"))
+    demo.add_argument("--listen", default="127.0.0.1:8443")
+    demo.add_argument("--health-listen", default="127.0.0.1:9100")
+
+    connect = sub.add_parser("connect", help="terminal client for a VM console")
+    connect.add_argument("url", help="gateway base URL, e.g. https://127.0.0.1:8443")
+    connect.add_argument("--vm", required=True)
+    connect.add_argument("--token")
+    connect.add_argument("--token-file", type=Path)
+    connect.add_argument("--ca", type=Path)
+    connect.add_argument("--spectate", action="store_true")
+    connect.add_argument("--from", dest="resume_from", type=int, help="resume at this offset")
+
+    token = sub.add_parser("token", help="development tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    issue = token_sub.add_parser("issue", help="mint an HS256 token with hs256_secret_file")
+    issue.add_argument("--config", required=True, type=Path)
+    issue.add_argument("--sub", required=True, help="the subject (principal user:<sub>)")
+    issue.add_argument("--group", action="append", default=[])
+    issue.add_argument("--ttl", default="1h")
+    issue.add_argument("--amr", action="append", default=[])
+
+    certs = sub.add_parser("certs", help="development certificates")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser("init", help="dev CA, server and client certificates")
+    init.add_argument("directory", type=Path)
+    init.add_argument("--name", action="append", default=[], help="extra server name or IP")
+    init.add_argument("--force", action="store_true")
+
+    check = sub.add_parser("check-config", help="validate a config file and explain it")
+    check.add_argument("path", type=Path)
+    return p
+
+
+def _explain(cfg: Config) -> str:
+    gw = cfg.gateway
+    lines = [
+        f"{cfg.path}: ok",
+        f"  region {gw.region}; TLS on {gw.listen} (min TLS {cfg.tls.min_version})"
+        + (f"; health on {gw.health_listen}" if gw.health_listen else "; no health listener"),
+        f"  tokens: issuer {cfg.auth.issuer!r}, audience {cfg.auth.audience!r}, "
+        + ", ".join(
+            k
+            for k, v in (("JWKS", cfg.auth.jwks_file), ("HS256 (dev)", cfg.auth.hs256_secret_file))
+            if v
+        ),
+        f"  {len(cfg.subscriptions)} subscription(s), {len(cfg.vms)} vm(s), "
+        f"{len(cfg.role_assignments)} role assignment(s)",
+    ]
+    for vm in cfg.vms:
+        lines.append(
+            f"  vm {vm.id}: {vm.serial} at {vm.baud} baud (input {vm.input_rate} B/s), "
+            f"takeover={vm.takeover}, on_detach="
+            + (f"send:{vm.on_detach!r}" if isinstance(vm.on_detach, bytes) else vm.on_detach)
+        )
+    return "\n".join(lines)
+
+
+def _check_config(path: Path) -> int:
+    cfg = load_config(path)
+    # Load what the daemon would load at start, so a bad key file fails here too.
+    from .auth import Authenticator
+    from .tls import server_context
+
+    server_context(cfg.tls)
+    Authenticator(cfg.auth)
+    print(_explain(cfg))
+    return 0
+
+
+def _issue(args: argparse.Namespace) -> int:
+    from .auth import issue_token, read_secret_file
+
+    cfg = load_config(args.config)
+    if cfg.auth.hs256_secret_file is None:
+        raise ConfigError(str(cfg.path), "auth.hs256_secret_file", "needed to issue tokens")
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise ConfigError("--ttl", "", str(exc)) from None
+    token = issue_token(
+        read_secret_file(cfg.auth.hs256_secret_file),
+        issuer=cfg.auth.issuer,
+        audience=cfg.auth.audience,
+        sub=args.sub,
+        groups=args.group,
+        amr=args.amr,
+        ttl=ttl or 3600.0,
+    )
+    print(token)
+    return 0
+
+
+def _connect(args: argparse.Namespace) -> int:
+    from .client import connect, read_token
+
+    token = read_token(args.token, args.token_file)
+    return asyncio.run(
+        connect(
+            args.url,
+            args.vm,
+            token=token,
+            ca=args.ca,
+            spectate=args.spectate,
+            resume_from=args.resume_from,
+        )
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `relayd` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from .app import run_forever
+
+            configure_logging(args.log_level)
+            return run_forever(load_config(args.config))
+        if args.command == "demo":
+            from .app import _run
+            from .demo import run_demo
+
+            configure_logging(args.log_level, stream=sys.stderr)
+            _run(
+                run_demo(
+                    certs=args.certs,
+                    state_dir=args.state_dir,
+                    listen=args.listen,
+                    health_listen=args.health_listen,
+                )
+            )
+            return 0
+        if args.command == "connect":
+            return _connect(args)
+        if args.command == "token":
+            return _issue(args)
+        if args.command == "certs":
+            from .certs import init_dev_pki
+
+            pki = init_dev_pki(args.directory, names=args.name, force=args.force)
+            print(f"ca: {pki.ca_cert}\nserver: {pki.server_cert}\nclient: {pki.client_cert}")
+            return 0
+        if args.command == "check-config":
+            return _check_config(args.path)
+    except ConfigError as exc:
+        print(f"relayd: config error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad arguments (client.UsageError, a bad --name, ...)
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 2
+    except RelaydError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The exception tree of relayd.
+
+RelaydError
+├── ConfigError           operator error: carries file and key; surfaces once, in cli.py
+├── PeerError             the client broke a rule; carries what goes on the wire
+│   ├── AuthError         401 before the upgrade (missing, malformed, expired, wrong token)
+│   ├── ForbiddenError    403 (role too low, console disabled, client not allowed)
+│   ├── NotFoundError     404 / close 4004 (unknown VM or route)
+│   ├── ConflictError     409 (takeover policy `deny` and a writer exists)
+│   ├── RateLimitedError  429 / close 4029
+│   └── BadMessageError   a malformed control message: `bad_message`, session continues
+├── PortUnavailableError  a serial backend could not be opened or went away
+└── HookError             an operator-configured command (break/nmi/reset) failed
+"""
+
+from __future__ import annotations
+
+
+class RelaydError(Exception):
+    """Base of every error relayd raises on purpose."""
+
+
+class ConfigError(RelaydError):
+    """A configuration file is invalid; names the file and the key."""
+
+    def __init__(self, path: str, key: str, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.message = message
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {message}")
+
+
+class PeerError(RelaydError):
+    """The peer did something wrong; the error says what to send back."""
+
+    http_status = 400
+    close_code = 1008
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class AuthError(PeerError):
+    """Credentials are missing or invalid."""
+
+    http_status = 401
+    close_code = 4003
+    code = "unauthorized"
+
+
+class ForbiddenError(PeerError):
+    """The principal is known but may not do this."""
+
+    http_status = 403
+    close_code = 4003
+    code = "forbidden"
+
+
+class NotFoundError(PeerError):
+    """The VM (or route) does not exist."""
+
+    http_status = 404
+    close_code = 4004
+    code = "not_found"
+
+
+class ConflictError(PeerError):
+    """The console has a writer and its policy refuses newcomers."""
+
+    http_status = 409
+    close_code = 4001
+    code = "writer_exists"
+
+
+class RateLimitedError(PeerError):
+    """Too many sessions or attempts."""
+
+    http_status = 429
+    close_code = 4029
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class BadMessageError(PeerError):
+    """A control message that does not parse or is not known."""
+
+    code = "bad_message"
+
+
+class PortUnavailableError(RelaydError):
+    """A serial backend could not be reached or was lost."""
+
+
+class HookError(RelaydError):
+    """A configured hypervisor command failed to start, timed out or exited non-zero."""

@@ -1,0 +1,143 @@
+"""The health listener: plain HTTP on a separate (usually loopback) port.
+
+`/healthz` answers whenever the loop does; `/readyz` is 200 only when the
+listeners are bound, a certificate is loaded and unexpired, and the gateway
+is not draining; `/metrics` is Prometheus text, collected on scrape from the
+live state (no counters duplicated in a second place).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
+
+import h11
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .log import get_logger
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from .app import Gateway
+
+log = get_logger("relayd.health")
+
+
+class GatewayCollector(Collector):
+    """Reads the gateway's counters at scrape time."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per contract metric."""
+        gw = self.gateway
+        by_role = GaugeMetricFamily("relayd_sessions", "Open console sessions", labels=["role"])
+        counts = {"writer": 0, "spectator": 0}
+        for session in gw.sessions.values():
+            counts[session.role] = counts.get(session.role, 0) + 1
+        for role, n in counts.items():
+            by_role.add_metric([role], n)
+        yield by_role
+        port_up = GaugeMetricFamily("relayd_port_up", "Serial port connected", labels=["vm"])
+        bytes_out = CounterMetricFamily(
+            "relayd_console_output_bytes", "Bytes read from serial ports", labels=["vm"]
+        )
+        bytes_in = CounterMetricFamily(
+            "relayd_console_input_bytes", "Bytes written to serial ports", labels=["vm"]
+        )
+        takeovers = CounterMetricFamily("relayd_takeovers", "Writer takeovers", labels=["vm"])
+        reconnects = CounterMetricFamily(
+            "relayd_port_reconnects", "Serial port reconnects", labels=["vm"]
+        )
+        for vm_id, hub in gw.hubs.items():
+            port_up.add_metric([vm_id], 1 if hub.port_up else 0)
+            bytes_out.add_metric([vm_id], hub.stats.bytes_from_port)
+            bytes_in.add_metric([vm_id], hub.stats.bytes_to_port)
+            takeovers.add_metric([vm_id], hub.stats.takeovers)
+            reconnects.add_metric([vm_id], hub.stats.reconnects)
+        yield from (port_up, bytes_out, bytes_in, takeovers, reconnects)
+        failures = CounterMetricFamily(
+            "relayd_auth_failures", "Rejected credentials", labels=["reason"]
+        )
+        for reason, n in sorted(gw.auth_failures.items()):
+            failures.add_metric([reason], n)
+        yield failures
+
+
+class HealthConnection(asyncio.Protocol):
+    """One HTTP/1.1 exchange on the health port."""
+
+    def __init__(self, gateway: Gateway, registry: CollectorRegistry) -> None:
+        self.gateway = gateway
+        self.registry = registry
+        self.transport: asyncio.Transport | None = None
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Probes are quick; slow ones are dropped."""
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(10.0, self.transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        """Parse until a whole request is in, answer it, close."""
+        assert self.transport is not None
+        self._h11.receive_data(data)
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError:
+                self.transport.close()
+                return
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Request):
+                self._answer(event.target.decode("ascii", "replace").split("?")[0])
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                self.transport.close()
+                return
+
+    def _answer(self, path: str) -> None:
+        assert self.transport is not None
+        content_type = "application/json"
+        if path == "/healthz":
+            status, body = 200, b'{"status":"ok"}\n'
+        elif path == "/readyz":
+            reasons = self.gateway.unready_reasons()
+            status = 503 if reasons else 200
+            body = json.dumps({"ready": not reasons, "reasons": reasons}).encode() + b"\n"
+        elif path == "/metrics":
+            status, body = 200, generate_latest(self.registry)
+            content_type = "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            status, body = 404, b'{"error":"not_found","message":"no such path"}\n'
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+        out = self._h11.send(h11.Response(status_code=status, headers=headers)) or b""
+        out += self._h11.send(h11.Data(data=body)) or b""
+        out += self._h11.send(h11.EndOfMessage()) or b""
+        self.transport.write(out)
+        self.transport.close()
+
+
+def make_registry(gateway: Gateway) -> CollectorRegistry:
+    """A registry holding only relayd's own collector (no process globals)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gateway))
+    return registry

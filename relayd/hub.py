@@ -1,0 +1,396 @@
+"""One `ConsoleHub` per VM: owns the serial port, the output ring and the writer lease.
+
+The hub keeps the port open for the life of the daemon, so output is
+recorded while nobody is attached and an attach is instant. It reconnects
+with exponential backoff when the port goes away and tells attached clients.
+
+Two tasks touch the port and nothing else does: the reader appends to the
+ring and hands each chunk to every client *without waiting on any of them*
+(a client that cannot keep up skips ahead itself); the writer takes keyboard
+input and BREAKs from one queue and writes them paced at the line rate.
+Input is bounded: when the queue holds a second of line time, the writer's
+socket stops being read until it drains (backpressure, not buffering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from websockets.frames import Frame, Opcode
+
+from . import control
+from .auth import Principal
+from .config import LimitsConfig, VmConfig
+from .errors import HookError, PortUnavailableError
+from .lease import Decision, Demoted, Denied, Evicted, WriterLease
+from .log import get_logger
+from .ports import SerialLink, open_link
+from .ring import OutputRing
+from .throttle import TokenBucket
+
+log = get_logger("relayd.hub")
+
+OPEN_TIMEOUT = 10.0
+HOOK_TIMEOUT = 10.0
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 30.0
+
+
+class HubClient(Protocol):
+    """What the hub needs of an attached session."""
+
+    session_id: str
+    principal: Principal
+    role: str
+
+    def deliver(self, offset: int, data: bytes, frame: bytes) -> None:
+        """Console output; must never block or await."""
+
+    def send_text(self, text: str) -> None:
+        """A control message (notice or error)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """End the session with a WebSocket close code."""
+
+    def set_role(self, role: str) -> None:
+        """Become writer or spectator."""
+
+    def pause_input(self) -> None:
+        """Stop reading the client's socket (the input queue is full)."""
+
+    def resume_input(self) -> None:
+        """Read the client's socket again."""
+
+
+@dataclass(frozen=True)
+class _Break:
+    """A BREAK, optionally followed by a SysRq key, ahead of queued input."""
+
+    key: bytes = b""
+
+
+@dataclass(frozen=True)
+class _Hangup:
+    """Drop DTR (on_detach = hangup)."""
+
+
+@dataclass
+class HubStats:
+    """Counters the metrics endpoint reads."""
+
+    bytes_from_port: int = 0
+    bytes_to_port: int = 0
+    reconnects: int = 0
+    takeovers: int = 0
+    port_errors: int = 0
+    last_error: str = ""
+    up_since: float | None = field(default=None)
+
+
+def binary_frame(data: bytes) -> bytes:
+    """One unmasked binary WebSocket frame, serialized once for every client."""
+    return Frame(Opcode.BINARY, data).serialize(mask=False)
+
+
+class ConsoleHub:
+    """Everything about one VM's console that outlives client sessions."""
+
+    def __init__(self, vm: VmConfig, limits: LimitsConfig) -> None:
+        self.vm = vm
+        self.limits = limits
+        self.ring = OutputRing(limits.console_log_bytes)
+        self.lease = WriterLease(vm.takeover)
+        self.clients: dict[str, HubClient] = {}
+        self.stats = HubStats()
+        self.port_up = False
+        self.resize: tuple[int, int] | None = None
+        self.previous_logged_out: bool | None = None
+        rate = vm.input_rate
+        self._chunk = max(16, rate // 50)  # 20 ms of line time per write
+        self._bucket = TokenBucket(rate, burst=max(self._chunk, rate // 10))
+        self._input: deque[bytes | _Break | _Hangup] = deque()
+        self._input_bytes = 0
+        self._input_high = max(4096, rate)  # about one second of line time
+        self._input_ready = asyncio.Event()
+        self._paused: HubClient | None = None
+        self._link: SerialLink | None = None
+        self._watchers: set[asyncio.Future[None]] = set()
+
+    # -- the port ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep the port open until cancelled, reconnecting with backoff."""
+        backoff = BACKOFF_FIRST
+        bound = log.bind(vm=self.vm.id, serial=str(self.vm.serial))
+        while True:
+            try:
+                async with asyncio.timeout(OPEN_TIMEOUT):
+                    link = await open_link(self.vm)
+            except (PortUnavailableError, OSError, TimeoutError) as exc:
+                self.stats.port_errors += 1
+                self.stats.last_error = str(exc) or "open timed out"
+                bound.info("port_open_failed", error=self.stats.last_error, retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_FIRST
+            self._link = link
+            self._set_port_state(True)
+            bound.info("port_up")
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._read_loop(link))
+                    tg.create_task(self._write_loop(link))
+            except* (OSError, PortUnavailableError) as group:
+                self.stats.port_errors += 1
+                self.stats.last_error = str(group.exceptions[0]) or type(group).__name__
+            finally:
+                self._link = None
+                await link.close()
+                self._set_port_state(False)
+            self.stats.reconnects += 1
+            bound.info("port_down", error=self.stats.last_error, retry_in=backoff)
+            await asyncio.sleep(backoff)
+
+    def _set_port_state(self, up: bool) -> None:
+        self.port_up = up
+        self.stats.up_since = time.time() if up else None
+        if not up:
+            self._drop_input()
+        self._changed()
+        self.broadcast(control.encode_notice("port_up" if up else "port_down", vm=self.vm.id))
+
+    async def _read_loop(self, link: SerialLink) -> None:
+        while True:
+            data = await link.read()
+            if not data:
+                raise PortUnavailableError("the far end closed the serial port")
+            self.publish(data)
+
+    def publish(self, data: bytes) -> None:
+        """Record console output and hand it to every client without waiting."""
+        offset = self.ring.append(data)
+        self.stats.bytes_from_port += len(data)
+        if self.clients:
+            frame = binary_frame(data)
+            for client in list(self.clients.values()):
+                client.deliver(offset, data, frame)
+        if self._watchers:
+            self._changed()
+
+    async def _write_loop(self, link: SerialLink) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._input:
+                self._input_ready.clear()
+                await self._input_ready.wait()
+            op = self._input.popleft()
+            if isinstance(op, _Break):
+                await self._send_break(link)
+                if op.key:
+                    await link.write(op.key)
+                continue
+            if isinstance(op, _Hangup):
+                await link.hangup()
+                continue
+            # Pace in small chunks so a BREAK queued mid-paste is not stuck behind it.
+            chunk, rest = op[: self._chunk], op[self._chunk :]
+            if rest:
+                self._input.appendleft(rest)
+            delay = self._bucket.reserve(len(chunk), loop.time())
+            if delay:
+                await asyncio.sleep(delay)
+            await link.write(chunk)
+            self._input_bytes -= len(chunk)
+            self.stats.bytes_to_port += len(chunk)
+            self._maybe_resume()
+
+    async def _send_break(self, link: SerialLink) -> None:
+        """BREAK in-band or through the hook; a failure is told to clients, not fatal."""
+        try:
+            if self.vm.break_command:
+                await run_hook(self.vm.break_command, vm=self.vm.id, what="break_command")
+            else:
+                await link.send_break()
+        except (HookError, NotImplementedError) as exc:
+            log.warning("break_failed", vm=self.vm.id, error=str(exc))
+            self.broadcast(control.encode_notice("break_failed", message=str(exc)))
+
+    # -- input ------------------------------------------------------------------
+
+    @property
+    def can_break(self) -> bool:
+        """Whether BREAK (and so SysRq) can reach this console now."""
+        if self.vm.break_command:
+            return True
+        return self._link is not None and self._link.can_break
+
+    def submit(self, client: HubClient, data: bytes) -> None:
+        """Queue the writer's keystrokes; pauses its socket when a second is queued."""
+        self._input.append(data)
+        self._input_bytes += len(data)
+        self._input_ready.set()
+        if self._input_bytes >= self._input_high and self._paused is None:
+            self._paused = client
+            client.pause_input()
+
+    def submit_break(self, key: str = "") -> None:
+        """Queue a BREAK (then a SysRq key) ahead of any queued input."""
+        self._input.appendleft(_Break(key.encode("ascii")))
+        self._input_ready.set()
+
+    def _maybe_resume(self) -> None:
+        if self._paused is not None and self._input_bytes <= self._input_high // 2:
+            client, self._paused = self._paused, None
+            client.resume_input()
+
+    def _drop_input(self) -> None:
+        """Forget queued input: it belongs to a writer or a port that is gone."""
+        self._input.clear()
+        self._input_bytes = 0
+        if self._paused is not None:
+            client, self._paused = self._paused, None
+            client.resume_input()
+
+    # -- sessions -----------------------------------------------------------------
+
+    def check_writer(self, session_id: str) -> Decision:
+        """What would happen if this session asked to write (for the HTTP 409 decision)."""
+        return self.lease.check(session_id)
+
+    def attach(self, client: HubClient, *, writer: bool) -> Decision | None:
+        """Add a session; as writer, carry out the takeover policy.
+
+        Returns the lease decision for writers, None for spectators. The caller
+        has already refused `Denied` with HTTP 409, so it does not occur here
+        unless the caller asked for it.
+        """
+        self.clients[client.session_id] = client
+        self._changed()
+        if not writer:
+            client.set_role("spectator")
+            return None
+        decision = self.lease.acquire(client.session_id)
+        if isinstance(decision, Denied):
+            client.set_role("spectator")
+            return decision
+        client.set_role("writer")
+        if isinstance(decision, Evicted | Demoted):
+            self.stats.takeovers += 1
+            previous = self.clients.get(decision.previous)
+            self._writer_left()
+            if previous is not None:
+                by = client.principal.id
+                if isinstance(decision, Evicted):
+                    previous.send_text(
+                        control.encode_notice("writer_changed", writer=by, by=by, you="evicted")
+                    )
+                    previous.close(control.CLOSE_TAKEN_OVER, f"taken over by {by}")
+                else:
+                    previous.set_role("spectator")
+                    previous.send_text(control.encode_notice("demoted", by=by, writer=by))
+        for other in self.clients.values():
+            if other is not client and other.session_id != getattr(decision, "previous", None):
+                other.send_text(control.encode_notice("writer_changed", writer=client.principal.id))
+        return decision
+
+    def detach(self, client: HubClient) -> None:
+        """Remove a session; a leaving writer releases the lease."""
+        if self.clients.get(client.session_id) is client:
+            del self.clients[client.session_id]
+        if self._paused is client:
+            self._paused = None
+        if self.lease.release(client.session_id):
+            self._writer_left()
+            for other in self.clients.values():
+                other.send_text(control.encode_notice("writer_changed", writer=None))
+        self._changed()
+
+    def _writer_left(self) -> None:
+        """The writer is gone or displaced: drop its queued input, run on_detach."""
+        self._drop_input()
+        action = self.vm.on_detach
+        if isinstance(action, bytes):
+            self._input.append(action)
+            self._input_bytes += len(action)
+            self._input_ready.set()
+            self.previous_logged_out = True
+        elif action == "hangup" and self._link is not None and self._link.can_hangup:
+            self._input.append(_Hangup())
+            self._input_ready.set()
+            self.previous_logged_out = True
+        else:
+            self.previous_logged_out = False
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate()` holds; re-checked on every change of port, output or lease."""
+        loop = asyncio.get_running_loop()
+        while not predicate():
+            waiter = loop.create_future()
+            self._watchers.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._watchers.discard(waiter)
+
+    def _changed(self) -> None:
+        for waiter in self._watchers:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def broadcast(self, text: str) -> None:
+        """A control message to every attached session."""
+        for client in list(self.clients.values()):
+            client.send_text(text)
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Close every session (shutdown, VM removed)."""
+        for client in list(self.clients.values()):
+            client.close(code, reason)
+
+    def limits_for(self, role: str) -> dict[str, int | float | None]:
+        """The numbers a client is told in `hello`."""
+        return {
+            "input_bytes_per_s": self.vm.input_rate if role == "writer" else 0,
+            "max_paste_bytes": self.limits.max_paste_bytes,
+            "output_bytes_per_s": self.limits.output_bytes_per_s,
+            "idle_timeout": self.limits.idle_timeout,
+            "replay_bytes": self.limits.replay_bytes,
+        }
+
+
+async def run_hook(argv: tuple[str, ...], *, vm: str, what: str) -> int:
+    """Run an operator-configured command (no shell) with a deadline.
+
+    Raises:
+        HookError: the command failed to start, timed out or exited non-zero.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise HookError(f"{what} could not start: {exc.strerror}") from None
+    try:
+        async with asyncio.timeout(HOOK_TIMEOUT):
+            _, err = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise HookError(f"{what} timed out after {HOOK_TIMEOUT:g}s") from None
+    status = proc.returncode or 0
+    log.info("hook_ran", vm=vm, hook=what, status=status)
+    if status != 0:
+        detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        raise HookError(f"{what} exited with status {status}: {detail[0][:200]}")
+    return status

@@ -1,0 +1,351 @@
+"""One client's console session: the WebSocket phase of a connection.
+
+The session is driven by callbacks (bytes in from the transport, output from
+the hub), with websockets' sans-I/O protocol doing the framing, so an idle
+session costs no task and little memory.
+
+Output never waits and is never copied per client: each session is a cursor
+into the hub's ring. A caught-up client gets each chunk as the hub reads it
+(one frame serialized for all clients); a client whose transport is over its
+high-water mark (`output_queue_bytes`) is simply not written to, and when it
+drains it continues from its cursor, reading the ring. Only a client that
+falls further behind than the ring holds skips ahead, with an `output_gap`
+notice naming the first and last offsets it missed. Input from the writer
+goes to the hub, which pauses this transport when the serial line is behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from . import control
+from .audit import audit
+from .auth import Principal
+from .errors import BadMessageError
+from .log import get_logger
+from .rbac import at_least
+
+if TYPE_CHECKING:
+    from .config import Role
+    from .hub import ConsoleHub
+
+log = get_logger("relayd.session")
+
+CLOSE_TIMEOUT = 5.0
+PUMP_CHUNK = 65536
+
+
+class ConsoleSession:
+    """A client attached to a `ConsoleHub` over a WebSocket."""
+
+    def __init__(
+        self,
+        *,
+        transport: asyncio.Transport,
+        hub: ConsoleHub,
+        session_id: str,
+        principal: Principal,
+        role: Role,
+        peer: str,
+        region: str,
+        output_queue_bytes: int,
+        on_closed: object = None,
+    ) -> None:
+        self.transport = transport
+        self.hub = hub
+        self.session_id = session_id
+        self.principal = principal
+        self.rbac_role: Role = role
+        self.role = "spectator"
+        self.peer = peer
+        self.region = region
+        limits = hub.limits
+        self._max_paste = limits.max_paste_bytes
+        self.ws = ServerProtocol(state=State.OPEN, max_size=4 * limits.max_paste_bytes + 4096)
+        self.started = time.monotonic()
+        self.last_input = self.started
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.end_reason = ""
+        self._fragments: list[bytes] = []
+        self._fragment_opcode: Opcode | None = None
+        self.cursor = 0  # absolute offset of the next console byte this client gets
+        self._write_paused = False
+        self._awaiting_pong = False
+        self._closed = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._log = log.bind(session_id=session_id, vm=hub.vm.id, principal=principal.id, peer=peer)
+        transport.set_write_buffer_limits(high=output_queue_bytes)
+
+    # -- attach -------------------------------------------------------------------
+
+    def start(self, *, want_writer: bool, resume_from: int | None) -> None:
+        """Attach to the hub, then send hello, the replay and go live (all in one callback)."""
+        previous_logged_out = self.hub.previous_logged_out
+        self.hub.attach(self, writer=want_writer)
+        ring = self.hub.ring
+        if resume_from is None:
+            self.cursor = max(ring.start, ring.end - self.hub.limits.replay_bytes)
+        else:
+            self.cursor = min(resume_from, ring.end)
+        extra: dict[str, object] = {"port": "up" if self.hub.port_up else "down"}
+        if self.role == "writer":
+            extra["previous_session_logged_out"] = previous_logged_out
+        self.send_text(
+            control.encode_hello(
+                vm=self.hub.vm.id,
+                session=self.session_id,
+                role=self.role,
+                offset=ring.end,
+                replay=ring.end - max(self.cursor, ring.start),
+                limits=self.hub.limits_for(self.role),
+                **extra,
+            )
+        )
+        self._pump()
+        audit(
+            "session_started",
+            session_id=self.session_id,
+            vm=self.hub.vm.id,
+            principal=self.principal.id,
+            peer=self.peer,
+            role=self.role,
+            region=self.region,
+            resume_from=resume_from,
+        )
+
+    # -- HubClient ------------------------------------------------------------------
+
+    def set_role(self, role: str) -> None:
+        """Writer or spectator, as the hub decided."""
+        self.role = role
+
+    def deliver(self, offset: int, data: bytes, frame: bytes) -> None:
+        """Live output: sent at once when the client is caught up, else read from the ring later."""
+        if self._closed:
+            return
+        if self.cursor == offset and not self._write_paused:
+            self.transport.write(frame)
+            self.cursor += len(data)
+            self.bytes_out += len(data)
+        elif not self._write_paused:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Send from the cursor to the ring's end until the transport pushes back.
+
+        A client that fell so far behind that the ring no longer holds its
+        cursor skips to the oldest byte held and is told exactly what it missed.
+        """
+        ring = self.hub.ring
+        while not self._write_paused and not self._closed and self.cursor < ring.end:
+            if self.cursor < ring.start:
+                self._send_gap(self.cursor, ring.start - 1)
+                self.cursor = ring.start
+            chunk = ring.read(self.cursor, PUMP_CHUNK)
+            self.transport.write(Frame(Opcode.BINARY, chunk).serialize(mask=False))
+            self.cursor += len(chunk)
+            self.bytes_out += len(chunk)
+
+    def send_text(self, text: str) -> None:
+        """A control message, framed by the WebSocket protocol."""
+        if self._closed or self.ws.state is not State.OPEN:
+            return
+        self.ws.send_text(text.encode())
+        self._flush()
+
+    def pause_input(self) -> None:
+        """The serial line is behind: stop reading this client."""
+        if not self._closed:
+            self.transport.pause_reading()
+
+    def resume_input(self) -> None:
+        """The serial line caught up."""
+        if not self._closed and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the transport is dropped if the peer does not answer."""
+        if self._closed or self.ws.state is not State.OPEN:
+            return
+        self.end_reason = self.end_reason or reason or f"closed with {code}"
+        self.ws.send_close(code, reason[:120])
+        self._flush()
+        loop = asyncio.get_running_loop()
+        self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+    # -- transport events -------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The client's buffer is full: stop writing; the ring keeps the output."""
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        """The client caught up with its buffer; continue from the cursor."""
+        self._write_paused = False
+        self._pump()
+
+    def _send_gap(self, first: int, last: int) -> None:
+        self._log.info("output_gap", first=first, last=last)
+        self.send_text(
+            control.encode_notice("output_gap", first=first, last=last, bytes=last - first + 1)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the client: frames through websockets, then to the hub."""
+        self.ws.receive_data(data)
+        self._handle_events()
+
+    def eof_received(self) -> None:
+        """The client half-closed."""
+        self.ws.receive_eof()
+        self._handle_events()
+
+    def connection_lost(self) -> None:
+        """The transport is gone: detach and write the summary audit event."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self.hub.detach(self)
+        if not self.end_reason:
+            code = self.ws.close_code
+            self.end_reason = f"client closed ({code})" if code else "connection lost"
+        audit(
+            "session_ended",
+            session_id=self.session_id,
+            vm=self.hub.vm.id,
+            principal=self.principal.id,
+            peer=self.peer,
+            role=self.role,
+            region=self.region,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            duration=round(time.monotonic() - self.started, 3),
+            reason=self.end_reason,
+        )
+
+    # -- keepalive ------------------------------------------------------------------
+
+    def keepalive(self) -> bool:
+        """Ping; False (and the transport aborted) when the last ping went unanswered."""
+        if self._closed:
+            return False
+        if self._awaiting_pong:
+            self.end_reason = "keepalive timeout"
+            self._log.info("keepalive_timeout")
+            self.transport.abort()
+            return False
+        if self.ws.state is State.OPEN:
+            self._awaiting_pong = True
+            self.ws.send_ping(b"relayd")
+            self._flush()
+        return True
+
+    # -- internals --------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            else:
+                # SSL transports cannot half-close; end of stream means close.
+                self.transport.close()
+        if self.ws.close_expected() and self._close_timer is None:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+    def _handle_events(self) -> None:
+        for event in self.ws.events_received():
+            if not isinstance(event, Frame):
+                continue
+            if event.opcode is Opcode.PONG:
+                self._awaiting_pong = False
+            elif event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+                self._on_data_frame(event)
+        self._flush()
+        if self.ws.state is State.CLOSED and not self.end_reason:
+            code = self.ws.close_code
+            self.end_reason = f"client closed ({code})"
+
+    def _on_data_frame(self, frame: Frame) -> None:
+        if frame.opcode is not Opcode.CONT:
+            self._fragment_opcode = frame.opcode
+            self._fragments = []
+        self._fragments.append(bytes(frame.data))
+        if not frame.fin:
+            return
+        message = b"".join(self._fragments)
+        opcode, self._fragments = self._fragment_opcode, []
+        self._awaiting_pong = False
+        if opcode is Opcode.BINARY:
+            self._on_input(message)
+        else:
+            self._on_control(message)
+
+    def _on_input(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.role != "writer":
+            self._error("read_only", "this session is read-only (spectator)")
+            return
+        if len(data) > self._max_paste:
+            self._error(
+                "paste_too_long",
+                f"input of {len(data)} bytes exceeds max_paste_bytes {self._max_paste}",
+                limit=self._max_paste,
+            )
+            return
+        if not self.hub.port_up:
+            self._error("port_down", "the serial port is down; input was not sent")
+            return
+        self.last_input = time.monotonic()
+        self.bytes_in += len(data)
+        self.hub.submit(self, data)
+
+    def _on_control(self, text: bytes) -> None:
+        try:
+            message = control.decode_client_message(text)
+        except BadMessageError as exc:
+            self._error("bad_message", exc.message)
+            return
+        if isinstance(message, control.Resize):
+            self.hub.resize = (message.cols, message.rows)
+            return
+        if isinstance(message, control.Nmi | control.Reset):
+            self._error("unsupported", f"{type(message).__name__.lower()} arrives with owner hooks")
+            return
+        if self.role != "writer" or not at_least(self.rbac_role, "contributor"):
+            self._error("read_only", "only the writer may send BREAK or SysRq")
+            return
+        if not self.hub.can_break:
+            self._error(
+                "unsupported",
+                f"{self.hub.vm.serial.kind} port cannot carry BREAK and no break_command is set",
+            )
+            return
+        self.last_input = time.monotonic()
+        if isinstance(message, control.Sysrq):
+            self.hub.submit_break(message.key)
+            event = "sysrq_sent"
+        else:
+            self.hub.submit_break()
+            event = "break_sent"
+        audit(
+            event,
+            session_id=self.session_id,
+            vm=self.hub.vm.id,
+            principal=self.principal.id,
+            peer=self.peer,
+            region=self.region,
+        )
+
+    def _error(self, code: str, message: str, **fields: object) -> None:
+        self.send_text(control.encode_error(code, message, **fields))

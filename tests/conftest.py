@@ -1,0 +1,358 @@
+"""Shared fixtures: real TLS gateways on loopback, real far ends, a console client.
+
+Everything binds port 0 and waits on readiness events; nothing sleeps to
+synchronize. The far ends are real sockets and ptys, never mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from relayd.app import Gateway
+from relayd.auth import issue_token
+from relayd.config import Config, load_config
+from relayd.hub import ConsoleHub
+
+ISSUER = "https://login.test/tenant"
+AUDIENCE = "relayd"
+TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """One test CA for the whole run."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def pki(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Server certificate, CA file and HS256 secret on disk."""
+    d = tmp_path_factory.mktemp("pki")
+    cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    cert.private_key_pem.write_to_path(str(d / "server.key"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "server.crt"))
+    ca.cert_pem.write_to_path(str(d / "ca.crt"))
+    (d / "hs256.key").write_text(secrets.token_hex(32))
+    return {
+        "cert": d / "server.crt",
+        "key": d / "server.key",
+        "ca": d / "ca.crt",
+        "secret": d / "hs256.key",
+    }
+
+
+@pytest.fixture
+def client_ssl(pki: dict[str, Path]) -> ssl.SSLContext:
+    """A client context trusting the test CA."""
+    return ssl.create_default_context(cafile=str(pki["ca"]))
+
+
+def toml_value(value: Any) -> str:
+    """Just enough TOML encoding for the configs tests write."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, pki: dict[str, Path]) -> Callable[..., Config]:
+    """Write and load a config: `write_config(vms=[{...}], limits={...}, roles=[...])`."""
+
+    def write(
+        *,
+        vms: list[dict[str, Any]],
+        limits: dict[str, Any] | None = None,
+        gateway: dict[str, Any] | None = None,
+        roles: list[tuple[str, str, str]] | None = None,
+        tls: dict[str, Any] | None = None,
+    ) -> Config:
+        gw = {
+            "region": "test",
+            "listen": "127.0.0.1:0",
+            "health_listen": "127.0.0.1:0",
+            "state_dir": str(tmp_path / "state"),
+            **(gateway or {}),
+        }
+        tls_section = {"cert": pki["cert"], "key": pki["key"], **(tls or {})}
+        lines = ["[gateway]"] + [f"{k} = {toml_value(v)}" for k, v in gw.items()]
+        lines += ["[tls]"] + [f"{k} = {toml_value(v)}" for k, v in tls_section.items()]
+        lines += [
+            "[auth]",
+            f"issuer = {toml_value(ISSUER)}",
+            f"audience = {toml_value(AUDIENCE)}",
+            f"hs256_secret_file = {toml_value(pki['secret'])}",
+        ]
+        lines += ["[limits]"] + [f"{k} = {toml_value(v)}" for k, v in (limits or {}).items()]
+        lines += ["[[subscriptions]]", 'id = "sub-1"']
+        for vm in vms:
+            lines.append("[[vms]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in {"subscription": "sub-1", **vm}.items()]
+        for principal, role, scope in roles or [
+            ("user:alice", "contributor", "/subscriptions/sub-1"),
+            ("user:bob", "contributor", "/subscriptions/sub-1"),
+            ("user:rita", "reader", "/subscriptions/sub-1"),
+        ]:
+            lines += [
+                "[[role_assignments]]",
+                f"principal = {toml_value(principal)}",
+                f"role = {toml_value(role)}",
+                f"scope = {toml_value(scope)}",
+            ]
+        path = tmp_path / "relayd.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return load_config(path)
+
+    return write
+
+
+@pytest.fixture
+def token(pki: dict[str, Path]) -> Callable[..., str]:
+    """Mint a token: `token("alice")`, `token("alice", ttl=-10)`."""
+    secret = pki["secret"].read_bytes().strip()
+
+    def mint(sub: str, **kwargs: Any) -> str:
+        kwargs.setdefault("issuer", ISSUER)
+        kwargs.setdefault("audience", AUDIENCE)
+        return issue_token(secret, sub=sub, **kwargs)
+
+    return mint
+
+
+@asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Gateway]:
+    """A gateway serving until the block ends, then shut down cleanly."""
+    gateway = Gateway(config)
+    task = asyncio.create_task(gateway.serve())
+    ready = asyncio.create_task(gateway.ready.wait())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raise the start-up error
+        yield gateway
+    finally:
+        ready.cancel()
+        gateway.stop()
+        async with asyncio.timeout(TIMEOUT):
+            await task
+
+
+async def wait_hub(gateway: Gateway, vm: str, predicate: Callable[[ConsoleHub], bool]) -> None:
+    """Wait until the VM's hub satisfies `predicate` (woken by the hub's own changes)."""
+    hub = gateway.hubs[vm]
+    async with asyncio.timeout(TIMEOUT):
+        await hub.wait_until(lambda: predicate(hub))
+
+
+async def wait_port_up(gateway: Gateway, vm: str) -> None:
+    """Wait until the hub has its serial port open."""
+    await wait_hub(gateway, vm, lambda hub: hub.port_up)
+
+
+class Console:
+    """A test client: the real websockets client plus bookkeeping of what arrived."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.output = bytearray()
+        self.controls: list[dict[str, Any]] = []
+        self.hello: dict[str, Any] = {}
+
+    async def _recv(self) -> None:
+        message = await self.ws.recv()
+        if isinstance(message, bytes):
+            self.output += message
+        else:
+            self.controls.append(json.loads(message))
+
+    async def expect(self, marker: bytes) -> bytes:
+        """Read until `marker` is in the output; returns all output so far."""
+        async with asyncio.timeout(TIMEOUT):
+            while marker not in self.output:
+                await self._recv()
+        return bytes(self.output)
+
+    async def read_at_least(self, n: int) -> bytes:
+        """Read until `n` bytes of console output have arrived."""
+        async with asyncio.timeout(TIMEOUT):
+            while len(self.output) < n:
+                await self._recv()
+        return bytes(self.output)
+
+    async def control(self, **match: Any) -> dict[str, Any]:
+        """Read until a control message with these fields arrives (consuming it)."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                for i, msg in enumerate(self.controls):
+                    if all(msg.get(k) == v for k, v in match.items()):
+                        del self.controls[i]
+                        return msg
+                await self._recv()
+
+    async def send(self, data: bytes | str | dict[str, Any]) -> None:
+        """Keystrokes (bytes) or a control message (dict or JSON text)."""
+        await self.ws.send(json.dumps(data) if isinstance(data, dict) else data)
+
+    async def closed(self) -> tuple[int | None, str | None]:
+        """Read until the server closes; returns (code, reason)."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                try:
+                    await self._recv()
+                except ConnectionClosed:
+                    break
+        rcvd = self.ws.protocol.close_rcvd
+        return (rcvd.code, rcvd.reason) if rcvd else (None, None)
+
+
+@pytest.fixture
+def open_console(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Callable[..., Any]:
+    """`async with open_console(gw, "vm", user="alice", mode="spectate") as c:`."""
+
+    @asynccontextmanager
+    async def opener(
+        gateway: Gateway,
+        vm: str,
+        *,
+        user: str = "alice",
+        mode: str | None = None,
+        resume_from: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[Console]:
+        query = []
+        if mode:
+            query.append(f"mode={mode}")
+        if resume_from is not None:
+            query.append(f"from={resume_from}")
+        url = f"wss://localhost:{gateway.tls_port}/v1/vms/{vm}/console"
+        if query:
+            url += "?" + "&".join(query)
+        hdrs = {"Authorization": f"Bearer {token(user)}", **(headers or {})}
+        async with connect(
+            url,
+            ssl=client_ssl,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            additional_headers=hdrs,
+            open_timeout=TIMEOUT,
+            max_size=None,
+        ) as ws:
+            console = Console(ws)
+            hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            assert hello["type"] == "hello"
+            console.hello = hello
+            yield console
+
+    return opener
+
+
+class FarEnd:
+    """A hypervisor-side TCP serial endpoint (like QEMU `-serial tcp::PORT,server`)."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._connected = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, port: int = 0) -> int:
+        """Listen (again, on the same port after `stop`)."""
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", port or self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._connected.set()
+        try:
+            while data := await reader.read(65536):
+                self.received += data
+                self._changed.set()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def connected(self) -> None:
+        """Wait for relayd to connect."""
+        async with asyncio.timeout(TIMEOUT):
+            await self._connected.wait()
+
+    async def send(self, data: bytes) -> None:
+        """Console output from the 'VM'."""
+        await self.connected()
+        assert self._writer is not None
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def wait_received(self, predicate: Callable[[bytes], bool]) -> bytes:
+        """Wait until what relayd wrote satisfies `predicate`."""
+        async with asyncio.timeout(TIMEOUT):
+            while not predicate(bytes(self.received)):
+                self._changed.clear()
+                await self._changed.wait()
+        return bytes(self.received)
+
+    async def stop(self) -> None:
+        """The VM goes away: close the listener and the connection."""
+        self._connected.clear()
+        if self._server is not None:
+            self._server.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def far_end() -> AsyncIterator[FarEnd]:
+    """A started TCP serial endpoint."""
+    end = FarEnd()
+    await end.start()
+    yield end
+    await end.stop()
+
+
+@pytest.fixture
+def pty_pair(tmp_path: Path) -> Callable[[], tuple[int, Path]]:
+    """Make a pty; the slave is reachable at a stable symlink (like /dev/serial/by-id)."""
+    link = tmp_path / "ttyVM"
+    masters: list[int] = []
+
+    def make() -> tuple[int, Path]:
+        master, slave = os.openpty()
+        name = os.ttyname(slave)
+        os.close(slave)
+        link.unlink(missing_ok=True)
+        link.symlink_to(name)
+        os.set_blocking(master, False)
+        masters.append(master)
+        return master, link
+
+    yield make  # type: ignore[misc]
+    for fd in masters:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -1,0 +1,571 @@
+"""End to end through real TLS on loopback: auth, sessions, takeover, replay, ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from relayd.sim import SimulatedGuest
+
+from .conftest import TIMEOUT, FarEnd, running, wait_hub, wait_port_up
+
+
+async def _http(
+    port: int, ctx: ssl.SSLContext, request: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 exchange over TLS; returns status, headers, body."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+    )
+    writer.write(request)
+    async with asyncio.timeout(TIMEOUT):
+        data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _get(path: str, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_tls_modern_versions_are_accepted(
+    write_config: Callable[..., Any], far_end: FarEnd, client_ssl: ssl.SSLContext, version: Any
+) -> None:
+    """TLS 1.2 and 1.3 clients complete the handshake and get answers."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    client_ssl.minimum_version = client_ssl.maximum_version = version
+    async with running(config) as gw:
+        status, _, _ = await _http(gw.tls_port, client_ssl, _get("/healthz-not-here"))
+    assert status == 404
+
+
+async def test_tls_1_1_client_is_refused_at_handshake(
+    write_config: Callable[..., Any], far_end: FarEnd, pki: dict[str, Any]
+) -> None:
+    """A client that offers at most TLS 1.1 fails the handshake."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(pki["ca"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    async with running(config) as gw:
+        # asyncio aborts a failed handshake, so the client sees an alert or a reset.
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await _http(gw.tls_port, ctx, _get("/"))
+        # Control: the same permissive client succeeds once it may use TLS 1.2.
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        status, _, _ = await _http(gw.tls_port, ctx, _get("/"))
+        assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        (None, "missing_token"),
+        ({"ttl": -3600}, "token_expired"),
+        ({"audience": "someone-else"}, "invalid_audience"),
+        ({"issuer": "https://evil.example"}, "invalid_issuer"),
+    ],
+)
+async def test_console_bad_token_is_401_with_json_error(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+    kwargs: dict[str, Any] | None,
+    code: str,
+) -> None:
+    """Missing, expired, wrong-audience and wrong-issuer tokens get 401 before the upgrade."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    headers = {} if kwargs is None else {"Authorization": f"Bearer {token('alice', **kwargs)}"}
+    async with running(config) as gw:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(
+                f"wss://localhost:{gw.tls_port}/v1/vms/vm-a/console",
+                ssl=client_ssl,
+                additional_headers=headers,
+                subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            ):
+                pass
+    response = info.value.response
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert json.loads(response.body)["error"] == code
+    assert gw.auth_failures[code] == 1
+
+
+async def test_vm_list_shows_only_what_the_principal_may_see(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """GET /v1/vms lists VMs with a role for the caller, with their live state."""
+    config = write_config(
+        vms=[
+            {"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"},
+            {"id": "vm-b", "serial": "tcp://127.0.0.1:9"},
+        ],
+        roles=[("user:alice", "reader", "/subscriptions/sub-1/vms/vm-a")],
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        status, headers, body = await _http(
+            gw.tls_port, client_ssl, _get("/v1/vms", token("alice"))
+        )
+        anon, _, _ = await _http(gw.tls_port, client_ssl, _get("/v1/vms"))
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    vms = json.loads(body)["vms"]
+    assert [vm["id"] for vm in vms] == ["vm-a"]
+    assert vms[0]["port"] == "up"
+    assert vms[0]["writer_attached"] is False
+    assert anon == 401
+
+
+async def test_unknown_vm_and_vm_without_role_are_both_404(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """An unknown VM and a VM the caller has no role on look the same: 404 unknown_vm."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        roles=[("user:alice", "reader", "/subscriptions/sub-1")],
+    )
+    async with running(config) as gw:
+        for user, vm in (("alice", "vm-zzz"), ("mallory", "vm-a")):
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(
+                    f"wss://localhost:{gw.tls_port}/v1/vms/{vm}/console",
+                    ssl=client_ssl,
+                    additional_headers={"Authorization": f"Bearer {token(user)}"},
+                ):
+                    pass
+            assert info.value.response.status_code == 404
+            assert json.loads(info.value.response.body)["error"] == "unknown_vm"
+
+
+async def test_login_to_simulated_vm_runs_a_command(
+    write_config: Callable[..., Any], open_console: Callable[..., Any]
+) -> None:
+    """Through the gateway: login prompt, password, a shell command and its output."""
+    guest = SimulatedGuest("vm-sim")
+    port = await guest.start()
+    try:
+        config = write_config(vms=[{"id": "vm-sim", "serial": f"telnet://127.0.0.1:{port}"}])
+        async with running(config) as gw:
+            await wait_port_up(gw, "vm-sim")
+            async with open_console(gw, "vm-sim") as console:
+                assert console.hello["role"] == "writer"
+                await console.send(b"\r")
+                await console.expect(b"login: ")
+                await console.send(b"operator\r")
+                await console.expect(b"Password: ")
+                await console.send(b"relayd\r")
+                await console.expect(b"$ ")
+                await console.send(b"echo hello-$((6*7))\r")
+                await console.send(b"uname -a\r")
+                output = await console.expect(b"GNU/Linux")
+                assert b"Linux vm-sim" in output
+                await console.send({"type": "sysrq", "key": "h"})
+                await console.expect(b"sysrq: HELP")
+    finally:
+        await guest.close()
+
+
+async def test_reader_is_spectator_and_cannot_write(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """A reader asking to write gets a spectator session; its input never reaches the port."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="rita") as reader:
+            assert reader.hello["role"] == "spectator"
+            await reader.send(b"rm -rf /\r")
+            error = await reader.control(type="error")
+            assert error["code"] == "read_only"
+            await reader.send({"type": "break"})
+            assert (await reader.control(type="error"))["code"] == "read_only"
+            async with open_console(gw, "vm-a", user="alice") as writer:
+                await writer.send(b"ok\r")
+                await far_end.wait_received(lambda b: b"ok\r" in b)
+                await far_end.send(b"console says hi\r\n")
+                await reader.expect(b"console says hi")
+        assert bytes(far_end.received) == b"ok\r"
+
+
+async def test_takeover_evict_closes_old_writer_with_4001_naming_newcomer(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """Default policy: the newcomer writes; the old writer gets a notice and close 4001."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with (
+            open_console(gw, "vm-a", user="alice") as alice,
+            open_console(gw, "vm-a", user="bob") as bob,
+        ):
+            assert bob.hello["role"] == "writer"
+            notice = await alice.control(type="notice", event="writer_changed")
+            assert notice["by"] == "user:bob"
+            code, reason = await alice.closed()
+            assert code == 4001
+            assert reason is not None
+            assert "user:bob" in reason
+            await bob.send(b"bob types\r")
+            await far_end.wait_received(lambda b: b"bob types" in b)
+        assert gw.hubs["vm-a"].stats.takeovers == 1
+
+
+async def test_takeover_demote_keeps_old_writer_as_spectator(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """Policy demote: the old writer stays connected, told so, and is read-only."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}", "takeover": "demote"}]
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with (
+            open_console(gw, "vm-a", user="alice") as alice,
+            open_console(gw, "vm-a", user="bob") as bob,
+        ):
+            notice = await alice.control(type="notice", event="demoted")
+            assert notice["by"] == "user:bob"
+            await alice.send(b"alice types\r")
+            assert (await alice.control(type="error"))["code"] == "read_only"
+            await bob.send(b"bob types\r")
+            await far_end.send(b"shared output\r\n")
+            await alice.expect(b"shared output")
+            await bob.expect(b"shared output")
+        assert bytes(far_end.received) == b"bob types\r"
+
+
+async def test_takeover_deny_refuses_newcomer_with_409_but_allows_spectate(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """Policy deny: a second interactive contributor gets HTTP 409; spectating works."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}", "takeover": "deny"}]
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="alice") as alice:
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(
+                    f"wss://localhost:{gw.tls_port}/v1/vms/vm-a/console",
+                    ssl=client_ssl,
+                    additional_headers={"Authorization": f"Bearer {token('bob')}"},
+                ):
+                    pass
+            assert info.value.response.status_code == 409
+            assert json.loads(info.value.response.body)["error"] == "writer_exists"
+            async with open_console(gw, "vm-a", user="bob", mode="spectate") as bob:
+                assert bob.hello["role"] == "spectator"
+                await alice.send(b"still mine\r")
+                await far_end.wait_received(lambda b: b"still mine" in b)
+
+
+async def test_reconnect_with_from_offset_resumes_without_gap_or_duplicate(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """A client that resumes at its offset gets exactly the bytes it missed."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        await far_end.send(b"first part|")
+        async with open_console(gw, "vm-a") as first:
+            seen = await first.expect(b"first part|")
+            position = first.hello["offset"] - first.hello["replay"] + len(seen)
+        await far_end.send(b"while away|")
+        await wait_hub(gw, "vm-a", lambda hub: hub.ring.end >= position + len(b"while away|"))
+        async with open_console(gw, "vm-a", resume_from=position) as second:
+            assert second.hello["replay"] == len(b"while away|")
+            await far_end.send(b"live|")
+            out = await second.expect(b"live|")
+            assert out == b"while away|live|"
+
+
+async def test_resume_from_offset_older_than_ring_reports_output_gap(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """Resuming at an offset the ring no longer holds gets an output_gap notice first."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"console_log_bytes": 4096, "replay_bytes": 1024},
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        await far_end.send(b"x" * 10000)
+        await wait_hub(gw, "vm-a", lambda hub: hub.ring.end >= 10000)
+        hub = gw.hubs["vm-a"]
+        async with open_console(gw, "vm-a", resume_from=10) as console:
+            gap = await console.control(type="notice", event="output_gap")
+            assert gap["first"] == 10
+            assert gap["last"] == hub.ring.start - 1
+            assert console.hello["replay"] == 4096
+
+
+async def test_tcp_port_that_goes_away_and_returns_sends_notices(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """The far end restarts: port_down, then port_up, and input flows again."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a") as console:
+            await far_end.stop()
+            await console.control(type="notice", event="port_down")
+            await far_end.start()
+            await console.control(type="notice", event="port_up")
+            await console.send(b"back\r")
+            await far_end.wait_received(lambda b: b"back\r" in b)
+
+
+async def test_pty_port_unplugged_and_replugged_sends_notices(
+    write_config: Callable[..., Any],
+    open_console: Callable[..., Any],
+    pty_pair: Callable[[], tuple[int, Any]],
+) -> None:
+    """Closing the pty master drops the port; a new pty at the same path brings it back."""
+    master, link = pty_pair()
+    config = write_config(vms=[{"id": "vm-tty", "serial": str(link), "baud": 9600}])
+    loop = asyncio.get_running_loop()
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-tty")
+        async with open_console(gw, "vm-tty") as console:
+            assert console.hello["limits"]["input_bytes_per_s"] == 960
+            await console.send(b"via pty\r")
+            got = bytearray()
+            readable = asyncio.Event()
+            loop.add_reader(master, readable.set)
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    while b"via pty" not in got:
+                        readable.clear()
+                        await readable.wait()
+                        got += _read_available(master)
+            finally:
+                loop.remove_reader(master)
+            os.write(master, b"tty output\r\n")
+            await console.expect(b"tty output")
+            os.close(master)
+            await console.control(type="notice", event="port_down")
+            pty_pair()
+            await console.control(type="notice", event="port_up")
+
+
+def _read_available(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return b""
+
+
+async def test_telnet_break_reaches_far_end_as_iac_brk(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """On telnet:// a BREAK is IAC BRK on the wire and 0xFF input is escaped."""
+    config = write_config(vms=[{"id": "vm-t", "serial": f"telnet://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-t")
+        async with open_console(gw, "vm-t") as console:
+            await console.send(b"a\xffb")
+            await far_end.wait_received(lambda b: b"a\xff\xffb" in b)
+            await console.send({"type": "sysrq", "key": "s"})
+            await far_end.wait_received(lambda b: b"\xff\xf3s" in b)
+
+
+async def test_break_on_raw_tcp_without_hook_is_unsupported(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """Raw TCP cannot carry a BREAK: the client gets `unsupported` and the session goes on."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a") as console:
+            await console.send({"type": "break"})
+            assert (await console.control(type="error"))["code"] == "unsupported"
+            await console.send(b"still here\r")
+            await far_end.wait_received(lambda b: b"still here" in b)
+
+
+async def test_break_command_hook_runs_for_raw_tcp(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+    tmp_path: Any,
+) -> None:
+    """With break_command set, a SysRq runs the hook, then writes the key."""
+    marker = tmp_path / "break-ran"
+    config = write_config(
+        vms=[
+            {
+                "id": "vm-a",
+                "serial": f"tcp://127.0.0.1:{far_end.port}",
+                "break_command": ["touch", str(marker)],
+            }
+        ]
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a") as console:
+            await console.send({"type": "sysrq", "key": "h"})
+            await far_end.wait_received(lambda b: b == b"h")
+    assert marker.exists()
+
+
+async def test_bad_control_messages_get_bad_message_and_session_continues(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """Malformed JSON, unknown types and bad fields are answered, not fatal."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a") as console:
+            for bad in ("{nope", "[1,2]", '{"type":"launch"}', '{"type":"sysrq","key":"!!"}'):
+                await console.send(bad)
+                assert (await console.control(type="error"))["code"] == "bad_message"
+            await console.send({"type": "resize", "cols": 120, "rows": 40})
+            await console.send(b"fine\r")
+            await far_end.wait_received(lambda b: b"fine" in b)
+        assert gw.hubs["vm-a"].resize == (120, 40)
+
+
+async def test_paste_longer_than_limit_is_refused_whole(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """A message over max_paste_bytes gets paste_too_long and nothing of it is written."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"max_paste_bytes": 1024},
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a") as console:
+            await console.send(b"y" * 1025)
+            error = await console.control(type="error")
+            assert error["code"] == "paste_too_long"
+            assert error["limit"] == 1024
+            await console.send(b"z" * 1024)
+            await far_end.wait_received(lambda b: len(b) >= 1024)
+        assert bytes(far_end.received) == b"z" * 1024
+
+
+async def test_burst_reaches_fast_client_intact_while_stalled_client_gets_gap(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """8 MiB of output: the fast client gets every byte; one that stops reading skips ahead.
+
+    The stalled client falls further behind than the ring (256 KiB here) holds, so
+    it must skip; the fast one never lags that far, so it must not.
+    """
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"output_queue_bytes": 65536, "console_log_bytes": 256 * 1024},
+    )
+    payload = os.urandom(8 * 2**20)
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.tls_port))
+        async with (
+            connect(
+                f"wss://localhost:{gw.tls_port}/v1/vms/vm-a/console?mode=spectate",
+                sock=sock,
+                server_hostname="localhost",
+                ssl=client_ssl,
+                additional_headers={"Authorization": f"Bearer {token('rita')}"},
+                subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+                max_queue=1,
+                max_size=None,
+            ) as stalled,
+            open_console(gw, "vm-a", mode="spectate") as fast,
+        ):
+            await far_end.send(payload)
+            out = await fast.read_at_least(len(payload))
+            assert out == payload
+            # Now the stalled client reads what reached it: a prefix, the gap, the rest.
+            before, after = bytearray(), bytearray()
+            gap: dict[str, Any] | None = None
+            async with asyncio.timeout(TIMEOUT):
+                while gap is None or gap["last"] + 1 + len(after) < len(payload):
+                    message = await stalled.recv()
+                    if isinstance(message, str):
+                        if '"output_gap"' in message:
+                            gap = json.loads(message)
+                    elif gap is None:
+                        before += message
+                    else:
+                        after += message
+            assert gap["first"] == len(before)
+            assert bytes(before) == payload[: len(before)]
+            assert bytes(after) == payload[gap["last"] + 1 :]
+        ring = gw.hubs["vm-a"].ring
+        assert ring.end == len(payload)
+        assert ring.read(0) == payload[-ring.capacity :]
+
+
+async def test_dead_writer_is_dropped_and_lease_released(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """A writer that stops answering pings loses the console within two intervals."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}", "takeover": "deny"}],
+        limits={"keepalive_interval": "200ms"},
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.tls_port, ssl=client_ssl, server_hostname="localhost"
+        )
+        writer.write(
+            (
+                "GET /v1/vms/vm-a/console HTTP/1.1\r\nHost: localhost\r\n"
+                f"Authorization: Bearer {token('alice')}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relayd.console.v1\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101")
+        assert gw.hubs["vm-a"].lease.holder is not None
+        # This client never answers pings; with policy deny, bob gets in once it is dropped.
+        await wait_hub(gw, "vm-a", lambda hub: hub.lease.holder is None)
+        async with open_console(gw, "vm-a", user="bob") as bob:
+            assert bob.hello["role"] == "writer"
+        writer.close()
