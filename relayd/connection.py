@@ -31,7 +31,7 @@ from .errors import ConflictError, NotFoundError, PeerError
 from .lease import Denied
 from .log import get_logger
 from .rbac import at_least
-from .session import ConsoleSession
+from .session import WS_LOGGER, ConsoleSession
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -296,7 +296,9 @@ class ClientConnection(asyncio.Protocol):
         ws_request = WsRequest(
             request.path, Headers([(k.decode(), v.decode()) for k, v in raw.headers])
         )
-        handshake = ServerProtocol(subprotocols=[Subprotocol(control.SUBPROTOCOL)])
+        handshake = ServerProtocol(
+            subprotocols=[Subprotocol(control.SUBPROTOCOL)], logger=WS_LOGGER
+        )
         response = handshake.accept(ws_request)
         if response.status_code != 101:
             body = response.body.decode("utf-8", "replace").strip()

@@ -17,6 +17,7 @@ goes to the hub, which pauses this transport when the serial line is behind.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
     from .hub import ConsoleHub
 
 log = get_logger("relayd.session")
+
+# websockets logs every frame (keystrokes included) at DEBUG on its own logger.
+# Sessions get a logger pinned at WARNING so no log configuration can leak input.
+WS_LOGGER = logging.getLogger("relayd.websocket")
+WS_LOGGER.setLevel(logging.WARNING)
 
 CLOSE_TIMEOUT = 5.0
 PUMP_CHUNK = 65536
@@ -67,7 +73,9 @@ class ConsoleSession:
         self.region = region
         limits = hub.limits
         self._max_paste = limits.max_paste_bytes
-        self.ws = ServerProtocol(state=State.OPEN, max_size=4 * limits.max_paste_bytes + 4096)
+        self.ws = ServerProtocol(
+            state=State.OPEN, max_size=4 * limits.max_paste_bytes + 4096, logger=WS_LOGGER
+        )
         self.started = time.monotonic()
         self.last_input = self.started
         self.bytes_in = 0
