@@ -81,6 +81,12 @@ async def _start_serve(config_path: Path) -> tuple[asyncio.subprocess.Process, i
                 return proc, int(event["port"])
 
 
+async def _recv_forever(ws: Any) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            await ws.recv()
+
+
 async def test_serve_sigterm_closes_sessions_with_1001_and_exits_0(
     write_config: Callable[..., Any],
     far_end: FarEnd,
@@ -101,9 +107,7 @@ async def test_serve_sigterm_closes_sessions_with_1001_and_exits_0(
             assert hello["role"] == "writer"
             proc.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as info:
-                async with asyncio.timeout(TIMEOUT):
-                    while True:
-                        await ws.recv()
+                await _recv_forever(ws)
             assert info.value.rcvd is not None
             assert info.value.rcvd.code == 1001
         async with asyncio.timeout(TIMEOUT):
