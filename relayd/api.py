@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import NotFoundError, PeerError
-from .rbac import at_least
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -89,10 +88,7 @@ def console_log(gw: Gateway, request: Request, vm_id: str) -> HttpResponse:
     from .connection import HttpResponse
 
     principal = gw.authenticate(request)
-    hub = gw.hubs.get(vm_id)
-    role = gw.rbac.role(principal, hub.vm) if hub is not None else None
-    if hub is None or not at_least(role, "reader"):
-        raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
+    hub, _ = gw.authorize(principal, vm_id, request)
     ring = hub.ring
     try:
         start = int(request.query.get("from", ring.start))

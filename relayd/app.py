@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -24,9 +25,9 @@ from collections.abc import Callable
 from . import control
 from .audit import audit
 from .auth import Authenticator, Principal
-from .config import Config, VmConfig
+from .config import Config, Role, VmConfig
 from .connection import ClientConnection, Request
-from .errors import AuthError, ForbiddenError, RateLimitedError
+from .errors import AuthError, ForbiddenError, NotFoundError, RateLimitedError
 from .health import HealthConnection, make_registry
 from .hub import ConsoleHub
 from .log import get_logger
@@ -77,6 +78,52 @@ class Gateway:
             self.auth_failures[exc.code] += 1
             audit("auth_failed", reason=exc.code, peer=request.peer, region=self.region)
             raise
+
+    def check_client(self, peer: str) -> None:
+        """The client address must be in `allow_clients`.
+
+        Raises:
+            ForbiddenError: it is not.
+        """
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return  # a unix-socket peer (tests, local tools): not an IP to check
+        if not any(address in net for net in self.config.gateway.allow_clients):
+            raise ForbiddenError(f"client address {peer} is not allowed", code="client_not_allowed")
+
+    def authorize(
+        self, principal: Principal, vm_id: str, request: Request
+    ) -> tuple[ConsoleHub, Role]:
+        """The hub and the caller's role on it, after every access rule.
+
+        Raises:
+            NotFoundError: unknown VM, or no role on it (the two look the same).
+            ForbiddenError: console disabled, or MFA required and absent.
+        """
+        hub = self.hubs.get(vm_id)
+        role = self.rbac.role(principal, hub.vm) if hub is not None else None
+        fields = {
+            "principal": principal.id,
+            "peer": request.peer,
+            "vm": vm_id,
+            "region": self.region,
+        }
+        if hub is None or role is None:
+            audit("access_denied", reason="no_role" if hub else "unknown_vm", **fields)
+            raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
+        if not self.console_enabled(hub.vm):
+            audit("access_denied", reason="console_disabled", **fields)
+            raise ForbiddenError(
+                f"the serial console of {vm_id} is disabled", code="console_disabled"
+            )
+        sub = self.config.subscription(hub.vm.subscription)
+        if (self.config.auth.require_mfa or (sub is not None and sub.require_mfa)) and (
+            "mfa" not in principal.amr
+        ):
+            audit("access_denied", reason="mfa_required", **fields)
+            raise ForbiddenError("multi-factor authentication is required", code="mfa_required")
+        return hub, role
 
     def check_origin(self, request: Request) -> None:
         """Refuse cross-site WebSocket requests (browsers always send Origin).
@@ -200,25 +247,44 @@ class Gateway:
         self.draining = True
         log.info("gateway_draining", sessions=len(self.sessions))
         server.close()
+        grace = self.config.gateway.drain_seconds
         for session in list(self.sessions.values()):
-            session.send_text(control.encode_notice("shutting_down"))
+            session.send_text(control.encode_notice("shutting_down", closes_in=grace))
+        # Clients may leave on their own during the grace period; then the rest are closed.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._until(lambda: not self.sessions)
+        for session in list(self.sessions.values()):
             session.close(control.CLOSE_GOING_AWAY, "gateway shutting down")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT):
-                while self.connections:
-                    self._connections_changed.clear()
-                    await self._connections_changed.wait()
+                await self._until(lambda: not self.connections)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
 
+    async def _until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate` holds, re-checked whenever a connection closes."""
+        while not predicate():
+            self._connections_changed.clear()
+            await self._connections_changed.wait()
+
     async def _sweep(self) -> None:
-        """Keepalive pings: a writer that stops answering is dropped within two intervals."""
-        interval = self.config.limits.keepalive_interval
+        """Session timers in one task: keepalive pings, idle warnings and closes, length caps.
+
+        A writer that stops answering pings is dropped within two keepalive intervals.
+        """
+        limits = self.config.limits
+        tick = min(1.0, limits.keepalive_interval, limits.idle_warning / 2)
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + limits.keepalive_interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
+            ping = loop.time() >= next_ping
+            if ping:
+                next_ping = loop.time() + limits.keepalive_interval
             for session in list(self.sessions.values()):
-                session.keepalive()
+                session.sweep(ping=ping)
 
 
 def run_forever(config: Config, *, on_ready: Callable[[Gateway], None] | None = None) -> int:

@@ -22,6 +22,7 @@ EVENTS = frozenset(
         "takeover_denied",
         "break_sent",
         "sysrq_sent",
+        "hook_run",
     }
 )
 

@@ -27,7 +27,7 @@ from websockets.typing import Subprotocol
 
 from . import api, control
 from .audit import audit
-from .errors import ConflictError, NotFoundError, PeerError
+from .errors import ConflictError, PeerError
 from .lease import Denied
 from .log import get_logger
 from .rbac import at_least
@@ -206,6 +206,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             if self.gateway.draining:
                 raise PeerError("the gateway is shutting down", code="draining")
+            self.gateway.check_client(self.peer)
             if api.is_console_path(request.path) and request.method == "GET":
                 self._upgrade(request, raw)
                 return
@@ -261,16 +262,9 @@ class ClientConnection(asyncio.Protocol):
         gw = self.gateway
         assert self.transport is not None
         vm_id = api.console_vm(request.path)
-        hub = gw.hubs.get(vm_id)
         principal = gw.authenticate(request)
-        if hub is None:
-            raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
-        role = gw.rbac.role(principal, hub.vm)
+        hub, role = gw.authorize(principal, vm_id, request)
         fields = {"principal": principal.id, "peer": self.peer, "vm": vm_id}
-        if role is None:
-            audit("access_denied", reason="no_role", region=gw.region, **fields)
-            # Same answer as an unknown VM: do not confirm that a VM exists.
-            raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
         gw.check_origin(request)
         mode = request.query.get("mode", "interactive")
         if mode not in ("interactive", "spectate"):

@@ -80,6 +80,14 @@ class _Hangup:
     """Drop DTR (on_detach = hangup)."""
 
 
+@dataclass(frozen=True)
+class _Hook:
+    """An owner's NMI or reset: run the configured command, report its exit status."""
+
+    name: str
+    argv: tuple[str, ...]
+
+
 @dataclass
 class HubStats:
     """Counters the metrics endpoint reads."""
@@ -114,7 +122,7 @@ class ConsoleHub:
         rate = vm.input_rate
         self._chunk = max(16, rate // 50)  # 20 ms of line time per write
         self._bucket = TokenBucket(rate, burst=max(self._chunk, rate // 10))
-        self._input: deque[bytes | _Break | _Hangup] = deque()
+        self._input: deque[bytes | _Break | _Hangup | _Hook] = deque()
         self._input_bytes = 0
         self._input_high = max(4096, rate)  # about one second of line time
         self._input_ready = asyncio.Event()
@@ -199,6 +207,9 @@ class ConsoleHub:
             if isinstance(op, _Hangup):
                 await link.hangup()
                 continue
+            if isinstance(op, _Hook):
+                await self._run_hook(op)
+                continue
             # Pace in small chunks so a BREAK queued mid-paste is not stuck behind it.
             chunk, rest = op[: self._chunk], op[self._chunk :]
             if rest:
@@ -222,6 +233,16 @@ class ConsoleHub:
             log.warning("break_failed", vm=self.vm.id, error=str(exc))
             self.broadcast(control.encode_notice("break_failed", message=str(exc)))
 
+    async def _run_hook(self, hook: _Hook) -> None:
+        try:
+            status = await run_hook(hook.argv, vm=self.vm.id, what=hook.name)
+        except HookError as exc:
+            self.broadcast(
+                control.encode_notice("hook_result", hook=hook.name, ok=False, message=str(exc))
+            )
+            return
+        self.broadcast(control.encode_notice("hook_result", hook=hook.name, ok=True, status=status))
+
     # -- input ------------------------------------------------------------------
 
     @property
@@ -244,6 +265,15 @@ class ConsoleHub:
         """Queue a BREAK (then a SysRq key) ahead of any queued input."""
         self._input.appendleft(_Break(key.encode("ascii")))
         self._input_ready.set()
+
+    def submit_hook(self, name: str) -> bool:
+        """Queue `nmi_command`/`reset_command`; False when the VM has none configured."""
+        argv = self.vm.nmi_command if name == "nmi" else self.vm.reset_command
+        if argv is None:
+            return False
+        self._input.appendleft(_Hook(f"{name}_command", argv))
+        self._input_ready.set()
+        return True
 
     def _maybe_resume(self) -> None:
         if self._paused is not None and self._input_bytes <= self._input_high // 2:

@@ -86,6 +86,7 @@ class ConsoleSession:
         self.cursor = 0  # absolute offset of the next console byte this client gets
         self._write_paused = False
         self._awaiting_pong = False
+        self._idle_warned = False
         self._closed = False
         self._close_timer: asyncio.TimerHandle | None = None
         self._log = log.bind(session_id=session_id, vm=hub.vm.id, principal=principal.id, peer=peer)
@@ -131,7 +132,9 @@ class ConsoleSession:
     # -- HubClient ------------------------------------------------------------------
 
     def set_role(self, role: str) -> None:
-        """Writer or spectator, as the hub decided."""
+        """Writer or spectator, as the hub decided; a new writer's idle clock starts now."""
+        if role == "writer" and self.role != "writer":
+            self._touch()
         self.role = role
 
     def deliver(self, offset: int, data: bytes, frame: bytes) -> None:
@@ -240,6 +243,35 @@ class ConsoleSession:
             reason=self.end_reason,
         )
 
+    # -- timers (driven by the gateway's sweeper) -------------------------------------
+
+    def sweep(self, *, ping: bool) -> None:
+        """Keepalive, idle timeout (writers) and maximum session length."""
+        if self._closed:
+            return
+        limits = self.hub.limits
+        now = time.monotonic()
+        if (
+            limits.max_session_seconds is not None
+            and now - self.started >= limits.max_session_seconds
+        ):
+            self.close(
+                control.CLOSE_IDLE,
+                f"maximum session length {limits.max_session_seconds:g}s reached",
+            )
+            return
+        if limits.idle_timeout is not None and self.role == "writer":
+            idle = now - self.last_input
+            if idle >= limits.idle_timeout:
+                self.close(control.CLOSE_IDLE, f"idle for {limits.idle_timeout:g}s")
+                return
+            if idle >= limits.idle_timeout - limits.idle_warning and not self._idle_warned:
+                self._idle_warned = True
+                closes_in = round(limits.idle_timeout - idle, 1)
+                self.send_text(control.encode_notice("idle_warning", closes_in=closes_in))
+        if ping:
+            self.keepalive()
+
     # -- keepalive ------------------------------------------------------------------
 
     def keepalive(self) -> bool:
@@ -314,7 +346,7 @@ class ConsoleSession:
         if not self.hub.port_up:
             self._error("port_down", "the serial port is down; input was not sent")
             return
-        self.last_input = time.monotonic()
+        self._touch()
         self.bytes_in += len(data)
         self.hub.submit(self, data)
 
@@ -328,7 +360,7 @@ class ConsoleSession:
             self.hub.resize = (message.cols, message.rows)
             return
         if isinstance(message, control.Nmi | control.Reset):
-            self._error("unsupported", f"{type(message).__name__.lower()} arrives with owner hooks")
+            self._on_hook("nmi" if isinstance(message, control.Nmi) else "reset")
             return
         if self.role != "writer" or not at_least(self.rbac_role, "contributor"):
             self._error("read_only", "only the writer may send BREAK or SysRq")
@@ -339,7 +371,7 @@ class ConsoleSession:
                 f"{self.hub.vm.serial.kind} port cannot carry BREAK and no break_command is set",
             )
             return
-        self.last_input = time.monotonic()
+        self._touch()
         if isinstance(message, control.Sysrq):
             self.hub.submit_break(message.key)
             event = "sysrq_sent"
@@ -354,6 +386,30 @@ class ConsoleSession:
             peer=self.peer,
             region=self.region,
         )
+
+    def _on_hook(self, name: str) -> None:
+        if not at_least(self.rbac_role, "owner"):
+            self._error("forbidden", f"{name} needs the owner role on this vm")
+            return
+        if not self.hub.port_up:
+            self._error("port_down", f"the serial port is down; {name} was not run")
+            return
+        if not self.hub.submit_hook(name):
+            self._error("unsupported", f"no {name}_command is configured for this vm")
+            return
+        audit(
+            "hook_run",
+            hook=name,
+            session_id=self.session_id,
+            vm=self.hub.vm.id,
+            principal=self.principal.id,
+            peer=self.peer,
+            region=self.region,
+        )
+
+    def _touch(self) -> None:
+        self.last_input = time.monotonic()
+        self._idle_warned = False
 
     def _error(self, code: str, message: str, **fields: object) -> None:
         self.send_text(control.encode_error(code, message, **fields))

@@ -93,8 +93,11 @@ async def test_serve_sigterm_closes_sessions_with_1001_and_exits_0(
     client_ssl: ssl.SSLContext,
     token: Callable[..., str],
 ) -> None:
-    """SIGTERM: the open console is closed with 1001 and the daemon exits 0."""
-    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    """SIGTERM: a notice, then after drain_seconds close 1001, and the daemon exits 0."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        gateway={"drain_seconds": "300ms"},
+    )
     proc, port = await _start_serve(config.path)
     try:
         async with connect(
@@ -106,6 +109,8 @@ async def test_serve_sigterm_closes_sessions_with_1001_and_exits_0(
             hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
             assert hello["role"] == "writer"
             proc.send_signal(signal.SIGTERM)
+            notice = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            assert notice == {"type": "notice", "event": "shutting_down", "closes_in": 0.3}
             with pytest.raises(ConnectionClosed) as info:
                 await _recv_forever(ws)
             assert info.value.rcvd is not None

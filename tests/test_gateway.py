@@ -569,3 +569,44 @@ async def test_dead_writer_is_dropped_and_lease_released(
         async with open_console(gw, "vm-a", user="bob") as bob:
             assert bob.hello["role"] == "writer"
         writer.close()
+
+
+async def test_owner_hooks_run_and_report_exit_status(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+    tmp_path: Any,
+) -> None:
+    """reset runs reset_command for an owner; a contributor is refused; nmi unset is unsupported."""
+    marker = tmp_path / "reset-ran"
+    config = write_config(
+        vms=[
+            {
+                "id": "vm-a",
+                "serial": f"tcp://127.0.0.1:{far_end.port}",
+                "reset_command": ["touch", str(marker)],
+            }
+        ],
+        roles=[
+            ("user:olga", "owner", "/subscriptions/sub-1/vms/vm-a"),
+            ("user:alice", "contributor", "/subscriptions/sub-1"),
+        ],
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="alice") as alice:
+            await alice.send({"type": "reset"})
+            assert (await alice.control(type="error"))["code"] == "forbidden"
+        async with open_console(gw, "vm-a", user="olga") as olga:
+            await olga.send({"type": "nmi"})
+            assert (await olga.control(type="error"))["code"] == "unsupported"
+            await olga.send({"type": "reset"})
+            result = await olga.control(type="notice", event="hook_result")
+            assert result == {
+                "type": "notice",
+                "event": "hook_result",
+                "hook": "reset_command",
+                "ok": True,
+                "status": 0,
+            }
+    assert marker.exists()

@@ -1,0 +1,122 @@
+"""Gateway-side limits and switches: idle timeout, session length, disabled consoles, MFA, CIDRs."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from .conftest import FarEnd, running, wait_port_up
+
+
+async def test_idle_writer_gets_warning_then_close_4008(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """A writer that types nothing is warned, then closed with 4008; typing resets the clock."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"idle_timeout": "1200ms", "idle_warning": "600ms"},
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a") as console:
+            warning = await console.control(type="notice", event="idle_warning")
+            assert 0 < warning["closes_in"] <= 0.6
+            await console.send(b"x")  # activity: a fresh warning must come before the close
+            await console.control(type="notice", event="idle_warning")
+            code, reason = await console.closed()
+    assert code == 4008
+    assert reason is not None
+    assert "idle" in reason
+
+
+async def test_spectator_is_not_closed_for_idleness_but_max_session_length_applies(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """Idle rules are for writers; max_session_seconds ends any session."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"idle_timeout": "400ms", "idle_warning": "200ms", "max_session_seconds": "1500ms"},
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", mode="spectate") as console:
+            code, reason = await console.closed()
+            assert not [c for c in console.controls if c.get("event") == "idle_warning"]
+    assert code == 4008
+    assert reason is not None
+    assert "maximum session length" in reason
+
+
+async def _status_and_code(
+    gw: Any, client_ssl: ssl.SSLContext, bearer: str, vm: str = "vm-a"
+) -> tuple[int, str]:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(
+            f"wss://localhost:{gw.tls_port}/v1/vms/{vm}/console",
+            ssl=client_ssl,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            additional_headers={"Authorization": f"Bearer {bearer}"},
+        ):
+            pass
+    response = info.value.response
+    return response.status_code, json.loads(response.body)["error"]
+
+
+async def test_disabled_console_is_403_console_disabled(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """A VM with serial_console = false refuses connections with 403."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}", "serial_console": False}]
+    )
+    async with running(config) as gw:
+        assert await _status_and_code(gw, client_ssl, token("alice")) == (403, "console_disabled")
+
+
+async def test_require_mfa_refuses_tokens_without_mfa_amr(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+    tmp_path: Any,
+) -> None:
+    """With require_mfa, a token lacking amr=mfa gets 403 mfa_required; one with it gets in."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    text = config.path.read_text().replace("[auth]\n", "[auth]\nrequire_mfa = true\n")
+    config.path.write_text(text)
+    from relayd.config import load_config
+
+    async with running(load_config(config.path)) as gw:
+        await wait_port_up(gw, "vm-a")
+        assert await _status_and_code(gw, client_ssl, token("alice")) == (403, "mfa_required")
+        async with connect(
+            f"wss://localhost:{gw.tls_port}/v1/vms/vm-a/console",
+            ssl=client_ssl,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            additional_headers={"Authorization": f"Bearer {token('alice', amr=['pwd', 'mfa'])}"},
+        ) as ws:
+            assert '"hello"' in str(await ws.recv())
+
+
+async def test_client_outside_allow_list_is_403(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """allow_clients without loopback refuses a loopback client before authentication."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        gateway={"allow_clients": ["10.0.0.0/8"]},
+    )
+    async with running(config) as gw:
+        assert await _status_and_code(gw, client_ssl, "garbage") == (403, "client_not_allowed")
