@@ -92,7 +92,7 @@ class Authenticator:
             raise AuthError(f"token exceeds {MAX_TOKEN_BYTES} bytes", code="malformed_token")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:
             raise AuthError("token is not a JWT", code="malformed_token") from None
         alg = header.get("alg")
         key: Any

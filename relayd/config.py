@@ -61,7 +61,10 @@ def parse_duration(value: object) -> float | None:
     if isinstance(value, bool):
         raise ValueError("expected a duration like '30s', '5m' or '1h'")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError("duration is out of range") from None
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
     else:
@@ -85,7 +88,13 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def _split_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    bracketed = host.startswith("[") or host.endswith("]")
+    if (
+        not sep
+        or not (port.isascii() and port.isdigit())
+        or not host
+        or (bracketed and not (host.startswith("[") and host.endswith("]")))
+    ):
         raise ValueError(f"{what} must be HOST:PORT, got {value!r}")
     number = int(port)
     if not 0 <= number <= 65535:

@@ -78,8 +78,10 @@ def decode_client_message(text: str | bytes) -> ClientMessage:
     Raises:
         BadMessageError: not JSON, not an object, unknown type or bad fields.
     """
+    if len(text) > MAX_CONTROL_BYTES:  # characters <= bytes: refuse without encoding
+        raise BadMessageError(f"control message of {len(text)}+ bytes exceeds {MAX_CONTROL_BYTES}")
     size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
-    if len(text) > MAX_CONTROL_BYTES or size > MAX_CONTROL_BYTES:
+    if size > MAX_CONTROL_BYTES:
         raise BadMessageError(f"control message of {size} bytes exceeds {MAX_CONTROL_BYTES}")
     try:
         obj = json.loads(text)
