@@ -7,18 +7,30 @@ bytes. Routing is a short table, so the whole surface is readable here.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .errors import NotFoundError, PeerError
+from .audit import audit
+from .config import vm_scopes
+from .errors import ForbiddenError, NotFoundError, PeerError
+from .rbac import at_least
 
 if TYPE_CHECKING:
     from .app import Gateway
     from .connection import HttpResponse, Request
+    from .switches import Level
 
 _CONSOLE = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console$")
 _CONSOLE_LOG = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console-log$")
+_TICKETS = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console/tickets$")
+_SWITCH_VM = re.compile(r"^/v1/vms/([^/]{1,128})/serial-console$")
+_SWITCH_SUB = re.compile(r"^/v1/subscriptions/([^/]{1,128})/serial-console$")
+_SWITCH_SS = re.compile(
+    r"^/v1/subscriptions/([^/]{1,128})/scale-sets/([^/]{1,128})/serial-console$"
+)
 
 
 def is_console_path(path: str) -> bool:
@@ -111,6 +123,86 @@ def console_log(gw: Gateway, request: Request, vm_id: str) -> HttpResponse:
     )
 
 
+def issue_ticket(gw: Gateway, request: Request, vm_id: str) -> HttpResponse:
+    """A one-time ticket for a browser's WebSocket (readers and up; mode as requested)."""
+    principal = gw.authenticate(request)
+    gw.authorize(principal, vm_id, request)
+    body = _json_body(request, optional=True)
+    mode = body.get("mode", "interactive")
+    if mode not in ("interactive", "spectate"):
+        raise PeerError("mode must be interactive or spectate", code="bad_request")
+    ticket = gw.tickets.issue(principal, vm_id, mode, time.monotonic())
+    return _json(201, {"ticket": ticket, "expires_in": int(gw.tickets.ttl), "mode": mode})
+
+
+def _json_body(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    if not request.body.strip():
+        if optional:
+            return {}
+        raise PeerError("a JSON body is required", code="bad_request")
+    try:
+        body = json.loads(request.body)
+    except ValueError:
+        raise PeerError("body is not valid JSON", code="bad_request") from None
+    if not isinstance(body, dict):
+        raise PeerError("body must be a JSON object", code="bad_request")
+    return body
+
+
+def _enabled_from(request: Request) -> bool:
+    body = _json_body(request)
+    if set(body) != {"enabled"} or not isinstance(body["enabled"], bool):
+        raise PeerError('body must be {"enabled": true|false}', code="bad_request")
+    return bool(body["enabled"])
+
+
+def switch_console(gw: Gateway, request: Request, level: Level, key: str) -> HttpResponse:
+    """Owner-only enable/disable at one level; persisted; disabling closes sessions (4009)."""
+    principal = gw.authenticate(request)
+    enabled = _enabled_from(request)
+    scopes: tuple[str, ...]
+    if level == "vms":
+        hub = gw.hubs.get(key)
+        if hub is None or gw.rbac.role(principal, hub.vm) is None:
+            raise NotFoundError(f"unknown vm {key!r}", code="unknown_vm")
+        scopes = vm_scopes(hub.vm)
+    elif level == "subscriptions":
+        if gw.config.subscription(key) is None:
+            raise NotFoundError(f"unknown subscription {key!r}", code="not_found")
+        scopes = (f"/subscriptions/{key}",)
+    else:
+        sub, _, ss = key.partition("/")
+        members = [
+            h.vm for h in gw.hubs.values() if (h.vm.subscription, h.vm.scale_set) == (sub, ss)
+        ]
+        if not members:
+            raise NotFoundError(f"unknown scale set {ss!r} in {sub!r}", code="not_found")
+        scopes = vm_scopes(members[0])[:-2]  # subscription, resource group, scale set
+    if not at_least(gw.rbac.role_on(principal, scopes), "owner"):
+        audit(
+            "access_denied",
+            reason="not_owner",
+            principal=principal.id,
+            peer=request.peer,
+            scope=scopes[-1],
+            region=gw.region,
+        )
+        raise ForbiddenError(
+            "enabling or disabling a console needs the owner role", code="forbidden"
+        )
+    closed = gw.set_console(level, key, enabled, by=principal.id)
+    audit(
+        "console_switched",
+        principal=principal.id,
+        peer=request.peer,
+        scope=scopes[-1],
+        enabled=enabled,
+        sessions_closed=closed,
+        region=gw.region,
+    )
+    return _json(200, {"scope": scopes[-1], "enabled": enabled, "sessions_closed": closed})
+
+
 Handler = Callable[["Gateway", "Request"], "HttpResponse"]
 _ROUTES: dict[str, Handler] = {"/": index, "/v1/vms": list_vms}
 
@@ -131,6 +223,22 @@ def handle(gw: Gateway, request: Request) -> HttpResponse:
         if request.method != "GET":
             raise _method_not_allowed(request.method)
         return console_log(gw, request, m.group(1))
+    m = _TICKETS.match(request.path)
+    if m is not None:
+        if request.method != "POST":
+            raise _method_not_allowed(request.method)
+        return issue_ticket(gw, request, m.group(1))
+    switches: tuple[tuple[re.Pattern[str], Level], ...] = (
+        (_SWITCH_VM, "vms"),
+        (_SWITCH_SUB, "subscriptions"),
+        (_SWITCH_SS, "scale_sets"),
+    )
+    for pattern, level in switches:
+        m = pattern.match(request.path)
+        if m is not None:
+            if request.method != "PUT":
+                raise _method_not_allowed(request.method)
+            return switch_console(gw, request, level, "/".join(m.groups()))
     if is_console_path(request.path):
         raise _method_not_allowed(request.method)
     raise NotFoundError(f"no route for {request.path[:100]}", code="not_found")

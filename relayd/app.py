@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -27,12 +28,15 @@ from .audit import audit
 from .auth import Authenticator, Principal
 from .config import Config, Role, VmConfig
 from .connection import ClientConnection, Request
-from .errors import AuthError, ForbiddenError, NotFoundError, RateLimitedError
+from .errors import AuthError, ForbiddenError, NotFoundError, PeerError, RateLimitedError
 from .health import HealthConnection, make_registry
 from .hub import ConsoleHub
 from .log import get_logger
+from .ratelimit import KeyedLimiter
 from .rbac import Rbac
 from .session import ConsoleSession
+from .switches import ConsoleSwitches, Level
+from .tickets import Ticket, TicketStore
 from .tls import server_context
 
 log = get_logger("relayd.app")
@@ -56,6 +60,22 @@ class Gateway:
         self.sessions: dict[str, ConsoleSession] = {}
         self.connections: set[ClientConnection] = set()
         self.auth_failures: Counter[str] = Counter()
+        self.switches = ConsoleSwitches(config.gateway.state_dir)
+        self.switches.load()
+        self.tickets = TicketStore()
+        limits = config.limits
+        self._auth_limiter = (
+            KeyedLimiter(limits.auth_failures_per_minute / 60, limits.auth_failures_per_minute)
+            if limits.auth_failures_per_minute
+            else None
+        )
+        self._conn_limiter = (
+            KeyedLimiter(
+                limits.connections_per_second_per_ip, 2 * limits.connections_per_second_per_ip
+            )
+            if limits.connections_per_second_per_ip
+            else None
+        )
         self.draining = False
         self.ready = asyncio.Event()
         self.tls_port = 0
@@ -66,18 +86,84 @@ class Gateway:
 
     # -- policy used by connections ------------------------------------------------------
 
+    def admit_connection(self, peer: str) -> PeerError | None:
+        """Count a new connection; the refusal to answer its first request with, if over rate."""
+        if self._conn_limiter is None:
+            return None
+        now = time.monotonic()
+        wait = self._conn_limiter.retry_after(peer, now)
+        self._conn_limiter.hit(peer, now)
+        if wait > 0:
+            return RateLimitedError(
+                "too many new connections from this address", code="rate_limited", retry_after=wait
+            )
+        return None
+
+    def _check_auth_rate(self, request: Request) -> None:
+        if self._auth_limiter is None:
+            return
+        wait = self._auth_limiter.retry_after(request.peer, time.monotonic())
+        if wait > 0:
+            raise RateLimitedError(
+                "too many failed authentication attempts from this address",
+                code="too_many_auth_failures",
+                retry_after=wait,
+            )
+
+    def _auth_failed(self, request: Request, exc: AuthError) -> None:
+        self.auth_failures[exc.code] += 1
+        if self._auth_limiter is not None:
+            self._auth_limiter.hit(request.peer, time.monotonic())
+        audit("auth_failed", reason=exc.code, peer=request.peer, region=self.region)
+
     def authenticate(self, request: Request) -> Principal:
-        """The request's principal; failures are counted and audited.
+        """The request's principal: a bearer token, else a verified client certificate.
 
         Raises:
-            AuthError: no or bad credentials.
+            RateLimitedError: this address failed too often recently.
+            AuthError: no or bad credentials (counted and audited).
         """
+        self._check_auth_rate(request)
+        authorization = request.headers.get("authorization")
+        if authorization is None and request.client_cert_cn is not None:
+            return Principal(f"cert:{request.client_cert_cn}", amr=("x509",))
         try:
-            return self.authenticator.authenticate(request.headers.get("authorization"))
+            return self.authenticator.authenticate(authorization)
         except AuthError as exc:
-            self.auth_failures[exc.code] += 1
-            audit("auth_failed", reason=exc.code, peer=request.peer, region=self.region)
+            self._auth_failed(request, exc)
             raise
+
+    def redeem_ticket(self, request: Request, vm_id: str) -> Ticket:
+        """Use the request's one-time ticket for this VM.
+
+        Raises:
+            RateLimitedError: this address failed too often recently.
+            AuthError: unknown, reused, expired or foreign ticket.
+        """
+        self._check_auth_rate(request)
+        try:
+            return self.tickets.redeem(request.query["ticket"], vm_id, time.monotonic())
+        except AuthError as exc:
+            self._auth_failed(request, exc)
+            raise
+
+    def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
+        """Switch consoles at one level; disabling closes their live sessions with 4009.
+
+        Returns the number of sessions closed.
+        """
+        self.switches.set(level, key, enabled)
+        log.info("serial_console_switched", level=level, key=key, enabled=enabled, by=by)
+        if enabled:
+            return 0
+        closed = 0
+        for hub in self.hubs.values():
+            if not self.console_enabled(hub.vm):
+                closed += len(hub.clients)
+                hub.close_all(
+                    control.CLOSE_DISABLED, f"serial console disabled for {level[:-1]} {key}"
+                )
+        return closed
 
     def check_client(self, peer: str) -> None:
         """The client address must be in `allow_clients`.
@@ -160,9 +246,20 @@ class Gateway:
                 )
 
     def console_enabled(self, vm: VmConfig) -> bool:
-        """Whether the VM's serial console is switched on (subscription and VM)."""
+        """Whether the VM's console is on at every level: subscription, scale set, VM."""
         sub = self.config.subscription(vm.subscription)
-        return vm.serial_console and (sub is None or sub.serial_console)
+        sub_on = self.switches.get("subscriptions", vm.subscription)
+        if sub_on is None:
+            sub_on = sub is None or sub.serial_console
+        ss_on = (
+            True
+            if vm.scale_set is None
+            else self.switches.get("scale_sets", f"{vm.subscription}/{vm.scale_set}")
+        )
+        vm_on = self.switches.get("vms", vm.id)
+        if vm_on is None:
+            vm_on = vm.serial_console
+        return sub_on and ss_on is not False and vm_on
 
     def unready_reasons(self) -> list[str]:
         """Why /readyz is not 200 (empty when ready)."""
@@ -285,6 +382,12 @@ class Gateway:
                 next_ping = loop.time() + limits.keepalive_interval
             for session in list(self.sessions.values()):
                 session.sweep(ping=ping)
+            if ping:  # housekeeping at the keepalive cadence
+                now = time.monotonic()
+                self.tickets.expire(now)
+                for limiter in (self._auth_limiter, self._conn_limiter):
+                    if limiter is not None:
+                        limiter.prune(now)
 
 
 def run_forever(config: Config, *, on_ready: Callable[[Gateway], None] | None = None) -> int:

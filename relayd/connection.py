@@ -79,6 +79,7 @@ class Request:
     headers: dict[str, str]
     body: bytes
     peer: str
+    client_cert_cn: str | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -93,6 +94,8 @@ class ClientConnection(asyncio.Protocol):
         self._request: h11.Request | None = None
         self._body = bytearray()
         self._deadline: asyncio.TimerHandle | None = None
+        self._cert_cn: str | None = None
+        self._refusal: PeerError | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -103,6 +106,8 @@ class ClientConnection(asyncio.Protocol):
         peername = self.transport.get_extra_info("peername")
         if isinstance(peername, tuple):
             self.peer = str(peername[0])
+        self._cert_cn = _client_cert_cn(self.transport)
+        self._refusal = self.gateway.admit_connection(self.peer)
         self.gateway.connections.add(self)
         self._arm_deadline()
 
@@ -202,10 +207,13 @@ class ClientConnection(asyncio.Protocol):
             headers,
             bytes(self._body),
             self.peer,
+            self._cert_cn,
         )
         try:
             if self.gateway.draining:
                 raise PeerError("the gateway is shutting down", code="draining")
+            if self._refusal is not None:
+                raise self._refusal
             self.gateway.check_client(self.peer)
             if api.is_console_path(request.path) and request.method == "GET":
                 self._upgrade(request, raw)
@@ -262,13 +270,20 @@ class ClientConnection(asyncio.Protocol):
         gw = self.gateway
         assert self.transport is not None
         vm_id = api.console_vm(request.path)
-        principal = gw.authenticate(request)
-        hub, role = gw.authorize(principal, vm_id, request)
-        fields = {"principal": principal.id, "peer": self.peer, "vm": vm_id}
-        gw.check_origin(request)
         mode = request.query.get("mode", "interactive")
         if mode not in ("interactive", "spectate"):
             raise PeerError("mode must be interactive or spectate", code="bad_request")
+        if "ticket" in request.query:
+            ticket = gw.redeem_ticket(request, vm_id)
+            principal = ticket.principal
+            if "mode" in request.query and mode != ticket.mode:
+                raise PeerError("mode differs from the ticket's", code="bad_request")
+            mode = ticket.mode
+        else:
+            principal = gw.authenticate(request)
+        hub, role = gw.authorize(principal, vm_id, request)
+        fields = {"principal": principal.id, "peer": self.peer, "vm": vm_id}
+        gw.check_origin(request)
         resume_from: int | None = None
         if "from" in request.query:
             try:
@@ -314,3 +329,18 @@ class ClientConnection(asyncio.Protocol):
         session.start(want_writer=want_writer, resume_from=resume_from)
         if leftover:
             session.data_received(bytes(leftover))
+
+
+def _client_cert_cn(transport: asyncio.Transport) -> str | None:
+    """The subject CN of a verified client certificate, if one was presented."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and value:
+                return str(value)
+    return None

@@ -32,7 +32,10 @@ class Rbac:
 
     def role(self, principal: Principal, vm: VmConfig) -> Role | None:
         """The highest role any of the principal's names holds on any scope containing the VM."""
-        scopes = vm_scopes(vm)
+        return self.role_on(principal, vm_scopes(vm))
+
+    def role_on(self, principal: Principal, scopes: tuple[str, ...]) -> Role | None:
+        """The highest role held on any of `scopes` (a scope and those containing it)."""
         best: Role | None = None
         for name in principal.names:
             for scope, role in self._by_principal.get(name, ()):

@@ -1,0 +1,318 @@
+"""Access control end to end: tickets, console switches, client certificates, rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trustme
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidMessage, InvalidStatus
+
+from .conftest import TIMEOUT, FarEnd, running, wait_port_up
+
+
+async def _request(
+    gw: Any,
+    ctx: ssl.SSLContext,
+    method: str,
+    path: str,
+    *,
+    bearer: str | None = None,
+    body: object = None,
+) -> tuple[int, dict[str, str], Any]:
+    """One HTTP request over TLS; returns status, headers, parsed JSON body."""
+    payload = b"" if body is None else json.dumps(body).encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+    if bearer:
+        head += f"Authorization: Bearer {bearer}\r\n"
+    head += f"Content-Length: {len(payload)}\r\n\r\n"
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.tls_port, ssl=ctx, server_hostname="localhost"
+    )
+    writer.write(head.encode() + payload)
+    async with asyncio.timeout(TIMEOUT):
+        data = await reader.read()
+    writer.close()
+    raw_head, _, raw_body = data.partition(b"\r\n\r\n")
+    lines = raw_head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, json.loads(raw_body) if raw_body else None
+
+
+def _ws_url(gw: Any, vm: str, query: str = "") -> str:
+    return f"wss://localhost:{gw.tls_port}/v1/vms/{vm}/console" + (f"?{query}" if query else "")
+
+
+async def _refused(url: str, ctx: ssl.SSLContext, **kwargs: Any) -> tuple[int, str]:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(
+            url,
+            ssl=ctx,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            **kwargs,
+        ):
+            pass
+    response = info.value.response
+    return response.status_code, json.loads(response.body)["error"]
+
+
+async def test_ticket_opens_console_once_with_its_mode(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """A ticket from POST .../tickets opens the console without headers, once, in its mode."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        status, _, body = await _request(
+            gw,
+            client_ssl,
+            "POST",
+            "/v1/vms/vm-a/console/tickets",
+            bearer=token("alice"),
+            body={"mode": "spectate"},
+        )
+        assert status == 201
+        assert body["expires_in"] == 30
+        url = _ws_url(gw, "vm-a", f"ticket={body['ticket']}")
+        async with connect(
+            url,
+            ssl=client_ssl,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+        ) as ws:
+            hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            assert hello["role"] == "spectator"
+        assert await _refused(url, client_ssl) == (401, "invalid_ticket")
+        # Bound to the VM: a ticket for vm-a does not open anything else.
+        _, _, body = await _request(
+            gw, client_ssl, "POST", "/v1/vms/vm-a/console/tickets", bearer=token("alice")
+        )
+        other = _ws_url(gw, "vm-b", f"ticket={body['ticket']}")
+        assert await _refused(other, client_ssl) == (401, "invalid_ticket")
+
+
+async def test_ticket_needs_a_role_and_a_token(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """No token: 401; a principal without a role on the VM: 404."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        status, headers, body = await _request(
+            gw, client_ssl, "POST", "/v1/vms/vm-a/console/tickets"
+        )
+        assert (status, body["error"]) == (401, "missing_token")
+        assert headers["www-authenticate"].startswith("Bearer")
+        status, _, body = await _request(
+            gw, client_ssl, "POST", "/v1/vms/vm-a/console/tickets", bearer=token("mallory")
+        )
+        assert (status, body["error"]) == (404, "unknown_vm")
+
+
+async def test_owner_disables_vm_console_live_sessions_close_4009_and_it_persists(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+    open_console: Callable[..., Any],
+) -> None:
+    """PUT serial-console false: 4009 for live sessions, 403 for new ones, and after a restart."""
+    roles = [
+        ("user:olga", "owner", "/subscriptions/sub-1"),
+        ("user:alice", "contributor", "/subscriptions/sub-1"),
+    ]
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}], roles=roles
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        status, _, body = await _request(
+            gw,
+            client_ssl,
+            "PUT",
+            "/v1/vms/vm-a/serial-console",
+            bearer=token("alice"),
+            body={"enabled": False},
+        )
+        assert (status, body["error"]) == (403, "forbidden")
+        async with open_console(gw, "vm-a", user="alice") as alice:
+            status, _, body = await _request(
+                gw,
+                client_ssl,
+                "PUT",
+                "/v1/vms/vm-a/serial-console",
+                bearer=token("olga"),
+                body={"enabled": False},
+            )
+            assert status == 200
+            assert body == {
+                "scope": "/subscriptions/sub-1/vms/vm-a",
+                "enabled": False,
+                "sessions_closed": 1,
+            }
+            code, reason = await alice.closed()
+            assert code == 4009
+            assert reason is not None
+            assert "disabled" in reason
+    async with running(config) as gw:
+        bearer = {"Authorization": f"Bearer {token('alice')}"}
+        refused = await _refused(_ws_url(gw, "vm-a"), client_ssl, additional_headers=bearer)
+        assert refused == (403, "console_disabled")
+        status, _, body = await _request(gw, client_ssl, "GET", "/v1/vms", bearer=token("alice"))
+        assert body["vms"][0]["enabled"] is False
+        await _request(
+            gw,
+            client_ssl,
+            "PUT",
+            "/v1/subscriptions/sub-1/serial-console",
+            bearer=token("olga"),
+            body={"enabled": True},
+        )
+        # The VM-level switch still says off: every level must be on.
+        refused = await _refused(_ws_url(gw, "vm-a"), client_ssl, additional_headers=bearer)
+        assert refused == (403, "console_disabled")
+        status, _, _ = await _request(
+            gw,
+            client_ssl,
+            "PUT",
+            "/v1/vms/vm-a/serial-console",
+            bearer=token("olga"),
+            body={"enabled": True},
+        )
+        assert status == 200
+        async with connect(
+            _ws_url(gw, "vm-a"),
+            ssl=client_ssl,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            additional_headers=bearer,
+        ) as ws:
+            assert json.loads(await ws.recv())["type"] == "hello"
+
+
+async def test_scale_set_switch_covers_its_instances_only(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """Disabling a scale set disables its instances and leaves other VMs alone."""
+    serial = f"tcp://127.0.0.1:{far_end.port}"
+    config = write_config(
+        vms=[
+            {"id": "ss-0", "serial": serial, "resource_group": "rg", "scale_set": "web"},
+            {"id": "solo", "serial": serial},
+        ],
+        roles=[("user:olga", "owner", "/subscriptions/sub-1/resourceGroups/rg")],
+    )
+    async with running(config) as gw:
+        status, _, body = await _request(
+            gw,
+            client_ssl,
+            "PUT",
+            "/v1/subscriptions/sub-1/scale-sets/web/serial-console",
+            bearer=token("olga"),
+            body={"enabled": False},
+        )
+        assert status == 200
+        assert body["scope"] == "/subscriptions/sub-1/resourceGroups/rg/virtualMachineScaleSets/web"
+        assert not gw.console_enabled(gw.hubs["ss-0"].vm)
+        assert gw.console_enabled(gw.hubs["solo"].vm)
+        for bad in ({"enabled": "no"}, {"enabled": False, "x": 1}, [1]):
+            status, _, body = await _request(
+                gw,
+                client_ssl,
+                "PUT",
+                "/v1/subscriptions/sub-1/scale-sets/web/serial-console",
+                bearer=token("olga"),
+                body=bad,
+            )
+            assert (status, body["error"]) == (400, "bad_request")
+
+
+async def test_client_certificate_authenticates_as_cert_principal(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    ca: trustme.CA,
+    pki: dict[str, Any],
+) -> None:
+    """With client_ca set, a verified certificate is principal cert:<CN>; others are 401."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        tls={"client_ca": pki["ca"]},
+        roles=[("cert:ops-laptop", "contributor", "/subscriptions/sub-1")],
+    )
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ca.issue_cert("ops-laptop@example.com", common_name="ops-laptop").configure_cert(ctx)
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with connect(
+            _ws_url(gw, "vm-a"),
+            ssl=ctx,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+        ) as ws:
+            hello = json.loads(await ws.recv())
+            assert hello["role"] == "writer"
+        anonymous = ssl.create_default_context(cafile=str(pki["ca"]))
+        assert await _refused(_ws_url(gw, "vm-a"), anonymous) == (401, "missing_token")
+        stranger_ca = trustme.CA()
+        stranger = ssl.create_default_context(cafile=str(pki["ca"]))
+        stranger_ca.issue_cert("x@example.com", common_name="ops-laptop").configure_cert(stranger)
+        # Under TLS 1.3 the client finishes first: the refusal may show as a dropped exchange.
+        with pytest.raises((ssl.SSLError, ConnectionError, InvalidMessage)):
+            async with connect(
+                _ws_url(gw, "vm-a"),
+                ssl=stranger,
+                subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            ):
+                pass
+
+
+async def test_repeated_auth_failures_from_one_address_get_429_with_retry_after(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """After auth_failures_per_minute bad tokens, even a good token waits (429, Retry-After)."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"auth_failures_per_minute": 3},
+    )
+    async with running(config) as gw:
+        for _ in range(3):
+            status, _, _ = await _request(gw, client_ssl, "GET", "/v1/vms", bearer="nonsense")
+            assert status == 401
+        status, headers, body = await _request(
+            gw, client_ssl, "GET", "/v1/vms", bearer=token("alice")
+        )
+        assert (status, body["error"]) == (429, "too_many_auth_failures")
+        assert int(headers["retry-after"]) >= 1
+
+
+async def test_connection_flood_from_one_address_gets_429(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """More new connections per second than allowed are answered 429 rate_limited."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"connections_per_second_per_ip": 1},
+    )
+    async with running(config) as gw:
+        statuses = [
+            (await _request(gw, client_ssl, "GET", "/v1/vms", bearer=token("alice")))[0]
+            for _ in range(4)
+        ]
+    assert statuses[:2] == [200, 200]
+    assert 429 in statuses[2:]
