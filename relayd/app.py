@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import ipaddress
 import signal
 import time
@@ -26,14 +27,24 @@ from collections.abc import Callable
 from . import control
 from .audit import audit
 from .auth import Authenticator, Principal
-from .config import Config, Role, VmConfig
+from .certs import certificate_not_after
+from .config import Config, Role, VmConfig, load_config
 from .connection import ClientConnection, Request
-from .errors import AuthError, ForbiddenError, NotFoundError, PeerError, RateLimitedError
+from .errors import (
+    AuthError,
+    ConfigError,
+    ForbiddenError,
+    NotFoundError,
+    PeerError,
+    RateLimitedError,
+)
 from .health import HealthConnection, make_registry
 from .hub import ConsoleHub
+from .listener import Listener, bind
 from .log import get_logger
 from .ratelimit import KeyedLimiter
 from .rbac import Rbac
+from .sdnotify import Notifier
 from .session import ConsoleSession
 from .switches import ConsoleSwitches, Level
 from .tickets import Ticket, TicketStore
@@ -41,7 +52,17 @@ from .tls import server_context
 
 log = get_logger("relayd.app")
 
-BACKLOG = 4096
+PORTS_TRIED_TIMEOUT = 12.0
+
+
+def _cert_not_after(config: Config) -> datetime.datetime:
+    """When the configured server certificate expires (already loadable: checked by TLS)."""
+    try:
+        return certificate_not_after(config.tls.cert)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(config.tls.cert), "tls.cert", f"cannot read expiry: {exc}") from None
+
+
 SHUTDOWN_CLOSE_TIMEOUT = 6.0
 
 
@@ -79,6 +100,12 @@ class Gateway:
         self.draining = False
         self.ready = asyncio.Event()
         self.tls_port = 0
+        self.listener: Listener | None = None
+        self.notifier = Notifier.from_environment()
+        self.cert_not_after = _cert_not_after(config)
+        self._tg: asyncio.TaskGroup | None = None
+        self._hub_tasks: dict[str, asyncio.Task[None]] = {}
+        self._reloading: asyncio.Task[bool] | None = None
         self.health_port = 0
         self._stop = asyncio.Event()
         self._connections_changed = asyncio.Event()
@@ -268,6 +295,12 @@ class Gateway:
             reasons.append("listener not bound")
         if self.draining:
             reasons.append("draining")
+        if self.cert_not_after <= datetime.datetime.now(datetime.UTC):
+            reasons.append(f"certificate expired at {self.cert_not_after.isoformat()}")
+        if self.config.gateway.ready_requires_port and not any(
+            hub.port_up for hub in self.hubs.values()
+        ):
+            reasons.append("no serial port is reachable")
         return reasons
 
     def connection_closed(self, conn: ClientConnection) -> None:
@@ -290,13 +323,13 @@ class Gateway:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         health_server: asyncio.Server | None = None
         try:
             async with asyncio.TaskGroup() as tg:
-                hub_tasks = [
-                    tg.create_task(hub.run(), name=f"hub-{vm_id}")
-                    for vm_id, hub in self.hubs.items()
-                ]
+                self._tg = tg
+                for hub in self.hubs.values():
+                    self._start_hub(hub)
                 if gw.health_listen is not None:
                     registry = make_registry(self)
                     health_server = await loop.create_server(
@@ -306,44 +339,120 @@ class Gateway:
                         reuse_address=True,
                     )
                     self.health_port = health_server.sockets[0].getsockname()[1]
-                server = await loop.create_server(
-                    lambda: ClientConnection(self),
-                    gw.listen.host,
-                    gw.listen.port,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=gw.handshake_timeout,
-                    backlog=BACKLOG,
-                    reuse_address=True,
-                )
-                self.tls_port = server.sockets[0].getsockname()[1]
+                self.listener = Listener(self, bind(gw.listen.host, gw.listen.port))
+                self.tls_port = self.listener.port
+                accepting = tg.create_task(self.listener.serve(), name="listener")
                 self._listening = True
+                # READY only once every port has been tried (opened, or failed once).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PORTS_TRIED_TIMEOUT):
+                        for hub in self.hubs.values():
+                            await hub.first_attempt.wait()
                 sweeper = tg.create_task(self._sweep(), name="sweeper")
+                watchdog = tg.create_task(self.notifier.watchdog(), name="watchdog")
                 log.info(
                     "gateway_ready",
                     listen=str(gw.listen),
                     port=self.tls_port,
                     health_port=self.health_port,
                     vms=len(self.hubs),
+                    ports_up=sum(hub.port_up for hub in self.hubs.values()),
                 )
                 self.ready.set()
+                self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 await self._stop.wait()
-                await self._shutdown(server)
-                for task in (*hub_tasks, sweeper):
+                self.notifier.notify("STOPPING=1", "STATUS=draining")
+                await self._shutdown(accepting)
+                for task in (*self._hub_tasks.values(), sweeper, watchdog):
                     task.cancel()
         finally:
             self._listening = False
+            self._tg = None
             if health_server is not None:
                 health_server.close()
                 await health_server.wait_closed()
             if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+            self.notifier.close()
             log.info("gateway_stopped")
 
-    async def _shutdown(self, server: asyncio.Server) -> None:
+    def _start_hub(self, hub: ConsoleHub) -> None:
+        assert self._tg is not None
+        self._hub_tasks[hub.vm.id] = self._tg.create_task(hub.run(), name=f"hub-{hub.vm.id}")
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        writers = sum(1 for s in self.sessions.values() if s.role == "writer")
+        up = sum(hub.port_up for hub in self.hubs.values())
+        return (
+            f"{len(self.sessions)} sessions ({writers} writing), "
+            f"{up}/{len(self.hubs)} serial ports up"
+        )
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in a task owned by the gateway (one at a time)."""
+        if self._tg is None or self.draining:
+            return
+        if self._reloading is not None and not self._reloading.done():
+            log.info("reload_already_running")
+            return
+        self._reloading = self._tg.create_task(self.reload(), name="reload")
+
+    async def reload(self) -> bool:
+        """Re-read config, certificate and keys; keep the old ones if anything is wrong.
+
+        Live sessions continue; new handshakes use the new certificate. VMs added
+        start, VMs removed close their sessions (4004) and their ports; a VM whose
+        port settings changed reconnects its port, its sessions staying attached.
+        """
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            config = load_config(self.config.path)
+            ssl_context = server_context(config.tls)
+            authenticator = Authenticator(config.auth)
+            cert_expiry = _cert_not_after(config)
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=str(exc))
+            self.notifier.notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
+            return False
+        for key in ("listen", "health_listen", "state_dir"):
+            if getattr(config.gateway, key) != getattr(self.config.gateway, key):
+                log.warning("reload_needs_restart", key=f"gateway.{key}")
+        self.config = config
+        self.region = config.gateway.region
+        self.ssl_context = ssl_context
+        self.authenticator = authenticator
+        self.cert_not_after = cert_expiry
+        self.rbac = Rbac(config.role_assignments)
+        wanted = {vm.id: vm for vm in config.vms}
+        for vm_id in [v for v in self.hubs if v not in wanted]:
+            hub = self.hubs.pop(vm_id)
+            hub.close_all(control.CLOSE_UNKNOWN_VM, "vm removed from the gateway configuration")
+            task = self._hub_tasks.pop(vm_id)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for vm_id, vm in wanted.items():
+            existing = self.hubs.get(vm_id)
+            if existing is None:
+                self.hubs[vm_id] = ConsoleHub(vm, config.limits)
+                self._start_hub(self.hubs[vm_id])
+            elif existing.reconfigure(vm, config.limits):
+                task = self._hub_tasks.pop(vm_id)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self._start_hub(existing)
+        for hub in self.hubs.values():
+            if not self.console_enabled(hub.vm):
+                hub.close_all(control.CLOSE_DISABLED, "serial console disabled by configuration")
+        log.info("config_reloaded", vms=len(self.hubs))
+        self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        return True
+
+    async def _shutdown(self, accepting: asyncio.Task[None]) -> None:
         self.draining = True
         log.info("gateway_draining", sessions=len(self.sessions))
-        server.close()
+        accepting.cancel()  # stop accepting; the listening socket closes with it
         grace = self.config.gateway.drain_seconds
         for session in list(self.sessions.values()):
             session.send_text(control.encode_notice("shutting_down", closes_in=grace))
@@ -383,6 +492,8 @@ class Gateway:
             for session in list(self.sessions.values()):
                 session.sweep(ping=ping)
             if ping:  # housekeeping at the keepalive cadence
+                if self.notifier.enabled:
+                    self.notifier.notify(f"STATUS={self.status_line()}")
                 now = time.monotonic()
                 self.tickets.expire(now)
                 for limiter in (self._auth_limiter, self._conn_limiter):

@@ -193,6 +193,7 @@ class GatewayConfig(_Model):
     allowed_origins: tuple[str, ...] | None = None  # None: the gateway's own origin
     handshake_timeout: PositiveDuration = 10.0
     drain_seconds: PositiveDuration = 10.0
+    ready_requires_port: bool = False
 
     @field_validator("trusted_proxies", "allow_clients", mode="before")
     @classmethod

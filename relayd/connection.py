@@ -85,9 +85,9 @@ class Request:
 class ClientConnection(asyncio.Protocol):
     """HTTP on a TLS (or, for tests of the health port, plain) transport."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *, peer: str | None = None) -> None:
         self.gateway = gateway
-        self.peer = "-"
+        self.peer = peer or "-"
         self.transport: asyncio.Transport | None = None
         self.session: ConsoleSession | None = None
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -104,7 +104,7 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
         peername = self.transport.get_extra_info("peername")
-        if isinstance(peername, tuple):
+        if self.peer == "-" and isinstance(peername, tuple):
             self.peer = str(peername[0])
         self._cert_cn = _client_cert_cn(self.transport)
         self._refusal = self.gateway.admit_connection(self.peer)

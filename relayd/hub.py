@@ -129,6 +129,7 @@ class ConsoleHub:
         self._paused: HubClient | None = None
         self._link: SerialLink | None = None
         self._watchers: set[asyncio.Future[None]] = set()
+        self.first_attempt = asyncio.Event()
 
     # -- the port ---------------------------------------------------------------
 
@@ -141,6 +142,7 @@ class ConsoleHub:
                 async with asyncio.timeout(OPEN_TIMEOUT):
                     link = await open_link(self.vm)
             except (PortUnavailableError, OSError, TimeoutError) as exc:
+                self.first_attempt.set()
                 self.stats.port_errors += 1
                 self.stats.last_error = str(exc) or "open timed out"
                 bound.info("port_open_failed", error=self.stats.last_error, retry_in=backoff)
@@ -150,6 +152,7 @@ class ConsoleHub:
             backoff = BACKOFF_FIRST
             self._link = link
             self._set_port_state(True)
+            self.first_attempt.set()
             bound.info("port_up")
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -242,6 +245,16 @@ class ConsoleHub:
             )
             return
         self.broadcast(control.encode_notice("hook_result", hook=hook.name, ok=True, status=status))
+
+    def reconfigure(self, vm: VmConfig, limits: LimitsConfig) -> bool:
+        """Apply a reloaded VM entry; True when the port itself must be reopened."""
+        old, self.vm, self.limits = self.vm, vm, limits
+        self.lease.policy = vm.takeover
+        rate = vm.input_rate
+        self._chunk = max(16, rate // 50)
+        self._bucket = TokenBucket(rate, burst=max(self._chunk, rate // 10))
+        self._input_high = max(4096, rate)
+        return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
 
     # -- input ------------------------------------------------------------------
 
