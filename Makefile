@@ -31,7 +31,7 @@ types: $(STAMP)
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP)
-	scripts/ensure-system-packages.sh
+	scripts/ensure-system-packages.sh haproxy systemd
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 test: lint types pytest

@@ -44,30 +44,57 @@ class GatewayCollector(Collector):
         for role, n in counts.items():
             by_role.add_metric([role], n)
         yield by_role
-        port_up = GaugeMetricFamily("relayd_port_up", "Serial port connected", labels=["vm"])
-        bytes_out = CounterMetricFamily(
-            "relayd_console_output_bytes", "Bytes read from serial ports", labels=["vm"]
-        )
-        bytes_in = CounterMetricFamily(
-            "relayd_console_input_bytes", "Bytes written to serial ports", labels=["vm"]
-        )
-        takeovers = CounterMetricFamily("relayd_takeovers", "Writer takeovers", labels=["vm"])
-        reconnects = CounterMetricFamily(
-            "relayd_port_reconnects", "Serial port reconnects", labels=["vm"]
-        )
-        for vm_id, hub in gw.hubs.items():
-            port_up.add_metric([vm_id], 1 if hub.port_up else 0)
-            bytes_out.add_metric([vm_id], hub.stats.bytes_from_port)
-            bytes_in.add_metric([vm_id], hub.stats.bytes_to_port)
-            takeovers.add_metric([vm_id], hub.stats.takeovers)
-            reconnects.add_metric([vm_id], hub.stats.reconnects)
-        yield from (port_up, bytes_out, bytes_in, takeovers, reconnects)
+        yield from self._per_vm()
         failures = CounterMetricFamily(
             "relayd_auth_failures", "Rejected credentials", labels=["reason"]
         )
         for reason, n in sorted(gw.auth_failures.items()):
             failures.add_metric([reason], n)
         yield failures
+        listener = gw.listener
+        handshakes = CounterMetricFamily("relayd_tls_handshakes", "Completed TLS handshakes")
+        handshakes.add_metric([], listener.handshakes if listener else 0)
+        yield handshakes
+        tls_failures = CounterMetricFamily(
+            "relayd_tls_handshake_failures",
+            "Failed TLS handshakes (and PROXY headers) by reason",
+            labels=["reason"],
+        )
+        if listener is not None:
+            for reason, n in sorted(listener.handshake_failures.items()):
+                tls_failures.add_metric([reason], n)
+        yield tls_failures
+        expiry = GaugeMetricFamily(
+            "relayd_certificate_expiry_timestamp_seconds", "Server certificate notAfter"
+        )
+        expiry.add_metric([], gw.cert_not_after.timestamp())
+        yield expiry
+        draining = GaugeMetricFamily("relayd_draining", "1 while shutting down")
+        draining.add_metric([], 1 if gw.draining else 0)
+        yield draining
+
+    def _per_vm(self) -> Iterator[Metric]:
+        port_up = GaugeMetricFamily("relayd_port_up", "Serial port connected", labels=["vm"])
+        counters = {
+            "bytes_from_port": ("relayd_console_output_bytes", "Bytes read from the serial port"),
+            "bytes_to_port": ("relayd_console_input_bytes", "Bytes written (paced) to the port"),
+            "takeovers": ("relayd_takeovers", "Writer takeovers"),
+            "reconnects": ("relayd_port_reconnects", "Serial port reconnects"),
+            "output_gaps": ("relayd_output_gaps", "Clients that skipped ahead"),
+            "skipped_bytes": ("relayd_output_skipped_bytes", "Bytes clients skipped"),
+            "pastes_refused": ("relayd_pastes_refused", "Inputs over max_paste_bytes"),
+            "idle_closes": ("relayd_idle_closes", "Sessions closed for idleness"),
+        }
+        families = {
+            attr: CounterMetricFamily(name, doc, labels=["vm"])
+            for attr, (name, doc) in counters.items()
+        }
+        for vm_id, hub in self.gateway.hubs.items():
+            port_up.add_metric([vm_id], 1 if hub.port_up else 0)
+            for attr, family in families.items():
+                family.add_metric([vm_id], getattr(hub.stats, attr))
+        yield port_up
+        yield from families.values()
 
 
 class HealthConnection(asyncio.Protocol):

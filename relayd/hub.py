@@ -96,6 +96,10 @@ class HubStats:
     bytes_to_port: int = 0
     reconnects: int = 0
     takeovers: int = 0
+    output_gaps: int = 0
+    skipped_bytes: int = 0
+    pastes_refused: int = 0
+    idle_closes: int = 0
     port_errors: int = 0
     last_error: str = ""
     up_since: float | None = field(default=None)

@@ -204,6 +204,8 @@ class ConsoleSession:
 
     def _send_gap(self, first: int, last: int) -> None:
         self._log.info("output_gap", first=first, last=last)
+        self.hub.stats.output_gaps += 1
+        self.hub.stats.skipped_bytes += last - first + 1
         self.send_text(
             control.encode_notice("output_gap", first=first, last=last, bytes=last - first + 1)
         )
@@ -263,6 +265,7 @@ class ConsoleSession:
         if limits.idle_timeout is not None and self.role == "writer":
             idle = now - self.last_input
             if idle >= limits.idle_timeout:
+                self.hub.stats.idle_closes += 1
                 self.close(control.CLOSE_IDLE, f"idle for {limits.idle_timeout:g}s")
                 return
             if idle >= limits.idle_timeout - limits.idle_warning and not self._idle_warned:
@@ -337,6 +340,7 @@ class ConsoleSession:
             self._error("read_only", "this session is read-only (spectator)")
             return
         if len(data) > self._max_paste:
+            self.hub.stats.pastes_refused += 1
             self._error(
                 "paste_too_long",
                 f"input of {len(data)} bytes exceeds max_paste_bytes {self._max_paste}",
