@@ -25,6 +25,7 @@ from typing import Protocol
 from websockets.frames import Frame, Opcode
 
 from . import control
+from .audit import audit
 from .auth import Principal
 from .config import LimitsConfig, VmConfig
 from .errors import HookError, PortUnavailableError
@@ -334,6 +335,14 @@ class ConsoleHub:
             self._writer_left()
             if previous is not None:
                 by = client.principal.id
+                audit(
+                    "writer_evicted" if isinstance(decision, Evicted) else "writer_demoted",
+                    vm=self.vm.id,
+                    session_id=previous.session_id,
+                    principal=previous.principal.id,
+                    by=by,
+                    by_session_id=client.session_id,
+                )
                 if isinstance(decision, Evicted):
                     previous.send_text(
                         control.encode_notice("writer_changed", writer=by, by=by, you="evicted")
