@@ -261,6 +261,22 @@ class ConsoleHub:
         self._input_high = max(4096, rate)
         return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
 
+    # -- output history ---------------------------------------------------------------
+
+    @property
+    def start(self) -> int:
+        """Oldest console offset still held."""
+        return self.ring.start
+
+    @property
+    def end(self) -> int:
+        """Offset just after the newest console byte."""
+        return self.ring.end
+
+    def read(self, offset: int, max_bytes: int) -> bytes:
+        """Held console output from `offset` (clamped to `start`), at most `max_bytes`."""
+        return self.ring.read(offset, max_bytes)
+
     # -- input ------------------------------------------------------------------
 
     @property

@@ -31,6 +31,7 @@ from .auth import Principal
 from .errors import BadMessageError
 from .log import get_logger
 from .rbac import at_least
+from .throttle import TokenBucket
 
 if TYPE_CHECKING:
     from .config import Role
@@ -84,6 +85,13 @@ class ConsoleSession:
         self._fragments: list[bytes] = []
         self._fragment_opcode: Opcode | None = None
         self.cursor = 0  # absolute offset of the next console byte this client gets
+        rate = limits.output_bytes_per_s
+        self._out_bucket = (
+            TokenBucket(rate, max(PUMP_CHUNK, rate // 4), now=asyncio.get_running_loop().time())
+            if rate
+            else None
+        )
+        self._throttle_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._awaiting_pong = False
         self._idle_warned = False
@@ -98,11 +106,11 @@ class ConsoleSession:
         """Attach to the hub, then send hello, the replay and go live (all in one callback)."""
         previous_logged_out = self.hub.previous_logged_out
         self.hub.attach(self, writer=want_writer)
-        ring = self.hub.ring
+        hub = self.hub
         if resume_from is None:
-            self.cursor = max(ring.start, ring.end - self.hub.limits.replay_bytes)
+            self.cursor = max(hub.start, hub.end - hub.limits.replay_bytes)
         else:
-            self.cursor = min(resume_from, ring.end)
+            self.cursor = min(resume_from, hub.end)
         extra: dict[str, object] = {"port": "up" if self.hub.port_up else "down"}
         if self.role == "writer":
             extra["previous_session_logged_out"] = previous_logged_out
@@ -111,8 +119,8 @@ class ConsoleSession:
                 vm=self.hub.vm.id,
                 session=self.session_id,
                 role=self.role,
-                offset=ring.end,
-                replay=ring.end - max(self.cursor, ring.start),
+                offset=hub.end,
+                replay=hub.end - max(self.cursor, hub.start),
                 limits=self.hub.limits_for(self.role),
                 **extra,
             )
@@ -139,30 +147,52 @@ class ConsoleSession:
 
     def deliver(self, offset: int, data: bytes, frame: bytes) -> None:
         """Live output: sent at once when the client is caught up, else read from the ring later."""
-        if self._closed:
+        if self._closed or self._write_paused or self._throttle_timer is not None:
             return
-        if self.cursor == offset and not self._write_paused:
+        if self.cursor == offset and self._budget() >= len(data):
             self.transport.write(frame)
-            self.cursor += len(data)
-            self.bytes_out += len(data)
-        elif not self._write_paused:
+            self._sent(len(data))
+        else:
             self._pump()
 
     def _pump(self) -> None:
-        """Send from the cursor to the ring's end until the transport pushes back.
+        """Send from the cursor to the end of the output until the transport or the cap pushes back.
 
-        A client that fell so far behind that the ring no longer holds its
+        A client that fell so far behind that the hub no longer holds its
         cursor skips to the oldest byte held and is told exactly what it missed.
         """
-        ring = self.hub.ring
-        while not self._write_paused and not self._closed and self.cursor < ring.end:
-            if self.cursor < ring.start:
-                self._send_gap(self.cursor, ring.start - 1)
-                self.cursor = ring.start
-            chunk = ring.read(self.cursor, PUMP_CHUNK)
+        hub = self.hub
+        while not self._write_paused and not self._closed and self.cursor < hub.end:
+            if self.cursor < hub.start:
+                self._send_gap(self.cursor, hub.start - 1)
+                self.cursor = hub.start
+            budget = self._budget()
+            if budget <= 0:
+                return
+            chunk = hub.read(self.cursor, min(budget, PUMP_CHUNK))
             self.transport.write(Frame(Opcode.BINARY, chunk).serialize(mask=False))
-            self.cursor += len(chunk)
-            self.bytes_out += len(chunk)
+            self._sent(len(chunk))
+
+    def _budget(self) -> int:
+        """Bytes the output cap allows now; arms a timer to resume when it allows none."""
+        if self._out_bucket is None:
+            return PUMP_CHUNK
+        loop = asyncio.get_running_loop()
+        available = int(self._out_bucket.available(loop.time()))
+        if available <= 0 and self._throttle_timer is None:
+            wait = min(PUMP_CHUNK, self._out_bucket.burst) / self._out_bucket.rate / 4
+            self._throttle_timer = loop.call_later(wait, self._throttle_over)
+        return available
+
+    def _throttle_over(self) -> None:
+        self._throttle_timer = None
+        self._pump()
+
+    def _sent(self, n: int) -> None:
+        self.cursor += n
+        self.bytes_out += n
+        if self._out_bucket is not None:
+            self._out_bucket.reserve(n, asyncio.get_running_loop().time())
 
     def send_text(self, text: str) -> None:
         """A control message, framed by the WebSocket protocol."""
@@ -225,8 +255,9 @@ class ConsoleSession:
         if self._closed:
             return
         self._closed = True
-        if self._close_timer is not None:
-            self._close_timer.cancel()
+        for timer in (self._close_timer, self._throttle_timer):
+            if timer is not None:
+                timer.cancel()
         self.hub.detach(self)
         if not self.end_reason:
             code = self.ws.close_code

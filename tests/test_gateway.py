@@ -491,7 +491,11 @@ async def test_burst_reaches_fast_client_intact_while_stalled_client_gets_gap(
     """
     config = write_config(
         vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
-        limits={"output_queue_bytes": 65536, "console_log_bytes": 256 * 1024},
+        limits={
+            "output_queue_bytes": 65536,
+            "console_log_bytes": 256 * 1024,
+            "output_bytes_per_s": 2**30,
+        },
     )
     payload = os.urandom(8 * 2**20)
     async with running(config) as gw:
@@ -610,3 +614,23 @@ async def test_owner_hooks_run_and_report_exit_status(
                 "status": 0,
             }
     assert marker.exists()
+
+
+async def test_output_cap_makes_a_client_skip_a_burst_it_may_not_receive_in_time(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """With output_bytes_per_s far below a burst, even a reading client gets an output_gap."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"output_bytes_per_s": 65536, "console_log_bytes": 131072, "replay_bytes": 0},
+    )
+    payload = os.urandom(2**20)
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", mode="spectate") as console:
+            assert console.hello["limits"]["output_bytes_per_s"] == 65536
+            await far_end.send(payload)
+            gap = await console.control(type="notice", event="output_gap")
+            assert gap["first"] < gap["last"] < len(payload)
+            tail = await console.read_at_least(len(payload) - gap["last"] - 1 + gap["first"])
+            assert tail == payload[: gap["first"]] + payload[gap["last"] + 1 :]
