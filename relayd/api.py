@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .connection import HttpResponse, Request
     from .switches import Level
 
+MAX_LOG_RESPONSE = 16 * 2**20  # one response; page with ?from= for more
+
 _CONSOLE = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console$")
 _CONSOLE_LOG = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console-log$")
 _TICKETS = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console/tickets$")
@@ -101,23 +103,30 @@ def console_log(gw: Gateway, request: Request, vm_id: str) -> HttpResponse:
 
     principal = gw.authenticate(request)
     hub, _ = gw.authorize(principal, vm_id, request)
-    ring = hub.ring
     try:
-        start = int(request.query.get("from", ring.start))
-        max_bytes = int(request.query.get("max_bytes", ring.capacity))
+        start = int(request.query.get("from", hub.start))
+        max_bytes = int(request.query.get("max_bytes", MAX_LOG_RESPONSE))
     except ValueError:
         raise PeerError("from and max_bytes must be integers", code="bad_request") from None
     if start < 0 or max_bytes < 0:
         raise PeerError("from and max_bytes must not be negative", code="bad_request")
-    data = ring.read(start, max_bytes)
-    first = max(start, ring.start) if data else min(max(start, ring.start), ring.end)
+    first = min(max(start, hub.start), hub.end)
+    parts: list[bytes] = []
+    want = min(max_bytes, MAX_LOG_RESPONSE)
+    got = 0
+    while got < want and first + got < hub.end:
+        chunk = hub.read(first + got, want - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
     return HttpResponse(
         200,
-        data,
+        b"".join(parts),
         "application/octet-stream",
         [
-            ("Relayd-Log-Start", str(ring.start)),
-            ("Relayd-Log-End", str(ring.end)),
+            ("Relayd-Log-Start", str(hub.start)),
+            ("Relayd-Log-End", str(hub.end)),
             ("Relayd-Data-Offset", str(first)),
         ],
     )

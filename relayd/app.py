@@ -75,9 +75,7 @@ class Gateway:
         self.ssl_context = server_context(config.tls)
         self.authenticator = Authenticator(config.auth)
         self.rbac = Rbac(config.role_assignments)
-        self.hubs: dict[str, ConsoleHub] = {
-            vm.id: ConsoleHub(vm, config.limits) for vm in config.vms
-        }
+        self.hubs: dict[str, ConsoleHub] = {vm.id: self._new_hub(vm, config) for vm in config.vms}
         self.sessions: dict[str, ConsoleSession] = {}
         self.connections: set[ClientConnection] = set()
         self.auth_failures: Counter[str] = Counter()
@@ -368,6 +366,8 @@ class Gateway:
         finally:
             self._listening = False
             self._tg = None
+            for hub in self.hubs.values():
+                hub.close_log()
             if health_server is not None:
                 health_server.close()
                 await health_server.wait_closed()
@@ -376,6 +376,10 @@ class Gateway:
                     loop.remove_signal_handler(sig)
             self.notifier.close()
             log.info("gateway_stopped")
+
+    @staticmethod
+    def _new_hub(vm: VmConfig, config: Config) -> ConsoleHub:
+        return ConsoleHub(vm, config.limits, log_dir=config.gateway.state_dir / "consolelog")
 
     def _start_hub(self, hub: ConsoleHub) -> None:
         assert self._tg is not None
@@ -432,10 +436,11 @@ class Gateway:
             task = self._hub_tasks.pop(vm_id)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            hub.close_log()
         for vm_id, vm in wanted.items():
             existing = self.hubs.get(vm_id)
             if existing is None:
-                self.hubs[vm_id] = ConsoleHub(vm, config.limits)
+                self.hubs[vm_id] = self._new_hub(vm, config)
                 self._start_hub(self.hubs[vm_id])
             elif existing.reconfigure(vm, config.limits):
                 task = self._hub_tasks.pop(vm_id)

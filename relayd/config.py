@@ -240,6 +240,7 @@ class LimitsConfig(_Model):
     replay_bytes: int = Field(16384, ge=0)
     console_log_bytes: int = Field(1048576, ge=4096)
     output_queue_bytes: int = Field(262144, ge=4096)
+    output_buffer_bytes: int = Field(1048576, ge=4096)
     keepalive_interval: PositiveDuration = 20.0
     max_sessions: int | None = Field(None, ge=1)
     max_sessions_per_principal: int | None = Field(None, ge=1)

@@ -199,7 +199,7 @@ class ConsoleLog:
         found = sorted(
             (int(m[1]), name)
             for name in os.listdir(self._dir_fd)
-            if (m := _SEGMENT_NAME.fullmatch(name))
+            if (m := _SEGMENT_NAME.fullmatch(name)) and int(m[1]) < 1 << 64
         )
         problems: list[str | None] = []
         for offset, name in found:
@@ -241,7 +241,7 @@ class ConsoleLog:
     def _scan(self, path: Path, offset: int) -> tuple[_Segment, str | None]:
         """Index a segment's valid records; returns it and what is wrong past them, if anything."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
             raise ConsoleLogError(f"cannot open console log segment {path}: {exc}") from exc
         segment = _Segment(path, fd, offset)
@@ -310,6 +310,9 @@ class ConsoleLog:
         The bytes are accepted (``end`` advances) even when the write fails: they
         stay buffered, newest ``capacity`` bytes at most, for the next flush.
 
+        Args:
+            data: what the VM printed (never client input).
+
         Returns:
             The absolute offset of ``data[0]``.
 
@@ -374,7 +377,8 @@ class ConsoleLog:
     def _create_segment(self, offset: int) -> _Segment:
         path = self.directory / f"{offset:020d}.seg"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(path, flags, 0o600)
         except OSError as exc:
             raise ConsoleLogError(f"cannot create console log segment {path}: {exc}") from exc
         return _Segment(path, fd, offset, dirty=True)
@@ -416,6 +420,10 @@ class ConsoleLog:
         """Up to `max_bytes` of output from `offset`, clamped to ``start``; b"" at or past ``end``.
 
         Buffered bytes that are not written yet are included.
+
+        Args:
+            offset: absolute offset of the first byte wanted.
+            max_bytes: most bytes returned.
 
         Raises:
             ConsoleLogError: the log is not open, or a segment cannot be read or no
@@ -475,7 +483,7 @@ class ConsoleLog:
             data = os.pread(segment.fd, n, pos)
         except OSError as exc:
             raise ConsoleLogError(f"cannot read console log segment {segment.path}: {exc}") from exc
-        if len(data) < min(n, _HEADER.size):
+        if len(data) != n:  # only valid records are read: the file shrank under us
             raise ConsoleLogError(f"console log segment {segment.path} changed on disk")
         return data
 

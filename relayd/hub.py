@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from websockets.frames import Frame, Opcode
@@ -28,6 +29,7 @@ from . import control
 from .audit import audit
 from .auth import Principal
 from .config import LimitsConfig, VmConfig
+from .consolelog import ConsoleLog, ConsoleLogError
 from .errors import HookError, PortUnavailableError
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger
@@ -41,6 +43,7 @@ OPEN_TIMEOUT = 10.0
 HOOK_TIMEOUT = 10.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
+LOG_FLUSH_SECONDS = 0.05
 
 
 class HubClient(Protocol):
@@ -101,6 +104,7 @@ class HubStats:
     skipped_bytes: int = 0
     pastes_refused: int = 0
     idle_closes: int = 0
+    log_errors: int = 0
     port_errors: int = 0
     last_error: str = ""
     up_since: float | None = field(default=None)
@@ -114,10 +118,18 @@ def binary_frame(data: bytes) -> bytes:
 class ConsoleHub:
     """Everything about one VM's console that outlives client sessions."""
 
-    def __init__(self, vm: VmConfig, limits: LimitsConfig) -> None:
+    def __init__(self, vm: VmConfig, limits: LimitsConfig, *, log_dir: Path | None = None) -> None:
         self.vm = vm
         self.limits = limits
-        self.ring = OutputRing(limits.console_log_bytes)
+        self.log: ConsoleLog | None = None
+        if log_dir is not None:
+            self.log = ConsoleLog(log_dir / vm.id, limits.console_log_bytes)
+            self.log.open()
+        end = self.log.end if self.log is not None else 0
+        # Memory holds what live clients may lag by; never more than the log holds.
+        self.ring = OutputRing(min(limits.output_buffer_bytes, limits.console_log_bytes), end=end)
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._log_error_at = 0.0
         self.lease = WriterLease(vm.takeover)
         self.clients: dict[str, HubClient] = {}
         self.stats = HubStats()
@@ -190,7 +202,8 @@ class ConsoleHub:
             self.publish(data)
 
     def publish(self, data: bytes) -> None:
-        """Record console output and hand it to every client without waiting."""
+        """Record console output (log first, then ring) and hand it to every client."""
+        self._log_append(data)
         offset = self.ring.append(data)
         self.stats.bytes_from_port += len(data)
         if self.clients:
@@ -261,12 +274,52 @@ class ConsoleHub:
         self._input_high = max(4096, rate)
         return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
 
+    def _log_append(self, data: bytes) -> None:
+        """Append to the on-disk log; a disk problem is logged (rate-limited), never fatal."""
+        if self.log is None:
+            return
+        try:
+            self.log.append(data)
+        except ConsoleLogError as exc:
+            self._log_failed(exc)
+        if self.log.flushed_end < self.log.end and self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(LOG_FLUSH_SECONDS, self._flush_log)
+
+    def _flush_log(self) -> None:
+        self._flush_timer = None
+        if self.log is not None:
+            try:
+                self.log.flush()
+            except ConsoleLogError as exc:
+                self._log_failed(exc)
+
+    def _log_failed(self, exc: ConsoleLogError) -> None:
+        self.stats.log_errors += 1
+        now = time.monotonic()
+        if now - self._log_error_at >= 60:
+            self._log_error_at = now
+            log.error("console_log_write_failed", vm=self.vm.id, error=str(exc))
+
+    def close_log(self) -> None:
+        """Flush and fsync the console log (shutdown, VM removed)."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self.log is not None:
+            try:
+                self.log.close()
+            except ConsoleLogError as exc:
+                log.error("console_log_close_failed", vm=self.vm.id, error=str(exc))
+
     # -- output history ---------------------------------------------------------------
 
     @property
     def start(self) -> int:
-        """Oldest console offset still held."""
-        return self.ring.start
+        """Oldest console offset still held (on disk when there is a log)."""
+        if self.log is None:
+            return self.ring.start
+        return min(self.log.start, self.ring.start)
 
     @property
     def end(self) -> int:
@@ -274,8 +327,21 @@ class ConsoleHub:
         return self.ring.end
 
     def read(self, offset: int, max_bytes: int) -> bytes:
-        """Held console output from `offset` (clamped to `start`), at most `max_bytes`."""
-        return self.ring.read(offset, max_bytes)
+        """Held console output from `offset` (clamped to `start`), at most `max_bytes`.
+
+        Recent output comes from memory; older output from the on-disk log.
+        """
+        offset = max(offset, self.start)
+        if offset >= self.ring.start or self.log is None:
+            return self.ring.read(offset, max_bytes)
+        try:
+            older = self.log.read(offset, min(max_bytes, self.ring.start - offset))
+        except ConsoleLogError as exc:
+            self._log_failed(exc)
+            return self.ring.read(self.ring.start, max_bytes)
+        if len(older) < max_bytes and offset + len(older) >= self.ring.start:
+            older += self.ring.read(offset + len(older), max_bytes - len(older))
+        return older
 
     # -- input ------------------------------------------------------------------
 

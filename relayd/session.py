@@ -92,6 +92,7 @@ class ConsoleSession:
             else None
         )
         self._throttle_timer: asyncio.TimerHandle | None = None
+        self._replaying = True
         self._write_paused = False
         self._awaiting_pong = False
         self._idle_warned = False
@@ -163,9 +164,14 @@ class ConsoleSession:
         """
         hub = self.hub
         while not self._write_paused and not self._closed and self.cursor < hub.end:
-            if self.cursor < hub.start:
-                self._send_gap(self.cursor, hub.start - 1)
-                self.cursor = hub.start
+            # Replay and resume may read the on-disk log; live catch-up only the ring.
+            live_floor = hub.ring.start
+            if self._replaying and self.cursor >= live_floor:
+                self._replaying = False
+            floor = hub.start if self._replaying else live_floor
+            if self.cursor < floor:
+                self._send_gap(self.cursor, floor - 1)
+                self.cursor = floor
             budget = self._budget()
             if budget <= 0:
                 return

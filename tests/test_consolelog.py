@@ -1,0 +1,447 @@
+"""Tests for relayd.consolelog: the on-disk log against a bytes model, real crashes and damage."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from relayd.consolelog import ConsoleLog, ConsoleLogError
+
+CAPACITY = 16384
+SEGMENTS = 4
+HEADER = 20
+BLOCK = 4096
+
+# The crash child writes expected(offset, n) at every offset; the same function as below,
+# repeated so the child needs nothing from the test suite.
+CHILD = """
+import hashlib, random, sys
+from pathlib import Path
+from relayd.consolelog import ConsoleLog
+
+def expected(offset, n):
+    first, last = offset // 4096, (offset + n + 4095) // 4096
+    blocks = (hashlib.shake_128(b.to_bytes(8, "little")).digest(4096) for b in range(first, last))
+    return b"".join(blocks)[offset - first * 4096 :][:n]
+
+log = ConsoleLog(Path(sys.argv[1]), int(sys.argv[2]), flush_bytes=4096)
+log.open()
+rng = random.Random(int(sys.argv[3]))
+while True:
+    log.append(expected(log.end, rng.choice((1, 100, 1000, 5000, 40000))))
+    if rng.random() < 0.2:
+        log.flush()
+    print(log.flushed_end, flush=True)
+"""
+
+
+def expected(offset: int, n: int) -> bytes:
+    """Deterministic bytes for [offset, offset + n): a function of each byte's offset alone."""
+    first, last = offset // BLOCK, (offset + n + BLOCK - 1) // BLOCK
+    blocks = (hashlib.shake_128(b.to_bytes(8, "little")).digest(BLOCK) for b in range(first, last))
+    return b"".join(blocks)[offset - first * BLOCK :][:n]
+
+
+def segment_files(directory: Path) -> list[Path]:
+    """The segment files, oldest first."""
+    return sorted(directory.glob("*.seg"))
+
+
+def assert_serves_expected(log: ConsoleLog) -> None:
+    """Every offset held, whole and in pieces, serves exactly what was written there."""
+    held = log.end - log.start
+    assert log.read(log.start, held) == expected(log.start, held)
+    for offset in range(log.start, log.end, 997):
+        assert log.read(offset, 3000) == expected(offset, min(3000, log.end - offset))
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    """Where the log of one VM lives (its parents do not exist yet)."""
+    return tmp_path / "consolelog" / "vm-1"
+
+
+@pytest.fixture
+def open_log(log_dir: Path) -> Iterator[Callable[..., ConsoleLog]]:
+    """`open_log(capacity=..., flush_bytes=...)`: an opened log, closed after the test."""
+    opened: list[ConsoleLog] = []
+
+    def make(capacity: int = CAPACITY, **kwargs: Any) -> ConsoleLog:
+        log = ConsoleLog(log_dir, capacity, segments=SEGMENTS, **kwargs)
+        log.open()
+        opened.append(log)
+        return log
+
+    yield make
+    for log in opened:
+        log.close()
+
+
+def test_consolelog_appends_read_back_at_their_absolute_offsets(
+    open_log: Callable[..., ConsoleLog],
+) -> None:
+    """Each append returns its first byte's offset, and reads span disk and buffer alike."""
+    log = open_log()
+    chunks = [b"boot\n", b"", b"x" * 5000, b"login: "]
+    assert [log.append(c) for c in chunks] == [0, 5, 5, 5005]
+    whole = b"".join(chunks)
+    assert (log.start, log.flushed_end, log.end) == (0, 5005, len(whole))
+    assert log.read(0, 100_000) == whole
+    assert log.read(3, 4) == whole[3:7]
+    assert log.read(5000, 100) == whole[5000:]
+    assert log.read(log.end, 10) == b""
+    assert log.read(log.end + 5, 10) == b""
+    assert log.read(0, 0) == b""
+
+
+def test_consolelog_unflushed_bytes_are_served_then_written_by_flush(
+    open_log: Callable[..., ConsoleLog],
+) -> None:
+    """Bytes below flush_bytes stay buffered yet readable until flush() writes them."""
+    log = open_log(flush_bytes=4096)
+    log.append(b"abc")
+    assert (log.flushed_end, log.end, log.read(0, 10)) == (0, 3, b"abc")
+    log.flush()
+    assert (log.flushed_end, log.read(1, 10)) == (3, b"bc")
+
+
+def test_consolelog_rotation_keeps_offsets_and_capacity_bound(
+    open_log: Callable[..., ConsoleLog], log_dir: Path
+) -> None:
+    """Over ten capacities: at most N files, named by offset, holding (N-1)/N to N/N of capacity."""
+    log = open_log(flush_bytes=1000)
+    sizes = itertools.cycle([1, 700, 3000, 100, 5000, 4096, 9000])
+    while log.end < 10 * CAPACITY:
+        n = next(sizes)
+        assert log.append(expected(log.end, n)) == log.end - n
+        log.flush()
+        files = segment_files(log_dir)
+        assert len(files) <= SEGMENTS
+        assert int(files[0].stem) == log.start
+        held = log.end - log.start
+        assert min(log.end, CAPACITY * (SEGMENTS - 1) // SEGMENTS) <= held <= CAPACITY
+    assert_serves_expected(log)
+    assert log.read(0, 10) == expected(log.start, 10)
+
+
+def test_consolelog_append_larger_than_capacity_keeps_the_newest_bytes(
+    open_log: Callable[..., ConsoleLog], log_dir: Path
+) -> None:
+    """An append of three capacities replaces everything and holds its last `capacity` bytes."""
+    log = open_log()
+    log.append(expected(0, 100))
+    log.flush()
+    assert log.append(expected(100, 3 * CAPACITY)) == 100
+    assert (log.start, log.end) == (100 + 2 * CAPACITY, 100 + 3 * CAPACITY)
+    assert_serves_expected(log)
+    assert len(segment_files(log_dir)) == SEGMENTS
+
+
+def test_consolelog_reopen_after_close_preserves_range_and_content(
+    open_log: Callable[..., ConsoleLog],
+) -> None:
+    """close() writes the buffer; a new instance opens with the same start, end and bytes."""
+    log = open_log()
+    for _ in range(20):
+        log.append(expected(log.end, 2500))
+    log.append(expected(log.end, 10))  # still buffered
+    start, end = log.start, log.end
+    log.close()
+    again = open_log()
+    assert (again.start, again.flushed_end, again.end) == (start, end, end)
+    assert_serves_expected(again)
+    assert again.append(b"more") == end
+
+
+def test_consolelog_killed_writer_recovers_exact_bytes(log_dir: Path) -> None:
+    """SIGKILL at random moments: recovery keeps all reported flushes and serves only true bytes."""
+    capacity = 65536
+    for round_ in range(5):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(log_dir), str(capacity), str(round_)],
+            stdout=subprocess.PIPE,
+        )
+        assert child.stdout is not None
+        reported = 0
+        try:
+            for _ in range(20 + int.from_bytes(os.urandom(1))):
+                line = child.stdout.readline()
+                assert line, "the writer died on its own"
+                reported = int(line)
+            time.sleep(int.from_bytes(os.urandom(1)) / 50_000)
+        finally:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+        log = ConsoleLog(log_dir, capacity)
+        log.open()
+        try:
+            assert log.end >= reported
+            assert min(log.end, capacity * 3 // 4) <= log.end - log.start <= capacity
+            assert_serves_expected(log)
+        finally:
+            log.close()
+
+
+def write_two_records(log_dir: Path) -> None:
+    """One segment holding two 1000-byte records: [0, 1000) then [1000, 2000)."""
+    log = ConsoleLog(log_dir, CAPACITY)
+    log.open()
+    log.append(expected(0, 1000))
+    log.flush()
+    log.append(expected(1000, 1000))
+    log.close()
+
+
+def cut(at: int) -> Callable[[Path], None]:
+    """Damage: the file ends `at` bytes into the second record."""
+    return lambda path: os.truncate(path, HEADER + 1000 + at)
+
+
+def flip(at: int) -> Callable[[Path], None]:
+    """Damage: one bit flipped `at` bytes into the second record."""
+
+    def damage(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[HEADER + 1000 + at] ^= 0x10
+        path.write_bytes(bytes(data))
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [cut(0), cut(7), cut(HEADER), cut(HEADER + 500), flip(2), flip(5), flip(12), flip(500)],
+    ids=["empty", "mid_header", "no_data", "mid_data", "magic", "offset", "length", "data"],
+)
+def test_consolelog_damaged_last_record_is_truncated_and_not_served(
+    log_dir: Path, damage: Callable[[Path], None]
+) -> None:
+    """A torn or corrupt newest record is cut off at open, logged, and never read back."""
+    write_two_records(log_dir)
+    (path,) = segment_files(log_dir)
+    damage(path)
+    size = path.stat().st_size
+    log = ConsoleLog(log_dir, CAPACITY)
+    with capture_logs() as events:
+        log.open()
+    try:
+        assert (log.start, log.end) == (0, 1000)
+        assert log.read(0, 5000) == expected(0, 1000)
+        assert path.stat().st_size == HEADER + 1000
+        repairs = [e for e in events if e["event"] == "console_log_repaired"]
+        if size == HEADER + 1000:
+            assert repairs == []
+        else:
+            assert [(e["action"], e["kept_bytes"], e["dropped_bytes"]) for e in repairs] == [
+                ("truncated_tail", HEADER + 1000, size - HEADER - 1000)
+            ]
+        assert log.append(expected(1000, 50)) == 1000
+        assert_serves_expected(log)
+    finally:
+        log.close()
+
+
+def fill_four_segments(log_dir: Path) -> list[Path]:
+    """A full log: four segments of CAPACITY / 4 bytes each, starting at offset 0."""
+    log = ConsoleLog(log_dir, CAPACITY)
+    log.open()
+    log.append(expected(0, CAPACITY))
+    log.close()
+    files = segment_files(log_dir)
+    assert [int(f.stem) for f in files] == [0, 4096, 8192, 12288]
+    return files
+
+
+def flip_in_middle(path: Path) -> None:
+    """Damage: one bit flipped in the middle of a segment's data."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "dropped"),
+    [(flip_in_middle, 2), (lambda p: os.truncate(p, 100), 2), (Path.unlink, 1)],
+    ids=["flipped", "truncated", "missing"],
+)
+def test_consolelog_damaged_older_segment_drops_it_and_all_older(
+    log_dir: Path, damage: Callable[[Path], None], dropped: int
+) -> None:
+    """Damage to (or loss of) the second segment moves start to the third; nothing wrong is read."""
+    files = fill_four_segments(log_dir)
+    damage(files[1])
+    log = ConsoleLog(log_dir, CAPACITY)
+    with capture_logs() as events:
+        log.open()
+    try:
+        assert (log.start, log.end) == (8192, CAPACITY)
+        assert_serves_expected(log)
+        assert [f.name for f in segment_files(log_dir)] == [f.name for f in files[2:]]
+        (repair,) = [e for e in events if e["event"] == "console_log_repaired"]
+        assert (repair["action"], repair["segments"], repair["start"]) == (
+            "dropped_segments",
+            dropped,
+            8192,
+        )
+    finally:
+        log.close()
+
+
+def test_consolelog_empty_newest_segment_from_a_crash_is_used(log_dir: Path) -> None:
+    """A segment created but never written (killed in between) is accepted and written next."""
+    write_two_records(log_dir)
+    empty = log_dir / f"{2000:020d}.seg"
+    empty.touch()
+    log = ConsoleLog(log_dir, CAPACITY)
+    with capture_logs() as events:
+        log.open()
+    try:
+        assert (log.start, log.end, events) == (0, 2000, [])
+        log.append(expected(2000, 10))
+        log.flush()
+        assert empty.stat().st_size == HEADER + 10
+        assert_serves_expected(log)
+    finally:
+        log.close()
+
+
+def test_consolelog_write_failure_raises_consolelog_error_and_keeps_bytes(
+    open_log: Callable[..., ConsoleLog], log_dir: Path
+) -> None:
+    """A real short write and EFBIG (RLIMIT_FSIZE) raise ConsoleLogError; a retry repairs all."""
+    log = open_log(capacity=1 << 20)
+    log.append(expected(0, 10_000))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (15_000, hard))
+        with pytest.raises(ConsoleLogError, match="short write"):
+            log.append(expected(10_000, 10_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (HEADER + 10_000, hard))
+        with pytest.raises(ConsoleLogError, match="File too large"):
+            log.append(expected(20_000, 5_000))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert (log.flushed_end, log.end) == (10_000, 25_000)
+    assert_serves_expected(log)
+    log.flush()
+    log.close()
+    with capture_logs() as events:
+        again = open_log(capacity=1 << 20)
+    assert (again.end, events) == (25_000, [])
+    assert_serves_expected(again)
+
+
+def test_consolelog_second_open_of_same_directory_is_refused(
+    open_log: Callable[..., ConsoleLog], log_dir: Path
+) -> None:
+    """Two writers would interleave records, so the directory is locked while open."""
+    open_log()
+    with pytest.raises(ConsoleLogError, match="in use"):
+        ConsoleLog(log_dir, CAPACITY).open()
+
+
+def test_consolelog_directory_and_files_are_private(
+    open_log: Callable[..., ConsoleLog], log_dir: Path
+) -> None:
+    """The log holds what the VM printed: directory 0700, segments 0600."""
+    log = open_log()
+    log.append(b"secret-ish output")
+    log.flush()
+    assert log_dir.stat().st_mode & 0o777 == 0o700
+    assert [f.stat().st_mode & 0o777 for f in segment_files(log_dir)] == [0o600]
+
+
+def test_consolelog_use_while_closed_raises_consolelog_error(log_dir: Path) -> None:
+    """Appending or reading before open() (or after close()) is an error, not a crash."""
+    log = ConsoleLog(log_dir, CAPACITY)
+    with pytest.raises(ConsoleLogError, match="not open"):
+        log.append(b"x")
+    log.open()
+    log.close()
+    with pytest.raises(ConsoleLogError, match="not open"):
+        log.read(0, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"capacity": 4095}, {"segments": 1}, {"flush_bytes": 0}],
+    ids=["small_capacity", "one_segment", "zero_flush_bytes"],
+)
+def test_consolelog_bad_arguments_raise_value_error(log_dir: Path, kwargs: dict[str, int]) -> None:
+    """Options are validated at construction."""
+    args: dict[str, Any] = {"capacity": CAPACITY, **kwargs}
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ConsoleLog(log_dir, **args)
+
+
+def check_against_model(
+    log: ConsoleLog, history: bytes, capacity: int, segments: int, data: st.DataObject
+) -> None:
+    """Range bounds hold and every read agrees with the last bytes of `history`."""
+    end = len(history)
+    assert log.end == end
+    held = end - log.start
+    assert held <= capacity
+    assert held >= min(end, (segments - 1) * (capacity // segments))
+    assert log.read(log.start, capacity) == history[log.start :]
+    offset = data.draw(st.integers(0, end + 10), label="offset")
+    max_bytes = data.draw(st.integers(0, capacity + 10), label="max_bytes")
+    first = max(offset, log.start)
+    assert log.read(offset, max_bytes) == history[first : first + max_bytes]
+
+
+@given(
+    capacity=st.sampled_from([4096, 5000]),
+    segments=st.integers(2, 5),
+    flush_bytes=st.sampled_from([1, 512, 4096, 20_000]),
+    data=st.data(),
+)
+@settings(max_examples=60, deadline=None)
+def test_consolelog_any_operations_match_bytes_model(
+    capacity: int, segments: int, flush_bytes: int, data: st.DataObject
+) -> None:
+    """Appends of any size (some over capacity), flushes and reopens behave like a bytes tail."""
+    sizes = st.sampled_from([0, 1, 100, 1000, 4096]) | st.integers(0, 3 * capacity)
+    history = bytearray()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "vm"
+        log = ConsoleLog(directory, capacity, segments=segments, flush_bytes=flush_bytes)
+        log.open()
+        try:
+            for _ in range(data.draw(st.integers(1, 20), label="steps")):
+                op = data.draw(st.sampled_from(["append"] * 4 + ["flush", "reopen"]), label="op")
+                if op == "append":
+                    size = data.draw(sizes, label="size")
+                    chunk = hashlib.shake_128(len(history).to_bytes(8, "little")).digest(size)
+                    assert log.append(chunk) == len(history)
+                    history += chunk
+                elif op == "flush":
+                    log.flush()
+                    assert log.flushed_end == log.end
+                else:
+                    log.close()
+                    log = ConsoleLog(
+                        directory, capacity, segments=segments, flush_bytes=flush_bytes
+                    )
+                    log.open()
+                check_against_model(log, bytes(history), capacity, segments, data)
+        finally:
+            log.close()
