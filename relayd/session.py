@@ -105,8 +105,8 @@ class ConsoleSession:
 
     def start(self, *, want_writer: bool, resume_from: int | None) -> None:
         """Attach to the hub, then send hello, the replay and go live (all in one callback)."""
+        self.hub.attach(self, writer=want_writer)  # may displace a writer and run on_detach
         previous_logged_out = self.hub.previous_logged_out
-        self.hub.attach(self, writer=want_writer)
         hub = self.hub
         if resume_from is None:
             self.cursor = max(hub.start, hub.end - hub.limits.replay_bytes)
@@ -163,11 +163,13 @@ class ConsoleSession:
         cursor skips to the oldest byte held and is told exactly what it missed.
         """
         hub = self.hub
-        while not self._write_paused and not self._closed and self.cursor < hub.end:
+        while True:
             # Replay and resume may read the on-disk log; live catch-up only the ring.
             live_floor = hub.ring.start
             if self._replaying and self.cursor >= live_floor:
                 self._replaying = False
+            if self._write_paused or self._closed or self.cursor >= hub.end:
+                return
             floor = hub.start if self._replaying else live_floor
             if self.cursor < floor:
                 self._send_gap(self.cursor, floor - 1)
