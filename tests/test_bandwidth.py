@@ -35,9 +35,9 @@ class PtyFarEnd:
         self.reads.append((time.monotonic(), len(self.received)))
         self._changed.set()
 
-    async def wait_for(self, predicate: Callable[[bytes], bool], timeout: float = TIMEOUT) -> bytes:
-        """Wait until what arrived satisfies `predicate`."""
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, predicate: Callable[[bytes], bool], *, slow: bool = False) -> bytes:
+        """Wait until what arrived satisfies `predicate` (`slow`: allow a paced transfer)."""
+        async with asyncio.timeout(TIMEOUT * 3 if slow else TIMEOUT):
             while not predicate(bytes(self.received)):
                 self._changed.clear()
                 await self._changed.wait()
@@ -67,7 +67,7 @@ async def test_64k_paste_arrives_byte_exact_and_paced_at_line_rate(
                 assert console.hello["limits"]["input_bytes_per_s"] == rate
                 sent_at = time.monotonic()
                 await console.send(paste)
-                got = await far.wait_for(lambda b: len(b) >= len(paste), timeout=30)
+                got = await far.wait_for(lambda b: len(b) >= len(paste), slow=True)
         finally:
             far.close()
     assert got == paste
@@ -122,7 +122,7 @@ async def test_stalled_spectator_while_vm_prints_8mib_isolated_and_memory_bounde
     client_ssl: Any,
     token: Callable[..., str],
 ) -> None:
-    """A spectator that never reads: the writer gets all 8 MiB, the log holds it, memory stays flat."""
+    """A spectator that never reads: the writer gets all 8 MiB, the log holds it, memory is flat."""
     import socket
 
     from websockets.asyncio.client import connect
