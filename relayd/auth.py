@@ -10,6 +10,7 @@ for the JSON body; the token itself never appears in a message or a log.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from .errors import AuthError, ConfigError
 
 _ASYMMETRIC = ("ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA")
 MAX_TOKEN_BYTES = 8192
+CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Authenticator:
         self._cfg = cfg
         self._secret = _read_secret(cfg.hs256_secret_file) if cfg.hs256_secret_file else None
         self._jwks = _read_jwks(cfg.jwks_file) if cfg.jwks_file else None
+        self._cache: dict[bytes, tuple[Principal, float]] = {}
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal named by an `Authorization: Bearer` header value.
@@ -85,11 +88,29 @@ class Authenticator:
     def verify(self, token: str) -> Principal:
         """Check a JWT and turn its claims into a principal.
 
+        A token verified before is answered from a small cache (keyed by its
+        hash, valid until the token's own expiry), because clients reconnect
+        with the same token and signature checks dominate session set-up.
+
         Raises:
             AuthError: with a specific code.
         """
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError(f"token exceeds {MAX_TOKEN_BYTES} bytes", code="malformed_token")
+        key = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        cached = self._cache.get(key)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires + self._cfg.leeway:
+                return principal
+            del self._cache[key]
+        principal, expires = self._verify(token)
+        if len(self._cache) >= CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]  # oldest first
+        self._cache[key] = (principal, expires)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -126,7 +147,7 @@ class Authenticator:
             raise AuthError(f"token lacks the {exc.claim} claim", code="malformed_token") from None
         except jwt.InvalidTokenError:
             raise AuthError("token is invalid", code="invalid_token") from None
-        return _principal(claims)
+        return _principal(claims), float(claims["exp"])
 
     def _jwk_for(self, kid: object, alg: str) -> Any:
         assert self._jwks is not None

@@ -98,7 +98,6 @@ class ConsoleSession:
         self._idle_warned = False
         self._closed = False
         self._close_timer: asyncio.TimerHandle | None = None
-        self._log = log.bind(session_id=session_id, vm=hub.vm.id, principal=principal.id, peer=peer)
         transport.set_write_buffer_limits(high=output_queue_bytes)
 
     # -- attach -------------------------------------------------------------------
@@ -241,7 +240,7 @@ class ConsoleSession:
         self._pump()
 
     def _send_gap(self, first: int, last: int) -> None:
-        self._log.info("output_gap", first=first, last=last)
+        self._info("output_gap", first=first, last=last)
         self.hub.stats.output_gaps += 1
         self.hub.stats.skipped_bytes += last - first + 1
         self.send_text(
@@ -322,7 +321,7 @@ class ConsoleSession:
             return False
         if self._awaiting_pong:
             self.end_reason = "keepalive timeout"
-            self._log.info("keepalive_timeout")
+            self._info("keepalive_timeout")
             self.transport.abort()
             return False
         if self.ws.state is State.OPEN:
@@ -453,6 +452,17 @@ class ConsoleSession:
     def _touch(self) -> None:
         self.last_input = time.monotonic()
         self._idle_warned = False
+
+    def _info(self, event: str, **fields: object) -> None:
+        # Not a bound logger made in __init__: binding costs as much as a TLS handshake.
+        log.info(
+            event,
+            session_id=self.session_id,
+            vm=self.hub.vm.id,
+            principal=self.principal.id,
+            peer=self.peer,
+            **fields,
+        )
 
     def _error(self, code: str, message: str, **fields: object) -> None:
         self.send_text(control.encode_error(code, message, **fields))

@@ -30,6 +30,7 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
     ctx.set_alpn_protocols(["http/1.1"])
+    ctx.num_tickets = 0  # clients do not resume; each ticket costs the server a write and crypto
     try:
         ctx.load_cert_chain(cfg.cert, cfg.key)
     except FileNotFoundError as exc:
