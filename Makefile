@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CERTS  := certs/dev
 
-.PHONY: run test lint types pytest coverage bench certs clean
+.PHONY: run test lint types pytest coverage bench certs clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ $(CERTS)/server.crt: $(STAMP)
 
 certs: $(CERTS)/server.crt
 
-run: $(STAMP) $(CERTS)/server.crt
+# The web terminal: npm ci from web/package-lock.json (skipped while the lock is
+# unchanged), then the page and the vendored xterm.js into relayd/web/assets/.
+web:
+	command -v npm >/dev/null || scripts/ensure-system-packages.sh nodejs npm
+	web/build.sh
+
+run: $(STAMP) $(CERTS)/server.crt web
 	$(VENV)/bin/relayd demo --certs $(CERTS)
 
 lint: $(STAMP)
@@ -30,8 +36,8 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
-	scripts/ensure-system-packages.sh haproxy systemd
+pytest: $(STAMP) web
+	scripts/ensure-system-packages.sh haproxy systemd chromium
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 test: lint types pytest
@@ -45,4 +51,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) $(CERTS) .relayd-demo build *.egg-info
+	rm -rf $(VENV) $(CERTS) .relayd-demo build *.egg-info relayd/web/assets web/node_modules tests/artifacts

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import webui
 from .audit import audit
 from .config import vm_scopes
 from .errors import ForbiddenError, NotFoundError, PeerError
@@ -54,21 +55,10 @@ def _json(status: int, obj: object, **headers: str) -> HttpResponse:
 
 
 def index(gw: Gateway, request: Request) -> HttpResponse:
-    """The landing page (the web terminal is served here when its assets are built)."""
-    from .connection import HttpResponse
-
-    body = (
-        "<!doctype html><html lang=en><meta charset=utf-8><title>relayd</title>"
-        f"<h1>relayd serial-console gateway ({gw.region})</h1>"
-        "<p>Connect with <code>relayd connect</code> or any WebSocket client speaking "
-        "<code>relayd.console.v1</code> at <code>/v1/vms/{vm}/console</code>.</p></html>"
-    ).encode()
-    return HttpResponse(
-        200,
-        body,
-        "text/html; charset=utf-8",
-        [("Content-Security-Policy", "default-src 'none'; style-src 'self'")],
-    )
+    """The web terminal page (or, when its assets are not built, how to build them)."""
+    response = webui.static_response("/", if_none_match=request.headers.get("if-none-match"))
+    assert response is not None  # "/" always has an answer
+    return response
 
 
 def list_vms(gw: Gateway, request: Request) -> HttpResponse:
@@ -250,6 +240,14 @@ def handle(gw: Gateway, request: Request) -> HttpResponse:
             return switch_console(gw, request, level, "/".join(m.groups()))
     if is_console_path(request.path):
         raise _method_not_allowed(request.method)
+    if request.path.startswith(webui.ASSETS_PREFIX):
+        if request.method not in ("GET", "HEAD"):
+            raise _method_not_allowed(request.method)
+        asset = webui.static_response(
+            request.path, if_none_match=request.headers.get("if-none-match")
+        )
+        if asset is not None:
+            return asset
     raise NotFoundError(f"no route for {request.path[:100]}", code="not_found")
 
 

@@ -227,18 +227,24 @@ class ClientConnection(asyncio.Protocol):
 
     def _send_response(self, response: HttpResponse) -> None:
         assert self.transport is not None
-        headers = [
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(response.body))),
+        own = {name.lower() for name, _ in response.headers}
+        defaults = [
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),
             ("Strict-Transport-Security", "max-age=31536000"),
+        ]
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            *(h for h in defaults if h[0].lower() not in own),
             *response.headers,
         ]
+        head_only = self._request is not None and self._request.method == b"HEAD"
         try:
             out = self._h11.send(h11.Response(status_code=response.status, headers=headers))
-            out = (out or b"") + (self._h11.send(h11.Data(data=response.body)) or b"")
-            out += self._h11.send(h11.EndOfMessage()) or b""
+            if not head_only:
+                out = (out or b"") + (self._h11.send(h11.Data(data=response.body)) or b"")
+            out = (out or b"") + (self._h11.send(h11.EndOfMessage()) or b"")
         except h11.LocalProtocolError:
             self.transport.close()
             return

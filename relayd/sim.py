@@ -193,6 +193,7 @@ class GuestMachine:
         self._escape = 0  # 1 after ESC, 2 inside a CSI/SS3 sequence: arrow keys are dropped
         self._after_cr = False
         self._login_user = ""
+        self.tty_size = [24, 80]
         self._cat_target: str | None = None
         self._sysrq_deadline: float | None = None
         self._job: Iterator[bytes] | None = None
@@ -210,6 +211,7 @@ class GuestMachine:
             "md5sum": self._cmd_md5sum,
             "pwd": lambda args: (f"{self.home}\n".encode(), b""),
             "rm": self._cmd_rm,
+            "stty": self._cmd_stty,
             "sync": lambda args: (b"", b""),
             "true": lambda args: (b"", b""),
             "uname": self._cmd_uname,
@@ -662,6 +664,17 @@ class GuestMachine:
             else:
                 self._fs_used -= len(data)
         return b"", bytes(stderr)
+
+    def _cmd_stty(self, args: list[str]) -> tuple[bytes, bytes]:
+        """`stty rows R cols C` records the size ("Apply size to guest"); `stty size` shows it."""
+        pairs = dict(zip(args[::2], args[1::2], strict=False))
+        for key in ("rows", "cols", "columns"):
+            value = pairs.get(key, "")
+            if value.isdigit():
+                self.tty_size[0 if key == "rows" else 1] = int(value)
+        if args == ["size"]:
+            return f"{self.tty_size[0]} {self.tty_size[1]}\n".encode(), b""
+        return b"", b""
 
     def _cmd_uname(self, args: list[str]) -> tuple[bytes, bytes]:
         fields = {
