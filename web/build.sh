@@ -16,6 +16,7 @@ if [ ! -f "node_modules/.relayd-lock-$lock_sum" ]; then
   npm ci --prefer-offline --no-audit --no-fund --loglevel=error
   touch "node_modules/.relayd-lock-$lock_sum"
 fi
+mkdir -p "$here/../relayd/web"
 tmp="$(mktemp -d "$here/../relayd/web/.assets.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 cp src/index.html src/app.js src/app.css src/cspstyle.js "$tmp/"
