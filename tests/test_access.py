@@ -316,3 +316,60 @@ async def test_connection_flood_from_one_address_gets_429(
         ]
     assert statuses[:2] == [200, 200]
     assert 429 in statuses[2:]
+
+
+async def test_cross_site_origin_is_refused_and_own_origin_allowed(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """A browser Origin other than the gateway's own (or allowed_origins) gets 403 bad_origin."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        gateway={"allowed_origins": ["https://portal.example.com"]},
+    )
+    bearer = {"Authorization": f"Bearer {token('alice')}"}
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        refused = await _refused(
+            _ws_url(gw, "vm-a"),
+            client_ssl,
+            additional_headers=bearer,
+            origin="https://evil.example",
+        )
+        assert refused == (403, "bad_origin")
+        for origin in (f"https://localhost:{gw.tls_port}", "https://portal.example.com"):
+            async with connect(
+                _ws_url(gw, "vm-a", "mode=spectate"),
+                ssl=client_ssl,
+                subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+                additional_headers=bearer,
+                origin=origin,  # type: ignore[arg-type]
+            ) as ws:
+                assert json.loads(await ws.recv())["type"] == "hello"
+
+
+async def test_session_cap_per_principal_is_429(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+    open_console: Callable[..., Any],
+) -> None:
+    """max_sessions_per_principal: one more session for the same principal gets 429; others pass."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"max_sessions_per_principal": 1},
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="alice", mode="spectate"):
+            refused = await _refused(
+                _ws_url(gw, "vm-a", "mode=spectate"),
+                client_ssl,
+                additional_headers={"Authorization": f"Bearer {token('alice')}"},
+            )
+            assert refused == (429, "session_limit")
+            async with open_console(gw, "vm-a", user="bob", mode="spectate") as bob:
+                assert bob.hello["role"] == "spectator"

@@ -12,11 +12,13 @@ from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from relayd.auth import Principal
 from relayd.sim import SimulatedGuest
 
 from .conftest import running, wait_port_up
 
 PASSWORD = "Tr0ub4dor-and-3"
+SUB: Any = "relayd.console.v1"
 TYPED = b"echo my-private-command-xyzzy"
 
 
@@ -56,13 +58,19 @@ async def test_full_session_logs_audit_events_and_never_a_secret(
                         additional_headers={"Authorization": f"Bearer {bad_token}"},
                     ):
                         pass
+                # A browser's way in: a ticket, used once, then refused on reuse.
+                ticket = gw.tickets.issue(Principal("user:alice"), "vm-sim", "spectate", 0.0)
+                url = f"wss://localhost:{gw.tls_port}/v1/vms/vm-sim/console?ticket={ticket}"
+                with pytest.raises(InvalidStatus):  # issued at clock 0: long expired
+                    async with connect(url, ssl=client_ssl, subprotocols=[SUB]):
+                        pass
     finally:
         await guest.close()
 
     # Everything the gateway side logged (the test's own websockets client logs headers at DEBUG).
     server_records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
     everything = json.dumps(events, default=str) + "".join(r.getMessage() for r in server_records)
-    for secret in (PASSWORD, "xyzzy", bad_token, bad_token.split(".")[2]):
+    for secret in (PASSWORD, "xyzzy", bad_token, bad_token.split(".")[2], ticket):
         assert secret not in everything
     audit = [e for e in events if e.get("audit")]
     names = [e["event"] for e in audit]
