@@ -347,3 +347,20 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "relayd.service" not in result.stderr, result.stderr
+
+
+async def test_proxy_header_that_never_completes_is_closed_at_the_deadline_and_counted(
+    write_config: Callable[..., Any], far_end: FarEnd
+) -> None:
+    """A trusted peer that sends half a PROXY header and stalls is dropped at handshake_timeout."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        gateway={"trusted_proxies": ["127.0.0.0/8"], "handshake_timeout": "300ms"},
+    )
+    async with running(config) as gw:
+        assert gw.listener is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.tls_port)
+        writer.write(b"PROXY TCP4 10.1.2.3 ")
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+        assert gw.listener.handshake_failures["timeout"] == 1
