@@ -866,7 +866,10 @@ class SimulatedGuest:
                     machine.feed(BREAK if isinstance(event, BreakReceived) else event.data)
                     for event in codec.receive(data)
                 ]
-                out = codec.data_to_send() + codec.encode(b"".join(parts))
+                # Like QEMU: options from the client are parsed but never answered,
+                # and the guest's output goes out raw (QEMU does not double 0xFF).
+                codec.data_to_send()
+                out = b"".join(parts)
             if machine.busy:
                 wake.set()
             if out and not writer.is_closing():
@@ -889,7 +892,7 @@ class SimulatedGuest:
                 if chunk:
                     if writer.is_closing():
                         return
-                    writer.write(codec.encode(chunk) if codec is not None else chunk)
+                    writer.write(chunk)  # raw, as QEMU sends it (see _read_loop)
                     try:
                         await writer.drain()
                     except ConnectionError:

@@ -24,6 +24,18 @@ codecs wired back to back settle after one round trip. QEMU's telnet parser
 swallows exactly three bytes after any IAC but IAC IAC and IAC BRK, so the
 client never sends NOP or subnegotiations.
 
+QEMU's telnet chardev is not a conforming server: it un-doubles IAC IAC in
+what it receives, but sends the guest's output raw, 0xFF and all, and after
+its fixed opening (`QEMU_GREETING`) it never sends a command again. A client
+codec that sees exactly that opening therefore takes everything after it as
+data (`raw_peer`), so a guest printing 0xFF is neither corrupted nor able to
+stall the console with a stray IAC SB. What we send is still IAC-escaped,
+which QEMU expects. ser2net and libvirt's proxies open differently and get
+standard telnet.
+
+A subnegotiation longer than `MAX_SUBNEGOTIATION` ends the subnegotiation:
+a peer that never sends IAC SE cannot swallow the console.
+
 CR NUL is turned into CR only while the peer has not agreed to send BINARY
 (RFC 854's NVT rule); in binary mode every byte is data. We do not add NUL
 after CR when sending: relayd and QEMU negotiate BINARY at once.
@@ -62,7 +74,10 @@ ECHO = 1  # RFC 857
 SGA = 3  # RFC 858, suppress go-ahead
 
 MAX_SUBNEGOTIATION = 1024
-"""Bytes of one subnegotiation kept; the rest is discarded (we act on none)."""
+"""Bytes of one subnegotiation kept; past this the subnegotiation is abandoned."""
+
+QEMU_GREETING = bytes((IAC, WILL, ECHO, IAC, WILL, SGA, IAC, WILL, BINARY, IAC, DO, BINARY))
+"""What QEMU's telnet chardev sends first, and the last command it ever sends."""
 
 _CR = 0x0D
 _NUL = 0x00
@@ -95,10 +110,13 @@ class TelnetCodec:
     Args:
         server_side: negotiate as QEMU's telnet chardev does (we echo, we send
             binary) rather than as relayd's client side.
+        detect_qemu: (client side) take a peer that opens exactly as QEMU does
+            for QEMU, and everything after its opening as data.
     """
 
-    def __init__(self, *, server_side: bool = False) -> None:
+    def __init__(self, *, server_side: bool = False, detect_qemu: bool = True) -> None:
         self.server_side = server_side
+        self._detect_qemu = detect_qemu and not server_side
         if server_side:
             # What QEMU announces: it echoes, suppresses go-ahead, and is 8-bit clean.
             self._ours = frozenset({BINARY, SGA, ECHO})
@@ -115,6 +133,8 @@ class TelnetCodec:
         self._sub = bytearray()
         self._after_cr = False
         self._out = bytearray()
+        self._opening = bytearray()  # the peer's first bytes, until we know who it is
+        self.raw_peer = False
 
     # Sending.
 
@@ -172,6 +192,24 @@ class TelnetCodec:
             size, and negotiation replies (see `data_to_send`) never exceed
             it either. Malformed input is tolerated, never raised on.
         """
+        if self.raw_peer:
+            return [DataReceived(bytes(data))] if data else []
+        if self._detect_qemu and len(self._opening) < len(QEMU_GREETING):
+            need = len(QEMU_GREETING) - len(self._opening)
+            head, rest = data[:need], data[need:]
+            self._opening += head
+            events = self._parse(head)
+            if not QEMU_GREETING.startswith(self._opening):
+                self._opening += bytes(len(QEMU_GREETING))  # not QEMU: decide once
+            elif self._opening == QEMU_GREETING:
+                self.raw_peer = True
+                if rest:
+                    events.append(DataReceived(bytes(rest)))
+                return events
+            return _merged(events + self._parse(rest)) if rest else events
+        return self._parse(data)
+
+    def _parse(self, data: bytes) -> list[TelnetEvent]:
         events: list[TelnetEvent] = []
         pending = bytearray()
         i, n = 0, len(data)
@@ -192,8 +230,13 @@ class TelnetCodec:
                 j = data.find(IAC, i)
                 end = n if j < 0 else j
                 room = MAX_SUBNEGOTIATION - len(self._sub)
-                if room > 0:
-                    self._sub += data[i : min(end, i + room)]
+                if end - i > room:
+                    # Never-ending subnegotiation: abandon it, read on as data.
+                    self._sub.clear()
+                    self._state = _DATA
+                    i += room
+                    continue
+                self._sub += data[i:end]
                 if j < 0:
                     break
                 self._state = _SUB_IAC
@@ -294,3 +337,14 @@ class TelnetCodec:
             if state == _YES:
                 self._send(WONT, option)
             self._us[option] = _NO
+
+
+def _merged(events: list[TelnetEvent]) -> list[TelnetEvent]:
+    """Join adjacent data events (a chunk parsed in two parts reads as one)."""
+    out: list[TelnetEvent] = []
+    for event in events:
+        if out and isinstance(event, DataReceived) and isinstance(out[-1], DataReceived):
+            out[-1] = DataReceived(out[-1].data + event.data)
+        else:
+            out.append(event)
+    return out

@@ -13,6 +13,7 @@ from relayd.telnet import (
     BRK,
     ECHO,
     IAC,
+    QEMU_GREETING,
     SGA,
     BreakReceived,
     DataReceived,
@@ -71,7 +72,7 @@ def negotiate(client: TelnetCodec, server: TelnetCodec) -> int:
 
 
 def binary_pair() -> tuple[TelnetCodec, TelnetCodec]:
-    client, server = TelnetCodec(), TelnetCodec(server_side=True)
+    client, server = TelnetCodec(detect_qemu=False), TelnetCodec(server_side=True)
     negotiate(client, server)
     return client, server
 
@@ -295,7 +296,7 @@ def test_negotiation_back_to_back_settles_whatever_the_timing(
     server_opens: bool, server_first: bool, cut_at: list[int]
 ) -> None:
     """Client and server codecs fall quiet and agree, however replies are split or ordered."""
-    client, server = TelnetCodec(), TelnetCodec(server_side=True)
+    client, server = TelnetCodec(detect_qemu=False), TelnetCodec(server_side=True)
     to_server = client.initial()
     to_client = server.initial() if server_opens else b""
     for _ in range(10):
@@ -315,3 +316,24 @@ def test_negotiation_back_to_back_settles_whatever_the_timing(
         assert client.remote_enabled(option) == server.local_enabled(option)
     assert client.local_enabled(BINARY)
     assert client.remote_enabled(BINARY)
+
+
+@given(cut_at=cuts, output=st.binary(max_size=300))
+def test_qemu_greeting_makes_everything_after_it_data(cut_at: list[int], output: bytes) -> None:
+    """After QEMU's fixed opening, 0xFF, IAC SB and IAC BRK from the guest are plain output."""
+    client = TelnetCodec()
+    client.initial()
+    stream = QEMU_GREETING + output + b"\xff\xfa\x18junk\xff\xf3"
+    events = feed(client, split(stream, cut_at))
+    assert client.raw_peer
+    assert data_of(events) == output + b"\xff\xfa\x18junk\xff\xf3"
+    assert not any(isinstance(e, BreakReceived) for e in events)
+    assert client.encode(b"\xff") == b"\xff\xff"  # what we send stays escaped
+
+
+def test_other_telnet_servers_are_not_taken_for_qemu() -> None:
+    """ser2net-style openings keep standard telnet: IAC IAC is one 0xFF."""
+    client = TelnetCodec()
+    events = client.receive(iac(WILL, SGA) + iac(WILL, ECHO) + b"a" + iac(IAC) + b"b")
+    assert not client.raw_peer
+    assert data_of(events) == b"a\xffb"
