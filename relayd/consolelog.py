@@ -24,8 +24,11 @@ bytes of output once that much was written (``start`` never goes below
 ``end - capacity``). Headers come on top: 20 bytes a record.
 
 Durability: appends are buffered and written with one ``pwritev`` per record
-when ``flush_bytes`` are buffered or when the owner calls `flush` (the hub does
-on a short timer); nothing is fsynced until `close`. A ``kill -9`` keeps every
+when ``flush_bytes`` are buffered or when the owner calls `flush`; nothing is
+fsynced until `close`. With ``flush_bytes=None`` only `flush` writes: the hub
+flushes on a 50 ms timer, so during a flood the buffer keeps just the newest
+``capacity`` bytes between flushes and the disk sees at most ``capacity`` bytes
+per flush instead of every byte that would be rotated out at once. A ``kill -9`` keeps every
 written record (the page cache survives the process) and loses at most the
 unflushed buffer; a record torn by the kill is found by its CRC at the next
 `open` and cut off. A power loss may also lose what the kernel had not yet
@@ -55,6 +58,7 @@ import re
 import struct
 import zlib
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +83,73 @@ class ConsoleLogError(RelaydError):
 
 def _crc(offset: int, data: bytes | memoryview) -> int:
     return zlib.crc32(data, zlib.crc32(_CRC_PREFIX.pack(_MAGIC, offset, len(data))))
+
+
+def _crc_parts(offset: int, parts: list[memoryview]) -> int:
+    crc = zlib.crc32(_CRC_PREFIX.pack(_MAGIC, offset, sum(len(p) for p in parts)))
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+class _Pending:
+    """Appended bytes not yet written, as a queue of chunks.
+
+    Appending and dropping from the front are O(chunk), not O(buffer): a
+    bytearray that is trimmed at the front and grown at the back moves all of
+    its bytes on every append, which made a flood cost more here than relaying.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: deque[memoryview] = deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(memoryview(bytes(data)))
+            self.size += len(data)
+
+    def drop_front(self, n: int) -> None:
+        while n > 0:
+            first = self._chunks[0]
+            if len(first) <= n:
+                self._chunks.popleft()
+                self.size -= len(first)
+                n -= len(first)
+            else:
+                self._chunks[0] = first[n:]
+                self.size -= n
+                n = 0
+
+    def head(self, n: int) -> list[memoryview]:
+        """Views of the first `n` bytes."""
+        parts: list[memoryview] = []
+        for chunk in self._chunks:
+            if n <= 0:
+                break
+            parts.append(chunk[:n])
+            n -= len(parts[-1])
+        return parts
+
+    def slice(self, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of the pending data."""
+        out = bytearray()
+        pos = 0
+        for chunk in self._chunks:
+            end = pos + len(chunk)
+            if end > lo and pos < hi:
+                out += chunk[max(lo - pos, 0) : min(hi, end) - pos]
+            if end >= hi:
+                break
+            pos = end
+        return bytes(out)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.size = 0
 
 
 @dataclass(eq=False)
@@ -117,20 +188,26 @@ class ConsoleLog:
         directory: the VM's own directory (``state_dir/consolelog/<vm>``), created 0700.
         capacity: data bytes held at most (``console_log_bytes``), at least 4096.
         segments: files the capacity is split into; the oldest is deleted whole.
-        flush_bytes: buffered bytes that make `append` write by itself.
+        flush_bytes: buffered bytes that make `append` write by itself; None: only
+            `flush` writes (the owner flushes on a timer).
 
     Raises:
         ValueError: an argument is out of range.
     """
 
     def __init__(
-        self, directory: Path, capacity: int, *, segments: int = 4, flush_bytes: int = 4096
+        self,
+        directory: Path,
+        capacity: int,
+        *,
+        segments: int = 4,
+        flush_bytes: int | None = 4096,
     ) -> None:
         if capacity < MIN_CAPACITY:
             raise ValueError(f"capacity {capacity} is below the minimum {MIN_CAPACITY}")
         if not 2 <= segments <= capacity:
             raise ValueError(f"segments {segments} must be between 2 and capacity {capacity}")
-        if flush_bytes < 1:
+        if flush_bytes is not None and flush_bytes < 1:
             raise ValueError(f"flush_bytes {flush_bytes} must be positive")
         self.directory = directory
         self.capacity = capacity
@@ -140,7 +217,7 @@ class ConsoleLog:
         self._held_max = self._segment_bytes * segments
         self._segments: list[_Segment] = []
         self._dir_fd: int | None = None
-        self._buf = bytearray()
+        self._buf = _Pending()
         self._buf_start = 0  # offset of _buf[0]; past _flushed_end only after a huge append
         self._flushed_end = 0
 
@@ -321,14 +398,14 @@ class ConsoleLog:
         """
         self._require_open()
         offset = self.end
-        self._buf += data
+        self._buf.append(data)
         if len(self._buf) > self._held_max:
             # Older bytes could not be kept anyway: the next flush starts afresh at the new
             # _buf_start and deletes every older segment (they are no longer contiguous).
             excess = len(self._buf) - self._held_max
-            del self._buf[:excess]
+            self._buf.drop_front(excess)
             self._buf_start += excess
-        if len(self._buf) >= self.flush_bytes:
+        if self.flush_bytes is not None and len(self._buf) >= self.flush_bytes:
             self.flush()
         return offset
 
@@ -351,15 +428,15 @@ class ConsoleLog:
 
     def _write_record(self, segment: _Segment, n: int) -> None:
         offset, expected = self._buf_start, _HEADER.size + n
-        with memoryview(self._buf) as view, view[:n] as body:
-            header = _HEADER.pack(_MAGIC, offset, n, _crc(offset, body))
-            try:
-                written = os.pwritev(segment.fd, [header, body], segment.size)
-            except OSError as exc:
-                raise ConsoleLogError(
-                    f"cannot write {n} bytes to console log segment {segment.path}: "
-                    f"{exc.strerror or exc}"
-                ) from exc
+        body = self._buf.head(n)
+        header = _HEADER.pack(_MAGIC, offset, n, _crc_parts(offset, body))
+        try:
+            written = os.pwritev(segment.fd, [header, *body], segment.size)
+        except OSError as exc:
+            raise ConsoleLogError(
+                f"cannot write {n} bytes to console log segment {segment.path}: "
+                f"{exc.strerror or exc}"
+            ) from exc
         # Positions are ours, not the file's: a short write leaves a torn tail past
         # segment.size that the next write at the same place covers (it is at least as
         # long: the buffer only grows), or that recovery cuts off after a crash.
@@ -370,7 +447,7 @@ class ConsoleLog:
             )
         segment.add_record(n)
         segment.dirty = True
-        del self._buf[:n]
+        self._buf.drop_front(n)
         self._buf_start += n
         self._flushed_end = self._buf_start
 
@@ -444,7 +521,7 @@ class ConsoleLog:
                 self._read_segment(segment, first + len(out), min(stop, segment.end), out)
         if stop > self._buf_start:
             lo = max(first, self._buf_start) - self._buf_start
-            out += self._buf[lo : stop - self._buf_start]
+            out += self._buf.slice(lo, stop - self._buf_start)
         return bytes(out)
 
     def _read_segment(self, segment: _Segment, first: int, stop: int, out: bytearray) -> None:

@@ -123,7 +123,8 @@ class ConsoleHub:
         self.limits = limits
         self.log: ConsoleLog | None = None
         if log_dir is not None:
-            self.log = ConsoleLog(log_dir / vm.id, limits.console_log_bytes)
+            # Timer-flushed: a flood writes at most console_log_bytes per flush to disk.
+            self.log = ConsoleLog(log_dir / vm.id, limits.console_log_bytes, flush_bytes=None)
             self.log.open()
         end = self.log.end if self.log is not None else 0
         # Memory holds what live clients may lag by; never more than the log holds.
