@@ -144,6 +144,7 @@ class ConsoleHub:
         self._input_bytes = 0
         self._input_high = max(4096, rate)  # about one second of line time
         self._input_ready = asyncio.Event()
+        self._writing = False
         self._paused: HubClient | None = None
         self._link: SerialLink | None = None
         self._watchers: set[asyncio.Future[None]] = set()
@@ -173,8 +174,9 @@ class ConsoleHub:
             self.first_attempt.set()
             bound.info("port_up")
             try:
+                link.start(self.publish)
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._read_loop(link))
+                    tg.create_task(self._watch(link))
                     tg.create_task(self._write_loop(link))
             except* (OSError, PortUnavailableError) as group:
                 self.stats.port_errors += 1
@@ -195,12 +197,13 @@ class ConsoleHub:
         self._changed()
         self.broadcast(control.encode_notice("port_up" if up else "port_down", vm=self.vm.id))
 
-    async def _read_loop(self, link: SerialLink) -> None:
-        while True:
-            data = await link.read()
-            if not data:
-                raise PortUnavailableError("the far end closed the serial port")
-            self.publish(data)
+    async def _watch(self, link: SerialLink) -> None:
+        """End the link's task group when the far end goes away."""
+        try:
+            await link.wait_closed()
+        except OSError as exc:
+            raise PortUnavailableError(f"the serial port failed: {exc}") from None
+        raise PortUnavailableError("the far end closed the serial port")
 
     def publish(self, data: bytes) -> None:
         """Record console output (log first, then ring) and hand it to every client."""
@@ -221,17 +224,28 @@ class ConsoleHub:
                 self._input_ready.clear()
                 await self._input_ready.wait()
             op = self._input.popleft()
-            if isinstance(op, _Break):
-                await self._send_break(link)
-                if op.key:
-                    await link.write(op.key)
-                continue
-            if isinstance(op, _Hangup):
-                await link.hangup()
-                continue
-            if isinstance(op, _Hook):
-                await self._run_hook(op)
-                continue
+            self._writing = True
+            try:
+                await self._carry_out(op, link, loop)
+            finally:
+                self._writing = False
+
+    async def _carry_out(
+        self,
+        op: bytes | _Break | _Hangup | _Hook,
+        link: SerialLink,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """One queued operation, in order: a BREAK (and SysRq key), a hangup, a hook, input."""
+        if isinstance(op, _Break):
+            await self._send_break(link)
+            if op.key:
+                await link.write(op.key)
+        elif isinstance(op, _Hangup):
+            await link.hangup()
+        elif isinstance(op, _Hook):
+            await self._run_hook(op)
+        else:
             # Pace in small chunks so a BREAK queued mid-paste is not stuck behind it.
             chunk, rest = op[: self._chunk], op[self._chunk :]
             if rest:
@@ -354,7 +368,26 @@ class ConsoleHub:
         return self._link is not None and self._link.can_break
 
     def submit(self, client: HubClient, data: bytes) -> None:
-        """Queue the writer's keystrokes; pauses its socket when a second is queued."""
+        """Write the writer's keystrokes, or queue them; pauses its socket when a second is queued.
+
+        Typing is the common case: when nothing is queued or being written and the
+        line rate allows it, the bytes go to the port at once (in order, since the
+        writer task is idle), saving a task wake-up per keystroke.
+        """
+        link = self._link
+        if (
+            not self._input
+            and not self._writing
+            and link is not None
+            and len(data) <= self._chunk
+            and link.writable
+        ):
+            now = asyncio.get_running_loop().time()
+            if self._bucket.available(now) >= len(data):
+                self._bucket.reserve(len(data), now)
+                link.write_now(data)
+                self.stats.bytes_to_port += len(data)
+                return
         self._input.append(data)
         self._input_bytes += len(data)
         self._input_ready.set()

@@ -1,13 +1,15 @@
 """Serial backends: one module per kind of port, behind the `SerialLink` interface.
 
-A link is one open connection to a VM's serial port. The hub owns it, reads
-from it in one task and writes to it from one other task, and opens a new
-one with backoff when it is lost. Every backend is asynchronous: sockets on
-the event loop, ttys through pyserial-asyncio-fast's transport.
+A link is one open connection to a VM's serial port. The hub owns it: output
+arrives through a callback (an asyncio protocol, no reader task), input is
+written in order by the hub's writer, and a new link is opened with backoff
+when one is lost. Every backend is asynchronous: sockets on the event loop,
+ttys through pyserial-asyncio-fast's transport.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from ..config import VmConfig
@@ -20,12 +22,25 @@ class SerialLink(Protocol):
     can_break: bool
     can_hangup: bool
 
-    async def read(self) -> bytes:
-        """Console output; b"" when the far end has gone away."""
+    def start(self, on_output: Callable[[bytes], None]) -> None:
+        """Hand console output to `on_output` as it arrives (never blocks, never awaits)."""
+        ...
+
+    async def wait_closed(self) -> None:
+        """Return, or raise the transport's error, when the far end goes away."""
+        ...
+
+    @property
+    def writable(self) -> bool:
+        """Whether `write_now` would not have to wait for the far end."""
+        ...
+
+    def write_now(self, data: bytes) -> None:
+        """Hand keyboard input to the transport at once."""
         ...
 
     async def write(self, data: bytes) -> None:
-        """Queue keyboard input and wait until the link has taken it."""
+        """Write keyboard input and wait while the far end is not keeping up."""
         ...
 
     async def send_break(self) -> None:

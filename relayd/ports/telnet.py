@@ -8,9 +8,10 @@ the emulated UART.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from ..telnet import DataReceived, TelnetCodec
-from .stream import READ_SIZE, StreamLink, _tune
+from .stream import LinkProtocol, StreamLink, _tune
 
 
 class TelnetLink(StreamLink):
@@ -18,36 +19,39 @@ class TelnetLink(StreamLink):
 
     can_break = True
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        super().__init__(reader, writer)
+    def __init__(self, transport: asyncio.BaseTransport, protocol: LinkProtocol) -> None:
+        super().__init__(transport, protocol)
         self._codec = TelnetCodec()
-        writer.write(self._codec.initial())
+        self._transport.write(self._codec.initial())
 
-    async def read(self) -> bytes:
-        """Console bytes with the telnet framing removed; negotiation answered inline."""
-        while True:
-            raw = await self._reader.read(READ_SIZE)
-            if not raw:
-                return b""
+    def start(self, on_output: Callable[[bytes], None]) -> None:
+        """Unframe what arrives; answer negotiation inline; pass console bytes on."""
+
+        def unframe(raw: bytes) -> None:
             events = self._codec.receive(raw)
             reply = self._codec.data_to_send()
-            if reply and not self._writer.is_closing():
-                self._writer.write(reply)
-            data = b"".join(e.data for e in events if isinstance(e, DataReceived))
-            if data:
-                return data
+            if reply and not self._transport.is_closing():
+                self._transport.write(reply)
+            for event in events:
+                if isinstance(event, DataReceived):
+                    on_output(event.data)
 
-    async def write(self, data: bytes) -> None:
-        """Keyboard input with 0xFF escaped."""
-        await super().write(self._codec.encode(data))
+        super().start(unframe)
+
+    def _encode(self, data: bytes) -> bytes:
+        return self._codec.encode(data)
 
     async def send_break(self) -> None:
-        """IAC BRK."""
-        await super().write(self._codec.brk())
+        """IAC BRK (written as is: it must not be escaped)."""
+        if self._transport.is_closing():
+            raise ConnectionResetError("serial link is closed")
+        self._transport.write(self._codec.brk())
+        await self._protocol.drain()
 
 
 async def open_telnet(host: str, port: int) -> TelnetLink:
     """Connect to a telnet serial endpoint and start option negotiation."""
-    reader, writer = await asyncio.open_connection(host, port, limit=READ_SIZE)
-    _tune(writer)
-    return TelnetLink(reader, writer)
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(LinkProtocol, host, port)
+    _tune(transport)
+    return TelnetLink(transport, protocol)

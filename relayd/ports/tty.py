@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, cast
 
 import serial
 import serial_asyncio_fast
 
-from .stream import READ_SIZE, StreamLink
+from .stream import LinkProtocol, StreamLink
 
 BREAK_SECONDS = 0.25
 HANGUP_SECONDS = 0.5
@@ -28,13 +28,13 @@ class TtyLink(StreamLink):
     can_hangup = True
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, is_pty: bool
+        self, transport: asyncio.BaseTransport, protocol: LinkProtocol, *, is_pty: bool
     ) -> None:
-        super().__init__(reader, writer)
+        super().__init__(transport, protocol)
         self.can_break = not is_pty
 
     def _serial(self) -> Any:
-        return self._writer.transport.serial  # type: ignore[attr-defined]
+        return self._transport.serial  # type: ignore[attr-defined]
 
     async def send_break(self) -> None:
         """Hold the line in BREAK for a quarter second."""
@@ -62,7 +62,8 @@ def _is_pty(path: str) -> bool:
 
 async def open_tty(path: str, *, baud: int, parity: str) -> TtyLink:
     """Open a tty in raw mode at the configured line settings."""
-    reader, writer = await serial_asyncio_fast.open_serial_connection(
-        url=path, baudrate=baud, parity=_PARITY[parity], limit=READ_SIZE, exclusive=True
+    loop = asyncio.get_running_loop()
+    transport, protocol = await serial_asyncio_fast.create_serial_connection(
+        loop, LinkProtocol, path, baudrate=baud, parity=_PARITY[parity], exclusive=True
     )
-    return TtyLink(reader, writer, is_pty=_is_pty(path))
+    return TtyLink(transport, cast(LinkProtocol, protocol), is_pty=_is_pty(path))
