@@ -44,9 +44,10 @@ class OutputRing:
             self._buf.extend(bytes(self.capacity - len(self._buf)))
         pos = (self.end - self._base) % self.capacity
         first = min(n, self.capacity - pos)
-        self._buf[pos : pos + first] = data[:first]
+        view = memoryview(data)  # slices of a view are not copies
+        self._buf[pos : pos + first] = view[:first]
         if first < n:
-            self._buf[: n - first] = data[first:]
+            self._buf[: n - first] = view[first:]
         self.end += n
         self._filled = min(self.capacity, self._filled + n)
         return offset
