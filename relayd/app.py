@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import ipaddress
 import signal
 import time
@@ -360,6 +361,10 @@ class Gateway:
                     ports_up=sum(hub.port_up for hub in self.hubs.values()),
                 )
                 self.ready.set()
+                # Start-up objects (config, modules, hubs) live as long as the process:
+                # keep them out of every future full collection's scan.
+                gc.collect()
+                gc.freeze()
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 await self._stop.wait()
                 self.notifier.notify("STOPPING=1", "STATUS=draining")
