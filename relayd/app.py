@@ -361,10 +361,6 @@ class Gateway:
                     ports_up=sum(hub.port_up for hub in self.hubs.values()),
                 )
                 self.ready.set()
-                # Start-up objects (config, modules, hubs) live as long as the process:
-                # keep them out of every future full collection's scan.
-                gc.collect()
-                gc.freeze()
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 await self._stop.wait()
                 self.notifier.notify("STOPPING=1", "STATUS=draining")
@@ -522,6 +518,12 @@ def run_forever(config: Config, *, on_ready: Callable[[Gateway], None] | None = 
         task = asyncio.create_task(gateway.serve(install_signals=True))
         ready = asyncio.create_task(gateway.ready.wait())
         await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            # Start-up objects (config, modules, hubs) live as long as the process: keep
+            # them out of every later full collection's scan (a tail-latency cost).
+            # Only here, in the daemon: freezing is process-wide.
+            gc.collect()
+            gc.freeze()
         if ready.done() and on_ready is not None:
             on_ready(gateway)
         ready.cancel()
