@@ -126,16 +126,7 @@ class ConsoleSession:
             )
         )
         self._pump()
-        audit(
-            "session_started",
-            session_id=self.session_id,
-            vm=self.hub.vm.id,
-            principal=self.principal.id,
-            peer=self.peer,
-            role=self.role,
-            region=self.region,
-            resume_from=resume_from,
-        )
+        self._audit("session_started", role=self.role, resume_from=resume_from)
 
     # -- HubClient ------------------------------------------------------------------
 
@@ -269,14 +260,9 @@ class ConsoleSession:
         if not self.end_reason:
             code = self.ws.close_code
             self.end_reason = f"client closed ({code})" if code else "connection lost"
-        audit(
+        self._audit(
             "session_ended",
-            session_id=self.session_id,
-            vm=self.hub.vm.id,
-            principal=self.principal.id,
-            peer=self.peer,
             role=self.role,
-            region=self.region,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             duration=round(time.monotonic() - self.started, 3),
@@ -420,14 +406,7 @@ class ConsoleSession:
         else:
             self.hub.submit_break()
             event = "break_sent"
-        audit(
-            event,
-            session_id=self.session_id,
-            vm=self.hub.vm.id,
-            principal=self.principal.id,
-            peer=self.peer,
-            region=self.region,
-        )
+        self._audit(event)
 
     def _on_hook(self, name: str) -> None:
         if not at_least(self.rbac_role, "owner"):
@@ -439,19 +418,22 @@ class ConsoleSession:
         if not self.hub.submit_hook(name):
             self._error("unsupported", f"no {name}_command is configured for this vm")
             return
+        self._audit("hook_run", hook=name)
+
+    def _touch(self) -> None:
+        self.last_input = time.monotonic()
+        self._idle_warned = False
+
+    def _audit(self, event: str, **fields: object) -> None:
         audit(
-            "hook_run",
-            hook=name,
+            event,
             session_id=self.session_id,
             vm=self.hub.vm.id,
             principal=self.principal.id,
             peer=self.peer,
             region=self.region,
+            **fields,
         )
-
-    def _touch(self) -> None:
-        self.last_input = time.monotonic()
-        self._idle_warned = False
 
     def _info(self, event: str, **fields: object) -> None:
         # Not a bound logger made in __init__: binding costs as much as a TLS handshake.
