@@ -96,6 +96,10 @@ class ConsoleSession:
         self._write_paused = False
         self._awaiting_pong = False
         self._idle_warned = False
+        # First ping somewhere in the second half of the interval, by session id, so
+        # sessions opened together do not all ping together.
+        spread = 0.5 + int(session_id[:4], 16) / 0x20000
+        self._next_ping = self.started + limits.keepalive_interval * spread
         self._closed = False
         self._close_timer: asyncio.TimerHandle | None = None
         transport.set_write_buffer_limits(high=output_queue_bytes)
@@ -271,12 +275,11 @@ class ConsoleSession:
 
     # -- timers (driven by the gateway's sweeper) -------------------------------------
 
-    def sweep(self, *, ping: bool) -> None:
-        """Keepalive, idle timeout (writers) and maximum session length."""
+    def sweep(self, now: float) -> None:
+        """Keepalive, idle timeout (writers) and maximum session length, as of `now`."""
         if self._closed:
             return
         limits = self.hub.limits
-        now = time.monotonic()
         if (
             limits.max_session_seconds is not None
             and now - self.started >= limits.max_session_seconds
@@ -296,7 +299,8 @@ class ConsoleSession:
                 self._idle_warned = True
                 closes_in = round(limits.idle_timeout - idle, 1)
                 self.send_text(control.encode_notice("idle_warning", closes_in=closes_in))
-        if ping:
+        if now >= self._next_ping:
+            self._next_ping = now + limits.keepalive_interval
             self.keepalive()
 
     # -- keepalive ------------------------------------------------------------------
