@@ -61,6 +61,7 @@ coverage: $(STAMP) web guest-image
 bench: $(STAMP)
 	scripts/ensure-system-packages.sh haproxy
 	$(PY) bench/run.py
+	$(PY) -m bench.pacing
 
 clean:
 	rm -rf $(VENV) $(CERTS) .relayd-demo build *.egg-info relayd/web/assets web/node_modules tests/artifacts tests/guest/out

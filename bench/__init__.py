@@ -1,0 +1,1 @@
+"""Benchmarks: relayd against websockify and HAProxy on the same echo backend (`bench/run.py`)."""
