@@ -169,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .certs import init_dev_pki
 
             pki = init_dev_pki(args.directory, names=args.name, force=args.force)
-            print(f"ca: {pki.ca_cert}\nserver: {pki.server_cert}\nclient: {pki.client_cert}")
+            # Not "ca: ..." lines: `make run` prints these before the demo's own lines.
+            names = ", ".join(p.name for p in (pki.ca_cert, pki.server_cert, pki.client_cert))
+            print(f"dev PKI in {pki.directory}: {names}")
             return 0
         if args.command == "check-config":
             return _check_config(args.path)
