@@ -48,6 +48,7 @@ __all__ = [
     "Quit",
     "SendBreak",
     "SendBytes",
+    "SendHook",
     "SendSysrq",
     "ShowMenu",
     "UsageError",
@@ -62,7 +63,11 @@ SUBPROTOCOL = Subprotocol("relayd.console.v1")
 #: Ctrl-], as in telnet: rare in shells and editors, one keystroke to reach.
 ESCAPE = 0x1D
 
-MENU_TEXT = "menu: b break, s sysrq, z apply window size, q quit, ] send ^], other key: back"
+MENU_TEXT = (
+    "menu: b break, s sysrq, z apply window size, r reset, n nmi, q quit, ] send ^], "
+    "other key: back"
+)
+HOOK_PROMPT = "{name} the vm (owners only)? press y to confirm, any other key: back"
 SYSRQ_PROMPT = "sysrq: press the key (h for help on the guest console)"
 SYSRQ_KEYS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyz")
 
@@ -147,6 +152,13 @@ class SendSysrq:
 
 
 @dataclass(frozen=True)
+class SendHook:
+    """Ask the gateway to run the VM's reset or NMI hook (owners; confirmed first)."""
+
+    name: str  # "reset" or "nmi"
+
+
+@dataclass(frozen=True)
 class ApplySize:
     """Type `stty rows R cols C` into the guest from the local terminal size."""
 
@@ -168,9 +180,9 @@ class CancelMenu:
     """The menu was left without a command; the key that left it is dropped."""
 
 
-Action = SendBytes | SendBreak | SendSysrq | ApplySize | Quit | ShowMenu | CancelMenu
+Action = SendBytes | SendBreak | SendSysrq | SendHook | ApplySize | Quit | ShowMenu | CancelMenu
 
-_TEXT, _MENU, _SYSRQ = "text", "menu", "sysrq"
+_TEXT, _MENU, _SYSRQ, _RESET, _NMI = "text", "menu", "sysrq", "reset", "nmi"
 
 
 class EscapeParser:
@@ -186,11 +198,15 @@ class EscapeParser:
     menu      ``b``          SendBreak                   text
     menu      ``s``          ShowMenu(sysrq prompt)      sysrq
     menu      ``z``          ApplySize                   text
+    menu      ``r`` / ``n``  ShowMenu(confirm prompt)    reset / nmi
     menu      ``q``          Quit                        text
     menu      ``]`` / ``^]`` SendBytes(``^]``)           text
     menu      other          CancelMenu                  text
     sysrq     ``0-9a-z``     SendSysrq(key)              text
     sysrq     other          CancelMenu                  text
+    reset     ``y``          SendHook("reset")           text
+    nmi       ``y``          SendHook("nmi")             text
+    reset/nmi other          CancelMenu                  text
     ========  =============  ==========================  ======
 
     State survives between `feed` calls, so a menu key may arrive in a later read.
@@ -210,7 +226,12 @@ class EscapeParser:
                     actions.append(ShowMenu(MENU_TEXT))
                     self._state = _MENU
                 continue
-            action = self._menu_key(byte) if self._state == _MENU else self._sysrq_key(byte)
+            if self._state == _MENU:
+                action = self._menu_key(byte)
+            elif self._state == _SYSRQ:
+                action = self._sysrq_key(byte)
+            else:
+                action = self._confirm_key(byte)
             _append(actions, action)
             start = index + 1
         if self._state == _TEXT:
@@ -227,11 +248,19 @@ class EscapeParser:
             return ShowMenu(SYSRQ_PROMPT)
         if key == "z":
             return ApplySize()
+        if key in ("r", "n"):
+            self._state = _RESET if key == "r" else _NMI
+            return ShowMenu(HOOK_PROMPT.format(name="reset" if key == "r" else "send an NMI to"))
         if key == "q":
             return Quit()
         if byte in (ord("]"), ESCAPE):
             return SendBytes(bytes([ESCAPE]))
         return CancelMenu()
+
+    def _confirm_key(self, byte: int) -> Action:
+        hook = "reset" if self._state == _RESET else "nmi"
+        self._state = _TEXT
+        return SendHook(hook) if chr(byte).lower() == "y" else CancelMenu()
 
     def _sysrq_key(self, byte: int) -> Action:
         self._state = _TEXT
@@ -625,6 +654,9 @@ class _ConsoleSession:
             case SendSysrq(key):
                 await self._send_control({"type": "sysrq", "key": key})
                 self._status.line(f"sysrq {key} sent")
+            case SendHook(name):
+                await self._send_control({"type": name})
+                self._status.line(f"{name} requested")
             case ApplySize():
                 size = self._terminal_size()
                 if size is None:

@@ -34,6 +34,7 @@ from relayd.client import (
     Quit,
     SendBreak,
     SendBytes,
+    SendHook,
     SendSysrq,
     ShowMenu,
     UsageError,
@@ -715,3 +716,17 @@ async def test_connect_stdin_from_regular_file_is_read_and_sent(
             await gateway.done.wait()
     assert code == 0
     assert gateway.binary() == b"uptime\r"
+
+
+def test_escape_menu_reset_and_nmi_need_confirmation() -> None:
+    """Ctrl-] r y asks for reset, Ctrl-] n y for an NMI; any other key cancels."""
+    parser = EscapeParser()
+    assert parser.feed(b"\x1dr")[-1] == ShowMenu(
+        "reset the vm (owners only)? press y to confirm, any other key: back"
+    )
+    assert parser.feed(b"y") == [SendHook("reset")]
+    parser.feed(b"\x1dn")
+    assert parser.feed(b"Y") == [SendHook("nmi")]
+    parser.feed(b"\x1dr")
+    assert parser.feed(b"x") == [CancelMenu()]
+    assert parser.feed(b"ab") == [SendBytes(b"ab")]
