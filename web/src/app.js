@@ -543,6 +543,22 @@ function setPort(port) {
 function updateToolbar() {
   const writer = state.role === 'writer';
   for (const id of ['btn-break', 'btn-sysrq', 'btn-stty', 'sysrq-key']) $(id).disabled = !writer;
+  // Reset and NMI run the VM's hypervisor hooks: owners only (the gateway checks too).
+  $('owner-tools').hidden = state.vms.get(state.vm)?.role !== 'owner';
+}
+
+const HOOKS = {
+  reset: 'resets the VM at once, like pressing its reset button',
+  nmi: 'sends the VM a non-maskable interrupt (a Linux guest may panic and dump)',
+};
+
+function requestHook(name) {
+  $('hook-confirm-text').textContent =
+    `${name === 'reset' ? 'Reset' : 'NMI'}: this ${HOOKS[name].replace('VM', state.vm)}.`;
+  const dialog = $('hook-confirm');
+  dialog.dataset.hook = name;
+  dialog.returnValue = '';
+  dialog.showModal();
 }
 
 function onNotice(notice) {
@@ -846,6 +862,16 @@ function init() {
   $('back').addEventListener('click', backToList);
   $('banner-dismiss').addEventListener('click', hideBanner);
   $('btn-break').addEventListener('click', sendBreak);
+  $('btn-reset').addEventListener('click', () => requestHook('reset'));
+  $('btn-nmi').addEventListener('click', () => requestHook('nmi'));
+  const hookDialog = $('hook-confirm');
+  $('hook-cancel').addEventListener('click', () => hookDialog.close('cancel'));
+  $('hook-run').addEventListener('click', () => hookDialog.close('run'));
+  hookDialog.addEventListener('close', () => {
+    if (hookDialog.returnValue !== 'run') return;
+    sendControl({ type: hookDialog.dataset.hook });
+    setStatus('st-input', `${hookDialog.dataset.hook} requested.`);
+  });
   $('btn-sysrq').addEventListener('click', requestSysrq);
   $('btn-mode').addEventListener('click', switchMode);
   $('btn-reconnect').addEventListener('click', reconnect);
