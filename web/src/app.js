@@ -548,8 +548,8 @@ function updateToolbar() {
 }
 
 const HOOKS = {
-  reset: 'resets the VM at once, like pressing its reset button',
-  nmi: 'sends the VM a non-maskable interrupt (a Linux guest may panic and dump)',
+  reset: 'resets VM at once, like pressing its reset button',
+  nmi: 'sends VM a non-maskable interrupt (a Linux guest may panic and dump)',
 };
 
 function requestHook(name) {
