@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import trustme
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relayd.app import Gateway
 from relayd.auth import issue_token
@@ -169,6 +170,54 @@ async def wait_port_up(gateway: Gateway, vm: str) -> None:
     await wait_hub(gateway, vm, lambda hub: hub.port_up)
 
 
+def http_request(method: str, path: str, *, bearer: str | None = None, body: bytes = b"") -> bytes:
+    """The bytes of one HTTP/1.1 request that closes the connection after the answer."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+    if bearer:
+        head += f"Authorization: Bearer {bearer}\r\n"
+    if body or method in ("POST", "PUT"):
+        head += f"Content-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+async def https_exchange(
+    port: int, ctx: ssl.SSLContext, request: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 exchange over TLS; returns status, lower-cased headers, body."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+    )
+    writer.write(request)
+    async with asyncio.timeout(TIMEOUT):
+        data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def console_url(gateway: Gateway, vm: str, query: str = "") -> str:
+    """The WebSocket console route of a VM on a test gateway."""
+    return f"wss://localhost:{gateway.tls_port}/v1/vms/{vm}/console" + (
+        f"?{query}" if query else ""
+    )
+
+
+async def refused_upgrade(url: str, ctx: ssl.SSLContext, **kwargs: Any) -> tuple[int, str]:
+    """Open a console that must be refused before the upgrade; (status, JSON error code)."""
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(
+            url,
+            ssl=ctx,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            **kwargs,
+        ):
+            pass
+    response = info.value.response
+    return response.status_code, json.loads(response.body)["error"]
+
+
 class Console:
     """A test client: the real websockets client plus bookkeeping of what arrived."""
 
@@ -261,6 +310,35 @@ def open_console(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Calla
             assert hello["type"] == "hello"
             console.hello = hello
             yield console
+
+    return opener
+
+
+@pytest.fixture
+def stalled_spectator(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Callable[..., Any]:
+    """`async with stalled_spectator(gw, "vm") as ws:` a reader (rita) that stops reading.
+
+    A tiny receive buffer and a one-message queue make its TCP window close at
+    once, so relayd sees a client that has stopped reading; `ws.recv()` later
+    reads what did reach it.
+    """
+
+    @asynccontextmanager
+    async def opener(gateway: Gateway, vm: str) -> AsyncIterator[ClientConnection]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gateway.tls_port))
+        async with connect(
+            console_url(gateway, vm, "mode=spectate"),
+            sock=sock,
+            server_hostname="localhost",
+            ssl=client_ssl,
+            additional_headers={"Authorization": f"Bearer {token('rita')}"},
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            max_queue=1,
+            max_size=None,
+        ) as ws:
+            yield ws
 
     return opener
 

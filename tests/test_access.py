@@ -11,9 +11,18 @@ from typing import Any
 import pytest
 import trustme
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidMessage, InvalidStatus
+from websockets.exceptions import InvalidMessage
 
-from .conftest import TIMEOUT, FarEnd, running, wait_port_up
+from .conftest import (
+    TIMEOUT,
+    FarEnd,
+    console_url,
+    http_request,
+    https_exchange,
+    refused_upgrade,
+    running,
+    wait_port_up,
+)
 
 
 async def _request(
@@ -27,38 +36,9 @@ async def _request(
 ) -> tuple[int, dict[str, str], Any]:
     """One HTTP request over TLS; returns status, headers, parsed JSON body."""
     payload = b"" if body is None else json.dumps(body).encode()
-    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-    if bearer:
-        head += f"Authorization: Bearer {bearer}\r\n"
-    head += f"Content-Length: {len(payload)}\r\n\r\n"
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", gw.tls_port, ssl=ctx, server_hostname="localhost"
-    )
-    writer.write(head.encode() + payload)
-    async with asyncio.timeout(TIMEOUT):
-        data = await reader.read()
-    writer.close()
-    raw_head, _, raw_body = data.partition(b"\r\n\r\n")
-    lines = raw_head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, json.loads(raw_body) if raw_body else None
-
-
-def _ws_url(gw: Any, vm: str, query: str = "") -> str:
-    return f"wss://localhost:{gw.tls_port}/v1/vms/{vm}/console" + (f"?{query}" if query else "")
-
-
-async def _refused(url: str, ctx: ssl.SSLContext, **kwargs: Any) -> tuple[int, str]:
-    with pytest.raises(InvalidStatus) as info:
-        async with connect(
-            url,
-            ssl=ctx,
-            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
-            **kwargs,
-        ):
-            pass
-    response = info.value.response
-    return response.status_code, json.loads(response.body)["error"]
+    request = http_request(method, path, bearer=bearer, body=payload)
+    status, headers, raw = await https_exchange(gw.tls_port, ctx, request)
+    return status, headers, json.loads(raw) if raw else None
 
 
 async def test_ticket_opens_console_once_with_its_mode(
@@ -81,7 +61,7 @@ async def test_ticket_opens_console_once_with_its_mode(
         )
         assert status == 201
         assert body["expires_in"] == 30
-        url = _ws_url(gw, "vm-a", f"ticket={body['ticket']}")
+        url = console_url(gw, "vm-a", f"ticket={body['ticket']}")
         async with connect(
             url,
             ssl=client_ssl,
@@ -89,13 +69,13 @@ async def test_ticket_opens_console_once_with_its_mode(
         ) as ws:
             hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
             assert hello["role"] == "spectator"
-        assert await _refused(url, client_ssl) == (401, "invalid_ticket")
+        assert await refused_upgrade(url, client_ssl) == (401, "invalid_ticket")
         # Bound to the VM: a ticket for vm-a does not open anything else.
         _, _, body = await _request(
             gw, client_ssl, "POST", "/v1/vms/vm-a/console/tickets", bearer=token("alice")
         )
-        other = _ws_url(gw, "vm-b", f"ticket={body['ticket']}")
-        assert await _refused(other, client_ssl) == (401, "invalid_ticket")
+        other = console_url(gw, "vm-b", f"ticket={body['ticket']}")
+        assert await refused_upgrade(other, client_ssl) == (401, "invalid_ticket")
 
 
 async def test_ticket_needs_a_role_and_a_token(
@@ -165,7 +145,9 @@ async def test_owner_disables_vm_console_live_sessions_close_4009_and_it_persist
             assert "disabled" in reason
     async with running(config) as gw:
         bearer = {"Authorization": f"Bearer {token('alice')}"}
-        refused = await _refused(_ws_url(gw, "vm-a"), client_ssl, additional_headers=bearer)
+        refused = await refused_upgrade(
+            console_url(gw, "vm-a"), client_ssl, additional_headers=bearer
+        )
         assert refused == (403, "console_disabled")
         status, _, body = await _request(gw, client_ssl, "GET", "/v1/vms", bearer=token("alice"))
         assert body["vms"][0]["enabled"] is False
@@ -178,7 +160,9 @@ async def test_owner_disables_vm_console_live_sessions_close_4009_and_it_persist
             body={"enabled": True},
         )
         # The VM-level switch still says off: every level must be on.
-        refused = await _refused(_ws_url(gw, "vm-a"), client_ssl, additional_headers=bearer)
+        refused = await refused_upgrade(
+            console_url(gw, "vm-a"), client_ssl, additional_headers=bearer
+        )
         assert refused == (403, "console_disabled")
         status, _, _ = await _request(
             gw,
@@ -190,7 +174,7 @@ async def test_owner_disables_vm_console_live_sessions_close_4009_and_it_persist
         )
         assert status == 200
         async with connect(
-            _ws_url(gw, "vm-a"),
+            console_url(gw, "vm-a"),
             ssl=client_ssl,
             subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
             additional_headers=bearer,
@@ -255,21 +239,21 @@ async def test_client_certificate_authenticates_as_cert_principal(
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
         async with connect(
-            _ws_url(gw, "vm-a"),
+            console_url(gw, "vm-a"),
             ssl=ctx,
             subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
         ) as ws:
             hello = json.loads(await ws.recv())
             assert hello["role"] == "writer"
         anonymous = ssl.create_default_context(cafile=str(pki["ca"]))
-        assert await _refused(_ws_url(gw, "vm-a"), anonymous) == (401, "missing_token")
+        assert await refused_upgrade(console_url(gw, "vm-a"), anonymous) == (401, "missing_token")
         stranger_ca = trustme.CA()
         stranger = ssl.create_default_context(cafile=str(pki["ca"]))
         stranger_ca.issue_cert("x@example.com", common_name="ops-laptop").configure_cert(stranger)
         # Under TLS 1.3 the client finishes first: the refusal may show as a dropped exchange.
         with pytest.raises((ssl.SSLError, ConnectionError, InvalidMessage)):
             async with connect(
-                _ws_url(gw, "vm-a"),
+                console_url(gw, "vm-a"),
                 ssl=stranger,
                 subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
             ):
@@ -332,8 +316,8 @@ async def test_cross_site_origin_is_refused_and_own_origin_allowed(
     bearer = {"Authorization": f"Bearer {token('alice')}"}
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
-        refused = await _refused(
-            _ws_url(gw, "vm-a"),
+        refused = await refused_upgrade(
+            console_url(gw, "vm-a"),
             client_ssl,
             additional_headers=bearer,
             origin="https://evil.example",
@@ -341,7 +325,7 @@ async def test_cross_site_origin_is_refused_and_own_origin_allowed(
         assert refused == (403, "bad_origin")
         for origin in (f"https://localhost:{gw.tls_port}", "https://portal.example.com"):
             async with connect(
-                _ws_url(gw, "vm-a", "mode=spectate"),
+                console_url(gw, "vm-a", "mode=spectate"),
                 ssl=client_ssl,
                 subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
                 additional_headers=bearer,
@@ -365,8 +349,8 @@ async def test_session_cap_per_principal_is_429(
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
         async with open_console(gw, "vm-a", user="alice", mode="spectate"):
-            refused = await _refused(
-                _ws_url(gw, "vm-a", "mode=spectate"),
+            refused = await refused_upgrade(
+                console_url(gw, "vm-a", "mode=spectate"),
                 client_ssl,
                 additional_headers={"Authorization": f"Bearer {token('alice')}"},
             )

@@ -119,14 +119,9 @@ async def test_stalled_spectator_while_vm_prints_8mib_isolated_and_memory_bounde
     write_config: Callable[..., Any],
     far_end: FarEnd,
     open_console: Callable[..., Any],
-    client_ssl: Any,
-    token: Callable[..., str],
+    stalled_spectator: Callable[..., Any],
 ) -> None:
     """A spectator that never reads: the writer gets all 8 MiB, the log holds it, memory is flat."""
-    import socket
-
-    from websockets.asyncio.client import connect
-
     config = write_config(
         vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
         limits={
@@ -138,20 +133,8 @@ async def test_stalled_spectator_while_vm_prints_8mib_isolated_and_memory_bounde
     payload = os.urandom(8 * 2**20)
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", gw.tls_port))
         async with (
-            connect(
-                f"wss://localhost:{gw.tls_port}/v1/vms/vm-a/console?mode=spectate",
-                sock=sock,
-                server_hostname="localhost",
-                ssl=client_ssl,
-                additional_headers={"Authorization": f"Bearer {token('rita')}"},
-                subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
-                max_queue=1,
-                max_size=None,
-            ) as rita,
+            stalled_spectator(gw, "vm-a") as rita,
             open_console(gw, "vm-a", user="alice") as writer,
         ):
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import ssl
 import warnings
 from collections.abc import Callable
@@ -17,29 +16,15 @@ from websockets.exceptions import InvalidStatus
 
 from relayd.sim import SimulatedGuest
 
-from .conftest import TIMEOUT, FarEnd, running, wait_hub, wait_port_up
-
-
-async def _http(
-    port: int, ctx: ssl.SSLContext, request: bytes
-) -> tuple[int, dict[str, str], bytes]:
-    """One raw HTTP/1.1 exchange over TLS; returns status, headers, body."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
-    )
-    writer.write(request)
-    async with asyncio.timeout(TIMEOUT):
-        data = await reader.read()
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
-
-
-def _get(path: str, token: str | None = None) -> bytes:
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n".encode()
+from .conftest import (
+    TIMEOUT,
+    FarEnd,
+    http_request,
+    https_exchange,
+    running,
+    wait_hub,
+    wait_port_up,
+)
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
@@ -50,7 +35,9 @@ async def test_tls_modern_versions_are_accepted(
     config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
     client_ssl.minimum_version = client_ssl.maximum_version = version
     async with running(config) as gw:
-        status, _, _ = await _http(gw.tls_port, client_ssl, _get("/healthz-not-here"))
+        status, _, _ = await https_exchange(
+            gw.tls_port, client_ssl, http_request("GET", "/healthz-not-here")
+        )
     assert status == 404
 
 
@@ -69,10 +56,10 @@ async def test_tls_1_1_client_is_refused_at_handshake(
     async with running(config) as gw:
         # asyncio aborts a failed handshake, so the client sees an alert or a reset.
         with pytest.raises((ssl.SSLError, ConnectionError)):
-            await _http(gw.tls_port, ctx, _get("/"))
+            await https_exchange(gw.tls_port, ctx, http_request("GET", "/"))
         # Control: the same permissive client succeeds once it may use TLS 1.2.
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        status, _, _ = await _http(gw.tls_port, ctx, _get("/"))
+        status, _, _ = await https_exchange(gw.tls_port, ctx, http_request("GET", "/"))
         assert status == 200
 
 
@@ -128,10 +115,10 @@ async def test_vm_list_shows_only_what_the_principal_may_see(
     )
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
-        status, headers, body = await _http(
-            gw.tls_port, client_ssl, _get("/v1/vms", token("alice"))
+        status, headers, body = await https_exchange(
+            gw.tls_port, client_ssl, http_request("GET", "/v1/vms", bearer=token("alice"))
         )
-        anon, _, _ = await _http(gw.tls_port, client_ssl, _get("/v1/vms"))
+        anon, _, _ = await https_exchange(gw.tls_port, client_ssl, http_request("GET", "/v1/vms"))
     assert status == 200
     assert headers["content-type"] == "application/json"
     vms = json.loads(body)["vms"]
@@ -481,8 +468,7 @@ async def test_burst_reaches_fast_client_intact_while_stalled_client_gets_gap(
     write_config: Callable[..., Any],
     far_end: FarEnd,
     open_console: Callable[..., Any],
-    client_ssl: ssl.SSLContext,
-    token: Callable[..., str],
+    stalled_spectator: Callable[..., Any],
 ) -> None:
     """8 MiB of output: the fast client gets every byte; one that stops reading skips ahead.
 
@@ -500,20 +486,8 @@ async def test_burst_reaches_fast_client_intact_while_stalled_client_gets_gap(
     payload = os.urandom(8 * 2**20)
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", gw.tls_port))
         async with (
-            connect(
-                f"wss://localhost:{gw.tls_port}/v1/vms/vm-a/console?mode=spectate",
-                sock=sock,
-                server_hostname="localhost",
-                ssl=client_ssl,
-                additional_headers={"Authorization": f"Bearer {token('rita')}"},
-                subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
-                max_queue=1,
-                max_size=None,
-            ) as stalled,
+            stalled_spectator(gw, "vm-a") as stalled,
             open_console(gw, "vm-a", mode="spectate") as fast,
         ):
             await far_end.send(payload)

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .conftest import TIMEOUT, FarEnd, running, wait_hub, wait_port_up
+from .conftest import FarEnd, http_request, https_exchange, running, wait_hub, wait_port_up
 
 
 async def _get(
     gw: Any, ctx: ssl.SSLContext, path: str, bearer: str
 ) -> tuple[int, dict[str, str], bytes]:
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", gw.tls_port, ssl=ctx, server_hostname="localhost"
-    )
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {bearer}\r\n"
-        "Connection: close\r\n\r\n".encode()
-    )
-    async with asyncio.timeout(TIMEOUT):
-        data = await reader.read()
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
+    return await https_exchange(gw.tls_port, ctx, http_request("GET", path, bearer=bearer))
 
 
 async def test_console_log_endpoint_serves_offsets_and_headers(

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
 
-from .conftest import FarEnd, running, wait_port_up
+from .conftest import FarEnd, console_url, refused_upgrade, running, wait_port_up
 
 
 async def test_idle_writer_gets_warning_then_close_4008(
@@ -56,16 +53,8 @@ async def test_spectator_is_not_closed_for_idleness_but_max_session_length_appli
 async def _status_and_code(
     gw: Any, client_ssl: ssl.SSLContext, bearer: str, vm: str = "vm-a"
 ) -> tuple[int, str]:
-    with pytest.raises(InvalidStatus) as info:
-        async with connect(
-            f"wss://localhost:{gw.tls_port}/v1/vms/{vm}/console",
-            ssl=client_ssl,
-            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
-            additional_headers={"Authorization": f"Bearer {bearer}"},
-        ):
-            pass
-    response = info.value.response
-    return response.status_code, json.loads(response.body)["error"]
+    headers = {"Authorization": f"Bearer {bearer}"}
+    return await refused_upgrade(console_url(gw, vm), client_ssl, additional_headers=headers)
 
 
 async def test_disabled_console_is_403_console_disabled(
