@@ -84,6 +84,8 @@ class GatewayCollector(Collector):
             "skipped_bytes": ("relayd_output_skipped_bytes", "Bytes clients skipped"),
             "pastes_refused": ("relayd_pastes_refused", "Inputs over max_paste_bytes"),
             "idle_closes": ("relayd_idle_closes", "Sessions closed for idleness"),
+            "port_errors": ("relayd_port_errors", "Failed opens and lost serial links"),
+            "log_errors": ("relayd_console_log_errors", "Console log writes that failed"),
         }
         families = {
             attr: CounterMetricFamily(name, doc, labels=["vm"])

@@ -19,7 +19,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -107,7 +107,6 @@ class HubStats:
     log_errors: int = 0
     port_errors: int = 0
     last_error: str = ""
-    up_since: float | None = field(default=None)
 
 
 def binary_frame(data: bytes) -> bytes:
@@ -191,7 +190,6 @@ class ConsoleHub:
 
     def _set_port_state(self, up: bool) -> None:
         self.port_up = up
-        self.stats.up_since = time.time() if up else None
         if not up:
             self._drop_input()
         self._changed()

@@ -62,7 +62,6 @@ class ConsoleSession:
         peer: str,
         region: str,
         output_queue_bytes: int,
-        on_closed: object = None,
     ) -> None:
         self.transport = transport
         self.hub = hub
