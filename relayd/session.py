@@ -84,9 +84,10 @@ class ConsoleSession:
         self._fragments: list[bytes] = []
         self._fragment_opcode: Opcode | None = None
         self.cursor = 0  # absolute offset of the next console byte this client gets
+        self._loop = asyncio.get_running_loop()  # looked up once: deliver() runs per chunk
         rate = limits.output_bytes_per_s
         self._out_bucket = (
-            TokenBucket(rate, max(PUMP_CHUNK, rate // 4), now=asyncio.get_running_loop().time())
+            TokenBucket(rate, max(PUMP_CHUNK, rate // 4), now=self._loop.time())
             if rate
             else None
         )
@@ -178,11 +179,10 @@ class ConsoleSession:
         """Bytes the output cap allows now; arms a timer to resume when it allows none."""
         if self._out_bucket is None:
             return PUMP_CHUNK
-        loop = asyncio.get_running_loop()
-        available = int(self._out_bucket.available(loop.time()))
+        available = int(self._out_bucket.available(self._loop.time()))
         if available <= 0 and self._throttle_timer is None:
             wait = min(PUMP_CHUNK, self._out_bucket.burst) / self._out_bucket.rate / 4
-            self._throttle_timer = loop.call_later(wait, self._throttle_over)
+            self._throttle_timer = self._loop.call_later(wait, self._throttle_over)
         return available
 
     def _throttle_over(self) -> None:
@@ -193,7 +193,7 @@ class ConsoleSession:
         self.cursor += n
         self.bytes_out += n
         if self._out_bucket is not None:
-            self._out_bucket.reserve(n, asyncio.get_running_loop().time())
+            self._out_bucket.reserve(n, self._loop.time())
 
     def send_text(self, text: str) -> None:
         """A control message, framed by the WebSocket protocol."""
