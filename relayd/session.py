@@ -87,9 +87,7 @@ class ConsoleSession:
         self._loop = asyncio.get_running_loop()  # looked up once: deliver() runs per chunk
         rate = limits.output_bytes_per_s
         self._out_bucket = (
-            TokenBucket(rate, max(PUMP_CHUNK, rate // 4), now=self._loop.time())
-            if rate
-            else None
+            TokenBucket(rate, max(PUMP_CHUNK, rate // 4), now=self._loop.time()) if rate else None
         )
         self._throttle_timer: asyncio.TimerHandle | None = None
         self._replaying = True
