@@ -29,6 +29,7 @@ from . import control
 from .audit import audit
 from .auth import Principal
 from .errors import BadMessageError
+from .hub import binary_frame
 from .log import get_logger
 from .rbac import at_least
 from .throttle import TokenBucket
@@ -170,7 +171,7 @@ class ConsoleSession:
             if budget <= 0:
                 return
             chunk = hub.read(self.cursor, min(budget, PUMP_CHUNK))
-            self.transport.write(Frame(Opcode.BINARY, chunk).serialize(mask=False))
+            self.transport.write(binary_frame(chunk))
             self._sent(len(chunk))
 
     def _budget(self) -> int:
