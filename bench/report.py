@@ -281,6 +281,18 @@ def summarize(results: dict[str, Any]) -> str:
             f"relayd PSS per configured VM (1,000 VMs against 100, no sessions): "
             f"{vm * 1024 / 1e6:.2f} MB",
         ]
+    speeds = [
+        f"{phase}/{peer} {r['relay_cpu_speed_loop_s'][0]:.2f}→{r['relay_cpu_speed_loop_s'][1]:.2f}"
+        for phase, by_peer in results.get("phases", {}).items()
+        for peer, r in by_peer.items()
+        if isinstance(r, dict) and r.get("relay_cpu_speed_loop_s")
+    ]
+    if speeds:
+        out += [
+            "",
+            "Relay CPU speed check, a fixed Python loop before→after each phase (s; "
+            "lower is faster, and CPU-per-unit figures scale with it): " + ", ".join(speeds),
+        ]
     if errors:
         out += ["", "Errors and limits reached:", *errors]
     return "\n".join(out) + "\n"

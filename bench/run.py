@@ -55,6 +55,7 @@ from bench.loadgen import (  # noqa: E402
 from bench.peers import (  # noqa: E402
     HAPROXY_MAXCONN,
     NICE,
+    RELAY_CPU,
     Haproxy,
     Peer,
     Pki,
@@ -947,6 +948,24 @@ async def wait_quiet(max_wait: float) -> tuple[float, float]:
     return time.monotonic() - t0, load
 
 
+SPEED_LOOP = (
+    "import time\nt = time.process_time()\ns = 0\n"
+    "for i in range(2_000_000): s += i * i\nprint(time.process_time() - t)"
+)
+
+
+def relay_cpu_speed() -> float:
+    """CPU seconds a fixed pure-Python loop takes on the relay's CPU.
+
+    This VM's vCPUs are shared with other tenants and the same work takes up to
+    half again as long from one minute to the next (steal is not reported), so
+    each phase records this before and after; CPU-per-unit figures move with it.
+    """
+    argv = ["taskset", "-c", RELAY_CPU, sys.executable, "-c", SPEED_LOOP]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+    return round(float(out.stdout), 3)
+
+
 async def run_phase(ctx: Ctx, run: Callable[[], Any], attempts: int) -> dict[str, Any]:
     """Run a phase on a quiet machine; repeat (bounded) when something else ran meanwhile.
 
@@ -960,11 +979,13 @@ async def run_phase(ctx: Ctx, run: Callable[[], Any], attempts: int) -> dict[str
     for attempt in range(1, attempts + 1):
         waited, load = await wait_quiet(180.0 if ctx.patient else 0.0)
         ctx.log_notes.clear()
+        speed_before = await asyncio.to_thread(relay_cpu_speed)
         try:
             async with asyncio.timeout(900):
                 res = await run()
         except Exception as exc:  # record, go on with the next phase
             res = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        res["relay_cpu_speed_loop_s"] = [speed_before, await asyncio.to_thread(relay_cpu_speed)]
         res["attempt"] = attempt
         if ctx.log_notes:
             res["relay_log_notes"] = list(ctx.log_notes)
