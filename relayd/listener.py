@@ -51,6 +51,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def plain_address(text: str) -> str:
+    """An address as `allow_clients` and `trusted_proxies` compare it.
+
+    On a dual-stack ``[::]`` listener an IPv4 client arrives as ``::ffff:a.b.c.d``,
+    which no IPv4 network contains: it is turned back into ``a.b.c.d``.
+    """
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
 def _reason(exc: BaseException) -> str:
     """A short, bounded label for a failed handshake (a metric label, not a message)."""
     if isinstance(exc, TimeoutError):
@@ -87,7 +99,7 @@ class Listener:
                         log.warning("accept_failed", error=str(exc))
                         await asyncio.sleep(0.1)
                         continue
-                    tg.create_task(self._handshake(conn, str(addr[0])))
+                    tg.create_task(self._handshake(conn, plain_address(addr[0])))
         finally:
             self.sock.close()
 
@@ -139,7 +151,4 @@ class Listener:
             buf += chunk
         if result.source is None:  # LOCAL (health checks) or an unknown family
             return peer
-        address = ipaddress.ip_address(result.source[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(address)
+        return plain_address(result.source[0])

@@ -8,6 +8,8 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
+from relayd.listener import plain_address
+
 from .conftest import FarEnd, console_url, refused_upgrade, running, wait_port_up
 
 
@@ -109,3 +111,33 @@ async def test_client_outside_allow_list_is_403(
     )
     async with running(config) as gw:
         assert await _status_and_code(gw, client_ssl, "garbage") == (403, "client_not_allowed")
+
+
+async def test_ipv4_client_on_a_dual_stack_listener_matches_ipv4_allow_list(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """On `[::]` an IPv4 client arrives as ::ffff:127.0.0.1; it must match 127.0.0.0/8."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        gateway={"listen": "[::]:0", "allow_clients": ["127.0.0.0/8"]},
+    )
+    async with (
+        running(config) as gw,
+        connect(
+            console_url(gw, "vm-a"),
+            ssl=client_ssl,
+            host="127.0.0.1",
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            additional_headers={"Authorization": f"Bearer {token('alice')}"},
+        ) as ws,
+    ):
+        assert '"hello"' in str(await ws.recv())
+
+
+def test_plain_address_unmaps_ipv4_and_keeps_ipv6() -> None:
+    assert plain_address("::ffff:10.0.0.5") == "10.0.0.5"
+    assert plain_address("::1") == "::1"
+    assert plain_address("192.0.2.7") == "192.0.2.7"
