@@ -31,6 +31,7 @@ from .auth import Authenticator, Principal
 from .certs import certificate_not_after
 from .config import Config, Role, VmConfig, load_config
 from .connection import ClientConnection, Request
+from .consolelog import ConsoleLogError
 from .errors import (
     AuthError,
     ConfigError,
@@ -391,6 +392,26 @@ class Gateway:
     def _new_hub(vm: VmConfig, config: Config) -> ConsoleHub:
         return ConsoleHub(vm, config.limits, log_dir=config.gateway.state_dir / "consolelog")
 
+    def _open_added_hubs(self, config: Config) -> dict[str, ConsoleHub]:
+        """Hubs (console logs open) for the VMs a new config adds: all of them, or none.
+
+        Opened before the reload commits, so a log that cannot be opened (disk
+        full, read-only, held by another process) fails the reload, not the daemon.
+
+        Raises:
+            ConsoleLogError: one of the logs cannot be opened.
+        """
+        added: dict[str, ConsoleHub] = {}
+        try:
+            for vm in config.vms:
+                if vm.id not in self.hubs:
+                    added[vm.id] = self._new_hub(vm, config)
+        except ConsoleLogError:
+            for hub in added.values():
+                hub.close_log()
+            raise
+        return added
+
     def _start_hub(self, hub: ConsoleHub) -> None:
         assert self._tg is not None
         self._hub_tasks[hub.vm.id] = self._tg.create_task(hub.run(), name=f"hub-{hub.vm.id}")
@@ -426,7 +447,8 @@ class Gateway:
             ssl_context = server_context(config.tls)
             authenticator = Authenticator(config.auth)
             cert_expiry = _cert_not_after(config)
-        except ConfigError as exc:
+            added = self._open_added_hubs(config)
+        except (ConfigError, ConsoleLogError) as exc:
             log.error("config_reload_failed", error=str(exc))
             self.notifier.notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
             return False
@@ -450,7 +472,7 @@ class Gateway:
         for vm_id, vm in wanted.items():
             existing = self.hubs.get(vm_id)
             if existing is None:
-                self.hubs[vm_id] = self._new_hub(vm, config)
+                self.hubs[vm_id] = added[vm_id]
                 self._start_hub(self.hubs[vm_id])
             elif existing.reconfigure(vm, config.limits):
                 task = self._hub_tasks.pop(vm_id)

@@ -146,6 +146,27 @@ async def test_reload_with_broken_config_keeps_the_old_one(
             assert console.hello["role"] == "writer"
 
 
+async def test_reload_with_an_unusable_console_log_fails_the_reload_not_the_daemon(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """A VM added on reload whose log cannot be opened: reload refused, old VMs serve on."""
+    serial = f"tcp://127.0.0.1:{far_end.port}"
+    config = write_config(vms=[{"id": "vm-a", "serial": serial}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        (config.gateway.state_dir / "consolelog" / "vm-new").write_text("not a directory")
+        write_config(vms=[{"id": "vm-a", "serial": serial}, {"id": "vm-new", "serial": serial}])
+        with capture_logs() as events:
+            assert not await gw.reload()
+        failed = [e for e in events if e["event"] == "config_reload_failed"]
+        assert failed
+        assert "vm-new" in failed[0]["error"]
+        assert set(gw.hubs) == {"vm-a"}
+        async with open_console(gw, "vm-a") as console:
+            await console.send(b"still here\r")
+            await far_end.wait_received(lambda b: b"still here" in b)
+
+
 async def test_reload_adds_new_vm_and_removes_old_with_4004(
     write_config: Callable[..., Any],
     far_end: FarEnd,
