@@ -158,7 +158,11 @@ class ConsoleHub:
         rate = vm.input_rate
         self._chunk = max(16, rate // 50)  # 20 ms of line time per write
         self._bucket = TokenBucket(rate, burst=max(self._chunk, rate // 10))
-        self._input: deque[bytes | _Break | _Hangup | _Hook] = deque()
+        self._input: deque[bytes | _Break | _Hangup] = deque()
+        # Reset and NMI run apart from the port writer: a guest whose serial line stopped
+        # draining is exactly the one that needs them, and must not wait behind its input.
+        self._hooks: deque[_Hook] = deque()
+        self._hooks_ready = asyncio.Event()
         self._input_bytes = 0
         self._input_high = max(4096, rate)  # about one second of line time
         self._input_ready = asyncio.Event()
@@ -173,8 +177,21 @@ class ConsoleHub:
     # -- the port ---------------------------------------------------------------
 
     async def run(self) -> None:
-        """Keep the port open until cancelled, reconnecting with backoff."""
+        """Keep the port open until cancelled, reconnecting with backoff; run hooks meanwhile."""
         self._loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._hook_loop())
+            await self._keep_port_open()
+
+    async def _hook_loop(self) -> None:
+        """Queued reset/NMI commands, one at a time, in the order asked for."""
+        while True:
+            while not self._hooks:
+                self._hooks_ready.clear()
+                await self._hooks_ready.wait()
+            await self._run_hook(self._hooks.popleft())
+
+    async def _keep_port_open(self) -> None:
         backoff = BACKOFF_FIRST
         bound = log.bind(vm=self.vm.id, serial=str(self.vm.serial))
         while True:
@@ -204,8 +221,8 @@ class ConsoleHub:
                 self.stats.last_error = str(group.exceptions[0]) or type(group).__name__
             finally:
                 self._link = None
+                self._set_port_state(False)  # first: nothing is accepted while it closes
                 await link.close()
-                self._set_port_state(False)
             self.stats.reconnects += 1
             bound.info("port_down", error=self.stats.last_error, retry_in=backoff)
             await asyncio.sleep(backoff)
@@ -252,19 +269,17 @@ class ConsoleHub:
 
     async def _carry_out(
         self,
-        op: bytes | _Break | _Hangup | _Hook,
+        op: bytes | _Break | _Hangup,
         link: SerialLink,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        """One queued operation, in order: a BREAK (and SysRq key), a hangup, a hook, input."""
+        """One queued operation, in order: a BREAK (and SysRq key), a hangup, input."""
         if isinstance(op, _Break):
             await self._send_break(link)
             if op.key:
                 await link.write(op.key)
         elif isinstance(op, _Hangup):
             await link.hangup()
-        elif isinstance(op, _Hook):
-            await self._run_hook(op)
         else:
             # Pace in small chunks so a BREAK queued mid-paste is not stuck behind it.
             chunk, rest = op[: self._chunk], op[self._chunk :]
@@ -274,7 +289,8 @@ class ConsoleHub:
             if delay:
                 await asyncio.sleep(delay)
             await link.write(chunk)
-            self._input_bytes -= len(chunk)
+            # Not below zero: a takeover may have dropped the queue while this chunk was out.
+            self._input_bytes = max(0, self._input_bytes - len(chunk))
             self.stats.bytes_to_port += len(chunk)
             self._maybe_resume()
 
@@ -364,7 +380,8 @@ class ConsoleHub:
     def read(self, offset: int, max_bytes: int) -> bytes:
         """Held console output from `offset` (clamped to `start`), at most `max_bytes`.
 
-        Recent output comes from memory; older output from the on-disk log.
+        Recent output comes from memory; older output from the on-disk log. Empty
+        when the log cannot be read: what is below ``ring.start`` is then unavailable.
         """
         offset = max(offset, self.start)
         if offset >= self.ring.start or self.log is None:
@@ -373,7 +390,7 @@ class ConsoleHub:
             older = self.log.read(offset, min(max_bytes, self.ring.start - offset))
         except ConsoleLogError as exc:
             self._log_failed(exc)
-            return self.ring.read(self.ring.start, max_bytes)
+            return b""  # the caller skips to ring.start, telling the client what it missed
         if len(older) < max_bytes and offset + len(older) >= self.ring.start:
             older += self.ring.read(offset + len(older), max_bytes - len(older))
         return older
@@ -426,8 +443,8 @@ class ConsoleHub:
         argv = self.vm.nmi_command if name == "nmi" else self.vm.reset_command
         if argv is None:
             return False
-        self._input.appendleft(_Hook(f"{name}_command", argv))
-        self._input_ready.set()
+        self._hooks.append(_Hook(f"{name}_command", argv))
+        self._hooks_ready.set()
         return True
 
     def _maybe_resume(self) -> None:
@@ -481,6 +498,8 @@ class ConsoleHub:
                     by_session_id=client.session_id,
                 )
                 if isinstance(decision, Evicted):
+                    # A spectator from now on: keys it still has in flight are refused.
+                    previous.set_role("spectator")
                     previous.send_text(
                         control.encode_notice("writer_changed", writer=by, by=by, you="evicted")
                     )
@@ -581,6 +600,10 @@ async def run_hook(argv: tuple[str, ...], *, vm: str, what: str) -> int:
             proc.kill()
         await proc.wait()
         raise HookError(f"{what} timed out after {HOOK_TIMEOUT:g}s") from None
+    except asyncio.CancelledError:  # the daemon stops or the VM is removed: no orphan
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
     status = proc.returncode or 0
     log.info("hook_ran", vm=vm, hook=what, status=status)
     if status != 0:

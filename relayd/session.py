@@ -99,7 +99,10 @@ class ConsoleSession:
         # sessions opened together do not all ping together.
         spread = 0.5 + int(session_id[:4], 16) / 0x20000
         self._next_ping = self.started + limits.keepalive_interval * spread
-        self._closed = False
+        self._closed = False  # the transport is gone
+        # Data frames may be sent and taken: false once either side's Close is out (RFC 6455
+        # 5.5.1) or the transport is gone, so an evicted writer's keys in flight are dropped.
+        self._open = True
         self._close_timer: asyncio.TimerHandle | None = None
         transport.set_write_buffer_limits(high=output_queue_bytes)
 
@@ -141,7 +144,7 @@ class ConsoleSession:
 
     def deliver(self, offset: int, data: bytes, frame: bytes) -> None:
         """Live output: sent at once when the client is caught up, else read from the ring later."""
-        if self._closed or self._write_paused or self._throttle_timer is not None:
+        if not self._open or self._write_paused or self._throttle_timer is not None:
             return
         if self.cursor == offset and self._budget() >= len(data):
             self.transport.write(frame)
@@ -161,7 +164,7 @@ class ConsoleSession:
             live_floor = hub.ring.start
             if self._replaying and self.cursor >= live_floor:
                 self._replaying = False
-            if self._write_paused or self._closed or self.cursor >= hub.end:
+            if self._write_paused or not self._open or self.cursor >= hub.end:
                 return
             floor = hub.start if self._replaying else live_floor
             if self.cursor < floor:
@@ -171,6 +174,13 @@ class ConsoleSession:
             if budget <= 0:
                 return
             chunk = hub.read(self.cursor, min(budget, PUMP_CHUNK))
+            if not chunk:
+                if self.cursor >= live_floor:
+                    return
+                # The on-disk log could not be read: skip to what memory holds, and say so.
+                self._send_gap(self.cursor, live_floor - 1)
+                self.cursor, self._replaying = live_floor, False
+                continue
             self.transport.write(binary_frame(chunk))
             self._sent(len(chunk))
 
@@ -216,10 +226,9 @@ class ConsoleSession:
         if self._closed or self.ws.state is not State.OPEN:
             return
         self.end_reason = self.end_reason or reason or f"closed with {code}"
+        self._open = False
         self.ws.send_close(code, reason[:120])
-        self._flush()
-        loop = asyncio.get_running_loop()
-        self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+        self._flush()  # arms the close timer: websockets now expects the peer to close
 
     # -- transport events -------------------------------------------------------------
 
@@ -255,6 +264,7 @@ class ConsoleSession:
         if self._closed:
             return
         self._closed = True
+        self._open = False
         for timer in (self._close_timer, self._throttle_timer):
             if timer is not None:
                 timer.cancel()
@@ -337,8 +347,10 @@ class ConsoleSession:
                 continue
             if event.opcode is Opcode.PONG:
                 self._awaiting_pong = False
-            elif event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+            elif event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT) and self._open:
                 self._on_data_frame(event)
+        if self.ws.state is not State.OPEN:
+            self._open = False
         self._flush()
         if self.ws.state is State.CLOSED and not self.end_reason:
             code = self.ws.close_code
@@ -394,6 +406,9 @@ class ConsoleSession:
             return
         if self.role != "writer" or not at_least(self.rbac_role, "contributor"):
             self._error("read_only", "only the writer may send BREAK or SysRq")
+            return
+        if not self.hub.port_up:
+            self._error("port_down", "the serial port is down; BREAK was not sent")
             return
         if not self.hub.can_break:
             self._error(

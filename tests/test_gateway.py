@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import ssl
 import warnings
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
 
 from relayd.sim import SimulatedGuest
 
@@ -223,6 +225,50 @@ async def test_takeover_evict_closes_old_writer_with_4001_naming_newcomer(
             await bob.send(b"bob types\r")
             await far_end.wait_received(lambda b: b"bob types" in b)
         assert gw.hubs["vm-a"].stats.takeovers == 1
+
+
+async def test_evicted_writer_keys_in_flight_never_reach_the_port(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """Keys an evicted writer sends before it reads its close are dropped, not written."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="alice") as alice:
+            transport = alice.ws.transport
+            transport.pause_reading()  # alice has not seen the takeover yet
+            async with open_console(gw, "vm-a", user="bob") as bob:
+                assert bob.hello["role"] == "writer"
+                transport.write(Frame(Opcode.BINARY, b"EVIL\r").serialize(mask=True))
+                transport.resume_reading()  # her close reply follows the key on the wire
+                code, _ = await alice.closed()
+                assert code == 4001
+                await wait_hub(gw, "vm-a", lambda hub: len(hub.clients) == 1)
+                await bob.send(b"bob\r")
+                await far_end.wait_received(lambda b: b"bob\r" in b)
+        assert bytes(far_end.received) == b"bob\r"
+
+
+async def test_break_while_the_port_is_down_is_refused_not_queued(
+    write_config: Callable[..., Any], open_console: Callable[..., Any], tmp_path: Any
+) -> None:
+    """A SysRq pressed during an outage would fire at reconnect: it is refused instead."""
+    config = write_config(
+        vms=[
+            {
+                "id": "vm-a",
+                "serial": f"unix://{tmp_path}/nothing-here.sock",
+                "break_command": ["true"],
+            }
+        ]
+    )
+    async with running(config) as gw:
+        await wait_hub(gw, "vm-a", lambda hub: hub.first_attempt.is_set())
+        async with open_console(gw, "vm-a") as console:
+            await console.send({"type": "sysrq", "key": "b"})
+            error = await console.control(type="error")
+            assert error["code"] == "port_down"
+        assert not gw.hubs["vm-a"]._input
 
 
 async def test_takeover_demote_keeps_old_writer_as_spectator(
@@ -588,6 +634,43 @@ async def test_owner_hooks_run_and_report_exit_status(
                 "status": 0,
             }
     assert marker.exists()
+
+
+async def test_reset_runs_while_a_hung_guest_is_not_reading_its_serial_line(
+    write_config: Callable[..., Any], open_console: Callable[..., Any], tmp_path: Any
+) -> None:
+    """Input stuck behind a far end that stopped reading does not hold back reset."""
+    hung = socket.socket()
+    hung.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(1)  # the connection completes in the backlog; nothing ever reads it
+    marker = tmp_path / "reset-ran"
+    config = write_config(
+        vms=[
+            {
+                "id": "vm-a",
+                "serial": f"tcp://127.0.0.1:{hung.getsockname()[1]}",
+                "reset_command": ["touch", str(marker)],
+                "input_bytes_per_s": 50_000_000,
+            }
+        ],
+        limits={"max_paste_bytes": 2**20},
+        roles=[("user:olga", "owner", "/subscriptions/sub-1")],
+    )
+    try:
+        async with running(config) as gw:
+            await wait_port_up(gw, "vm-a")
+            async with open_console(gw, "vm-a", user="olga") as olga:
+                # The first 1 MiB chunk alone overfills every buffer on the way: the port
+                # writer is stuck in its drain from then on, with the rest queued behind.
+                for _ in range(4):
+                    await olga.send(b"x" * 2**20)
+                await olga.send({"type": "reset"})
+                result = await olga.control(type="notice", event="hook_result")
+                assert result["ok"] is True
+        assert marker.exists()
+    finally:
+        hung.close()
 
 
 async def test_output_cap_makes_a_client_skip_a_burst_it_may_not_receive_in_time(

@@ -75,3 +75,33 @@ async def test_restart_keeps_offsets_and_replays_from_disk(
             assert out == before[1000:] + b"after restart|"
         async with open_console(gw, "vm-a") as fresh:
             assert fresh.hello["replay"] == 100
+
+
+async def test_unreadable_log_on_resume_skips_to_memory_with_exact_gap(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+) -> None:
+    """When the on-disk log cannot be read, the client is told what it misses, never misled."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"output_buffer_bytes": 4096, "console_log_bytes": 65536},
+    )
+    before = os.urandom(20000)
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        await far_end.send(before)
+        hub = gw.hubs["vm-a"]
+        await wait_hub(gw, "vm-a", lambda hub: hub.end >= len(before))
+        assert hub.log is not None
+        hub.log.flush()
+        segment = sorted((config.gateway.state_dir / "consolelog" / "vm-a").glob("*.seg"))[0]
+        with segment.open("r+b") as f:  # a bad sector under the oldest output
+            f.seek(64)
+            f.write(bytes(b ^ 0xFF for b in f.read(64)))
+        ring_start = hub.ring.start
+        assert ring_start > 1000
+        async with open_console(gw, "vm-a", resume_from=1000) as console:
+            gap = await console.control(type="notice", event="output_gap")
+            assert (gap["first"], gap["last"]) == (1000, ring_start - 1)
+            assert await console.read_at_least(len(before) - ring_start) == before[ring_start:]
