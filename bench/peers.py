@@ -408,6 +408,28 @@ class Haproxy(Peer):
         return Target("raw", "127.0.0.1", self.port)
 
 
+class PyFloor(Peer):
+    """bench/pyfloor.py: a bare TLS-to-TCP byte relay on relayd's stack (asyncio, uvloop, ssl)."""
+
+    name = "pyfloor"
+    kind = "raw"
+
+    def __init__(self, workdir: Path, pki: Pki, backend_port: int) -> None:
+        super().__init__(workdir)
+        self.pki = pki
+        self.backend_port = backend_port
+
+    def argv(self) -> list[str]:
+        """`python -m bench.pyfloor PORT PEM BACKEND_PORT`."""
+        script = Path(__file__).with_name("pyfloor.py")
+        return [sys.executable, str(script), str(self.port), str(self.pki.combined),
+                str(self.backend_port)]  # fmt: skip
+
+    def target(self, vm: str = "", *, mode: str = "interactive") -> Target:
+        """A raw TLS stream."""
+        return Target("raw", "127.0.0.1", self.port)
+
+
 def versions() -> dict[str, str]:
     """Software versions for the report."""
     out: dict[str, str] = {}

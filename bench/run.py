@@ -59,6 +59,7 @@ from bench.peers import (  # noqa: E402
     Haproxy,
     Peer,
     Pki,
+    PyFloor,
     Relayd,
     Websockify,
     free_port,
@@ -175,6 +176,8 @@ def make_peer(
         return Websockify(workdir, ctx.pki, backend_port)
     if name == "haproxy":
         return Haproxy(workdir, ctx.pki, backend_port)
+    if name == "pyfloor":
+        return PyFloor(workdir, ctx.pki, backend_port)
     raise ValueError(name)
 
 
@@ -1045,7 +1048,10 @@ def cli() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="small sizes, about two minutes")
-    p.add_argument("--only", help=f"comma list of relays (default {','.join(PEERS)})")
+    p.add_argument(
+        "--only",
+        help=f"comma list of relays (default {','.join(PEERS)}; also pyfloor, bench/pyfloor.py)",
+    )
     p.add_argument("--phases", help=f"comma list of phases (default {','.join(PHASES)})")
     p.add_argument("--profile", action="store_true", help="py-spy relayd during measured windows")
     p.add_argument(
