@@ -94,6 +94,9 @@ class ConsoleSession:
         self._replaying = True
         self._write_paused = False
         self._awaiting_pong = False
+        # Set while the hub holds this writer back (its paste waits for the line): its
+        # pong is unread, not missing, and must not cost it the session.
+        self._reading_paused = False
         self._idle_warned = False
         # First ping somewhere in the second half of the interval, by session id, so
         # sessions opened together do not all ping together.
@@ -212,12 +215,14 @@ class ConsoleSession:
         self._flush()
 
     def pause_input(self) -> None:
-        """The serial line is behind: stop reading this client."""
+        """The serial line is behind: stop reading this client (its pongs wait too)."""
         if not self._closed:
+            self._reading_paused = True
             self.transport.pause_reading()
 
     def resume_input(self) -> None:
         """The serial line caught up."""
+        self._reading_paused = False
         if not self._closed and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -317,7 +322,7 @@ class ConsoleSession:
         """Ping; False (and the transport aborted) when the last ping went unanswered."""
         if self._closed:
             return False
-        if self._awaiting_pong:
+        if self._awaiting_pong and not self._reading_paused:
             self.end_reason = "keepalive timeout"
             self._info("keepalive_timeout")
             self.transport.abort()
