@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import webui
 from .audit import audit
-from .config import vm_scopes
+from .config import VmConfig, vm_scopes
 from .errors import ForbiddenError, NotFoundError, PeerError
 from .rbac import at_least
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .auth import Principal
     from .connection import HttpResponse, Request
     from .switches import Level
 
@@ -141,7 +142,7 @@ def _json_body(request: Request, *, optional: bool = False) -> dict[str, Any]:
         raise PeerError("a JSON body is required", code="bad_request")
     try:
         body = json.loads(request.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise PeerError("body is not valid JSON", code="bad_request") from None
     if not isinstance(body, dict):
         raise PeerError("body must be a JSON object", code="bad_request")
@@ -166,7 +167,10 @@ def switch_console(gw: Gateway, request: Request, level: Level, key: str) -> Htt
             raise NotFoundError(f"unknown vm {key!r}", code="unknown_vm")
         scopes = vm_scopes(hub.vm)
     elif level == "subscriptions":
-        if gw.config.subscription(key) is None:
+        members = [h.vm for h in gw.hubs.values() if h.vm.subscription == key]
+        # Unknown and invisible read the same, as for VMs: no probing for what exists.
+        holds = gw.rbac.role_on(principal, (f"/subscriptions/{key}",)) is not None
+        if gw.config.subscription(key) is None or not (holds or _sees_any(gw, principal, members)):
             raise NotFoundError(f"unknown subscription {key!r}", code="not_found")
         scopes = (f"/subscriptions/{key}",)
     else:
@@ -174,7 +178,7 @@ def switch_console(gw: Gateway, request: Request, level: Level, key: str) -> Htt
         members = [
             h.vm for h in gw.hubs.values() if (h.vm.subscription, h.vm.scale_set) == (sub, ss)
         ]
-        if not members:
+        if not members or not _sees_any(gw, principal, members):
             raise NotFoundError(f"unknown scale set {ss!r} in {sub!r}", code="not_found")
         scopes = vm_scopes(members[0])[:-2]  # subscription, resource group, scale set
     if not at_least(gw.rbac.role_on(principal, scopes), "owner"):
@@ -200,6 +204,11 @@ def switch_console(gw: Gateway, request: Request, level: Level, key: str) -> Htt
         region=gw.region,
     )
     return _json(200, {"scope": scopes[-1], "enabled": enabled, "sessions_closed": closed})
+
+
+def _sees_any(gw: Gateway, principal: Principal, vms: list[VmConfig]) -> bool:
+    """Whether the principal holds any role on any of these VMs (or on a scope above them)."""
+    return any(gw.rbac.role(principal, vm) is not None for vm in vms)
 
 
 Handler = Callable[["Gateway", "Request"], "HttpResponse"]

@@ -81,9 +81,10 @@ class Authenticator:
         if not authorization:
             raise AuthError("a bearer token is required", code="missing_token")
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip(" \t")  # HTTP whitespace only: "\xa0" is no separator
+        if scheme.lower() != "bearer" or not token or not token.isascii():
             raise AuthError("authorization must be 'Bearer <token>'", code="malformed_token")
-        return self.verify(token.strip())
+        return self.verify(token)
 
     def verify(self, token: str) -> Principal:
         """Check a JWT and turn its claims into a principal.
@@ -147,7 +148,11 @@ class Authenticator:
             raise AuthError(f"token lacks the {exc.claim} claim", code="malformed_token") from None
         except jwt.InvalidTokenError:
             raise AuthError("token is invalid", code="invalid_token") from None
-        return _principal(claims), float(claims["exp"])
+        try:
+            expires = float(claims["exp"])
+        except (TypeError, ValueError, OverflowError):  # PyJWT accepted it; a float cannot hold it
+            raise AuthError("token has an unusable exp claim", code="malformed_token") from None
+        return _principal(claims), expires
 
     def _jwk_for(self, kid: object, alg: str) -> Any:
         assert self._jwks is not None

@@ -96,6 +96,7 @@ class ClientConnection(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._cert_cn: str | None = None
         self._refusal: PeerError | None = None
+        self._http_paused = False
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -136,14 +137,23 @@ class ClientConnection(asyncio.Protocol):
         self.gateway.connection_closed(self)
 
     def pause_writing(self) -> None:
-        """Only sessions stream output; HTTP responses are small."""
+        """A session keeps its output in the ring; HTTP stops reading until the client reads."""
         if self.session is not None:
             self.session.pause_writing()
+            return
+        self._http_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         """See `pause_writing`."""
         if self.session is not None:
             self.session.resume_writing()
+            return
+        self._http_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._process()
 
     # -- deadlines ------------------------------------------------------------------
 
@@ -168,7 +178,9 @@ class ClientConnection(asyncio.Protocol):
     # -- HTTP ---------------------------------------------------------------------------
 
     def _process(self) -> None:
-        while self.session is None and self.transport is not None:
+        # Not while the client is not reading its answers: pipelined requests wait in h11
+        # and the socket is not read (pause_writing), so memory stays bounded.
+        while self.session is None and self.transport is not None and not self._http_paused:
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
@@ -177,6 +189,11 @@ class ClientConnection(asyncio.Protocol):
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             if isinstance(event, h11.Request):
+                # h11 caps a head that arrives in pieces; this caps one that arrives whole.
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > MAX_HEAD_BYTES:
+                    self._send_raw_error(431, "too_large", f"head exceeds {MAX_HEAD_BYTES} bytes")
+                    return
                 self._request = event
                 self._body.clear()
             elif isinstance(event, h11.Data):
@@ -195,7 +212,11 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_deadline()
         raw = self._request
         target = raw.target.decode("ascii", "replace")
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # e.g. "//[": an unclosed IPv6 literal
+            self._send_response(HttpResponse.error(PeerError("malformed request target")))
+            return
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         headers: dict[str, str] = {}
         for name, value in raw.headers:
@@ -250,9 +271,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport.write(out)
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
-            self._h11.start_next_cycle()
+            self._h11.start_next_cycle()  # _process's loop goes on with a pipelined request
             self._arm_deadline()
-            self._process()
         else:
             self.transport.close()
 
@@ -309,7 +329,8 @@ class ClientConnection(asyncio.Protocol):
             )
         gw.check_session_limits(principal)
         ws_request = WsRequest(
-            request.path, Headers([(k.decode(), v.decode()) for k, v in raw.headers])
+            request.path,
+            Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw.headers]),
         )
         handshake = ServerProtocol(
             subprotocols=[Subprotocol(control.SUBPROTOCOL)], logger=WS_LOGGER

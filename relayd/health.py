@@ -133,16 +133,22 @@ class HealthConnection(asyncio.Protocol):
             if event is h11.NEED_DATA:
                 return
             if isinstance(event, h11.Request):
-                self._answer(event.target.decode("ascii", "replace").split("?")[0])
+                path = event.target.decode("ascii", "replace").split("?")[0]
+                self._answer(event.method, path)
                 return
             if isinstance(event, h11.ConnectionClosed):
                 self.transport.close()
                 return
 
-    def _answer(self, path: str) -> None:
+    def _answer(self, method: bytes, path: str) -> None:
+        """GET, or HEAD (load balancers probe with either); anything else is 405."""
         assert self.transport is not None
         content_type = "application/json"
-        if path == "/healthz":
+        extra: list[tuple[str, str]] = []
+        if method not in (b"GET", b"HEAD"):
+            status, body = 405, b'{"error":"method_not_allowed","message":"use GET or HEAD"}\n'
+            extra.append(("Allow", "GET, HEAD"))
+        elif path == "/healthz":
             status, body = 200, b'{"status":"ok"}\n'
         elif path == "/readyz":
             reasons = self.gateway.unready_reasons()
@@ -157,9 +163,11 @@ class HealthConnection(asyncio.Protocol):
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Connection", "close"),
+            *extra,
         ]
         out = self._h11.send(h11.Response(status_code=status, headers=headers)) or b""
-        out += self._h11.send(h11.Data(data=body)) or b""
+        if method != b"HEAD":
+            out += self._h11.send(h11.Data(data=body)) or b""
         out += self._h11.send(h11.EndOfMessage()) or b""
         self.transport.write(out)
         self.transport.close()

@@ -52,6 +52,9 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                redact,
+                # asyncio's "Fatal error on transport" carries exc_info: show the traceback.
+                structlog.processors.format_exc_info,
             ],
         )
     )

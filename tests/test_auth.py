@@ -687,3 +687,19 @@ def test_rbac_prefix_of_other_vm_id_does_not_match() -> None:
 def test_at_least_orders_reader_contributor_owner(role: Any, needed: Any, expected: bool) -> None:
     """reader < contributor < owner, and no role grants nothing."""
     assert at_least(role, needed) is expected
+
+
+def test_verify_exp_too_large_for_a_float_is_malformed_not_a_crash(
+    hs_auth: Authenticator,
+) -> None:
+    with pytest.raises(AuthError) as info:
+        hs_auth.verify(hs_token(exp=10**400))
+    assert info.value.code == "malformed_token"
+
+
+def test_authenticate_refuses_non_ascii_around_the_token(hs_auth: Authenticator) -> None:
+    """str.strip() would drop a trailing NBSP and accept the token; HTTP whitespace is not it."""
+    with pytest.raises(AuthError) as info:
+        hs_auth.authenticate(f"Bearer {hs_token()}\xa0")
+    assert info.value.code == "malformed_token"
+    assert hs_auth.authenticate(f"Bearer {hs_token()} ").id == "user:alice"
