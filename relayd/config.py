@@ -244,8 +244,9 @@ class LimitsConfig(_Model):
     keepalive_interval: PositiveDuration = 20.0
     max_sessions: int | None = Field(None, ge=1)
     max_sessions_per_principal: int | None = Field(None, ge=1)
-    auth_failures_per_minute: int | None = Field(10, ge=1)
-    connections_per_second_per_ip: int | None = Field(20, ge=1)
+    # 0 turns a limit off (TOML has no null to write).
+    auth_failures_per_minute: int = Field(10, ge=0)
+    connections_per_second_per_ip: int = Field(20, ge=0)
 
     @model_validator(mode="after")
     def _replay_fits(self) -> LimitsConfig:

@@ -434,8 +434,14 @@ class ConsoleHub:
             client.pause_input()
 
     def submit_break(self, key: str = "") -> None:
-        """Queue a BREAK (then a SysRq key) ahead of any queued input."""
-        self._input.appendleft(_Break(key.encode("ascii")))
+        """Queue a BREAK (then a SysRq key) ahead of queued input, behind earlier BREAKs.
+
+        Behind, so a scripted sequence (s, u, b: sync, remount, reboot) keeps its order.
+        """
+        ahead = 0
+        while ahead < len(self._input) and isinstance(self._input[ahead], _Break):
+            ahead += 1
+        self._input.insert(ahead, _Break(key.encode("ascii")))
         self._input_ready.set()
 
     def submit_hook(self, name: str) -> bool:

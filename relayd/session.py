@@ -356,10 +356,13 @@ class ConsoleSession:
                 self._on_data_frame(event)
         if self.ws.state is not State.OPEN:
             self._open = False
+            if not self.end_reason:
+                if self.ws.close_rcvd is not None:
+                    self.end_reason = f"client closed ({self.ws.close_rcvd.code})"
+                elif self.ws.close_sent is not None:  # the client broke the protocol
+                    sent = self.ws.close_sent
+                    self.end_reason = f"protocol error ({sent.code}: {sent.reason})"
         self._flush()
-        if self.ws.state is State.CLOSED and not self.end_reason:
-            code = self.ws.close_code
-            self.end_reason = f"client closed ({code})"
 
     def _on_data_frame(self, frame: Frame) -> None:
         if frame.opcode is not Opcode.CONT:
@@ -370,7 +373,6 @@ class ConsoleSession:
             return
         message = b"".join(self._fragments)
         opcode, self._fragments = self._fragment_opcode, []
-        self._awaiting_pong = False
         if opcode is Opcode.BINARY:
             self._on_input(message)
         else:
@@ -469,4 +471,7 @@ class ConsoleSession:
         )
 
     def _error(self, code: str, message: str, **fields: object) -> None:
-        self.send_text(control.encode_error(code, message, **fields))
+        # Answers to bad input are advisory: not queued for a client that is not reading,
+        # or a spectator sending keys it never reads back would grow our memory without end.
+        if not self._write_paused:
+            self.send_text(control.encode_error(code, message, **fields))
