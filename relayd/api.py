@@ -224,17 +224,17 @@ def handle(gw: Gateway, request: Request) -> HttpResponse:
     handler = _ROUTES.get(request.path)
     if handler is not None:
         if request.method not in ("GET", "HEAD"):
-            raise _method_not_allowed(request.method)
+            raise _method_not_allowed(request.method, "GET, HEAD")
         return handler(gw, request)
     m = _CONSOLE_LOG.match(request.path)
     if m is not None:
-        if request.method != "GET":
-            raise _method_not_allowed(request.method)
+        if request.method not in ("GET", "HEAD"):
+            raise _method_not_allowed(request.method, "GET, HEAD")
         return console_log(gw, request, m.group(1))
     m = _TICKETS.match(request.path)
     if m is not None:
         if request.method != "POST":
-            raise _method_not_allowed(request.method)
+            raise _method_not_allowed(request.method, "POST")
         return issue_ticket(gw, request, m.group(1))
     switches: tuple[tuple[re.Pattern[str], Level], ...] = (
         (_SWITCH_VM, "vms"),
@@ -245,13 +245,13 @@ def handle(gw: Gateway, request: Request) -> HttpResponse:
         m = pattern.match(request.path)
         if m is not None:
             if request.method != "PUT":
-                raise _method_not_allowed(request.method)
+                raise _method_not_allowed(request.method, "PUT")
             return switch_console(gw, request, level, "/".join(m.groups()))
     if is_console_path(request.path):
-        raise _method_not_allowed(request.method)
+        raise _method_not_allowed(request.method, "GET")
     if request.path.startswith(webui.ASSETS_PREFIX):
         if request.method not in ("GET", "HEAD"):
-            raise _method_not_allowed(request.method)
+            raise _method_not_allowed(request.method, "GET, HEAD")
         asset = webui.static_response(
             request.path, if_none_match=request.headers.get("if-none-match")
         )
@@ -260,7 +260,9 @@ def handle(gw: Gateway, request: Request) -> HttpResponse:
     raise NotFoundError(f"no route for {request.path[:100]}", code="not_found")
 
 
-def _method_not_allowed(method: str) -> PeerError:
+def _method_not_allowed(method: str, allow: str) -> PeerError:
+    """405, with the methods the path does take (RFC 9110 requires the Allow header)."""
     exc = PeerError(f"method {method[:16]} is not allowed here", code="method_not_allowed")
     exc.http_status = 405
+    exc.allow = allow
     return exc

@@ -63,6 +63,8 @@ class HttpResponse:
         response = cls.json(exc.http_status, {"error": exc.code, "message": exc.message})
         if exc.http_status == 401:
             response.headers.append(("WWW-Authenticate", 'Bearer realm="relayd"'))
+        if exc.allow is not None:
+            response.headers.append(("Allow", exc.allow))
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             response.headers.append(("Retry-After", str(max(1, round(retry_after)))))

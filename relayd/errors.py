@@ -37,6 +37,7 @@ class PeerError(RelaydError):
     http_status = 400
     close_code = 1008
     code = "bad_request"
+    allow: str | None = None  # for 405: the methods the path takes
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

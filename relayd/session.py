@@ -375,8 +375,13 @@ class ConsoleSession:
         opcode, self._fragments = self._fragment_opcode, []
         if opcode is Opcode.BINARY:
             self._on_input(message)
-        else:
-            self._on_control(message)
+            return
+        try:
+            text = message.decode("utf-8")  # strictly: json.loads(bytes) would take UTF-16
+        except UnicodeDecodeError:
+            self.close(control.CLOSE_INVALID_DATA, "text message is not valid UTF-8")
+            return
+        self._on_control(text)
 
     def _on_input(self, data: bytes) -> None:
         if not data:
@@ -399,7 +404,7 @@ class ConsoleSession:
         self.bytes_in += len(data)
         self.hub.submit(self, data)
 
-    def _on_control(self, text: bytes) -> None:
+    def _on_control(self, text: str) -> None:
         try:
             message = control.decode_client_message(text)
         except BadMessageError as exc:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from structlog.testing import capture_logs
+from websockets.frames import Frame, Opcode
 
 from relayd.app import Gateway
 from relayd.config import LimitsConfig, VmConfig
@@ -268,3 +269,41 @@ async def test_client_that_closes_by_the_rfc_is_audited_as_closing_not_lost(
             await gw.hubs["vm-a"].wait_until(lambda: not gw.hubs["vm-a"].clients)
         ended = [e for e in events if e["event"] == "session_ended"]
         assert [e["reason"] for e in ended] == ["client closed (1000)"]
+
+
+async def test_text_message_that_is_not_utf8_closes_1007(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """RFC 6455 8.1; UTF-16 JSON, which json.loads(bytes) would have accepted, included."""
+    async with running(write_config(vms=_serial(far_end))) as gw:
+        await wait_port_up(gw, "vm-a")
+        for payload in (b"\xff\xfe{", '{"type":"break"}'.encode("utf-16")):
+            async with open_console(gw, "vm-a") as console:
+                frame = Frame(Opcode.TEXT, payload).serialize(mask=True)
+                console.ws.transport.write(frame)
+                code, _ = await console.closed()
+                assert code == 1007
+
+
+async def test_wrong_method_is_405_with_allow_and_console_log_takes_head(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    async with running(write_config(vms=_serial(far_end))) as gw:
+        bearer = token("alice")
+        status, headers, _ = await https_exchange(
+            gw.tls_port, client_ssl, http_request("DELETE", "/v1/vms", bearer=bearer)
+        )
+        assert (status, headers.get("allow")) == (405, "GET, HEAD")
+        status, headers, _ = await https_exchange(
+            gw.tls_port, client_ssl, http_request("GET", "/v1/vms/vm-a/console/tickets")
+        )
+        assert (status, headers.get("allow")) == (405, "POST")
+        status, _, body = await https_exchange(
+            gw.tls_port,
+            client_ssl,
+            http_request("HEAD", "/v1/vms/vm-a/console-log", bearer=bearer),
+        )
+        assert (status, body) == (200, b"")
