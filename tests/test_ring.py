@@ -55,15 +55,16 @@ def check_reads(ring: OutputRing, model: Model, data: st.DataObject) -> None:
 @given(
     capacity=st.integers(1, 64),
     initial_end=st.sampled_from([0, 0, 7, 2**40]),
+    seal=st.integers(1, 200),
     chunks=st.lists(st.binary(max_size=150), max_size=12),
     data=st.data(),
 )
-@settings(max_examples=200)
+@settings(max_examples=300)
 def test_ring_any_appends_match_bytes_model(
-    capacity: int, initial_end: int, chunks: list[bytes], data: st.DataObject
+    capacity: int, initial_end: int, seal: int, chunks: list[bytes], data: st.DataObject
 ) -> None:
-    """For any capacity and appends (some larger than capacity) the ring matches the model."""
-    ring = OutputRing(capacity, end=initial_end)
+    """For any capacity, coalescing size and appends (some past capacity) it matches the model."""
+    ring = OutputRing(capacity, end=initial_end, seal=seal)
     model = Model(capacity, initial_end)
     check_reads(ring, model, data)
     for chunk in chunks:
@@ -148,3 +149,22 @@ def test_ring_tail_returns_offset_of_first_byte() -> None:
     assert ring.tail(4) == (2, b"cdef")
     assert ring.tail(100) == (2, b"cdef")
     assert ring.tail(0) == (6, b"")
+
+
+def test_ring_keeps_large_chunks_by_reference_and_memory_bounded() -> None:
+    """A flood's chunks are held, not copied; what is held stays near capacity."""
+    ring = OutputRing(1000, seal=100)
+    chunk = bytes(range(250)) * 2
+    ring.append(chunk)
+    assert ring._chunks[-1] is chunk
+    for _ in range(50):
+        ring.append(bytes(300))
+        ring.append(b"k")  # typing in between: coalesced, not an object each
+    held = sum(len(memoryview(c).obj) for c in ring._chunks) + len(ring._tail)  # type: ignore[arg-type]
+    assert ring.end - ring.start == 1000
+    assert held <= 1000 + 300
+
+
+def test_ring_rejects_a_nonpositive_seal() -> None:
+    with pytest.raises(ValueError, match="seal"):
+        OutputRing(10, seal=0)
