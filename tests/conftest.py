@@ -197,6 +197,26 @@ async def https_exchange(
     return int(lines[0].split()[1]), headers, body
 
 
+async def raw_console(
+    gateway: Gateway, ctx: ssl.SSLContext, bearer: str, vm: str = "vm-a", query: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A console upgraded by hand, for tests that speak (or withhold) frames themselves."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gateway.tls_port, ssl=ctx, server_hostname="localhost"
+    )
+    writer.write(
+        (
+            f"GET /v1/vms/{vm}/console{'?' + query if query else ''} HTTP/1.1\r\n"
+            f"Host: localhost\r\nAuthorization: Bearer {bearer}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relayd.console.v1\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
 def console_url(gateway: Gateway, vm: str, query: str = "") -> str:
     """The WebSocket console route of a VM on a test gateway."""
     return f"wss://localhost:{gateway.tls_port}/v1/vms/{vm}/console" + (

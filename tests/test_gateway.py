@@ -23,6 +23,7 @@ from .conftest import (
     FarEnd,
     http_request,
     https_exchange,
+    raw_console,
     running,
     wait_hub,
     wait_port_up,
@@ -574,19 +575,7 @@ async def test_dead_writer_is_dropped_and_lease_released(
     )
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", gw.tls_port, ssl=client_ssl, server_hostname="localhost"
-        )
-        writer.write(
-            (
-                "GET /v1/vms/vm-a/console HTTP/1.1\r\nHost: localhost\r\n"
-                f"Authorization: Bearer {token('alice')}\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relayd.console.v1\r\n\r\n"
-            ).encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        assert head.startswith(b"HTTP/1.1 101")
+        _reader, writer = await raw_console(gw, client_ssl, token("alice"))
         assert gw.hubs["vm-a"].lease.holder is not None
         # This client never answers pings; with policy deny, bob gets in once it is dropped.
         await wait_hub(gw, "vm-a", lambda hub: hub.lease.holder is None)

@@ -17,7 +17,15 @@ from relayd.app import Gateway
 from relayd.config import LimitsConfig, VmConfig
 from relayd.hub import ConsoleHub
 
-from .conftest import TIMEOUT, FarEnd, http_request, https_exchange, running, wait_port_up
+from .conftest import (
+    TIMEOUT,
+    FarEnd,
+    http_request,
+    https_exchange,
+    raw_console,
+    running,
+    wait_port_up,
+)
 
 
 def _serial(far_end: FarEnd) -> list[dict[str, Any]]:
@@ -166,19 +174,7 @@ async def test_client_that_sends_but_never_answers_pings_is_dropped(
     config = write_config(vms=_serial(far_end), limits={"keepalive_interval": "200ms"})
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", gw.tls_port, ssl=client_ssl, server_hostname="localhost"
-        )
-        writer.write(
-            (
-                "GET /v1/vms/vm-a/console?mode=spectate HTTP/1.1\r\nHost: localhost\r\n"
-                f"Authorization: Bearer {token('alice')}\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relayd.console.v1\r\n\r\n"
-            ).encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        assert head.startswith(b"HTTP/1.1 101")
+        reader, writer = await raw_console(gw, client_ssl, token("alice"), query="mode=spectate")
         resize = json.dumps({"type": "resize", "cols": 80, "rows": 24}).encode()
         frame = struct.pack("!BB", 0x81, 0x80 | len(resize)) + b"\0\0\0\0" + resize
         async with asyncio.timeout(TIMEOUT):
@@ -247,19 +243,7 @@ async def test_client_that_closes_by_the_rfc_is_audited_as_closing_not_lost(
     async with running(write_config(vms=_serial(far_end))) as gw:
         await wait_port_up(gw, "vm-a")
         with capture_logs() as events:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", gw.tls_port, ssl=client_ssl, server_hostname="localhost"
-            )
-            writer.write(
-                (
-                    "GET /v1/vms/vm-a/console HTTP/1.1\r\nHost: localhost\r\n"
-                    f"Authorization: Bearer {token('alice')}\r\nUpgrade: websocket\r\n"
-                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relayd.console.v1\r\n\r\n"
-                ).encode()
-            )
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-            assert head.startswith(b"HTTP/1.1 101")
+            reader, writer = await raw_console(gw, client_ssl, token("alice"))
             writer.write(struct.pack("!BBI", 0x88, 0x82, 0) + struct.pack("!H", 1000))
             async with asyncio.timeout(TIMEOUT):
                 with contextlib.suppress(ConnectionError, ssl.SSLError):
