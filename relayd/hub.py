@@ -40,6 +40,9 @@ log = get_logger("relayd.hub")
 
 OPEN_TIMEOUT = 10.0
 HOOK_TIMEOUT = 10.0
+# A far end that accepts no input for this long (a hung guest, a full UART FIFO) gets its
+# queued input dropped and the writer read again, so BREAK, SysRq and reset can still arrive.
+STALL_SECONDS = 5.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
 # A kill -9 loses at most this much output (a clean stop loses none). Each flush is one
@@ -277,7 +280,7 @@ class ConsoleHub:
         if isinstance(op, _Break):
             await self._send_break(link)
             if op.key:
-                await link.write(op.key)
+                await self._write_or_stall(link, op.key)
         elif isinstance(op, _Hangup):
             await link.hangup()
         else:
@@ -288,7 +291,9 @@ class ConsoleHub:
             delay = self._bucket.reserve(len(chunk), loop.time())
             if delay:
                 await asyncio.sleep(delay)
-            await link.write(chunk)
+            if not await self._write_or_stall(link, chunk):
+                self.stats.bytes_to_port += len(chunk)
+                return
             # Not below zero: a takeover may have dropped the queue while this chunk was out.
             self._input_bytes = max(0, self._input_bytes - len(chunk))
             self.stats.bytes_to_port += len(chunk)
@@ -457,6 +462,31 @@ class ConsoleHub:
         if self._paused is not None and self._input_bytes <= self._input_high // 2:
             client, self._paused = self._paused, None
             client.resume_input()
+
+    async def _write_or_stall(self, link: SerialLink, data: bytes) -> bool:
+        """Write (handed over at once, then wait while not drained); False if it stalled."""
+        try:
+            async with asyncio.timeout(STALL_SECONDS):
+                await link.write(data)
+        except TimeoutError:
+            self._input_stalled()
+            return False
+        return True
+
+    def _input_stalled(self) -> None:
+        """The far end took nothing for STALL_SECONDS: drop queued keys, keep BREAKs."""
+        dropped = sum(len(op) for op in self._input if isinstance(op, bytes))
+        kept = [op for op in self._input if not isinstance(op, bytes)]
+        self._drop_input()
+        self._input.extend(kept)
+        log.warning("serial_input_stalled", vm=self.vm.id, dropped=dropped)
+        self.broadcast(
+            control.encode_notice(
+                "input_dropped",
+                bytes=dropped,
+                message=f"the serial port took no input for {STALL_SECONDS:g}s",
+            )
+        )
 
     def _drop_input(self) -> None:
         """Forget queued input: it belongs to a writer or a port that is gone."""

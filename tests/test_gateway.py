@@ -682,6 +682,40 @@ async def test_reset_runs_while_a_hung_guest_is_not_reading_its_serial_line(
         hung.close()
 
 
+async def test_input_a_hung_guest_never_takes_is_dropped_and_said_so(
+    write_config: Callable[..., Any],
+    open_console: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Queued keys for a far end that stopped reading are dropped after the stall limit."""
+    monkeypatch.setattr("relayd.hub.STALL_SECONDS", 0.3)
+    hung = socket.socket()
+    hung.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(1)  # the connection completes in the backlog; nothing ever reads it
+    config = write_config(
+        vms=[
+            {
+                "id": "vm-a",
+                "serial": f"tcp://127.0.0.1:{hung.getsockname()[1]}",
+                "input_bytes_per_s": 50_000_000,
+            }
+        ],
+        limits={"max_paste_bytes": 2**20},
+    )
+    try:
+        async with running(config) as gw:
+            await wait_port_up(gw, "vm-a")
+            async with open_console(gw, "vm-a") as console:
+                for _ in range(4):
+                    await console.send(b"x" * 2**20)
+                notice = await console.control(type="notice", event="input_dropped")
+                assert notice["bytes"] > 0
+                assert gw.hubs["vm-a"]._input_bytes == 0
+    finally:
+        hung.close()
+
+
 async def test_output_cap_makes_a_client_skip_a_burst_it_may_not_receive_in_time(
     write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
 ) -> None:
