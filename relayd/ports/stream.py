@@ -10,7 +10,6 @@ that needs one sets `break_command`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Callable
 from typing import cast
@@ -133,11 +132,19 @@ class StreamLink:
         raise NotImplementedError("this port has no DTR line")
 
     async def close(self) -> None:
-        """Close the socket, waiting a bounded time for the close to finish."""
+        """Close the socket; abort it when the close does not finish in time.
+
+        A far end that stopped reading never lets a graceful close flush, and the
+        transport (its socket and its unsent bytes) would otherwise stay forever.
+        """
         self._transport.close()
-        with contextlib.suppress(OSError, TimeoutError):
+        try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await asyncio.shield(self._protocol.closed)
+        except TimeoutError:
+            self._transport.abort()
+        except OSError:
+            pass
 
 
 def _tune(transport: asyncio.BaseTransport) -> None:
