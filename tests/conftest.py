@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -432,6 +432,19 @@ async def far_end() -> AsyncIterator[FarEnd]:
     await end.start()
     yield end
     await end.stop()
+
+
+@pytest.fixture
+def hung_far_end() -> Iterator[int]:
+    """The port of a serial far end that accepts and never reads: a hung guest's line."""
+    hung = socket.socket()
+    hung.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(1)  # the connection completes in the backlog; nothing ever reads it
+    try:
+        yield hung.getsockname()[1]
+    finally:
+        hung.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import ssl
 import warnings
 from collections.abc import Callable
@@ -646,19 +645,18 @@ async def test_owner_hooks_run_and_report_exit_status(
 
 
 async def test_reset_runs_while_a_hung_guest_is_not_reading_its_serial_line(
-    write_config: Callable[..., Any], open_console: Callable[..., Any], tmp_path: Any
+    write_config: Callable[..., Any],
+    open_console: Callable[..., Any],
+    tmp_path: Any,
+    hung_far_end: int,
 ) -> None:
     """Input stuck behind a far end that stopped reading does not hold back reset."""
-    hung = socket.socket()
-    hung.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(1)  # the connection completes in the backlog; nothing ever reads it
     marker = tmp_path / "reset-ran"
     config = write_config(
         vms=[
             {
                 "id": "vm-a",
-                "serial": f"tcp://127.0.0.1:{hung.getsockname()[1]}",
+                "serial": f"tcp://127.0.0.1:{hung_far_end}",
                 "reset_command": ["touch", str(marker)],
                 "input_bytes_per_s": 50_000_000,
             }
@@ -666,54 +664,45 @@ async def test_reset_runs_while_a_hung_guest_is_not_reading_its_serial_line(
         limits={"max_paste_bytes": 2**20},
         roles=[("user:olga", "owner", "/subscriptions/sub-1")],
     )
-    try:
-        async with running(config) as gw:
-            await wait_port_up(gw, "vm-a")
-            async with open_console(gw, "vm-a", user="olga") as olga:
-                # The first 1 MiB chunk alone overfills every buffer on the way: the port
-                # writer is stuck in its drain from then on, with the rest queued behind.
-                for _ in range(4):
-                    await olga.send(b"x" * 2**20)
-                await olga.send({"type": "reset"})
-                result = await olga.control(type="notice", event="hook_result")
-                assert result["ok"] is True
-        assert marker.exists()
-    finally:
-        hung.close()
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="olga") as olga:
+            # The first 1 MiB chunk alone overfills every buffer on the way: the port
+            # writer is stuck in its drain from then on, with the rest queued behind.
+            for _ in range(4):
+                await olga.send(b"x" * 2**20)
+            await olga.send({"type": "reset"})
+            result = await olga.control(type="notice", event="hook_result")
+            assert result["ok"] is True
+    assert marker.exists()
 
 
 async def test_input_a_hung_guest_never_takes_is_dropped_and_said_so(
     write_config: Callable[..., Any],
     open_console: Callable[..., Any],
     monkeypatch: pytest.MonkeyPatch,
+    hung_far_end: int,
 ) -> None:
     """Queued keys for a far end that stopped reading are dropped after the stall limit."""
     monkeypatch.setattr("relayd.hub.STALL_SECONDS", 0.3)
-    hung = socket.socket()
-    hung.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(1)  # the connection completes in the backlog; nothing ever reads it
     config = write_config(
         vms=[
             {
                 "id": "vm-a",
-                "serial": f"tcp://127.0.0.1:{hung.getsockname()[1]}",
+                "serial": f"tcp://127.0.0.1:{hung_far_end}",
                 "input_bytes_per_s": 50_000_000,
             }
         ],
         limits={"max_paste_bytes": 2**20},
     )
-    try:
-        async with running(config) as gw:
-            await wait_port_up(gw, "vm-a")
-            async with open_console(gw, "vm-a") as console:
-                for _ in range(4):
-                    await console.send(b"x" * 2**20)
-                notice = await console.control(type="notice", event="input_dropped")
-                assert notice["bytes"] > 0
-                assert gw.hubs["vm-a"]._input_bytes == 0
-    finally:
-        hung.close()
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a") as console:
+            for _ in range(4):
+                await console.send(b"x" * 2**20)
+            notice = await console.control(type="notice", event="input_dropped")
+            assert notice["bytes"] > 0
+            assert gw.hubs["vm-a"]._input_bytes == 0
 
 
 async def test_output_cap_makes_a_client_skip_a_burst_it_may_not_receive_in_time(
