@@ -291,13 +291,12 @@ class ConsoleHub:
             delay = self._bucket.reserve(len(chunk), loop.time())
             if delay:
                 await asyncio.sleep(delay)
-            if not await self._write_or_stall(link, chunk):
-                self.stats.bytes_to_port += len(chunk)
-                return
-            # Not below zero: a takeover may have dropped the queue while this chunk was out.
-            self._input_bytes = max(0, self._input_bytes - len(chunk))
+            written = await self._write_or_stall(link, chunk)  # handed over either way
             self.stats.bytes_to_port += len(chunk)
-            self._maybe_resume()
+            if written:
+                # Not below zero: a takeover may have dropped the queue while this was out.
+                self._input_bytes = max(0, self._input_bytes - len(chunk))
+                self._maybe_resume()
 
     async def _send_break(self, link: SerialLink) -> None:
         """BREAK in-band or through the hook; a failure is told to clients, not fatal."""
