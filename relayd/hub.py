@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from .auth import Principal
 from .config import LimitsConfig, VmConfig
 from .consolelog import ConsoleLog, ConsoleLogError
 from .errors import HookError, PortUnavailableError
+from .frames import binary_frame
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger
 from .ports import SerialLink, open_link
@@ -112,28 +112,6 @@ class HubStats:
     log_errors: int = 0
     port_errors: int = 0
     last_error: str = ""
-
-
-_SHORT = struct.Struct("!BB")
-_MEDIUM = struct.Struct("!BBH")
-_LONG = struct.Struct("!BBQ")
-
-
-def binary_frame(data: bytes) -> bytes:
-    """One final, unmasked binary WebSocket frame, serialized once for every client.
-
-    Equal byte for byte to websockets' ``Frame(BINARY, data).serialize(mask=False)``
-    (a property test checks it); websockets still frames everything else. This is
-    the one frame sent per chunk of console output, and building it through a
-    ``Frame`` object and its checks cost about 3 µs of the ~80 µs a keystroke's
-    round trip costs the relay.
-    """
-    n = len(data)
-    if n < 126:
-        return _SHORT.pack(0x82, n) + data
-    if n < 65536:
-        return _MEDIUM.pack(0x82, 126, n) + data
-    return _LONG.pack(0x82, 127, n) + data
 
 
 class ConsoleHub:

@@ -29,7 +29,7 @@ from . import control
 from .audit import audit
 from .auth import Principal
 from .errors import BadMessageError
-from .hub import binary_frame
+from .frames import ClientFrameReader, binary_frame
 from .log import get_logger
 from .rbac import at_least
 from .throttle import TokenBucket
@@ -77,6 +77,8 @@ class ConsoleSession:
         self.ws = ServerProtocol(
             state=State.OPEN, max_size=4 * limits.max_paste_bytes + 4096, logger=WS_LOGGER
         )
+        # Keystrokes are unmasked there; every other frame is websockets' (see frames.py).
+        self._reader = ClientFrameReader(self.ws)
         self.started = time.monotonic()
         self.last_input = self.started
         self.bytes_in = 0
@@ -255,14 +257,22 @@ class ConsoleSession:
         )
 
     def data_received(self, data: bytes) -> None:
-        """Bytes from the client: frames through websockets, then to the hub."""
-        self.ws.receive_data(data)
-        self._handle_events()
+        """Bytes from the client: keystrokes straight to the hub, other frames via websockets."""
+        for event in self._reader.feed(data):
+            if isinstance(event, bytes):  # a whole binary message
+                if self._open:
+                    self._on_input(event)
+            else:
+                self._on_frame(event)
+        if self._reader.fed_protocol:
+            self._settle()
 
     def eof_received(self) -> None:
         """The client half-closed."""
-        self.ws.receive_eof()
-        self._handle_events()
+        for event in self._reader.feed_eof():
+            if isinstance(event, Frame):
+                self._on_frame(event)
+        self._settle()
 
     def connection_lost(self) -> None:
         """The transport is gone: detach and write the summary audit event."""
@@ -346,14 +356,14 @@ class ConsoleSession:
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
 
-    def _handle_events(self) -> None:
-        for event in self.ws.events_received():
-            if not isinstance(event, Frame):
-                continue
-            if event.opcode is Opcode.PONG:
-                self._awaiting_pong = False
-            elif event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT) and self._open:
-                self._on_data_frame(event)
+    def _on_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.PONG:
+            self._awaiting_pong = False
+        elif frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT) and self._open:
+            self._on_data_frame(frame)
+
+    def _settle(self) -> None:
+        """After websockets was fed: note a close it saw or sent, and send its answers."""
         if self.ws.state is not State.OPEN:
             self._open = False
             if not self.end_reason:
