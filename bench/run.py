@@ -140,6 +140,7 @@ class Ctx:
     sizes: Sizes
     ssl: ssl.SSLContext
     profile: bool
+    perf: bool = False  # perf record the relay's core during measured windows, any relay
     patient: bool = True  # wait for a quiet machine and repeat disturbed phases
     profiles: dict[str, Any] = field(default_factory=dict)
     seq: int = 0
@@ -245,9 +246,62 @@ def _spawn_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     )
 
 
+def _spawn_perf(out: Path) -> subprocess.Popen[bytes] | None:
+    perf = shutil.which("perf")
+    if perf is None:
+        return None
+    argv = [perf, "record", "-q", "-C", RELAY_CPU, "-F", "999", "-o", str(out)]
+    return subprocess.Popen(
+        ["taskset", "-c", str(GEN_CPU), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def summarize_perf(path: Path, top: int = 12) -> dict[str, Any]:
+    """Shares of the relay core's samples by shared object, then by symbol."""
+    out: dict[str, Any] = {}
+    for key, sort in (("by_dso", "dso"), ("by_symbol", "dso,sym")):
+        try:
+            text = subprocess.run(
+                ["perf", "report", "-i", str(path), "--stdio", "--sort", sort, "-q"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return {"error": str(exc)}
+        rows = [line.split(None, 1) for line in text.splitlines() if "%" in line]
+        out[key] = [[r[0], " ".join(r[1].split())] for r in rows[:top] if len(r) == 2]
+    return out
+
+
 @contextlib.asynccontextmanager
 async def profiled(ctx: Ctx, peer: Peer, label: str) -> AsyncIterator[None]:
-    """With --profile, sample relayd with py-spy (pinned to the generator's CPU) meanwhile."""
+    """With --profile, sample relayd with py-spy (pinned to the generator's CPU) meanwhile;
+    with --perf, record the relay's whole core with perf (any relay)."""
+    if ctx.perf:
+        data = RESULTS / f"perf-{label}.data"
+        recorder = _spawn_perf(data)
+        try:
+            async with _py_spy(ctx, peer, label):
+                yield
+        finally:
+            if recorder is not None:
+                recorder.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    await asyncio.to_thread(recorder.wait, 30)
+                if recorder.poll() is None:
+                    recorder.kill()
+                ctx.profiles[f"perf-{label}"] = await asyncio.to_thread(summarize_perf, data)
+        return
+    async with _py_spy(ctx, peer, label):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _py_spy(ctx: Ctx, peer: Peer, label: str) -> AsyncIterator[None]:
     out = RESULTS / f"profile-{label}.txt"
     proc = _spawn_py_spy(peer.pid, out) if ctx.profile and peer.name.startswith("relayd") else None
     if proc is None:
@@ -874,6 +928,7 @@ async def main(args: argparse.Namespace) -> int:
             sizes,
             client_context(),
             args.profile,
+            perf=args.perf,
             patient=not (args.quick or args.impatient),
             relayd_state_dir=args.relayd_state_dir,
             relayd_limits=dict(parse_limit(x) for x in args.relayd_limit),
@@ -1054,6 +1109,11 @@ def cli() -> int:
     )
     p.add_argument("--phases", help=f"comma list of phases (default {','.join(PHASES)})")
     p.add_argument("--profile", action="store_true", help="py-spy relayd during measured windows")
+    p.add_argument(
+        "--perf",
+        action="store_true",
+        help="perf record the relay's core during measured windows (every relay)",
+    )
     p.add_argument(
         "--relayd-state-dir",
         type=Path,

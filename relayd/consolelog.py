@@ -101,7 +101,7 @@ class _Pending:
     """
 
     def __init__(self) -> None:
-        self._chunks: deque[memoryview] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self.size = 0
 
     def __len__(self) -> int:
@@ -109,7 +109,7 @@ class _Pending:
 
     def append(self, data: bytes) -> None:
         if data:
-            self._chunks.append(memoryview(bytes(data)))
+            self._chunks.append(data if isinstance(data, bytes) else bytes(data))
             self.size += len(data)
 
     def drop_front(self, n: int) -> None:
@@ -120,7 +120,7 @@ class _Pending:
                 self.size -= len(first)
                 n -= len(first)
             else:
-                self._chunks[0] = first[n:]
+                self._chunks[0] = memoryview(first)[n:]
                 self.size -= n
                 n = 0
 
@@ -130,7 +130,7 @@ class _Pending:
         for chunk in self._chunks:
             if n <= 0:
                 break
-            parts.append(chunk[:n])
+            parts.append(memoryview(chunk)[:n])
             n -= len(parts[-1])
         return parts
 
@@ -396,16 +396,18 @@ class ConsoleLog:
         Raises:
             ConsoleLogError: the log is not open, or the write failed.
         """
-        self._require_open()
-        offset = self.end
-        self._buf.append(data)
-        if len(self._buf) > self._held_max:
+        if self._dir_fd is None:
+            self._require_open()
+        buf = self._buf  # once per chunk of console output: kept lean
+        offset = self._buf_start + buf.size
+        buf.append(data)
+        if buf.size > self._held_max:
             # Older bytes could not be kept anyway: the next flush starts afresh at the new
             # _buf_start and deletes every older segment (they are no longer contiguous).
-            excess = len(self._buf) - self._held_max
-            self._buf.drop_front(excess)
+            excess = buf.size - self._held_max
+            buf.drop_front(excess)
             self._buf_start += excess
-        if self.flush_bytes is not None and len(self._buf) >= self.flush_bytes:
+        if self.flush_bytes is not None and buf.size >= self.flush_bytes:
             self.flush()
         return offset
 

@@ -315,7 +315,7 @@ class ConsoleHub:
             self.log.append(data)
         except ConsoleLogError as exc:
             self._log_failed(exc)
-        if self.log.flushed_end < self.log.end and self._flush_timer is None:
+        if self._flush_timer is None and self.log.flushed_end < self.log.end:
             loop = self._loop or asyncio.get_running_loop()
             self._flush_timer = loop.call_later(LOG_FLUSH_SECONDS, self._flush_log)
 
@@ -401,13 +401,11 @@ class ConsoleHub:
             and len(data) <= self._chunk
             and link.writable
             and self._loop is not None
+            and self._bucket.take(len(data), self._loop.time())
         ):
-            now = self._loop.time()
-            if self._bucket.available(now) >= len(data):
-                self._bucket.reserve(len(data), now)
-                link.write_now(data)
-                self.stats.bytes_to_port += len(data)
-                return
+            link.write_now(data)
+            self.stats.bytes_to_port += len(data)
+            return
         self._input.append(data)
         self._input_bytes += len(data)
         self._input_ready.set()

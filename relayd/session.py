@@ -151,9 +151,12 @@ class ConsoleSession:
         """Live output: sent at once when the client is caught up, else read from the ring later."""
         if not self._open or self._write_paused or self._throttle_timer is not None:
             return
-        if self.cursor == offset and self._budget() >= len(data):
+        n = len(data)
+        bucket = self._out_bucket
+        if self.cursor == offset and (bucket is None or bucket.take(n, self._loop.time())):
             self.transport.write(frame)
-            self._sent(len(data))
+            self.cursor += n
+            self.bytes_out += n
         else:
             self._pump()
 

@@ -31,6 +31,20 @@ class TokenBucket:
         self._tokens -= n
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
+    def take(self, n: int, now: float) -> bool:
+        """Take `n` bytes' worth if they are there now; False (and nothing taken) if not.
+
+        One refill instead of `available` then `reserve`: the keystroke path asks
+        this twice per key (input pacing, output cap).
+        """
+        if now > self._last:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+        if self._tokens < n:
+            return False
+        self._tokens -= n
+        return True
+
     def available(self, now: float) -> float:
         """Bytes that could be sent right now without waiting."""
         self._refill(now)

@@ -196,3 +196,22 @@ def test_bucket_available_never_exceeds_burst(
         assert 0.0 <= bucket.available(now) <= burst
         bucket.reserve(n, now)
         assert 0.0 <= bucket.available(now) <= burst
+
+
+@settings(max_examples=300)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(1, 200), st.floats(0, 2, allow_nan=False)), min_size=1, max_size=40
+    )
+)
+def test_take_is_available_then_reserve_in_one_step(steps: list[tuple[int, float]]) -> None:
+    """`take` grants exactly when `available` would have allowed it, and costs the same."""
+    one, two = TokenBucket(rate=300, burst=500), TokenBucket(rate=300, burst=500)
+    now = 0.0
+    for n, dt in steps:
+        now += dt
+        allowed = two.available(now) >= n
+        if allowed:
+            two.reserve(n, now)
+        assert one.take(n, now) is allowed
+        assert one.available(now) == pytest.approx(two.available(now))
