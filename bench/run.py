@@ -841,8 +841,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def snapshot_relayd(dest: Path) -> Path:
-    """Copy relayd/ as it is now; retried (bounded) while a file does not compile.
+def snapshot_relayd(dest: Path, source: Path = ROOT / "relayd") -> Path:
+    """Copy relayd/ (or another relayd package) as it is now; retried while it does not compile.
 
     The working tree may be edited while the bench runs; every relayd process of
     the run imports this copy, so one run measures one version.
@@ -854,9 +854,7 @@ def snapshot_relayd(dest: Path) -> Path:
 
     for _ in range(20):
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(
-            ROOT / "relayd", dest / "relayd", ignore=shutil.ignore_patterns("__pycache__")
-        )
+        shutil.copytree(source, dest / "relayd", ignore=shutil.ignore_patterns("__pycache__"))
         try:
             for path in (dest / "relayd").rglob("*.py"):
                 py_compile.compile(str(path), doraise=True)

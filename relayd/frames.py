@@ -57,6 +57,18 @@ def binary_frame(data: bytes) -> bytes:
     return _LONG.pack(FIN_BINARY, 127, n) + data
 
 
+def binary_frame_of(pieces: list[bytes | memoryview], n: int) -> bytes:
+    """`binary_frame` of the `n` bytes in `pieces`, joined once (a catch-up read is not
+    joined first and then copied again behind the header)."""
+    if n < 126:
+        head = _SHORT.pack(FIN_BINARY, n)
+    elif n < 65536:
+        head = _MEDIUM.pack(FIN_BINARY, 126, n)
+    else:
+        head = _LONG.pack(FIN_BINARY, 127, n)
+    return b"".join([head, *pieces])
+
+
 def frame_extent(buf: bytes | bytearray, pos: int) -> int:
     """The whole length of the frame starting at ``buf[pos]``; -1 until its header says.
 

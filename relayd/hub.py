@@ -132,6 +132,8 @@ class ConsoleHub:
         self._log_error_at = 0.0
         self.lease = WriterLease(vm.takeover)
         self.clients: dict[str, HubClient] = {}
+        # Who gets each chunk of output, rebuilt on attach and detach (not per chunk).
+        self._fanout: tuple[HubClient, ...] = ()
         self.stats = HubStats()
         self.port_up = False
         self.resize: tuple[int, int] | None = None
@@ -228,9 +230,9 @@ class ConsoleHub:
         self._log_append(data)
         offset = self.ring.append(data)
         self.stats.bytes_from_port += len(data)
-        if self.clients:
+        if self._fanout:
             frame = binary_frame(data)
-            for client in list(self.clients.values()):
+            for client in self._fanout:
                 client.deliver(offset, data, frame)
         if self._watchers:
             self._changed()
@@ -365,17 +367,22 @@ class ConsoleHub:
         Recent output comes from memory; older output from the on-disk log. Empty
         when the log cannot be read: what is below ``ring.start`` is then unavailable.
         """
+        return b"".join(self.pieces(offset, max_bytes))
+
+    def pieces(self, offset: int, max_bytes: int) -> list[bytes | memoryview]:
+        """What `read` returns, unjoined: a client catching up joins them into its frame."""
         offset = max(offset, self.start)
         if offset >= self.ring.start or self.log is None:
-            return self.ring.read(offset, max_bytes)
+            return self.ring.pieces(offset, max_bytes)
         try:
             older = self.log.read(offset, min(max_bytes, self.ring.start - offset))
         except ConsoleLogError as exc:
             self._log_failed(exc)
-            return b""  # the caller skips to ring.start, telling the client what it missed
+            return []  # the caller skips to ring.start, telling the client what it missed
+        parts: list[bytes | memoryview] = [older] if older else []
         if len(older) < max_bytes and offset + len(older) >= self.ring.start:
-            older += self.ring.read(offset + len(older), max_bytes - len(older))
-        return older
+            parts += self.ring.pieces(offset + len(older), max_bytes - len(older))
+        return parts
 
     # -- input ------------------------------------------------------------------
 
@@ -485,6 +492,7 @@ class ConsoleHub:
         unless the caller asked for it.
         """
         self.clients[client.session_id] = client
+        self._fanout = tuple(self.clients.values())
         self._changed()
         if not writer:
             client.set_role("spectator")
@@ -527,6 +535,7 @@ class ConsoleHub:
         """Remove a session; a leaving writer releases the lease."""
         if self.clients.get(client.session_id) is client:
             del self.clients[client.session_id]
+            self._fanout = tuple(self.clients.values())
         if self._paused is client:
             self._paused = None
         if self.lease.release(client.session_id):

@@ -78,21 +78,30 @@ class OutputRing:
 
     def read(self, offset: int, max_bytes: int | None = None) -> bytes:
         """Bytes from `offset` (clamped to what is held) up to `end` or `max_bytes`."""
+        return b"".join(self.pieces(offset, max_bytes))
+
+    def pieces(self, offset: int, max_bytes: int | None = None) -> list[bytes | memoryview]:
+        """What `read` returns, as views of the held chunks: joined once, by whoever frames them.
+
+        The growing tail is copied, not viewed (at most `seal` bytes): a view would
+        stop it from growing for as long as the caller kept it.
+        """
         offset = max(offset, self.start)
         stop = self.end if max_bytes is None else min(self.end, offset + max_bytes)
         if offset >= stop:
-            return b""
+            return []
         parts: list[bytes | memoryview] = []
         at = self.start  # offset of the piece being looked at
         for piece in (*self._chunks, self._tail):
             size = len(piece)
             if at + size > offset:
                 lo, hi = max(offset - at, 0), min(stop - at, size)
-                parts.append(memoryview(piece)[lo:hi])
+                view = memoryview(piece)[lo:hi]
+                parts.append(view if piece is not self._tail else bytes(view))
                 if at + size >= stop:
                     break
             at += size
-        return b"".join(parts)
+        return parts
 
     def tail(self, max_bytes: int) -> tuple[int, bytes]:
         """The last `max_bytes` held (none for a negative count), with the offset of the first."""

@@ -29,7 +29,7 @@ from . import control
 from .audit import audit
 from .auth import Principal
 from .errors import BadMessageError
-from .frames import ClientFrameReader, binary_frame
+from .frames import ClientFrameReader, binary_frame_of
 from .log import get_logger
 from .rbac import at_least
 from .throttle import TokenBucket
@@ -181,16 +181,17 @@ class ConsoleSession:
             budget = self._budget()
             if budget <= 0:
                 return
-            chunk = hub.read(self.cursor, min(budget, PUMP_CHUNK))
-            if not chunk:
+            pieces = hub.pieces(self.cursor, min(budget, PUMP_CHUNK))
+            if not pieces:
                 if self.cursor >= live_floor:
                     return
                 # The on-disk log could not be read: skip to what memory holds, and say so.
                 self._send_gap(self.cursor, live_floor - 1)
                 self.cursor, self._replaying = live_floor, False
                 continue
-            self.transport.write(binary_frame(chunk))
-            self._sent(len(chunk))
+            n = sum(len(p) for p in pieces)
+            self.transport.write(binary_frame_of(pieces, n))
+            self._sent(n)
 
     def _budget(self) -> int:
         """Bytes the output cap allows now; arms a timer to resume when it allows none."""

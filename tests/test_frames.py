@@ -11,7 +11,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from relayd.frames import ClientFrameReader, binary_frame, frame_extent
+from relayd.frames import ClientFrameReader, binary_frame, binary_frame_of, frame_extent
 from relayd.session import WS_LOGGER
 
 
@@ -24,6 +24,13 @@ def test_binary_frame_matches_websockets_at_every_length_boundary() -> None:
     for n in (0, 125, 126, 127, 65535, 65536, 70000):
         data = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
         assert binary_frame(data) == Frame(Opcode.BINARY, data).serialize(mask=False)
+
+
+@given(st.lists(st.binary(max_size=40_000), max_size=4))
+def test_binary_frame_of_pieces_is_the_frame_of_their_join(pieces: list[bytes]) -> None:
+    joined = b"".join(pieces)
+    views: list[bytes | memoryview] = [memoryview(p) for p in pieces]
+    assert binary_frame_of(views, len(joined)) == binary_frame(joined)
 
 
 # -- client frames ---------------------------------------------------------------------------

@@ -168,3 +168,15 @@ def test_ring_keeps_large_chunks_by_reference_and_memory_bounded() -> None:
 def test_ring_rejects_a_nonpositive_seal() -> None:
     with pytest.raises(ValueError, match="seal"):
         OutputRing(10, seal=0)
+
+
+def test_pieces_join_to_read_and_never_pin_the_growing_tail() -> None:
+    """A caller may keep `pieces` while more output arrives and old output is dropped."""
+    ring = OutputRing(64, seal=16)
+    for chunk in (b"a" * 20, b"bcd", b"efg"):
+        ring.append(chunk)
+    pieces = ring.pieces(ring.start)
+    assert b"".join(pieces) == ring.read(ring.start) == b"a" * 20 + b"bcdefg"
+    for _ in range(30):  # grows the tail, seals it, drops the front: no BufferError
+        ring.append(b"xyz")
+    assert b"".join(pieces) == b"a" * 20 + b"bcdefg"

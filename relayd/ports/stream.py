@@ -111,12 +111,12 @@ class StreamLink:
 
     def write_now(self, data: bytes) -> None:
         """Hand bytes to the transport at once (callers check `writable` first)."""
-        if self._transport.is_closing():
+        transport = self._transport
+        if transport.is_closing():
             raise ConnectionResetError("serial link is closed")
-        self._transport.write(self._encode(data))
+        transport.write(data if self._encode is None else self._encode(data))
 
-    def _encode(self, data: bytes) -> bytes:
-        return data
+    _encode: Callable[[bytes], bytes] | None = None  # framing for the medium, if it has one
 
     async def write(self, data: bytes) -> None:
         """Write, then wait while the far end is not keeping up."""
