@@ -76,6 +76,8 @@ async def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relayd-ab-"))
     relays: list[tuple[str, Path | None]] = []
     for spec in args.relayd or [f"relayd={ROOT / 'relayd'}"]:
+        if spec == "none":  # only the peers
+            continue
         name, _, path = spec.partition("=")
         relays.append((name, snapshot_relayd(workdir / name / "src", Path(path))))
     relays += [("pyfloor", None)] if args.pyfloor else []
@@ -121,11 +123,24 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=10.0, help="keys/s per session")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seconds", type=float, default=6.0, help="measured seconds per window")
-    p.add_argument("--relayd", action="append", help="NAME=DIR of a relayd package (repeatable)")
+    p.add_argument(
+        "--relayd",
+        action="append",
+        help="NAME=DIR of a relayd package (repeatable); none: no relayd",
+    )
     p.add_argument("--pyfloor", action="store_true", help="add bench/pyfloor.py")
     p.add_argument("--haproxy", action="store_true", help="add HAProxy")
     return p.parse_args()
 
 
+def run() -> int:
+    """On uvloop, as bench/run.py: the generator's timing shapes the relay's batching."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main(parse()))
+    return uvloop.run(main(parse()))
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse())))
+    sys.exit(run())

@@ -26,7 +26,7 @@ class LinkProtocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self._consumer: Callable[[bytes], None] | None = None
         self._early: list[bytes] = []
-        self._paused = False
+        self.paused = False  # the far end is not reading (asyncio flow control)
         self._drained: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,22 +64,22 @@ class LinkProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The far end is not reading."""
-        self._paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
         """It reads again."""
-        self._paused = False
+        self.paused = False
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
     @property
     def writable(self) -> bool:
         """A write now would not have to wait."""
-        return not self._paused and self.transport is not None and not self.transport.is_closing()
+        return not self.paused and self.transport is not None and not self.transport.is_closing()
 
     async def drain(self) -> None:
         """Wait while the transport pushes back."""
-        while self._paused:
+        while self.paused:
             if self.closed.done():
                 raise ConnectionResetError("serial link lost")
             self._drained = asyncio.get_running_loop().create_future()
@@ -106,8 +106,8 @@ class StreamLink:
 
     @property
     def writable(self) -> bool:
-        """Whether `write_now` would not have to wait."""
-        return self._protocol.writable
+        """Whether `write_now` would not have to wait (asked once per keystroke)."""
+        return not self._protocol.paused and not self._transport.is_closing()
 
     def write_now(self, data: bytes) -> None:
         """Hand bytes to the transport at once (callers check `writable` first)."""
