@@ -43,6 +43,11 @@ HOOK_TIMEOUT = 10.0
 # A far end that accepts no input for this long (a hung guest, a full UART FIFO) gets its
 # queued input dropped and the writer read again, so BREAK, SysRq and reset can still arrive.
 STALL_SECONDS = 5.0
+# BREAKs and hooks are slow (a tty BREAK holds the line for ~0.25 s, a hook may run 10 s)
+# and carry no bytes for the input bound: past these, more are refused, not queued, so a
+# writer sending them in a loop cannot grow the queue (or the audit log) without end.
+MAX_QUEUED_BREAKS = 8
+MAX_QUEUED_HOOKS = 4
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
 # A kill -9 loses at most this much output (a clean stop loses none). Each flush is one
@@ -420,25 +425,31 @@ class ConsoleHub:
             self._paused = client
             client.pause_input()
 
-    def submit_break(self, key: str = "") -> None:
+    def submit_break(self, key: str = "") -> bool:
         """Queue a BREAK (then a SysRq key) ahead of queued input, behind earlier BREAKs.
 
         Behind, so a scripted sequence (s, u, b: sync, remount, reboot) keeps its order.
+        False (nothing queued) when `MAX_QUEUED_BREAKS` are already waiting.
         """
         ahead = 0
         while ahead < len(self._input) and isinstance(self._input[ahead], _Break):
             ahead += 1
+        if ahead >= MAX_QUEUED_BREAKS:
+            return False
         self._input.insert(ahead, _Break(key.encode("ascii")))
         self._input_ready.set()
+        return True
 
-    def submit_hook(self, name: str) -> bool:
-        """Queue `nmi_command`/`reset_command`; False when the VM has none configured."""
+    def submit_hook(self, name: str) -> str | None:
+        """Queue `nmi_command`/`reset_command`; else why not: `unsupported` or `busy`."""
         argv = self.vm.nmi_command if name == "nmi" else self.vm.reset_command
         if argv is None:
-            return False
+            return "unsupported"
+        if len(self._hooks) >= MAX_QUEUED_HOOKS:
+            return "busy"
         self._hooks.append(_Hook(f"{name}_command", argv))
         self._hooks_ready.set()
-        return True
+        return None
 
     def _maybe_resume(self) -> None:
         if self._paused is not None and self._input_bytes <= self._input_high // 2:

@@ -30,6 +30,7 @@ from .audit import audit
 from .auth import Principal
 from .errors import BadMessageError
 from .frames import ClientFrameReader, binary_frame_of
+from .hub import MAX_QUEUED_BREAKS, MAX_QUEUED_HOOKS
 from .log import get_logger
 from .rbac import at_least
 from .throttle import TokenBucket
@@ -444,13 +445,15 @@ class ConsoleSession:
             )
             return
         self._touch()
-        if isinstance(message, control.Sysrq):
-            self.hub.submit_break(message.key)
-            event = "sysrq_sent"
-        else:
-            self.hub.submit_break()
-            event = "break_sent"
-        self._audit(event)
+        sysrq = isinstance(message, control.Sysrq)
+        if not self.hub.submit_break(message.key if isinstance(message, control.Sysrq) else ""):
+            self._error(
+                "busy",
+                f"{MAX_QUEUED_BREAKS} BREAKs are already waiting for the serial port; "
+                f"this {'SysRq' if sysrq else 'BREAK'} was not queued",
+            )
+            return
+        self._audit("sysrq_sent" if sysrq else "break_sent")
 
     def _on_hook(self, name: str) -> None:
         if not at_least(self.rbac_role, "owner"):
@@ -459,8 +462,14 @@ class ConsoleSession:
         if not self.hub.port_up:
             self._error("port_down", f"the serial port is down; {name} was not run")
             return
-        if not self.hub.submit_hook(name):
+        refused = self.hub.submit_hook(name)
+        if refused == "unsupported":
             self._error("unsupported", f"no {name}_command is configured for this vm")
+            return
+        if refused == "busy":
+            self._error(
+                "busy", f"{MAX_QUEUED_HOOKS} hook runs are already waiting; {name} was not queued"
+            )
             return
         self._audit("hook_run", hook=name)
 

@@ -15,7 +15,7 @@ from websockets.frames import Frame, Opcode
 
 from relayd.app import Gateway
 from relayd.config import LimitsConfig, VmConfig
-from relayd.hub import ConsoleHub
+from relayd.hub import MAX_QUEUED_BREAKS, MAX_QUEUED_HOOKS, ConsoleHub
 
 from .conftest import (
     TIMEOUT,
@@ -291,3 +291,43 @@ async def test_wrong_method_is_405_with_allow_and_console_log_takes_head(
             http_request("HEAD", "/v1/vms/vm-a/console-log", bearer=bearer),
         )
         assert (status, body) == (200, b"")
+
+
+async def test_a_loop_of_breaks_and_resets_is_refused_past_a_bounded_queue(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """BREAKs and hooks carry no bytes for the input bound: past a few queued, busy.
+
+    Each BREAK here runs a 30 s hook, so nothing drains while the loop runs; the
+    queue would otherwise grow (with an audit line each) for as long as a writer sent.
+    """
+    config = write_config(
+        vms=[
+            {
+                "id": "vm-a",
+                "serial": f"tcp://127.0.0.1:{far_end.port}",
+                "break_command": ["sleep", "30"],
+                "reset_command": ["sleep", "30"],
+            }
+        ],
+        roles=[("user:olga", "owner", "/subscriptions/sub-1")],
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="olga") as olga:
+            with capture_logs() as logs:
+                for _ in range(MAX_QUEUED_BREAKS + 4):
+                    await olga.send({"type": "break"})
+                busy = [await olga.control(type="error", code="busy") for _ in range(3)]
+                for _ in range(MAX_QUEUED_HOOKS + 3):
+                    await olga.send({"type": "reset"})
+                busy += [await olga.control(type="error", code="busy") for _ in range(2)]
+                await olga.send({"type": "launch"})  # the session still answers
+                await olga.control(type="error", code="bad_message")
+            assert "BREAK was not queued" in busy[0]["message"]
+            assert "reset was not queued" in busy[-1]["message"]
+            hub = gw.hubs["vm-a"]
+            assert len(hub._input) <= MAX_QUEUED_BREAKS
+            assert len(hub._hooks) <= MAX_QUEUED_HOOKS
+            audited = [e for e in logs if e.get("event") == "break_sent"]
+            assert len(audited) <= MAX_QUEUED_BREAKS + 1
