@@ -42,6 +42,10 @@ MASKED = 0x80
 SHORT_MAX = 125  # the largest payload whose length fits the second header byte
 
 
+# The header of every final binary frame of 0..125 bytes, by length: echoed keys are these.
+SHORT_HEADERS = tuple(_SHORT.pack(FIN_BINARY, n) for n in range(126))
+
+
 def binary_frame(data: bytes) -> bytes:
     """One final, unmasked binary frame, serialized once for every client.
 

@@ -11,13 +11,25 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from relayd.frames import ClientFrameReader, binary_frame, binary_frame_of, frame_extent
+from relayd.frames import (
+    SHORT_HEADERS,
+    ClientFrameReader,
+    binary_frame,
+    binary_frame_of,
+    frame_extent,
+)
 from relayd.session import WS_LOGGER
 
 
 @given(st.binary(max_size=300))
 def test_binary_frame_matches_websockets_for_short_and_medium_payloads(data: bytes) -> None:
     assert binary_frame(data) == Frame(Opcode.BINARY, data).serialize(mask=False)
+
+
+def test_short_headers_are_binary_frame_headers() -> None:
+    for n, head in enumerate(SHORT_HEADERS):
+        assert head + b"x" * n == binary_frame(b"x" * n)
+    assert len(SHORT_HEADERS) == 126
 
 
 def test_binary_frame_matches_websockets_at_every_length_boundary() -> None:

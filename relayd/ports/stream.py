@@ -34,11 +34,19 @@ class LinkProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def set_consumer(self, consumer: Callable[[bytes], None]) -> None:
-        """Where output goes from now on (bytes that came before are handed over first)."""
+        """Where output goes from now on (bytes that came before are handed over first).
+
+        The consumer becomes this protocol's `data_received` and the transport is
+        told to look it up again, so each chunk of console output costs no call
+        through this class (at ~1 µs a Python call among 1,000 live consoles).
+        """
         self._consumer = consumer
         early, self._early = self._early, []
         for data in early:
             consumer(data)
+        self.data_received = consumer  # type: ignore[method-assign,assignment]
+        if self.transport is not None:
+            self.transport.set_protocol(self)
 
     def data_received(self, data: bytes) -> None:
         """Console output from the port."""
