@@ -40,6 +40,12 @@ _LONG = struct.Struct("!BBQ")
 FIN_BINARY = 0x82  # FIN, no RSV bits, opcode 2
 MASKED = 0x80
 SHORT_MAX = 125  # the largest payload whose length fits the second header byte
+# First bytes (FIN aside) of frames websockets parses and goes on: data, ping, pong, with no
+# RSV bit. Any other frame (a Close, garbage) may end parsing, so websockets gets it at once.
+_PLAIN = frozenset({0x00, 0x01, 0x02, 0x09, 0x0A})
+# Plain frames can end parsing too (a continuation with no message open): websockets gets
+# what was walked every this many frames, so input it would discard is not walked for long.
+_WALK_MAX = 16
 
 
 # The header of every final binary frame of 0..125 bytes, by length: echoed keys are these.
@@ -115,6 +121,9 @@ class ClientFrameReader:
         self._held = b""  # the start of a short-path candidate
         self._head = bytearray()  # a header websockets has begun, until its length is known
         self._owed = 0  # bytes websockets still needs to finish its current frame
+        # Set once websockets throws input away (a Close received, or it failed the
+        # connection): frame boundaries no longer matter and are not looked for.
+        self._discarding = False
         # True when the last feed gave websockets bytes: it may have something to send.
         self.fed_protocol = False
 
@@ -124,10 +133,14 @@ class ClientFrameReader:
         if self._held:
             data, self._held = self._held + data, b""
         events: list[bytes | Frame] = []
+        if self._discarding:
+            self._pass(data, 0, len(data), events)
+            return events
         protocol = self.protocol
         n = len(data)
         pos = 0  # next byte to classify
         slow = 0  # first byte of the run that websockets is to get
+        walked = 0  # frames in that run
         while pos < n:
             if self._owed:
                 step = min(self._owed, n - pos)
@@ -139,8 +152,9 @@ class ClientFrameReader:
                 continue
             if data[pos] == FIN_BINARY:
                 if pos + 1 == n:  # is it short? the next feed says
-                    if pos > slow:
-                        self._pass(data, slow, pos, events)
+                    if pos > slow and self._pass(data, slow, pos, events):
+                        self._pass(data, pos, n, events)
+                        return events
                     self._held = data[pos:]
                     return events
                 second = data[pos + 1]
@@ -148,8 +162,10 @@ class ClientFrameReader:
                     # websockets must see what came before first: it decides whether a
                     # binary frame may start a message here.
                     if pos > slow:
-                        self._pass(data, slow, pos, events)
+                        discarding = self._pass(data, slow, pos, events)
                         slow = pos
+                        if discarding:
+                            break
                     if protocol.state is State.OPEN and protocol.current_size is None:
                         end = pos + 6 + (second & 0x7F)
                         if end > n:
@@ -159,6 +175,7 @@ class ClientFrameReader:
                         pos = slow = end
                         continue
             extent = frame_extent(data, pos)
+            plain = data[pos] & 0x7F in _PLAIN and (pos + 1 == n or data[pos + 1] & MASKED)
             if extent < 0:
                 self._head = bytearray(data[pos:])
                 pos = n
@@ -167,6 +184,12 @@ class ClientFrameReader:
                 pos = n
             else:
                 pos += extent
+            walked += 1
+            if not plain or walked >= _WALK_MAX:  # websockets may stop parsing here
+                discarding = self._pass(data, slow, pos, events)
+                slow, walked = pos, 0
+                if discarding:
+                    break
         if n > slow:
             self._pass(data, slow, n, events)
         return events
@@ -182,11 +205,18 @@ class ClientFrameReader:
         self._owed = extent - taken_before
         return pos
 
-    def _pass(self, data: bytes, start: int, stop: int, events: list[bytes | Frame]) -> None:
-        """Give websockets ``data[start:stop]`` and collect the frames it completed."""
+    def _pass(self, data: bytes, start: int, stop: int, events: list[bytes | Frame]) -> bool:
+        """Give websockets ``data[start:stop]`` and collect the frames it completed.
+
+        Returns whether websockets now throws input away (see `_discarding`).
+        """
         self.fed_protocol = True
-        self.protocol.receive_data(data[start:stop])
-        events.extend(e for e in self.protocol.events_received() if isinstance(e, Frame))
+        protocol = self.protocol
+        protocol.receive_data(data[start:stop])
+        events.extend(e for e in protocol.events_received() if isinstance(e, Frame))
+        if protocol.close_rcvd is not None or protocol.parser_exc is not None:
+            self._discarding = True
+        return self._discarding
 
     def feed_eof(self) -> list[bytes | Frame]:
         """The client half-closed: websockets gets what was held back, then the end."""

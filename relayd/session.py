@@ -444,16 +444,17 @@ class ConsoleSession:
                 f"{self.hub.vm.serial.kind} port cannot carry BREAK and no break_command is set",
             )
             return
-        self._touch()
-        sysrq = isinstance(message, control.Sysrq)
-        if not self.hub.submit_break(message.key if isinstance(message, control.Sysrq) else ""):
+        key = message.key if isinstance(message, control.Sysrq) else ""
+        what = "SysRq" if key else "BREAK"
+        if not self.hub.submit_break(key):
             self._error(
                 "busy",
                 f"{MAX_QUEUED_BREAKS} BREAKs are already waiting for the serial port; "
-                f"this {'SysRq' if sysrq else 'BREAK'} was not queued",
+                f"this {what} was not queued",
             )
             return
-        self._audit("sysrq_sent" if sysrq else "break_sent")
+        self._touch()  # a refused BREAK does not keep an idle writer's session alive
+        self._audit("sysrq_sent" if key else "break_sent")
 
     def _on_hook(self, name: str) -> None:
         if not at_least(self.rbac_role, "owner"):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from relayd import frames as frames_module
 from relayd.frames import (
     SHORT_HEADERS,
     ClientFrameReader,
@@ -123,7 +125,7 @@ def ws(max_size: int | None) -> ServerProtocol:
 @given(
     frames=st.lists(client_frame(), max_size=12),
     cuts=st.lists(st.integers(0, 4000), max_size=8),
-    max_size=st.sampled_from([None, 40, 200, 1 << 20]),
+    max_size=st.sampled_from([None, 0, 5, 40, 125, 126, 200, 1 << 20]),
     close_after=st.one_of(st.none(), st.integers(0, 8)),
     eof=st.booleans(),
 )
@@ -146,6 +148,40 @@ def test_reader_sees_what_websockets_alone_sees(
     if eof:
         reference.receive_eof()
         assert observe(ours, reader.feed_eof()) == observe(reference, reference.events_received())
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=st.lists(client_frame(), max_size=8), max_size=st.sampled_from([None, 5, 125]))
+def test_reader_fed_one_byte_at_a_time_sees_what_websockets_sees(
+    frames: list[bytes], max_size: int | None
+) -> None:
+    stream = b"".join(frames)
+    reference, ours = ws(max_size), ws(max_size)
+    reader = ClientFrameReader(ours)
+    for i in range(len(stream)):
+        reference.receive_data(stream[i : i + 1])
+        expected = observe(reference, reference.events_received())
+        assert observe(ours, reader.feed(stream[i : i + 1])) == expected
+
+
+def test_input_websockets_throws_away_is_not_walked_frame_by_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A continuation with no message open fails the connection: the rest is not parsed."""
+    walked = []
+    real = frames_module.frame_extent
+    monkeypatch.setattr(
+        frames_module, "frame_extent", lambda buf, pos: walked.append(pos) or real(buf, pos)
+    )
+    protocol = ws(1 << 20)
+    reader = ClientFrameReader(protocol)
+    reader.feed(masked(0x80, b"") * 10_000)
+    assert protocol.close_sent is not None
+    assert protocol.close_sent.code == 1002
+    assert len(walked) <= 16
+    walked.clear()
+    reader.feed(masked(0x80, b"") * 10_000)  # after that, not walked at all
+    assert walked == []
 
 
 def test_a_keystroke_takes_the_short_path_and_websockets_is_not_fed() -> None:

@@ -327,7 +327,8 @@ async def test_a_loop_of_breaks_and_resets_is_refused_past_a_bounded_queue(
             assert "BREAK was not queued" in busy[0]["message"]
             assert "reset was not queued" in busy[-1]["message"]
             hub = gw.hubs["vm-a"]
-            assert len(hub._input) <= MAX_QUEUED_BREAKS
-            assert len(hub._hooks) <= MAX_QUEUED_HOOKS
+            # The first of each may already have left the queue for the port or the hook.
+            assert MAX_QUEUED_BREAKS - 1 <= len(hub._input) <= MAX_QUEUED_BREAKS
+            assert MAX_QUEUED_HOOKS - 1 <= len(hub._hooks) <= MAX_QUEUED_HOOKS
             audited = [e for e in logs if e.get("event") == "break_sent"]
             assert len(audited) <= MAX_QUEUED_BREAKS + 1
