@@ -80,11 +80,6 @@ class LinkProtocol(asyncio.Protocol):
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    @property
-    def writable(self) -> bool:
-        """A write now would not have to wait."""
-        return not self.paused and self.transport is not None and not self.transport.is_closing()
-
     async def drain(self) -> None:
         """Wait while the transport pushes back."""
         while self.paused:
