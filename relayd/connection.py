@@ -354,9 +354,6 @@ class ClientConnection(asyncio.Protocol):
             output_queue_bytes=gw.config.limits.output_queue_bytes,
         )
         self.session = session
-        # The TLS transport looks data_received up per record: keystrokes now go straight
-        # to the session, without a call through this class (~1 µs each among 1,000 typists).
-        self.data_received = session.data_received  # type: ignore[method-assign]
         gw.sessions[session_id] = session
         session.start(want_writer=want_writer, resume_from=resume_from)
         if leftover:

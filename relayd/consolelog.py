@@ -101,7 +101,7 @@ class _Pending:
     """
 
     def __init__(self) -> None:
-        self.chunks: deque[bytes | memoryview] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self.size = 0
 
     def __len__(self) -> int:
@@ -109,25 +109,25 @@ class _Pending:
 
     def append(self, data: bytes) -> None:
         if data:
-            self.chunks.append(data if isinstance(data, bytes) else bytes(data))
+            self._chunks.append(data if isinstance(data, bytes) else bytes(data))
             self.size += len(data)
 
     def drop_front(self, n: int) -> None:
         while n > 0:
-            first = self.chunks[0]
+            first = self._chunks[0]
             if len(first) <= n:
-                self.chunks.popleft()
+                self._chunks.popleft()
                 self.size -= len(first)
                 n -= len(first)
             else:
-                self.chunks[0] = memoryview(first)[n:]
+                self._chunks[0] = memoryview(first)[n:]
                 self.size -= n
                 n = 0
 
     def head(self, n: int) -> list[memoryview]:
         """Views of the first `n` bytes."""
         parts: list[memoryview] = []
-        for chunk in self.chunks:
+        for chunk in self._chunks:
             if n <= 0:
                 break
             parts.append(memoryview(chunk)[:n])
@@ -138,7 +138,7 @@ class _Pending:
         """Bytes [lo, hi) of the pending data."""
         out = bytearray()
         pos = 0
-        for chunk in self.chunks:
+        for chunk in self._chunks:
             end = pos + len(chunk)
             if end > lo and pos < hi:
                 out += chunk[max(lo - pos, 0) : min(hi, end) - pos]
@@ -148,7 +148,7 @@ class _Pending:
         return bytes(out)
 
     def clear(self) -> None:
-        self.chunks.clear()
+        self._chunks.clear()
         self.size = 0
 
 
@@ -398,11 +398,9 @@ class ConsoleLog:
         """
         if self._dir_fd is None:
             self._require_open()
-        buf = self._buf  # once per chunk of console output: kept lean
+        buf = self._buf
         offset = self._buf_start + buf.size
-        if data:  # _Pending.append, inline
-            buf.chunks.append(data if isinstance(data, bytes) else bytes(data))
-            buf.size += len(data)
+        buf.append(data)
         if buf.size > self._held_max:
             # Older bytes could not be kept anyway: the next flush starts afresh at the new
             # _buf_start and deletes every older segment (they are no longer contiguous).

@@ -52,6 +52,15 @@ _WALK_MAX = 16
 SHORT_HEADERS = tuple(_SHORT.pack(FIN_BINARY, n) for n in range(126))
 
 
+def _header(n: int) -> bytes:
+    """The header of a final, unmasked binary frame carrying `n` bytes."""
+    if n < 126:
+        return SHORT_HEADERS[n]
+    if n < 65536:
+        return _MEDIUM.pack(FIN_BINARY, 126, n)
+    return _LONG.pack(FIN_BINARY, 127, n)
+
+
 def binary_frame(data: bytes) -> bytes:
     """One final, unmasked binary frame, serialized once for every client.
 
@@ -59,24 +68,13 @@ def binary_frame(data: bytes) -> bytes:
     (a property test checks it); building it through a ``Frame`` object and its
     checks cost about 3 µs a chunk.
     """
-    n = len(data)
-    if n < 126:
-        return _SHORT.pack(FIN_BINARY, n) + data
-    if n < 65536:
-        return _MEDIUM.pack(FIN_BINARY, 126, n) + data
-    return _LONG.pack(FIN_BINARY, 127, n) + data
+    return _header(len(data)) + data
 
 
 def binary_frame_of(pieces: list[bytes | memoryview], n: int) -> bytes:
     """`binary_frame` of the `n` bytes in `pieces`, joined once (a catch-up read is not
     joined first and then copied again behind the header)."""
-    if n < 126:
-        head = _SHORT.pack(FIN_BINARY, n)
-    elif n < 65536:
-        head = _MEDIUM.pack(FIN_BINARY, 126, n)
-    else:
-        head = _LONG.pack(FIN_BINARY, 127, n)
-    return b"".join([head, *pieces])
+    return b"".join([_header(n), *pieces])
 
 
 def frame_extent(buf: bytes | bytearray, pos: int) -> int:

@@ -29,7 +29,6 @@ from .auth import Principal
 from .config import LimitsConfig, VmConfig
 from .consolelog import ConsoleLog, ConsoleLogError
 from .errors import HookError, PortUnavailableError
-from .frames import SHORT_HEADERS as _SHORT_HEAD
 from .frames import binary_frame
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger
@@ -138,8 +137,6 @@ class ConsoleHub:
         self._log_error_at = 0.0
         self.lease = WriterLease(vm.takeover)
         self.clients: dict[str, HubClient] = {}
-        # Who gets each chunk of output, rebuilt on attach and detach (not per chunk).
-        self._fanout: tuple[HubClient, ...] = ()
         self.stats = HubStats()
         self.port_up = False
         self.resize: tuple[int, int] | None = None
@@ -232,26 +229,13 @@ class ConsoleHub:
         raise PortUnavailableError("the far end closed the serial port")
 
     def publish(self, data: bytes) -> None:
-        """Record console output (log first, then ring) and hand it to every client.
-
-        Once per chunk of output, echoed keystrokes included: the log append and
-        the short frame header are written out here rather than called.
-        """
-        console_log = self.log
-        if console_log is not None:
-            try:
-                console_log.append(data)
-            except ConsoleLogError as exc:
-                self._log_failed(exc)
-            if self._flush_timer is None and console_log.flushed_end < console_log.end:
-                loop = self._loop or asyncio.get_running_loop()
-                self._flush_timer = loop.call_later(LOG_FLUSH_SECONDS, self._flush_log)
+        """Record console output (log first, then ring) and hand it to every client."""
+        self._log_append(data)
         offset = self.ring.append(data)
-        n = len(data)
-        self.stats.bytes_from_port += n
-        if self._fanout:
-            frame = _SHORT_HEAD[n] + data if n < 126 else binary_frame(data)
-            for client in self._fanout:
+        self.stats.bytes_from_port += len(data)
+        if self.clients:
+            frame = binary_frame(data)
+            for client in list(self.clients.values()):
                 client.deliver(offset, data, frame)
         if self._watchers:
             self._changed()
@@ -327,6 +311,18 @@ class ConsoleHub:
         self._bucket = TokenBucket(rate, burst=max(self._chunk, rate // 10))
         self._input_high = max(4096, rate)
         return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
+
+    def _log_append(self, data: bytes) -> None:
+        """Append to the on-disk log; a disk problem is logged (rate-limited), never fatal."""
+        if self.log is None:
+            return
+        try:
+            self.log.append(data)
+        except ConsoleLogError as exc:
+            self._log_failed(exc)
+        if self._flush_timer is None and self.log.flushed_end < self.log.end:
+            loop = self._loop or asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(LOG_FLUSH_SECONDS, self._flush_log)
 
     def _flush_log(self) -> None:
         self._flush_timer = None
@@ -505,7 +501,6 @@ class ConsoleHub:
         unless the caller asked for it.
         """
         self.clients[client.session_id] = client
-        self._fanout = tuple(self.clients.values())
         self._changed()
         if not writer:
             client.set_role("spectator")
@@ -548,7 +543,6 @@ class ConsoleHub:
         """Remove a session; a leaving writer releases the lease."""
         if self.clients.get(client.session_id) is client:
             del self.clients[client.session_id]
-            self._fanout = tuple(self.clients.values())
         if self._paused is client:
             self._paused = None
         if self.lease.release(client.session_id):

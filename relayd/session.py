@@ -415,8 +415,7 @@ class ConsoleSession:
         if not self.hub.port_up:
             self._error("port_down", "the serial port is down; input was not sent")
             return
-        self.last_input = time.monotonic()  # _touch, inline: once per keystroke
-        self._idle_warned = False
+        self._touch()
         self.bytes_in += len(data)
         self.hub.submit(self, data)
 

@@ -1,10 +1,8 @@
 """The keystroke path on uvloop, the daemon's loop (the rest of the suite runs on asyncio's).
 
-The session and the serial link take over their transport's `data_received`
-(see connection.py and ports/stream.py). uvloop's TLS protocol looks the
-method up per record, and its TCP transport only when `set_protocol` is
-called. If either changed, keystrokes or console output would stop here,
-after a port reconnect at the latest. This directory's conftest.py
+Keystrokes cut into one-byte TLS records go through the frame reader on
+uvloop's TLS protocol, and output keeps flowing through a new serial link
+after a port reconnect. This directory's conftest.py
 `pytest_asyncio_loop_factories` puts this module on uvloop.
 """
 
