@@ -5,15 +5,32 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 CERTS  := certs/dev
+# The keystroke path, compiled in place with mypyc (relayd/native.py says which and why).
+NATIVE     := build/native.stamp
+NATIVE_SRC := $(shell $(PYTHON) -c 'import relayd.native as n; print(*(m.replace(".", "/") + ".py" for m in n.NATIVE_MODULES))')
 
-.PHONY: run run-vm test test-guest guest-image lint types pytest coverage bench certs clean web
+.PHONY: native wheel run run-vm test test-guest guest-image lint types pytest coverage bench certs clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]'
+	RELAYD_NATIVE=0 $(PIP) install -q -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Stale modules are removed first, so a failed build never leaves old code running. No C
+# compiler: relayd runs interpreted (same behaviour, slower), and this says so.
+$(NATIVE): $(STAMP) setup.py relayd/native.py $(NATIVE_SRC)
+	rm -f relayd/*.so relayd/ports/*.so
+	if command -v cc >/dev/null; then $(PY) setup.py -q build_ext --inplace --force; \
+	else echo "relayd: no C compiler; the keystroke path runs interpreted" >&2; fi
+	mkdir -p build && touch $@
+
+native: $(NATIVE)
+
+# A deployable wheel with the compiled keystroke path, in dist/.
+wheel: $(STAMP)
+	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
 
 $(CERTS)/server.crt: $(STAMP)
 	$(VENV)/bin/relayd certs init $(CERTS)
@@ -26,7 +43,7 @@ web:
 	command -v npm >/dev/null || scripts/ensure-system-packages.sh nodejs npm
 	web/build.sh
 
-run: $(STAMP) $(CERTS)/server.crt web
+run: $(STAMP) $(NATIVE) $(CERTS)/server.crt web
 	$(VENV)/bin/relayd demo --certs $(CERTS)
 
 # Real-guest image in tests/guest/out/ (git-ignored). The script installs qemu-system-x86,
@@ -35,33 +52,37 @@ run: $(STAMP) $(CERTS)/server.crt web
 guest-image:
 	tests/guest/build-guest.sh
 
-run-vm: $(STAMP) $(CERTS)/server.crt guest-image web
+run-vm: $(STAMP) $(NATIVE) $(CERTS)/server.crt guest-image web
 	$(PY) scripts/run-vm.py --certs $(CERTS)
 
-test-guest: $(STAMP) guest-image
+test-guest: $(STAMP) $(NATIVE) guest-image
 	RELAYD_GUEST_REQUIRED=1 $(VENV)/bin/pytest -q -p no:cacheprovider -m guest tests/guest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check relayd tests scripts $(wildcard bench)
-	$(VENV)/bin/ruff format --check relayd tests scripts $(wildcard bench)
+	$(VENV)/bin/ruff check setup.py relayd tests scripts $(wildcard bench)
+	$(VENV)/bin/ruff format --check setup.py relayd tests scripts $(wildcard bench)
 
 types: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP) web guest-image
+pytest: $(STAMP) $(NATIVE) web guest-image
 	scripts/ensure-system-packages.sh haproxy systemd chromium
 	RELAYD_GUEST_REQUIRED=1 $(VENV)/bin/pytest -q -p no:cacheprovider
+	# The keystroke path again, interpreted: what runs where there is no C compiler.
+	RELAYD_PURE_PYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_native.py \
+		tests/test_frames.py tests/test_ring.py tests/test_throttle.py tests/test_consolelog.py \
+		tests/test_telnet.py tests/test_gateway.py
 
 test: lint types pytest
 
 coverage: $(STAMP) web guest-image
 	$(VENV)/bin/pip install -q coverage
-	$(VENV)/bin/coverage run -m pytest -q && $(VENV)/bin/coverage report
+	RELAYD_PURE_PYTHON=1 $(VENV)/bin/coverage run -m pytest -q && $(VENV)/bin/coverage report
 
-bench: $(STAMP)
+bench: $(STAMP) $(NATIVE)
 	scripts/ensure-system-packages.sh haproxy
 	$(PY) bench/run.py
 	$(PY) -m bench.pacing
 
 clean:
-	rm -rf $(VENV) $(CERTS) .relayd-demo build *.egg-info relayd/web/assets web/node_modules tests/artifacts tests/guest/out
+	rm -rf $(VENV) $(CERTS) .relayd-demo build dist *.egg-info relayd/*.so relayd/ports/*.so relayd/web/assets web/node_modules tests/artifacts tests/guest/out

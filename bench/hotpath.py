@@ -112,7 +112,7 @@ async def measure(keys: int, sessions: int, state: Path) -> dict[str, Any]:
     for i in range(sessions):
         vm = VmConfig(id=f"vm{i:05d}", subscription="bench", serial="tcp://127.0.0.1:1")
         hub = ConsoleHub(vm, limits, log_dir=state)
-        hub._loop = loop  # stands in for run()
+        hub.bind_loop(loop)  # as keeper.keep_port does
         hub._link = _EchoLink(hub.publish)  # type: ignore[assignment]
         hub.port_up = True
         pairs.append((hub, _session(hub, i)))

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from . import control
+from . import control, native
 from .audit import audit
 from .auth import Authenticator, Principal
 from .certs import certificate_not_after
@@ -42,6 +42,7 @@ from .errors import (
 )
 from .health import HealthConnection, make_registry
 from .hub import ConsoleHub
+from .keeper import keep_port
 from .listener import Listener, bind
 from .log import get_logger
 from .ratelimit import KeyedLimiter
@@ -366,6 +367,7 @@ class Gateway:
                     health_port=self.health_port,
                     vms=len(self.hubs),
                     ports_up=sum(hub.port_up for hub in self.hubs.values()),
+                    keystroke_path=native.mode(),
                 )
                 self.ready.set()
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
@@ -414,7 +416,7 @@ class Gateway:
 
     def _start_hub(self, hub: ConsoleHub) -> None:
         assert self._tg is not None
-        self._hub_tasks[hub.vm.id] = self._tg.create_task(hub.run(), name=f"hub-{hub.vm.id}")
+        self._hub_tasks[hub.vm.id] = self._tg.create_task(keep_port(hub), name=f"hub-{hub.vm.id}")
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""

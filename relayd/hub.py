@@ -1,10 +1,12 @@
 """One `ConsoleHub` per VM: owns the serial port, the output ring and the writer lease.
 
-The hub keeps the port open for the life of the daemon, so output is
-recorded while nobody is attached and an attach is instant. It reconnects
-with exponential backoff when the port goes away and tells attached clients.
+The port stays open for the life of the daemon, so output is recorded while
+nobody is attached and an attach is instant; `keeper.keep_port` reconnects it
+with exponential backoff when it goes away, and the hub tells attached clients.
+This module is the state and the keystroke path, compiled (native.py), with no
+coroutines; keeper.py holds the port's I/O loops.
 
-Two tasks touch the port and nothing else does: the reader appends to the
+Two paths touch the port and nothing else does: the reader appends to the
 ring and hands each chunk to every client *without waiting on any of them*
 (a client that cannot keep up skips ahead itself); the writer takes keyboard
 input and BREAKs from one queue and writes them paced at the line rate.
@@ -15,10 +17,8 @@ socket stops being read until it drains (backpressure, not buffering).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,28 +28,20 @@ from .audit import audit
 from .auth import Principal
 from .config import LimitsConfig, VmConfig
 from .consolelog import ConsoleLog, ConsoleLogError
-from .errors import HookError, PortUnavailableError
 from .frames import binary_frame
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger
-from .ports import SerialLink, open_link
+from .ports import SerialLink
 from .ring import OutputRing
 from .throttle import TokenBucket
 
 log = get_logger("relayd.hub")
 
-OPEN_TIMEOUT = 10.0
-HOOK_TIMEOUT = 10.0
-# A far end that accepts no input for this long (a hung guest, a full UART FIFO) gets its
-# queued input dropped and the writer read again, so BREAK, SysRq and reset can still arrive.
-STALL_SECONDS = 5.0
 # BREAKs and hooks are slow (a tty BREAK holds the line for ~0.25 s, a hook may run 10 s)
 # and carry no bytes for the input bound: past these, more are refused, not queued, so a
 # writer sending them in a loop cannot grow the queue (or the audit log) without end.
 MAX_QUEUED_BREAKS = 8
 MAX_QUEUED_HOOKS = 4
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 30.0
 # A kill -9 loses at most this much output (a clean stop loses none). Each flush is one
 # pwritev per console with new output: at 0.2 s, 1,000 consoles being typed into cost
 # the relay 5,000 small ext4 writes a second, about a tenth of its CPU.
@@ -83,19 +75,19 @@ class HubClient(Protocol):
 
 
 @dataclass(frozen=True)
-class _Break:
+class QueuedBreak:
     """A BREAK, optionally followed by a SysRq key, ahead of queued input."""
 
     key: bytes = b""
 
 
 @dataclass(frozen=True)
-class _Hangup:
+class QueuedHangup:
     """Drop DTR (on_detach = hangup)."""
 
 
 @dataclass(frozen=True)
-class _Hook:
+class QueuedHook:
     """An owner's NMI or reset: run the configured command, report its exit status."""
 
     name: str
@@ -142,76 +134,64 @@ class ConsoleHub:
         self.resize: tuple[int, int] | None = None
         self.previous_logged_out: bool | None = None
         rate = vm.input_rate
-        self._chunk = max(16, rate // 50)  # 20 ms of line time per write
-        self._bucket = TokenBucket(rate, burst=max(self._chunk, rate // 10))
-        self._input: deque[bytes | _Break | _Hangup] = deque()
+        self.chunk = max(16, rate // 50)  # 20 ms of line time per write
+        self.bucket = TokenBucket(rate, burst=max(self.chunk, rate // 10))
+        self.input_queue: deque[bytes | QueuedBreak | QueuedHangup] = deque()
         # Reset and NMI run apart from the port writer: a guest whose serial line stopped
         # draining is exactly the one that needs them, and must not wait behind its input.
-        self._hooks: deque[_Hook] = deque()
-        self._hooks_ready = asyncio.Event()
+        self.hook_queue: deque[QueuedHook] = deque()
+        self.hooks_ready = asyncio.Event()
         self._input_bytes = 0
         self._input_high = max(4096, rate)  # about one second of line time
-        self._input_ready = asyncio.Event()
-        self._writing = False
+        self.input_ready = asyncio.Event()
+        self.writing = False
         self._paused: HubClient | None = None
         self._link: SerialLink | None = None
-        # Looked up once in run(): on 3.11 every get_running_loop() is a getpid() syscall.
+        # Set once by the keeper: on 3.11 every get_running_loop() is a getpid() syscall.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers: set[asyncio.Future[None]] = set()
         self.first_attempt = asyncio.Event()
 
     # -- the port ---------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Keep the port open until cancelled, reconnecting with backoff; run hooks meanwhile."""
-        self._loop = asyncio.get_running_loop()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._hook_loop())
-            await self._keep_port_open()
+    # keeper.py does the port's I/O; these are its entry points.
 
-    async def _hook_loop(self) -> None:
-        """Queued reset/NMI commands, one at a time, in the order asked for."""
-        while True:
-            while not self._hooks:
-                self._hooks_ready.clear()
-                await self._hooks_ready.wait()
-            await self._run_hook(self._hooks.popleft())
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Keep the loop: on 3.11 every get_running_loop() is a getpid() syscall."""
+        self._loop = loop
 
-    async def _keep_port_open(self) -> None:
-        backoff = BACKOFF_FIRST
-        bound = log.bind(vm=self.vm.id, serial=str(self.vm.serial))
-        while True:
-            try:
-                async with asyncio.timeout(OPEN_TIMEOUT):
-                    link = await open_link(self.vm)
-            except (PortUnavailableError, OSError, TimeoutError) as exc:
-                self.first_attempt.set()
-                self.stats.port_errors += 1
-                self.stats.last_error = str(exc) or "open timed out"
-                bound.info("port_open_failed", error=self.stats.last_error, retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            backoff = BACKOFF_FIRST
-            self._link = link
-            self._set_port_state(True)
-            self.first_attempt.set()
-            bound.info("port_up")
-            try:
-                link.start(self.publish)
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._watch(link))
-                    tg.create_task(self._write_loop(link))
-            except* (OSError, PortUnavailableError) as group:
-                self.stats.port_errors += 1
-                self.stats.last_error = str(group.exceptions[0]) or type(group).__name__
-            finally:
-                self._link = None
-                self._set_port_state(False)  # first: nothing is accepted while it closes
-                await link.close()
-            self.stats.reconnects += 1
-            bound.info("port_down", error=self.stats.last_error, retry_in=backoff)
-            await asyncio.sleep(backoff)
+    def port_opened(self, link: SerialLink) -> None:
+        """The port is open: accept input, tell the clients."""
+        self._link = link
+        self._set_port_state(True)
+        self.first_attempt.set()
+
+    def port_closed(self) -> None:
+        """The port is gone (or closing): refuse input, drop what is queued, tell the clients."""
+        self._link = None
+        self._set_port_state(False)
+
+    def input_written(self, n: int) -> None:
+        """`n` queued bytes reached the port: read a paused writer again when room is back."""
+        # Not below zero: a takeover may have dropped the queue while this was out.
+        self._input_bytes = max(0, self._input_bytes - n)
+        self._maybe_resume()
+
+    def break_failed(self, message: str) -> None:
+        """A BREAK could not be sent: clients are told, the session goes on."""
+        log.warning("break_failed", vm=self.vm.id, error=message)
+        self.broadcast(control.encode_notice("break_failed", message=message))
+
+    def hook_done(
+        self, hook: str, *, ok: bool, status: int | None = None, message: str | None = None
+    ) -> None:
+        """Report an NMI/reset command's outcome to every client."""
+        if ok:
+            self.broadcast(control.encode_notice("hook_result", hook=hook, ok=True, status=status))
+        else:
+            self.broadcast(
+                control.encode_notice("hook_result", hook=hook, ok=False, message=message)
+            )
 
     def _set_port_state(self, up: bool) -> None:
         self.port_up = up
@@ -219,14 +199,6 @@ class ConsoleHub:
             self._drop_input()
         self._changed()
         self.broadcast(control.encode_notice("port_up" if up else "port_down", vm=self.vm.id))
-
-    async def _watch(self, link: SerialLink) -> None:
-        """End the link's task group when the far end goes away."""
-        try:
-            await link.wait_closed()
-        except OSError as exc:
-            raise PortUnavailableError(f"the serial port failed: {exc}") from None
-        raise PortUnavailableError("the far end closed the serial port")
 
     def publish(self, data: bytes) -> None:
         """Record console output (log first, then ring) and hand it to every client."""
@@ -240,75 +212,13 @@ class ConsoleHub:
         if self._watchers:
             self._changed()
 
-    async def _write_loop(self, link: SerialLink) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._input:
-                self._input_ready.clear()
-                await self._input_ready.wait()
-            op = self._input.popleft()
-            self._writing = True
-            try:
-                await self._carry_out(op, link, loop)
-            finally:
-                self._writing = False
-
-    async def _carry_out(
-        self,
-        op: bytes | _Break | _Hangup,
-        link: SerialLink,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        """One queued operation, in order: a BREAK (and SysRq key), a hangup, input."""
-        if isinstance(op, _Break):
-            await self._send_break(link)
-            if op.key:
-                await self._write_or_stall(link, op.key)
-        elif isinstance(op, _Hangup):
-            await link.hangup()
-        else:
-            # Pace in small chunks so a BREAK queued mid-paste is not stuck behind it.
-            chunk, rest = op[: self._chunk], op[self._chunk :]
-            if rest:
-                self._input.appendleft(rest)
-            delay = self._bucket.reserve(len(chunk), loop.time())
-            if delay:
-                await asyncio.sleep(delay)
-            written = await self._write_or_stall(link, chunk)  # handed over either way
-            self.stats.bytes_to_port += len(chunk)
-            if written:
-                # Not below zero: a takeover may have dropped the queue while this was out.
-                self._input_bytes = max(0, self._input_bytes - len(chunk))
-                self._maybe_resume()
-
-    async def _send_break(self, link: SerialLink) -> None:
-        """BREAK in-band or through the hook; a failure is told to clients, not fatal."""
-        try:
-            if self.vm.break_command:
-                await run_hook(self.vm.break_command, vm=self.vm.id, what="break_command")
-            else:
-                await link.send_break()
-        except (HookError, NotImplementedError) as exc:
-            log.warning("break_failed", vm=self.vm.id, error=str(exc))
-            self.broadcast(control.encode_notice("break_failed", message=str(exc)))
-
-    async def _run_hook(self, hook: _Hook) -> None:
-        try:
-            status = await run_hook(hook.argv, vm=self.vm.id, what=hook.name)
-        except HookError as exc:
-            self.broadcast(
-                control.encode_notice("hook_result", hook=hook.name, ok=False, message=str(exc))
-            )
-            return
-        self.broadcast(control.encode_notice("hook_result", hook=hook.name, ok=True, status=status))
-
     def reconfigure(self, vm: VmConfig, limits: LimitsConfig) -> bool:
         """Apply a reloaded VM entry; True when the port itself must be reopened."""
         old, self.vm, self.limits = self.vm, vm, limits
         self.lease.policy = vm.takeover
         rate = vm.input_rate
-        self._chunk = max(16, rate // 50)
-        self._bucket = TokenBucket(rate, burst=max(self._chunk, rate // 10))
+        self.chunk = max(16, rate // 50)
+        self.bucket = TokenBucket(rate, burst=max(self.chunk, rate // 10))
         self._input_high = max(4096, rate)
         return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
 
@@ -405,20 +315,20 @@ class ConsoleHub:
         """
         link = self._link
         if (
-            not self._input
-            and not self._writing
+            not self.input_queue
+            and not self.writing
             and link is not None
-            and len(data) <= self._chunk
+            and len(data) <= self.chunk
             and link.writable
             and self._loop is not None
-            and self._bucket.take(len(data), self._loop.time())
+            and self.bucket.take(len(data), self._loop.time())
         ):
             link.write_now(data)
             self.stats.bytes_to_port += len(data)
             return
-        self._input.append(data)
+        self.input_queue.append(data)
         self._input_bytes += len(data)
-        self._input_ready.set()
+        self.input_ready.set()
         if self._input_bytes >= self._input_high and self._paused is None:
             self._paused = client
             client.pause_input()
@@ -430,12 +340,12 @@ class ConsoleHub:
         False (nothing queued) when `MAX_QUEUED_BREAKS` are already waiting.
         """
         ahead = 0
-        while ahead < len(self._input) and isinstance(self._input[ahead], _Break):
+        while ahead < len(self.input_queue) and isinstance(self.input_queue[ahead], QueuedBreak):
             ahead += 1
         if ahead >= MAX_QUEUED_BREAKS:
             return False
-        self._input.insert(ahead, _Break(key.encode("ascii")))
-        self._input_ready.set()
+        self.input_queue.insert(ahead, QueuedBreak(key.encode("ascii")))
+        self.input_ready.set()
         return True
 
     def submit_hook(self, name: str) -> str | None:
@@ -443,10 +353,10 @@ class ConsoleHub:
         argv = self.vm.nmi_command if name == "nmi" else self.vm.reset_command
         if argv is None:
             return "unsupported"
-        if len(self._hooks) >= MAX_QUEUED_HOOKS:
+        if len(self.hook_queue) >= MAX_QUEUED_HOOKS:
             return "busy"
-        self._hooks.append(_Hook(f"{name}_command", argv))
-        self._hooks_ready.set()
+        self.hook_queue.append(QueuedHook(f"{name}_command", argv))
+        self.hooks_ready.set()
         return None
 
     def _maybe_resume(self) -> None:
@@ -454,34 +364,24 @@ class ConsoleHub:
             client, self._paused = self._paused, None
             client.resume_input()
 
-    async def _write_or_stall(self, link: SerialLink, data: bytes) -> bool:
-        """Write (handed over at once, then wait while not drained); False if it stalled."""
-        try:
-            async with asyncio.timeout(STALL_SECONDS):
-                await link.write(data)
-        except TimeoutError:
-            self._input_stalled()
-            return False
-        return True
-
-    def _input_stalled(self) -> None:
-        """The far end took nothing for STALL_SECONDS: drop queued keys, keep BREAKs."""
-        dropped = sum(len(op) for op in self._input if isinstance(op, bytes))
-        kept = [op for op in self._input if not isinstance(op, bytes)]
+    def input_stalled(self, seconds: float) -> None:
+        """The far end took nothing for `seconds`: drop queued keys, keep BREAKs."""
+        dropped = sum(len(op) for op in self.input_queue if isinstance(op, bytes))
+        kept = [op for op in self.input_queue if not isinstance(op, bytes)]
         self._drop_input()
-        self._input.extend(kept)
+        self.input_queue.extend(kept)
         log.warning("serial_input_stalled", vm=self.vm.id, dropped=dropped)
         self.broadcast(
             control.encode_notice(
                 "input_dropped",
                 bytes=dropped,
-                message=f"the serial port took no input for {STALL_SECONDS:g}s",
+                message=f"the serial port took no input for {seconds:g}s",
             )
         )
 
     def _drop_input(self) -> None:
         """Forget queued input: it belongs to a writer or a port that is gone."""
-        self._input.clear()
+        self.input_queue.clear()
         self._input_bytes = 0
         if self._paused is not None:
             client, self._paused = self._paused, None
@@ -556,27 +456,24 @@ class ConsoleHub:
         self._drop_input()
         action = self.vm.on_detach
         if isinstance(action, bytes):
-            self._input.append(action)
+            self.input_queue.append(action)
             self._input_bytes += len(action)
-            self._input_ready.set()
+            self.input_ready.set()
             self.previous_logged_out = True
         elif action == "hangup" and self._link is not None and self._link.can_hangup:
-            self._input.append(_Hangup())
-            self._input_ready.set()
+            self.input_queue.append(QueuedHangup())
+            self.input_ready.set()
             self.previous_logged_out = True
         else:
             self.previous_logged_out = False
 
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait until `predicate()` holds; re-checked on every change of port, output or lease."""
-        loop = asyncio.get_running_loop()
-        while not predicate():
-            waiter = loop.create_future()
-            self._watchers.add(waiter)
-            try:
-                await waiter
-            finally:
-                self._watchers.discard(waiter)
+    def next_change(self) -> asyncio.Future[None]:
+        """Resolved at the next change of port, output or lease (keeper.wait_until loops on it)."""
+        loop = self._loop or asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._watchers.add(waiter)
+        waiter.add_done_callback(self._watchers.discard)
+        return waiter
 
     def _changed(self) -> None:
         for waiter in self._watchers:
@@ -602,38 +499,3 @@ class ConsoleHub:
             "idle_timeout": self.limits.idle_timeout,
             "replay_bytes": self.limits.replay_bytes,
         }
-
-
-async def run_hook(argv: tuple[str, ...], *, vm: str, what: str) -> int:
-    """Run an operator-configured command (no shell) with a deadline.
-
-    Raises:
-        HookError: the command failed to start, timed out or exited non-zero.
-    """
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as exc:
-        raise HookError(f"{what} could not start: {exc.strerror}") from None
-    try:
-        async with asyncio.timeout(HOOK_TIMEOUT):
-            _, err = await proc.communicate()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise HookError(f"{what} timed out after {HOOK_TIMEOUT:g}s") from None
-    except asyncio.CancelledError:  # the daemon stops or the VM is removed: no orphan
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        raise
-    status = proc.returncode or 0
-    log.info("hook_ran", vm=vm, hook=what, status=status)
-    if status != 0:
-        detail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        raise HookError(f"{what} exited with status {status}: {detail[0][:200]}")
-    return status

@@ -23,10 +23,22 @@ import trustme
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from relayd import native
 from relayd.app import Gateway
 from relayd.auth import issue_token
 from relayd.config import Config, load_config
 from relayd.hub import ConsoleHub
+from relayd.keeper import wait_until
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test compiled modules older than their source (edited since `make native`)."""
+    for module in native.NATIVE_MODULES:
+        source = native.source_path(module)
+        for built in source.parent.glob(source.stem + ".*.so"):
+            if built.stat().st_mtime < source.stat().st_mtime:
+                pytest.exit(f"{built} is older than {source.name}: run `make native`", 2)
+
 
 ISSUER = "https://login.test/tenant"
 AUDIENCE = "relayd"
@@ -162,7 +174,7 @@ async def wait_hub(gateway: Gateway, vm: str, predicate: Callable[[ConsoleHub], 
     """Wait until the VM's hub satisfies `predicate` (woken by the hub's own changes)."""
     hub = gateway.hubs[vm]
     async with asyncio.timeout(TIMEOUT):
-        await hub.wait_until(lambda: predicate(hub))
+        await wait_until(hub, lambda: predicate(hub))
 
 
 async def wait_port_up(gateway: Gateway, vm: str) -> None:

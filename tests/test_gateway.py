@@ -268,7 +268,7 @@ async def test_break_while_the_port_is_down_is_refused_not_queued(
             await console.send({"type": "sysrq", "key": "b"})
             error = await console.control(type="error")
             assert error["code"] == "port_down"
-        assert not gw.hubs["vm-a"]._input
+        assert not gw.hubs["vm-a"].input_queue
 
 
 async def test_takeover_demote_keeps_old_writer_as_spectator(
@@ -684,7 +684,7 @@ async def test_input_a_hung_guest_never_takes_is_dropped_and_said_so(
     hung_far_end: int,
 ) -> None:
     """Queued keys for a far end that stopped reading are dropped after the stall limit."""
-    monkeypatch.setattr("relayd.hub.STALL_SECONDS", 0.3)
+    monkeypatch.setattr("relayd.keeper.STALL_SECONDS", 0.3)
     config = write_config(
         vms=[
             {

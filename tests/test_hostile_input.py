@@ -16,6 +16,7 @@ from websockets.frames import Frame, Opcode
 from relayd.app import Gateway
 from relayd.config import LimitsConfig, VmConfig
 from relayd.hub import MAX_QUEUED_BREAKS, MAX_QUEUED_HOOKS, ConsoleHub
+from relayd.keeper import wait_until
 
 from .conftest import (
     TIMEOUT,
@@ -189,10 +190,10 @@ def test_sysrq_keys_queued_together_go_out_in_the_order_pressed(tmp_path: Any) -
     """s, u, b (sync, remount, reboot) must not become b, u, s."""
     vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
     hub = ConsoleHub(vm, LimitsConfig(), log_dir=tmp_path)
-    hub._input.append(b"queued paste")
+    hub.input_queue.append(b"queued paste")
     for key in "sub":
         hub.submit_break(key)
-    keys = [getattr(op, "key", op) for op in hub._input]
+    keys = [getattr(op, "key", op) for op in hub.input_queue]
     assert keys == [b"s", b"u", b"b", b"queued paste"]
     hub.close_log()
 
@@ -250,7 +251,7 @@ async def test_client_that_closes_by_the_rfc_is_audited_as_closing_not_lost(
                     while await reader.read(65536):
                         pass  # hello, replay, the server's Close; then the server's EOF
             writer.close()
-            await gw.hubs["vm-a"].wait_until(lambda: not gw.hubs["vm-a"].clients)
+            await wait_until(gw.hubs["vm-a"], lambda: not gw.hubs["vm-a"].clients)
         ended = [e for e in events if e["event"] == "session_ended"]
         assert [e["reason"] for e in ended] == ["client closed (1000)"]
 
@@ -328,7 +329,7 @@ async def test_a_loop_of_breaks_and_resets_is_refused_past_a_bounded_queue(
             assert "reset was not queued" in busy[-1]["message"]
             hub = gw.hubs["vm-a"]
             # The first of each may already have left the queue for the port or the hook.
-            assert MAX_QUEUED_BREAKS - 1 <= len(hub._input) <= MAX_QUEUED_BREAKS
-            assert MAX_QUEUED_HOOKS - 1 <= len(hub._hooks) <= MAX_QUEUED_HOOKS
+            assert MAX_QUEUED_BREAKS - 1 <= len(hub.input_queue) <= MAX_QUEUED_BREAKS
+            assert MAX_QUEUED_HOOKS - 1 <= len(hub.hook_queue) <= MAX_QUEUED_HOOKS
             audited = [e for e in logs if e.get("event") == "break_sent"]
             assert len(audited) <= MAX_QUEUED_BREAKS + 1

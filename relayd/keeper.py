@@ -1,0 +1,167 @@
+"""The I/O side of a hub: keep its port open, write its queued input, run its hooks.
+
+One `keep_port` task per VM, owned by the gateway's task group, for the life of the
+daemon. The hub (hub.py) holds the console's state and the keystroke path; it is
+compiled (native.py) and has no coroutines, because mypyc has had bugs with exception
+state across `await`. Everything here awaits, so it stays interpreted: it runs on
+reconnects, pastes and hooks, not once per keystroke (a key goes straight from
+`ConsoleHub.submit` to the port while nothing is queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from .errors import HookError, PortUnavailableError
+from .hooks import run_hook
+from .hub import ConsoleHub, QueuedBreak, QueuedHangup, QueuedHook
+from .log import get_logger
+from .ports import SerialLink, open_link
+
+log = get_logger("relayd.hub")
+
+OPEN_TIMEOUT = 10.0
+# A far end that accepts no input for this long (a hung guest, a full UART FIFO) gets its
+# queued input dropped and the writer read again, so BREAK, SysRq and reset can still arrive.
+STALL_SECONDS = 5.0
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 30.0
+
+
+async def keep_port(hub: ConsoleHub) -> None:
+    """Keep the port open until cancelled, reconnecting with backoff; run hooks meanwhile."""
+    hub.bind_loop(asyncio.get_running_loop())
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_hook_loop(hub))
+        await _keep_port_open(hub)
+
+
+async def wait_until(hub: ConsoleHub, predicate: Callable[[], bool]) -> None:
+    """Wait until `predicate()` holds; re-checked on every change of port, output or lease."""
+    while not predicate():
+        await hub.next_change()
+
+
+async def _hook_loop(hub: ConsoleHub) -> None:
+    """Queued reset/NMI commands, one at a time, in the order asked for."""
+    while True:
+        while not hub.hook_queue:
+            hub.hooks_ready.clear()
+            await hub.hooks_ready.wait()
+        await _run_hook(hub, hub.hook_queue.popleft())
+
+
+async def _keep_port_open(hub: ConsoleHub) -> None:
+    backoff = BACKOFF_FIRST
+    bound = log.bind(vm=hub.vm.id, serial=str(hub.vm.serial))
+    while True:
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                link = await open_link(hub.vm)
+        except (PortUnavailableError, OSError, TimeoutError) as exc:
+            hub.first_attempt.set()
+            hub.stats.port_errors += 1
+            hub.stats.last_error = str(exc) or "open timed out"
+            bound.info("port_open_failed", error=hub.stats.last_error, retry_in=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            continue
+        backoff = BACKOFF_FIRST
+        hub.port_opened(link)
+        bound.info("port_up")
+        try:
+            link.start(hub.publish)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_watch(link))
+                tg.create_task(_write_loop(hub, link))
+        except* (OSError, PortUnavailableError) as group:
+            hub.stats.port_errors += 1
+            hub.stats.last_error = str(group.exceptions[0]) or type(group).__name__
+        finally:
+            hub.port_closed()  # first: nothing is accepted while it closes
+            await link.close()
+        hub.stats.reconnects += 1
+        bound.info("port_down", error=hub.stats.last_error, retry_in=backoff)
+        await asyncio.sleep(backoff)
+
+
+async def _watch(link: SerialLink) -> None:
+    """End the link's task group when the far end goes away."""
+    try:
+        await link.wait_closed()
+    except OSError as exc:
+        raise PortUnavailableError(f"the serial port failed: {exc}") from None
+    raise PortUnavailableError("the far end closed the serial port")
+
+
+async def _write_loop(hub: ConsoleHub, link: SerialLink) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        while not hub.input_queue:
+            hub.input_ready.clear()
+            await hub.input_ready.wait()
+        op = hub.input_queue.popleft()
+        hub.writing = True
+        try:
+            await _carry_out(hub, op, link, loop)
+        finally:
+            hub.writing = False
+
+
+async def _carry_out(
+    hub: ConsoleHub,
+    op: bytes | QueuedBreak | QueuedHangup,
+    link: SerialLink,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """One queued operation, in order: a BREAK (and SysRq key), a hangup, input."""
+    if isinstance(op, QueuedBreak):
+        await _send_break(hub, link)
+        if op.key:
+            await _write_or_stall(hub, link, op.key)
+    elif isinstance(op, QueuedHangup):
+        await link.hangup()
+    else:
+        # Pace in small chunks so a BREAK queued mid-paste is not stuck behind it.
+        chunk, rest = op[: hub.chunk], op[hub.chunk :]
+        if rest:
+            hub.input_queue.appendleft(rest)
+        delay = hub.bucket.reserve(len(chunk), loop.time())
+        if delay:
+            await asyncio.sleep(delay)
+        written = await _write_or_stall(hub, link, chunk)  # handed over either way
+        hub.stats.bytes_to_port += len(chunk)
+        if written:
+            hub.input_written(len(chunk))
+
+
+async def _send_break(hub: ConsoleHub, link: SerialLink) -> None:
+    """BREAK in-band or through the hook; a failure is told to clients, not fatal."""
+    try:
+        if hub.vm.break_command:
+            await run_hook(hub.vm.break_command, vm=hub.vm.id, what="break_command")
+        else:
+            await link.send_break()
+    except (HookError, NotImplementedError) as exc:
+        hub.break_failed(str(exc))
+
+
+async def _run_hook(hub: ConsoleHub, hook: QueuedHook) -> None:
+    try:
+        status = await run_hook(hook.argv, vm=hub.vm.id, what=hook.name)
+    except HookError as exc:
+        hub.hook_done(hook.name, ok=False, message=str(exc))
+        return
+    hub.hook_done(hook.name, ok=True, status=status)
+
+
+async def _write_or_stall(hub: ConsoleHub, link: SerialLink, data: bytes) -> bool:
+    """Write (handed over at once, then wait while not drained); False if it stalled."""
+    try:
+        async with asyncio.timeout(STALL_SECONDS):
+            await link.write(data)
+    except TimeoutError:
+        hub.input_stalled(STALL_SECONDS)
+        return False
+    return True
