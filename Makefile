@@ -29,8 +29,14 @@ $(NATIVE): $(STAMP) setup.py relayd/native.py $(NATIVE_SRC)
 native: $(NATIVE)
 
 # A deployable wheel with the compiled keystroke path, in dist/.
+# Built from scratch: setuptools would also pack any module left in build/lib by an
+# older build, and a stale compiled module shadows its source. The check after it
+# refuses a wheel whose compiled modules are not exactly native.py's list.
 wheel: $(STAMP)
+	$(PIP) install -q 'setuptools>=68' wheel
+	rm -rf build/lib.* build/temp.* build/bdist.* dist
 	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
+	$(PY) scripts/check-wheel.py dist/*.whl
 
 $(CERTS)/server.crt: $(STAMP)
 	$(VENV)/bin/relayd certs init $(CERTS)
