@@ -182,16 +182,9 @@ class ConsoleHub:
         log.warning("break_failed", vm=self.vm.id, error=message)
         self.broadcast(control.encode_notice("break_failed", message=message))
 
-    def hook_done(
-        self, hook: str, *, ok: bool, status: int | None = None, message: str | None = None
-    ) -> None:
-        """Report an NMI/reset command's outcome to every client."""
-        if ok:
-            self.broadcast(control.encode_notice("hook_result", hook=hook, ok=True, status=status))
-        else:
-            self.broadcast(
-                control.encode_notice("hook_result", hook=hook, ok=False, message=message)
-            )
+    def hook_done(self, hook: str, **outcome: object) -> None:
+        """Report an NMI/reset command's outcome (`ok`, then `status` or `message`) to clients."""
+        self.broadcast(control.encode_notice("hook_result", hook=hook, **outcome))
 
     def _set_port_state(self, up: bool) -> None:
         self.port_up = up
