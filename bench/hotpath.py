@@ -35,6 +35,7 @@ from relayd.config import LimitsConfig, VmConfig
 from relayd.hub import LOG_FLUSH_SECONDS as FLUSH_INTERVAL
 from relayd.hub import ConsoleHub
 from relayd.log import configure_logging
+from relayd.ports.protocol import LinkProtocol
 from relayd.session import ConsoleSession
 
 TYPING_RATE = 10.0  # keys/s per console, as in bench/run.py's latency phase
@@ -59,17 +60,28 @@ class _Transport:
         pass
 
 
-class _EchoLink:
-    """A serial link whose far end echoes every byte at once (a shell at a prompt)."""
+class _EchoTransport:
+    """The port's socket: its far end echoes every byte at once (a shell at a prompt)."""
 
-    writable = True
+    def __init__(self, protocol: LinkProtocol) -> None:
+        self._protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        self._protocol.data_received(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _EchoLink:
+    """A link around the real `LinkProtocol`, as the hub sees one (writer, can_break)."""
+
     can_break = False
 
     def __init__(self, publish: Callable[[bytes], None]) -> None:
-        self._publish = publish
-
-    def write_now(self, data: bytes) -> None:
-        self._publish(data)
+        self.writer = LinkProtocol()
+        self.writer.connection_made(_EchoTransport(self.writer))  # type: ignore[arg-type]
+        self.writer.set_consumer(publish)
 
 
 def _masked(payload: bytes) -> bytes:
@@ -113,8 +125,7 @@ async def measure(keys: int, sessions: int, state: Path) -> dict[str, Any]:
         vm = VmConfig(id=f"vm{i:05d}", subscription="bench", serial="tcp://127.0.0.1:1")
         hub = ConsoleHub(vm, limits, log_dir=state)
         hub.bind_loop(loop)  # as keeper.keep_port does
-        hub._link = _EchoLink(hub.publish)  # type: ignore[assignment]
-        hub.port_up = True
+        hub.port_opened(_EchoLink(hub.publish))  # type: ignore[arg-type]
         pairs.append((hub, _session(hub, i)))
     frame = _masked(b"k")
     rounds, flushes = [], []

@@ -115,43 +115,33 @@ class ClientConnection(asyncio.Protocol):
         self._arm_deadline()
 
     def data_received(self, data: bytes) -> None:
-        """Feed HTTP until upgraded, then the session."""
-        if self.session is not None:
-            self.session.data_received(data)
-            return
+        """Feed HTTP (after the upgrade the session is the transport's protocol)."""
         self._h11.receive_data(data)
         self._process()
 
     def eof_received(self) -> bool | None:
-        """Peer half-closed: let the session or h11 know, then close."""
-        if self.session is not None:
-            self.session.eof_received()
-            return None
+        """Peer half-closed: let h11 know, then close."""
         self._h11.receive_data(b"")
         self._process()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Tidy up whichever phase we were in."""
+        """The connection ended before (or without) a session."""
+        self._session_lost()
+
+    def _session_lost(self) -> None:
+        """Forget the connection: its transport is gone (a session's, or the HTTP phase's)."""
         self._cancel_deadline()
-        if self.session is not None:
-            self.session.connection_lost()
         self.gateway.connection_closed(self)
 
     def pause_writing(self) -> None:
-        """A session keeps its output in the ring; HTTP stops reading until the client reads."""
-        if self.session is not None:
-            self.session.pause_writing()
-            return
+        """The client is not reading its answers: stop reading its requests until it does."""
         self._http_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         """See `pause_writing`."""
-        if self.session is not None:
-            self.session.resume_writing()
-            return
         self._http_paused = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -355,6 +345,10 @@ class ClientConnection(asyncio.Protocol):
         )
         self.session = session
         gw.sessions[session_id] = session
+        # From here the transport talks to the session (compiled) directly: no hop through
+        # this interpreted protocol per keystroke. Its end comes back via `on_lost`.
+        session.on_lost = self._session_lost
+        self.transport.set_protocol(session)  # type: ignore[arg-type]
         session.start(want_writer=want_writer, resume_from=resume_from)
         if leftover:
             session.data_received(bytes(leftover))

@@ -32,6 +32,7 @@ from .frames import binary_frame
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger
 from .ports import SerialLink
+from .ports.protocol import LinkProtocol
 from .ring import OutputRing
 from .throttle import TokenBucket
 
@@ -147,6 +148,7 @@ class ConsoleHub:
         self.writing = False
         self._paused: HubClient | None = None
         self._link: SerialLink | None = None
+        self._writer: LinkProtocol | None = None  # the link's, for typing without a task
         # Set once by the keeper: on 3.11 every get_running_loop() is a getpid() syscall.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers: set[asyncio.Future[None]] = set()
@@ -163,12 +165,14 @@ class ConsoleHub:
     def port_opened(self, link: SerialLink) -> None:
         """The port is open: accept input, tell the clients."""
         self._link = link
+        self._writer = link.writer
         self._set_port_state(True)
         self.first_attempt.set()
 
     def port_closed(self) -> None:
         """The port is gone (or closing): refuse input, drop what is queued, tell the clients."""
         self._link = None
+        self._writer = None
         self._set_port_state(False)
 
     def input_written(self, n: int) -> None:
@@ -306,17 +310,17 @@ class ConsoleHub:
         line rate allows it, the bytes go to the port at once (in order, since the
         writer task is idle), saving a task wake-up per keystroke.
         """
-        link = self._link
+        writer = self._writer
         if (
             not self.input_queue
             and not self.writing
-            and link is not None
+            and writer is not None
             and len(data) <= self.chunk
-            and link.writable
+            and writer.writable
             and self._loop is not None
             and self.bucket.take(len(data), self._loop.time())
         ):
-            link.write_now(data)
+            writer.write_now(data)
             self.stats.bytes_to_port += len(data)
             return
         self.input_queue.append(data)

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-# Everything a keystroke and its echo pass through in relayd's own code, except the port
-# transports (ports/), which are coroutines: compiled modules hold no coroutines, since
-# mypyc has had bugs with exception state across `await` (keeper.py does the hub's I/O).
+# Everything a keystroke and its echo pass through in relayd's own code: the links' asyncio
+# protocol, but not the links themselves (ports/), whose waits are coroutines. Compiled
+# modules hold no coroutines, since mypyc has had bugs with exception state across `await`
+# (keeper.py does the hub's I/O).
 NATIVE_MODULES = (
     "relayd.frames",
     "relayd.ring",
@@ -30,6 +31,7 @@ NATIVE_MODULES = (
     "relayd.hub",
     "relayd.session",
     "relayd.telnet",
+    "relayd.ports.protocol",
 )
 # The shared library mypyc builds beside them (setup.py's group name).
 RUNTIME_GROUP = "relayd._compiled"

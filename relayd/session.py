@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from websockets.frames import Frame, Opcode
@@ -110,6 +111,9 @@ class ConsoleSession:
         # 5.5.1) or the transport is gone, so an evicted writer's keys in flight are dropped.
         self._open = True
         self._close_timer: asyncio.TimerHandle | None = None
+        # The connection's tidy-up, run once the transport is gone: after the upgrade the
+        # session is the transport's protocol itself (see `connection_lost`).
+        self.on_lost: Callable[[], None] | None = None
         transport.set_write_buffer_limits(high=output_queue_bytes)
 
     # -- attach -------------------------------------------------------------------
@@ -272,15 +276,23 @@ class ConsoleSession:
         if self._reader.fed_protocol:
             self._settle()
 
-    def eof_received(self) -> None:
-        """The client half-closed."""
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Never called: the session takes over a transport that is already up."""
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed: the transport closes (asyncio protocol semantics)."""
         for event in self._reader.feed_eof():
             if isinstance(event, Frame):
                 self._on_frame(event)
         self._settle()
+        return None
 
-    def connection_lost(self) -> None:
-        """The transport is gone: detach and write the summary audit event."""
+    def connection_lost(self, exc: Exception | None = None) -> None:
+        """The transport is gone: detach, write the summary audit event, let the connection go.
+
+        The session is the TLS transport's protocol from the upgrade on, so a keystroke
+        reaches compiled code straight from uvloop (see `ClientConnection._upgrade`).
+        """
         if self._closed:
             return
         self._closed = True
@@ -300,6 +312,9 @@ class ConsoleSession:
             duration=round(time.monotonic() - self.started, 3),
             reason=self.end_reason,
         )
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
 
     # -- timers (driven by the gateway's sweeper) -------------------------------------
 

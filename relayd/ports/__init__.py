@@ -14,6 +14,7 @@ from typing import Protocol
 
 from ..config import VmConfig
 from ..errors import PortUnavailableError
+from .protocol import LinkProtocol
 
 
 class SerialLink(Protocol):
@@ -31,12 +32,8 @@ class SerialLink(Protocol):
         ...
 
     @property
-    def writable(self) -> bool:
-        """Whether `write_now` would not have to wait for the far end."""
-        ...
-
-    def write_now(self, data: bytes) -> None:
-        """Hand keyboard input to the transport at once."""
+    def writer(self) -> LinkProtocol:
+        """Where the hub writes typing at once: no task, no interpreted frame in between."""
         ...
 
     async def write(self, data: bytes) -> None:

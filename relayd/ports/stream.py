@@ -14,71 +14,14 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
+from .protocol import LinkProtocol
+
 CLOSE_TIMEOUT = 2.0
 
 
-class LinkProtocol(asyncio.Protocol):
-    """The asyncio side of a link: output to a callback, flow control for writes."""
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self._consumer: Callable[[bytes], None] | None = None
-        self._early: list[bytes] = []
-        self.paused = False  # the far end is not reading (asyncio flow control)
-        self._drained: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport (uvloop's are transport-like, not subclasses)."""
-        self.transport = cast(asyncio.Transport, transport)
-
-    def set_consumer(self, consumer: Callable[[bytes], None]) -> None:
-        """Where output goes from now on (bytes that came before are handed over first)."""
-        self._consumer = consumer
-        early, self._early = self._early, []
-        for data in early:
-            consumer(data)
-
-    def data_received(self, data: bytes) -> None:
-        """Console output from the port."""
-        if self._consumer is None:
-            self._early.append(data)
-        else:
-            self._consumer(data)
-
-    def eof_received(self) -> bool | None:
-        """The far end closed its side: the port is gone."""
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Wake whoever waits for the end or for a drain."""
-        if not self.closed.done():
-            if exc is None:
-                self.closed.set_result(None)
-            else:
-                self.closed.set_exception(exc)
-                self.closed.exception()  # retrieved here; the hub reads it via wait_closed
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_exception(ConnectionResetError("serial link lost"))
-
-    def pause_writing(self) -> None:
-        """The far end is not reading."""
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        """It reads again."""
-        self.paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    async def drain(self) -> None:
-        """Wait while the transport pushes back."""
-        while self.paused:
-            if self.closed.done():
-                raise ConnectionResetError("serial link lost")
-            self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+def new_protocol() -> asyncio.Protocol:
+    """A `LinkProtocol`, typed as asyncio's factories want (it is a protocol by shape)."""
+    return cast(asyncio.Protocol, LinkProtocol())
 
 
 class StreamLink:
@@ -95,28 +38,24 @@ class StreamLink:
         """Deliver console output to `on_output` from now on."""
         self._protocol.set_consumer(on_output)
 
+    @property
+    def writer(self) -> LinkProtocol:
+        """Where the hub writes typing straight through (compiled: the keystroke path)."""
+        return self._protocol
+
     async def wait_closed(self) -> None:
         """Return (or raise the transport's error) when the far end goes away."""
         await asyncio.shield(self._protocol.closed)
 
-    @property
-    def writable(self) -> bool:
-        """Whether `write_now` would not have to wait."""
-        return not self._protocol.paused and not self._transport.is_closing()
-
-    def write_now(self, data: bytes) -> None:
-        """Hand bytes to the transport at once (callers check `writable` first)."""
-        if self._transport.is_closing():
-            raise ConnectionResetError("serial link is closed")
-        self._transport.write(self._encode(data))
-
-    def _encode(self, data: bytes) -> bytes:
-        return data
-
     async def write(self, data: bytes) -> None:
         """Write, then wait while the far end is not keeping up."""
-        self.write_now(data)
-        await self._protocol.drain()
+        self._protocol.write_now(data)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait while the transport pushes back."""
+        while (waiter := self._protocol.drain_waiter()) is not None:
+            await waiter
 
     async def send_break(self) -> None:
         """Streams carry no BREAK."""
@@ -153,13 +92,13 @@ def _tune(transport: asyncio.BaseTransport) -> None:
 async def open_tcp(host: str, port: int) -> StreamLink:
     """Connect to a raw TCP serial endpoint."""
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_connection(LinkProtocol, host, port)
+    transport, protocol = await loop.create_connection(new_protocol, host, port)
     _tune(transport)
-    return StreamLink(transport, protocol)
+    return StreamLink(transport, cast(LinkProtocol, protocol))
 
 
 async def open_unix(path: str) -> StreamLink:
     """Connect to a unix-socket chardev."""
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_unix_connection(LinkProtocol, path)
-    return StreamLink(transport, protocol)
+    transport, protocol = await loop.create_unix_connection(new_protocol, path)
+    return StreamLink(transport, cast(LinkProtocol, protocol))

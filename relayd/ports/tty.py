@@ -15,7 +15,8 @@ from typing import Any, cast
 import serial
 import serial_asyncio_fast
 
-from .stream import LinkProtocol, StreamLink
+from .protocol import LinkProtocol
+from .stream import StreamLink, new_protocol
 
 BREAK_SECONDS = 0.25
 HANGUP_SECONDS = 0.5
@@ -64,6 +65,6 @@ async def open_tty(path: str, *, baud: int, parity: str) -> TtyLink:
     """Open a tty in raw mode at the configured line settings."""
     loop = asyncio.get_running_loop()
     transport, protocol = await serial_asyncio_fast.create_serial_connection(
-        loop, LinkProtocol, path, baudrate=baud, parity=_PARITY[parity], exclusive=True
+        loop, new_protocol, path, baudrate=baud, parity=_PARITY[parity], exclusive=True
     )
     return TtyLink(transport, cast(LinkProtocol, protocol), is_pty=_is_pty(path))
