@@ -77,7 +77,7 @@ pytest: $(STAMP) $(NATIVE) web guest-image
 	# The keystroke path again, interpreted: what runs where there is no C compiler.
 	RELAYD_PURE_PYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_native.py \
 		tests/test_frames.py tests/test_ring.py tests/test_throttle.py tests/test_consolelog.py \
-		tests/test_telnet.py tests/test_gateway.py
+		tests/test_telnet.py tests/test_link_protocol.py tests/test_gateway.py tests/on_uvloop
 
 test: lint types pytest
 

@@ -13,7 +13,8 @@ over the rounds, and the ratio to the first relay, are the figures.
 
 Without `--relayd`, the working tree's relayd/ is measured (as "relayd").
 `--relayd base=/tmp/base/relayd` adds another version, e.g. a `git worktree`
-of an older commit, to compare two commits in the same minutes.
+of an older commit, to compare two commits in the same minutes;
+`--relayd shm=relayd@/dev/shm` the same version with its console logs on tmpfs.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ from bench.run import (  # noqa: E402
 
 
 async def _start(
-    ctx: Ctx, stack: contextlib.AsyncExitStack, name: str, src: Path | None, n: int
+    ctx: Ctx,
+    stack: contextlib.AsyncExitStack,
+    name: str,
+    src: Path | None,
+    n: int,
+    state: Path | None = None,
 ) -> tuple[int, list[Conn]]:
     """Start one relay with n echo VMs (relayd) and open n sessions to it."""
     relay = src is not None
@@ -57,6 +63,7 @@ async def _start(
     vms = [(f"ab-{i:04d}", ctx.backend.echo_port) for i in range(n)] if relay else []
     if relay:
         peers_mod.RELAYD_SRC = src  # read when the process is spawned
+    ctx.relayd_state_dir = state
     peer = make_peer(ctx, kind, vms=vms, backend_port=ctx.backend.echo_port)
     await stack.enter_async_context(running(ctx, peer, echo_vms=len(vms)))
     targets = [peer.target(vm) for vm, _ in vms] if relay else [peer.target()] * n
@@ -75,10 +82,14 @@ async def main(args: argparse.Namespace) -> int:
     procfs.raise_nofile(200_000)
     workdir = Path(tempfile.mkdtemp(prefix="relayd-ab-"))
     relays: list[tuple[str, Path | None]] = []
+    states: dict[str, Path] = {}
     for spec in args.relayd or [f"relayd={ROOT / 'relayd'}"]:
         if spec == "none":  # only the peers
             continue
         name, _, path = spec.partition("=")
+        path, _, state = path.partition("@")
+        if state:
+            states[name] = Path(state) / name
         relays.append((name, snapshot_relayd(workdir / name / "src", Path(path))))
     relays += [("pyfloor", None)] if args.pyfloor else []
     relays += [("haproxy", None)] if args.haproxy else []
@@ -91,7 +102,7 @@ async def main(args: argparse.Namespace) -> int:
         async with contextlib.AsyncExitStack() as stack:
             started = {}
             for name, src in relays:
-                started[name] = await _start(ctx, stack, name, src, args.sessions)
+                started[name] = await _start(ctx, stack, name, src, args.sessions, states.get(name))
                 print(f"{name}: {args.sessions} sessions open", flush=True)
             for r in range(args.rounds):
                 order = relays[r % len(relays) :] + relays[: r % len(relays)]
@@ -126,7 +137,8 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--relayd",
         action="append",
-        help="NAME=DIR of a relayd package (repeatable); none: no relayd",
+        help="NAME=DIR[@STATE_DIR] of a relayd package (repeatable), with its state "
+        "(console logs) under STATE_DIR, e.g. /dev/shm; none: no relayd",
     )
     p.add_argument("--pyfloor", action="store_true", help="add bench/pyfloor.py")
     p.add_argument("--haproxy", action="store_true", help="add HAProxy")

@@ -71,4 +71,12 @@ async def test_keys_and_output_flow_on_uvloop_across_a_port_reconnect(
         await read_until(reader, b"from-the-vm-2", seen)
         (session,) = gw.sessions.values()
         assert session.bytes_in == len(typed) + len(b"again")
+        # The session is the TLS transport's protocol since the upgrade: its end must
+        # still reach the gateway's books (connection and session both forgotten).
         writer.close()
+        async with asyncio.timeout(TIMEOUT):
+            await gw._until(lambda: not gw.connections)
+        assert not gw.sessions
+        assert session.end_reason == "connection lost" or session.end_reason.startswith(
+            "client closed"
+        )
