@@ -32,13 +32,14 @@ from typing import Any
 
 from relayd.auth import Principal
 from relayd.config import LimitsConfig, VmConfig
-from relayd.hub import LOG_FLUSH_SECONDS as FLUSH_INTERVAL
-from relayd.hub import ConsoleHub
+from relayd.hub import LOG_FLUSH_MIN_SHARE, LOG_FLUSH_SECONDS, ConsoleHub
 from relayd.log import configure_logging
 from relayd.ports.protocol import LinkProtocol
 from relayd.session import ConsoleSession
 
 TYPING_RATE = 10.0  # keys/s per console, as in bench/run.py's latency phase
+# The hub flushes a console's log a random share of LOG_FLUSH_SECONDS after new output.
+FLUSH_INTERVAL = LOG_FLUSH_SECONDS * (1 + LOG_FLUSH_MIN_SHARE) / 2
 
 
 class _Transport:

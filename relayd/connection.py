@@ -127,9 +127,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection ended before (or without) a session."""
-        self._session_lost()
+        self._forget()
 
-    def _session_lost(self) -> None:
+    def _forget(self) -> None:
         """Forget the connection: its transport is gone (a session's, or the HTTP phase's)."""
         self._cancel_deadline()
         self.gateway.connection_closed(self)
@@ -347,7 +347,7 @@ class ClientConnection(asyncio.Protocol):
         gw.sessions[session_id] = session
         # From here the transport talks to the session (compiled) directly: no hop through
         # this interpreted protocol per keystroke. Its end comes back via `on_lost`.
-        session.on_lost = self._session_lost
+        session.on_lost = self._forget
         self.transport.set_protocol(session)  # type: ignore[arg-type]
         session.start(want_writer=want_writer, resume_from=resume_from)
         if leftover:

@@ -26,7 +26,7 @@ bytes of output once that much was written (``start`` never goes below
 Durability: appends are buffered and written with one ``pwritev`` per record
 when ``flush_bytes`` are buffered or when the owner calls `flush`; nothing is
 fsynced until `close`. With ``flush_bytes=None`` only `flush` writes: the hub
-flushes on a one-second timer, so during a flood the buffer keeps just the newest
+flushes on a timer (within a second), so during a flood the buffer keeps just the newest
 ``capacity`` bytes between flushes and the disk sees at most ``capacity`` bytes
 per flush instead of every byte that would be rotated out at once. A ``kill -9`` keeps every
 written record (the page cache survives the process) and loses at most the

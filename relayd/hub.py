@@ -17,6 +17,7 @@ socket stops being read until it drains (backpressure, not buffering).
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ MAX_QUEUED_HOOKS = 4
 # pwritev per console with new output: at 0.2 s, 1,000 consoles being typed into cost
 # the relay 5,000 small ext4 writes a second, about a tenth of its CPU.
 LOG_FLUSH_SECONDS = 1.0
+# Each flush comes after a random share of that, at least this one. Consoles that start
+# printing together (a fleet event; 1,000 sessions starting to type) would otherwise
+# flush together every second, a few ms of writes at once in front of every keystroke.
+LOG_FLUSH_MIN_SHARE = 0.5
 
 
 class HubClient(Protocol):
@@ -229,7 +234,8 @@ class ConsoleHub:
             self._log_failed(exc)
         if self._flush_timer is None and self.log.flushed_end < self.log.end:
             loop = self._loop or asyncio.get_running_loop()
-            self._flush_timer = loop.call_later(LOG_FLUSH_SECONDS, self._flush_log)
+            share = LOG_FLUSH_MIN_SHARE + (1.0 - LOG_FLUSH_MIN_SHARE) * random.random()  # noqa: S311
+            self._flush_timer = loop.call_later(LOG_FLUSH_SECONDS * share, self._flush_log)
 
     def _flush_log(self) -> None:
         self._flush_timer = None

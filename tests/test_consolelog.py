@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import os
@@ -20,7 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from relayd.config import LimitsConfig, VmConfig
 from relayd.consolelog import ConsoleLog, ConsoleLogError
+from relayd.hub import LOG_FLUSH_MIN_SHARE, LOG_FLUSH_SECONDS, ConsoleHub
 
 CAPACITY = 16384
 SEGMENTS = 4
@@ -445,3 +448,29 @@ def test_consolelog_any_operations_match_bytes_model(
                 check_against_model(log, bytes(history), capacity, segments, data)
         finally:
             log.close()
+
+
+async def test_consoles_that_print_together_do_not_flush_together(tmp_path: Path) -> None:
+    """Each hub's flush comes a random 0.5-1 share of LOG_FLUSH_SECONDS after new output."""
+    loop = asyncio.get_running_loop()
+    hubs = []
+    for i in range(50):
+        vm = VmConfig(id=f"vm-{i}", subscription="sub-1", serial="tcp://127.0.0.1:1")
+        hub = ConsoleHub(vm, LimitsConfig(), log_dir=tmp_path)
+        hub.bind_loop(loop)
+        hubs.append(hub)
+    now = loop.time()
+    for hub in hubs:
+        hub.publish(b"the same moment on every console\r\n")
+    delays = []
+    for hub in hubs:
+        timer = hub._flush_timer  # the schedule is what is tested
+        assert timer is not None
+        delays.append(timer.when() - now)
+    low, high = LOG_FLUSH_SECONDS * LOG_FLUSH_MIN_SHARE, LOG_FLUSH_SECONDS
+    assert all(low - 0.01 <= d <= high + 0.01 for d in delays), delays
+    assert max(delays) - min(delays) > (high - low) / 2  # 50 draws: spread, not bunched
+    for hub in hubs:
+        hub.close_log()
+        assert hub.log is not None
+        assert hub.log.flushed_end == hub.log.end  # close flushes what the timer had not
