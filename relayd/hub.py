@@ -139,16 +139,13 @@ class ConsoleHub:
         self.port_up = False
         self.resize: tuple[int, int] | None = None
         self.previous_logged_out: bool | None = None
-        rate = vm.input_rate
-        self.chunk = max(16, rate // 50)  # 20 ms of line time per write
-        self.bucket = TokenBucket(rate, burst=max(self.chunk, rate // 10))
+        self._pace_input(vm.input_rate)
         self.input_queue: deque[bytes | QueuedBreak | QueuedHangup] = deque()
         # Reset and NMI run apart from the port writer: a guest whose serial line stopped
         # draining is exactly the one that needs them, and must not wait behind its input.
         self.hook_queue: deque[QueuedHook] = deque()
         self.hooks_ready = asyncio.Event()
         self._input_bytes = 0
-        self._input_high = max(4096, rate)  # about one second of line time
         self.input_ready = asyncio.Event()
         self.writing = False
         self._paused: HubClient | None = None
@@ -218,11 +215,14 @@ class ConsoleHub:
         """Apply a reloaded VM entry; True when the port itself must be reopened."""
         old, self.vm, self.limits = self.vm, vm, limits
         self.lease.policy = vm.takeover
-        rate = vm.input_rate
-        self.chunk = max(16, rate // 50)
-        self.bucket = TokenBucket(rate, burst=max(self.chunk, rate // 10))
-        self._input_high = max(4096, rate)
+        self._pace_input(vm.input_rate)
         return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
+
+    def _pace_input(self, rate: int) -> None:
+        """Input pacing for a line of `rate` bytes/s (at start and on reload)."""
+        self.chunk = max(16, rate // 50)  # 20 ms of line time per write
+        self.bucket = TokenBucket(rate, burst=max(self.chunk, rate // 10))
+        self._input_high = max(4096, rate)  # about one second of line time
 
     def _log_append(self, data: bytes) -> None:
         """Append to the on-disk log; a disk problem is logged (rate-limited), never fatal."""
