@@ -1,0 +1,1 @@
+"""Cluster mode: N gateways as one regional service, coordinated through Redis."""
