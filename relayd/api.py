@@ -1,33 +1,44 @@
-"""The plain HTTP routes of the TLS listener (everything but the console upgrade).
+"""The routes of the TLS listener, and the admission of a console upgrade.
 
-Handlers are synchronous functions of (gateway, request) that return an
+Handlers are synchronous functions of (owner, request) that return an
 `HttpResponse` or raise a `PeerError`; the connection turns either into
 bytes. Routing is a short table, so the whole surface is readable here.
+`open_console` is every check a WebSocket upgrade passes before the 101
+(mode, credentials, role, origin, resume offset, takeover policy, caps); the
+connection then only performs the handshake. What the routes need of the
+gateway is the `ApiOwner` protocol: this module never imports app.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from . import webui
+from .access import AccessPolicy
 from .audit import audit
+from .auth import Principal
 from .config import VmConfig, vm_scopes
-from .errors import ForbiddenError, NotFoundError, PeerError
+from .connection import ConsoleGrant, console_vm
+from .errors import (
+    ConflictError,
+    ForbiddenError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PeerError,
+)
+from .http import HttpResponse, Request
+from .hub import ConsoleHub
+from .lease import Denied
 from .rbac import at_least
-
-if TYPE_CHECKING:
-    from .app import Gateway
-    from .auth import Principal
-    from .connection import HttpResponse, Request
-    from .switches import Level
+from .switches import Level
 
 MAX_LOG_RESPONSE = 16 * 2**20  # one response; page with ?from= for more
 
-_CONSOLE = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console$")
 _CONSOLE_LOG = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console-log$")
 _TICKETS = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console/tickets$")
 _SWITCH_VM = re.compile(r"^/v1/vms/([^/]{1,128})/serial-console$")
@@ -37,37 +48,45 @@ _SWITCH_SS = re.compile(
 )
 
 
-def is_console_path(path: str) -> bool:
-    """Whether this is the WebSocket console route."""
-    return _CONSOLE.match(path) is not None
+class ApiOwner(Protocol):
+    """What the routes need of the gateway."""
 
+    @property
+    def access(self) -> AccessPolicy:
+        """The access policy in force."""
 
-def console_vm(path: str) -> str:
-    """The VM id in a console route."""
-    m = _CONSOLE.match(path)
-    assert m is not None
-    return m.group(1)
+    @property
+    def hubs(self) -> Mapping[str, ConsoleHub]:
+        """The consoles this gateway runs, by VM id."""
+
+    @property
+    def region(self) -> str:
+        """For audit events."""
+
+    def session_counts(self, principal: Principal) -> tuple[int, int]:
+        """Open sessions on the gateway, and those of this principal."""
+
+    def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
+        """Switch consoles at one level; the number of sessions closed."""
 
 
 def _json(status: int, obj: object, **headers: str) -> HttpResponse:
-    from .connection import HttpResponse
-
     return HttpResponse.json(status, obj, **headers)
 
 
-def index(gw: Gateway, request: Request) -> HttpResponse:
+def index(gw: ApiOwner, request: Request) -> HttpResponse:
     """The web terminal page (or, when its assets are not built, how to build them)."""
     response = webui.static_response("/", if_none_match=request.headers.get("if-none-match"))
     assert response is not None  # "/" always has an answer
     return response
 
 
-def list_vms(gw: Gateway, request: Request) -> HttpResponse:
+def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
     """The VMs the caller holds any role on, with their live state."""
-    principal = gw.authenticate(request)
+    principal = gw.access.authenticate(request)
     vms = []
     for hub in gw.hubs.values():
-        role = gw.rbac.role(principal, hub.vm)
+        role = gw.access.rbac.role(principal, hub.vm)
         if role is None:
             continue
         vms.append(
@@ -76,7 +95,7 @@ def list_vms(gw: Gateway, request: Request) -> HttpResponse:
                 "subscription": hub.vm.subscription,
                 "resource_group": hub.vm.resource_group,
                 "scale_set": hub.vm.scale_set,
-                "enabled": gw.console_enabled(hub.vm),
+                "enabled": gw.access.console_enabled(hub.vm),
                 "port": "up" if hub.port_up else "down",
                 "writer_attached": hub.lease.holder is not None,
                 "sessions": len(hub.clients),
@@ -88,12 +107,11 @@ def list_vms(gw: Gateway, request: Request) -> HttpResponse:
     return _json(200, {"vms": vms})
 
 
-def console_log(gw: Gateway, request: Request, vm_id: str) -> HttpResponse:
+def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
     """The held console output, by absolute offsets (readers and up)."""
-    from .connection import HttpResponse
-
-    principal = gw.authenticate(request)
-    hub, _ = gw.authorize(principal, vm_id, request)
+    principal = gw.access.authenticate(request)
+    vm, _ = gw.access.authorize(principal, vm_id, request)
+    hub = gw.hubs[vm.id]
     try:
         start = int(request.query.get("from", hub.start))
         max_bytes = int(request.query.get("max_bytes", MAX_LOG_RESPONSE))
@@ -123,16 +141,16 @@ def console_log(gw: Gateway, request: Request, vm_id: str) -> HttpResponse:
     )
 
 
-def issue_ticket(gw: Gateway, request: Request, vm_id: str) -> HttpResponse:
+def issue_ticket(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
     """A one-time ticket for a browser's WebSocket (readers and up; mode as requested)."""
-    principal = gw.authenticate(request)
-    gw.authorize(principal, vm_id, request)
+    principal = gw.access.authenticate(request)
+    gw.access.authorize(principal, vm_id, request)
     body = _json_body(request, optional=True)
     mode = body.get("mode", "interactive")
     if mode not in ("interactive", "spectate"):
         raise PeerError("mode must be interactive or spectate", code="bad_request")
-    ticket = gw.tickets.issue(principal, vm_id, mode, time.monotonic())
-    return _json(201, {"ticket": ticket, "expires_in": int(gw.tickets.ttl), "mode": mode})
+    ticket = gw.access.tickets.issue(principal, vm_id, mode, time.monotonic())
+    return _json(201, {"ticket": ticket, "expires_in": int(gw.access.tickets.ttl), "mode": mode})
 
 
 def _json_body(request: Request, *, optional: bool = False) -> dict[str, Any]:
@@ -156,21 +174,23 @@ def _enabled_from(request: Request) -> bool:
     return bool(body["enabled"])
 
 
-def switch_console(gw: Gateway, request: Request, level: Level, key: str) -> HttpResponse:
+def switch_console(gw: ApiOwner, request: Request, level: Level, key: str) -> HttpResponse:
     """Owner-only enable/disable at one level; persisted; disabling closes sessions (4009)."""
-    principal = gw.authenticate(request)
+    principal = gw.access.authenticate(request)
     enabled = _enabled_from(request)
     scopes: tuple[str, ...]
     if level == "vms":
         hub = gw.hubs.get(key)
-        if hub is None or gw.rbac.role(principal, hub.vm) is None:
+        if hub is None or gw.access.rbac.role(principal, hub.vm) is None:
             raise NotFoundError(f"unknown vm {key!r}", code="unknown_vm")
         scopes = vm_scopes(hub.vm)
     elif level == "subscriptions":
         members = [h.vm for h in gw.hubs.values() if h.vm.subscription == key]
         # Unknown and invisible read the same, as for VMs: no probing for what exists.
-        holds = gw.rbac.role_on(principal, (f"/subscriptions/{key}",)) is not None
-        if gw.config.subscription(key) is None or not (holds or _sees_any(gw, principal, members)):
+        holds = gw.access.rbac.role_on(principal, (f"/subscriptions/{key}",)) is not None
+        if gw.access.config.subscription(key) is None or not (
+            holds or _sees_any(gw, principal, members)
+        ):
             raise NotFoundError(f"unknown subscription {key!r}", code="not_found")
         scopes = (f"/subscriptions/{key}",)
     else:
@@ -181,7 +201,7 @@ def switch_console(gw: Gateway, request: Request, level: Level, key: str) -> Htt
         if not members or not _sees_any(gw, principal, members):
             raise NotFoundError(f"unknown scale set {ss!r} in {sub!r}", code="not_found")
         scopes = vm_scopes(members[0])[:-2]  # subscription, resource group, scale set
-    if not at_least(gw.rbac.role_on(principal, scopes), "owner"):
+    if not at_least(gw.access.rbac.role_on(principal, scopes), "owner"):
         audit(
             "access_denied",
             reason="not_owner",
@@ -206,16 +226,16 @@ def switch_console(gw: Gateway, request: Request, level: Level, key: str) -> Htt
     return _json(200, {"scope": scopes[-1], "enabled": enabled, "sessions_closed": closed})
 
 
-def _sees_any(gw: Gateway, principal: Principal, vms: list[VmConfig]) -> bool:
+def _sees_any(gw: ApiOwner, principal: Principal, vms: list[VmConfig]) -> bool:
     """Whether the principal holds any role on any of these VMs (or on a scope above them)."""
-    return any(gw.rbac.role(principal, vm) is not None for vm in vms)
+    return any(gw.access.rbac.role(principal, vm) is not None for vm in vms)
 
 
-Handler = Callable[["Gateway", "Request"], "HttpResponse"]
+Handler = Callable[[ApiOwner, Request], HttpResponse]
 _ROUTES: dict[str, Handler] = {"/": index, "/v1/vms": list_vms}
 
 
-def handle(gw: Gateway, request: Request) -> HttpResponse:
+def handle(gw: ApiOwner, request: Request) -> HttpResponse:
     """Route a request.
 
     Raises:
@@ -224,17 +244,17 @@ def handle(gw: Gateway, request: Request) -> HttpResponse:
     handler = _ROUTES.get(request.path)
     if handler is not None:
         if request.method not in ("GET", "HEAD"):
-            raise _method_not_allowed(request.method, "GET, HEAD")
+            raise MethodNotAllowedError(request.method, allow="GET, HEAD")
         return handler(gw, request)
     m = _CONSOLE_LOG.match(request.path)
     if m is not None:
         if request.method not in ("GET", "HEAD"):
-            raise _method_not_allowed(request.method, "GET, HEAD")
+            raise MethodNotAllowedError(request.method, allow="GET, HEAD")
         return console_log(gw, request, m.group(1))
     m = _TICKETS.match(request.path)
     if m is not None:
         if request.method != "POST":
-            raise _method_not_allowed(request.method, "POST")
+            raise MethodNotAllowedError(request.method, allow="POST")
         return issue_ticket(gw, request, m.group(1))
     switches: tuple[tuple[re.Pattern[str], Level], ...] = (
         (_SWITCH_VM, "vms"),
@@ -245,13 +265,13 @@ def handle(gw: Gateway, request: Request) -> HttpResponse:
         m = pattern.match(request.path)
         if m is not None:
             if request.method != "PUT":
-                raise _method_not_allowed(request.method, "PUT")
+                raise MethodNotAllowedError(request.method, allow="PUT")
             return switch_console(gw, request, level, "/".join(m.groups()))
-    if is_console_path(request.path):
-        raise _method_not_allowed(request.method, "GET")
+    if console_vm(request.path) is not None:
+        raise MethodNotAllowedError(request.method, allow="GET")
     if request.path.startswith(webui.ASSETS_PREFIX):
         if request.method not in ("GET", "HEAD"):
-            raise _method_not_allowed(request.method, "GET, HEAD")
+            raise MethodNotAllowedError(request.method, allow="GET, HEAD")
         asset = webui.static_response(
             request.path, if_none_match=request.headers.get("if-none-match")
         )
@@ -260,9 +280,52 @@ def handle(gw: Gateway, request: Request) -> HttpResponse:
     raise NotFoundError(f"no route for {request.path[:100]}", code="not_found")
 
 
-def _method_not_allowed(method: str, allow: str) -> PeerError:
-    """405, with the methods the path does take (RFC 9110 requires the Allow header)."""
-    exc = PeerError(f"method {method[:16]} is not allowed here", code="method_not_allowed")
-    exc.http_status = 405
-    exc.allow = allow
-    return exc
+def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant:
+    """Every check of a console upgrade, in the order a client can act on.
+
+    Raises:
+        PeerError: bad mode or offset (400), credentials (401), role, origin or
+            switch (403), unknown VM (404), takeover policy `deny` (409), caps (429).
+    """
+    vm_id = console_vm(request.path)
+    assert vm_id is not None  # the connection routes only console paths here
+    access = gw.access
+    mode = request.query.get("mode", "interactive")
+    if mode not in ("interactive", "spectate"):
+        raise PeerError("mode must be interactive or spectate", code="bad_request")
+    if "ticket" in request.query:
+        ticket = access.redeem_ticket(request, vm_id)
+        principal = ticket.principal
+        if "mode" in request.query and mode != ticket.mode:
+            raise PeerError("mode differs from the ticket's", code="bad_request")
+        mode = ticket.mode
+    else:
+        principal = access.authenticate(request)
+    vm, role = access.authorize(principal, vm_id, request)
+    hub = gw.hubs[vm.id]
+    access.check_origin(request)
+    resume_from: int | None = None
+    if "from" in request.query:
+        try:
+            resume_from = int(request.query["from"])
+        except ValueError:
+            raise PeerError("from must be a byte offset", code="bad_request") from None
+        if resume_from < 0:
+            raise PeerError("from must be a byte offset", code="bad_request")
+    session_id = secrets.token_hex(8)
+    want_writer = mode == "interactive" and at_least(role, "contributor")
+    if want_writer and isinstance(hub.check_writer(session_id), Denied):
+        audit(
+            "takeover_denied",
+            region=gw.region,
+            principal=principal.id,
+            peer=request.peer,
+            vm=vm_id,
+        )
+        raise ConflictError(
+            f"vm {vm_id!r} has a writer and its takeover policy is deny; "
+            "connect with mode=spectate",
+            code="writer_exists",
+        )
+    access.check_session_limits(principal, *gw.session_counts(principal))
+    return ConsoleGrant(hub, principal, role, session_id, want_writer, resume_from)

@@ -19,38 +19,27 @@ import asyncio
 import contextlib
 import datetime
 import gc
-import ipaddress
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable
 
-from . import control, native
-from .audit import audit
+from . import api, control, native
+from .access import AccessPolicy
 from .auth import Authenticator, Principal
 from .certs import certificate_not_after
-from .config import Config, Role, VmConfig, load_config
-from .connection import ClientConnection, Request
-from .consolelog import ConsoleLogError
-from .errors import (
-    AuthError,
-    ConfigError,
-    ForbiddenError,
-    NotFoundError,
-    PeerError,
-    RateLimitedError,
-)
+from .config import Config, VmConfig, load_config
+from .connection import ConsoleGrant, HttpConnection
+from .errors import ConfigError, ConsoleLogError, PeerError
 from .health import HealthConnection, make_registry
+from .http import HttpResponse, Request
 from .hub import ConsoleHub
 from .keeper import keep_port
 from .listener import Listener, bind
 from .log import get_logger
-from .ratelimit import KeyedLimiter
-from .rbac import Rbac
 from .sdnotify import Notifier
 from .session import ConsoleSession
-from .switches import ConsoleSwitches, Level
-from .tickets import Ticket, TicketStore
+from .switches import Level
 from .tls import server_context
 
 log = get_logger("relayd.app")
@@ -82,28 +71,10 @@ class Gateway:
         self.config = config
         self.region = config.gateway.region
         self.ssl_context = server_context(config.tls)
-        self.authenticator = Authenticator(config.auth)
-        self.rbac = Rbac(config.role_assignments)
+        self.access = AccessPolicy(config)
         self.hubs: dict[str, ConsoleHub] = {vm.id: self._new_hub(vm, config) for vm in config.vms}
         self.sessions: dict[str, ConsoleSession] = {}
-        self.connections: set[ClientConnection] = set()
-        self.auth_failures: Counter[str] = Counter()
-        self.switches = ConsoleSwitches(config.gateway.state_dir)
-        self.switches.load()
-        self.tickets = TicketStore()
-        limits = config.limits
-        self._auth_limiter = (
-            KeyedLimiter(limits.auth_failures_per_minute / 60, limits.auth_failures_per_minute)
-            if limits.auth_failures_per_minute
-            else None
-        )
-        self._conn_limiter = (
-            KeyedLimiter(
-                limits.connections_per_second_per_ip, 2 * limits.connections_per_second_per_ip
-            )
-            if limits.connections_per_second_per_ip
-            else None
-        )
+        self.connections: set[HttpConnection] = set()
         self.draining = False
         self.ready = asyncio.Event()
         self.tls_port = 0
@@ -118,75 +89,52 @@ class Gateway:
         self._connections_changed = asyncio.Event()
         self._listening = False
 
-    # -- policy used by connections ------------------------------------------------------
+    # -- what connections, routes and the health port ask of the gateway -------------------
+
+    @property
+    def auth_failures(self) -> Counter[str]:
+        """Rejected credentials by reason (metrics)."""
+        return self.access.auth_failures
+
+    def new_connection(self, peer: str) -> HttpConnection:
+        """The protocol for a connection that completed its TLS handshake."""
+        return HttpConnection(self, peer=peer)
 
     def admit_connection(self, peer: str) -> PeerError | None:
         """Count a new connection; the refusal to answer its first request with, if over rate."""
-        if self._conn_limiter is None:
-            return None
-        now = time.monotonic()
-        wait = self._conn_limiter.retry_after(peer, now)
-        self._conn_limiter.hit(peer, now)
-        if wait > 0:
-            return RateLimitedError(
-                "too many new connections from this address", code="rate_limited", retry_after=wait
-            )
-        return None
+        return self.access.admit_connection(peer)
 
-    def _check_auth_rate(self, request: Request) -> None:
-        if self._auth_limiter is None:
-            return
-        wait = self._auth_limiter.retry_after(request.peer, time.monotonic())
-        if wait > 0:
-            raise RateLimitedError(
-                "too many failed authentication attempts from this address",
-                code="too_many_auth_failures",
-                retry_after=wait,
-            )
+    def check_client(self, peer: str) -> None:
+        """Raise `ForbiddenError` for an address outside `allow_clients`."""
+        self.access.check_client(peer)
 
-    def _auth_failed(self, request: Request, exc: AuthError) -> None:
-        self.auth_failures[exc.code] += 1
-        if self._auth_limiter is not None:
-            self._auth_limiter.hit(request.peer, time.monotonic())
-        audit("auth_failed", reason=exc.code, peer=request.peer, region=self.region)
+    def handle(self, request: Request) -> HttpResponse:
+        """Route a plain request."""
+        return api.handle(self, request)
 
-    def authenticate(self, request: Request) -> Principal:
-        """The request's principal: a bearer token, else a verified client certificate.
+    def open_console(self, request: Request) -> ConsoleGrant:
+        """Admit a console upgrade, or raise `PeerError`."""
+        return api.open_console(self, request)
 
-        Raises:
-            RateLimitedError: this address failed too often recently.
-            AuthError: no or bad credentials (counted and audited).
-        """
-        self._check_auth_rate(request)
-        authorization = request.headers.get("authorization")
-        if authorization is None and request.client_cert_cn is not None:
-            return Principal(f"cert:{request.client_cert_cn}", amr=("x509",))
-        try:
-            return self.authenticator.authenticate(authorization)
-        except AuthError as exc:
-            self._auth_failed(request, exc)
-            raise
+    def session_counts(self, principal: Principal) -> tuple[int, int]:
+        """Open sessions on this gateway, and those of this principal."""
+        mine = sum(1 for s in self.sessions.values() if s.principal.id == principal.id)
+        return len(self.sessions), mine
 
-    def redeem_ticket(self, request: Request, vm_id: str) -> Ticket:
-        """Use the request's one-time ticket for this VM.
+    def connection_opened(self, conn: HttpConnection) -> None:
+        """Track a live connection (drain waits for them)."""
+        self.connections.add(conn)
 
-        Raises:
-            RateLimitedError: this address failed too often recently.
-            AuthError: unknown, reused, expired or foreign ticket.
-        """
-        self._check_auth_rate(request)
-        try:
-            return self.tickets.redeem(request.query["ticket"], vm_id, time.monotonic())
-        except AuthError as exc:
-            self._auth_failed(request, exc)
-            raise
+    def session_started(self, session: ConsoleSession) -> None:
+        """Track a console session (caps, metrics, drain)."""
+        self.sessions[session.session_id] = session
 
     def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
         """Switch consoles at one level; disabling closes their live sessions with 4009.
 
         Returns the number of sessions closed.
         """
-        self.switches.set(level, key, enabled)
+        self.access.switches.set(level, key, enabled)
         log.info("serial_console_switched", level=level, key=key, enabled=enabled, by=by)
         if enabled:
             return 0
@@ -199,104 +147,9 @@ class Gateway:
                 )
         return closed
 
-    def check_client(self, peer: str) -> None:
-        """The client address must be in `allow_clients`.
-
-        Raises:
-            ForbiddenError: it is not.
-        """
-        allowed = self.config.gateway.allow_clients
-        if {net.version for net in allowed if net.prefixlen == 0} == {4, 6}:
-            return  # everything is allowed (the default): skip the per-request address parse
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return  # a unix-socket peer (tests, local tools): not an IP to check
-        if not any(address in net for net in allowed):
-            raise ForbiddenError(f"client address {peer} is not allowed", code="client_not_allowed")
-
-    def authorize(
-        self, principal: Principal, vm_id: str, request: Request
-    ) -> tuple[ConsoleHub, Role]:
-        """The hub and the caller's role on it, after every access rule.
-
-        Raises:
-            NotFoundError: unknown VM, or no role on it (the two look the same).
-            ForbiddenError: console disabled, or MFA required and absent.
-        """
-        hub = self.hubs.get(vm_id)
-        role = self.rbac.role(principal, hub.vm) if hub is not None else None
-        fields = {
-            "principal": principal.id,
-            "peer": request.peer,
-            "vm": vm_id,
-            "region": self.region,
-        }
-        if hub is None or role is None:
-            audit("access_denied", reason="no_role" if hub else "unknown_vm", **fields)
-            raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
-        if not self.console_enabled(hub.vm):
-            audit("access_denied", reason="console_disabled", **fields)
-            raise ForbiddenError(
-                f"the serial console of {vm_id} is disabled", code="console_disabled"
-            )
-        sub = self.config.subscription(hub.vm.subscription)
-        if (self.config.auth.require_mfa or (sub is not None and sub.require_mfa)) and (
-            "mfa" not in principal.amr
-        ):
-            audit("access_denied", reason="mfa_required", **fields)
-            raise ForbiddenError("multi-factor authentication is required", code="mfa_required")
-        return hub, role
-
-    def check_origin(self, request: Request) -> None:
-        """Refuse cross-site WebSocket requests (browsers always send Origin).
-
-        Raises:
-            ForbiddenError: the Origin is not the gateway's own nor allowed.
-        """
-        origin = request.headers.get("origin")
-        if origin is None:
-            return
-        allowed = self.config.gateway.allowed_origins
-        own = f"https://{request.headers.get('host', '')}"
-        if origin == own or (allowed is not None and origin in allowed):
-            return
-        raise ForbiddenError(f"origin {origin[:100]!r} is not allowed", code="bad_origin")
-
-    def check_session_limits(self, principal: Principal) -> None:
-        """Per-gateway and per-principal session caps.
-
-        Raises:
-            RateLimitedError: a cap is reached.
-        """
-        limits = self.config.limits
-        if limits.max_sessions is not None and len(self.sessions) >= limits.max_sessions:
-            raise RateLimitedError(
-                f"gateway session limit {limits.max_sessions} reached", code="session_limit"
-            )
-        if limits.max_sessions_per_principal is not None:
-            mine = sum(1 for s in self.sessions.values() if s.principal.id == principal.id)
-            if mine >= limits.max_sessions_per_principal:
-                raise RateLimitedError(
-                    f"session limit {limits.max_sessions_per_principal} per principal reached",
-                    code="session_limit",
-                )
-
     def console_enabled(self, vm: VmConfig) -> bool:
-        """Whether the VM's console is on at every level: subscription, scale set, VM."""
-        sub = self.config.subscription(vm.subscription)
-        sub_on = self.switches.get("subscriptions", vm.subscription)
-        if sub_on is None:
-            sub_on = sub is None or sub.serial_console
-        ss_on = (
-            True
-            if vm.scale_set is None
-            else self.switches.get("scale_sets", f"{vm.subscription}/{vm.scale_set}")
-        )
-        vm_on = self.switches.get("vms", vm.id)
-        if vm_on is None:
-            vm_on = vm.serial_console
-        return sub_on and ss_on is not False and vm_on
+        """Whether the VM's console is on at every level (see `AccessPolicy`)."""
+        return self.access.console_enabled(vm)
 
     def unready_reasons(self) -> list[str]:
         """Why /readyz is not 200 (empty when ready)."""
@@ -313,7 +166,7 @@ class Gateway:
             reasons.append("no serial port is reachable")
         return reasons
 
-    def connection_closed(self, conn: ClientConnection) -> None:
+    def connection_closed(self, conn: HttpConnection) -> None:
         """Forget a connection (and its session); wakes a waiting shutdown."""
         self.connections.discard(conn)
         if conn.session is not None:
@@ -460,9 +313,8 @@ class Gateway:
         self.config = config
         self.region = config.gateway.region
         self.ssl_context = ssl_context
-        self.authenticator = authenticator
+        self.access.reload(config, authenticator)
         self.cert_not_after = cert_expiry
-        self.rbac = Rbac(config.role_assignments)
         wanted = {vm.id: vm for vm in config.vms}
         for vm_id in [v for v in self.hubs if v not in wanted]:
             hub = self.hubs.pop(vm_id)
@@ -537,11 +389,7 @@ class Gateway:
                 next_housekeeping = loop.time() + limits.keepalive_interval
                 if self.notifier.enabled:
                     self.notifier.notify(f"STATUS={self.status_line()}")
-                now = time.monotonic()
-                self.tickets.expire(now)
-                for limiter in (self._auth_limiter, self._conn_limiter):
-                    if limiter is not None:
-                        limiter.prune(now)
+                self.access.prune(time.monotonic())
 
 
 def run_forever(config: Config, *, on_ready: Callable[[Gateway], None] | None = None) -> int:

@@ -37,7 +37,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
-from relayd.errors import RelaydError
+from relayd.errors import UsageError
 
 __all__ = [
     "ESCAPE",
@@ -98,10 +98,6 @@ EXIT_USAGE = 2
 # A logger of our own, capped at INFO, keeps the token out of any log setup.
 _WS_LOGGER = logging.getLogger("relayd.client.websocket")
 _WS_LOGGER.setLevel(logging.INFO)
-
-
-class UsageError(RelaydError, ValueError):
-    """The command line asks for something impossible (exit code 2)."""
 
 
 def read_token(token: str | None, token_file: Path | None) -> str:

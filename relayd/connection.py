@@ -1,10 +1,13 @@
 """One client connection after TLS: HTTP/1.1 requests, then maybe a console session.
 
-h11 parses requests (with a cap on header size and body size); plain API
-requests are answered by `api.py`; a WebSocket upgrade on the console route
-is authenticated, authorized and checked against the takeover policy
-*before* the 101, so a refusal is a plain HTTP status with a JSON body. After
-the 101 the connection hands its transport to a `ConsoleSession`.
+h11 parses requests (with a cap on header size and body size); plain requests
+go to the owner's router, and a WebSocket upgrade on the console route to
+the owner's admission (authentication, authorization, the takeover policy),
+all *before* the 101, so a refusal is a plain HTTP status with a JSON body.
+After the 101 the connection hands its transport to a `ConsoleSession`.
+
+This module is HTTP mechanics only: what it needs of the gateway is the
+`ConnectionOwner` protocol below, so it never imports its caller.
 
 Every phase has a deadline: the request head must arrive within the
 handshake timeout, and an idle keep-alive connection is closed after it.
@@ -13,10 +16,9 @@ handshake timeout, and an idle keep-alive connection is closed after it.
 from __future__ import annotations
 
 import asyncio
-import json
-import secrets
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+import re
+from dataclasses import dataclass
+from typing import Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -25,16 +27,14 @@ from websockets.http11 import Request as WsRequest
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from . import api, control
-from .audit import audit
-from .errors import ConflictError, PeerError
-from .lease import Denied
+from . import control
+from .auth import Principal
+from .config import Config, Role
+from .errors import PeerError, ServiceUnavailableError
+from .http import HttpResponse, Request, encode_response, raw_error
+from .hub import ConsoleHub
 from .log import get_logger
-from .rbac import at_least
 from .session import WS_LOGGER, ConsoleSession
-
-if TYPE_CHECKING:
-    from .app import Gateway
 
 log = get_logger("relayd.connection")
 
@@ -42,53 +42,71 @@ MAX_HEAD_BYTES = 16384
 MAX_BODY_BYTES = 65536
 
 
-@dataclass
-class HttpResponse:
-    """A complete response for a non-upgrade request."""
+CONSOLE_PATH = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console$")
+# Sent with every plain answer unless the answer sets the header itself.
+DEFAULT_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Strict-Transport-Security", "max-age=31536000"),
+)
 
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: list[tuple[str, str]] = field(default_factory=list)
 
-    @classmethod
-    def json(cls, status: int, obj: object, **headers: str) -> HttpResponse:
-        """A JSON body."""
-        body = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-        return cls(status, body, headers=[(k.replace("_", "-"), v) for k, v in headers.items()])
-
-    @classmethod
-    def error(cls, exc: PeerError) -> HttpResponse:
-        """The contract's `{"error": CODE, "message": TEXT}` body for a peer error."""
-        response = cls.json(exc.http_status, {"error": exc.code, "message": exc.message})
-        if exc.http_status == 401:
-            response.headers.append(("WWW-Authenticate", 'Bearer realm="relayd"'))
-        if exc.allow is not None:
-            response.headers.append(("Allow", exc.allow))
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            response.headers.append(("Retry-After", str(max(1, round(retry_after)))))
-        return response
+def console_vm(path: str) -> str | None:
+    """The VM id of the WebSocket console route, or None for any other path."""
+    m = CONSOLE_PATH.match(path)
+    return None if m is None else m.group(1)
 
 
 @dataclass(frozen=True)
-class Request:
-    """What the API handlers see of a request."""
+class ConsoleGrant:
+    """An admitted console session: everything the upgrade needs, decided by the owner."""
 
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes
-    peer: str
-    client_cert_cn: str | None = None
+    hub: ConsoleHub
+    principal: Principal
+    role: Role
+    session_id: str
+    want_writer: bool
+    resume_from: int | None
 
 
-class ClientConnection(asyncio.Protocol):
+class ConnectionOwner(Protocol):
+    """What a connection needs of the gateway that accepted it."""
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force (deadlines and queue sizes)."""
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown began: new requests get 503."""
+
+    def admit_connection(self, peer: str) -> PeerError | None:
+        """Count a new connection; the refusal for its first request, if any."""
+
+    def check_client(self, peer: str) -> None:
+        """Raise `PeerError` when the address may not use the gateway."""
+
+    def handle(self, request: Request) -> HttpResponse:
+        """Answer a plain request, or raise `PeerError`."""
+
+    def open_console(self, request: Request) -> ConsoleGrant:
+        """Admit a console upgrade (every check before the 101), or raise `PeerError`."""
+
+    def connection_opened(self, conn: HttpConnection) -> None:
+        """A connection is live (for drain and metrics)."""
+
+    def session_started(self, session: ConsoleSession) -> None:
+        """A console session began on a connection."""
+
+    def connection_closed(self, conn: HttpConnection) -> None:
+        """A connection (and its session, if any) ended."""
+
+
+class HttpConnection(asyncio.Protocol):
     """HTTP on a TLS (or, for tests of the health port, plain) transport."""
 
-    def __init__(self, gateway: Gateway, *, peer: str | None = None) -> None:
-        self.gateway = gateway
+    def __init__(self, owner: ConnectionOwner, *, peer: str | None = None) -> None:
+        self.owner = owner
         self.peer = peer or "-"
         self.transport: asyncio.Transport | None = None
         self.session: ConsoleSession | None = None
@@ -110,8 +128,8 @@ class ClientConnection(asyncio.Protocol):
         if self.peer == "-" and isinstance(peername, tuple):
             self.peer = str(peername[0])
         self._cert_cn = _client_cert_cn(self.transport)
-        self._refusal = self.gateway.admit_connection(self.peer)
-        self.gateway.connections.add(self)
+        self._refusal = self.owner.admit_connection(self.peer)
+        self.owner.connection_opened(self)
         self._arm_deadline()
 
     def data_received(self, data: bytes) -> None:
@@ -132,7 +150,7 @@ class ClientConnection(asyncio.Protocol):
     def _forget(self) -> None:
         """Forget the connection: its transport is gone (a session's, or the HTTP phase's)."""
         self._cancel_deadline()
-        self.gateway.connection_closed(self)
+        self.owner.connection_closed(self)
 
     def pause_writing(self) -> None:
         """The client is not reading its answers: stop reading its requests until it does."""
@@ -153,7 +171,7 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_deadline()
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(
-            self.gateway.config.gateway.handshake_timeout, self._deadline_passed
+            self.owner.config.gateway.handshake_timeout, self._deadline_passed
         )
 
     def _cancel_deadline(self) -> None:
@@ -223,41 +241,26 @@ class ClientConnection(asyncio.Protocol):
             self._cert_cn,
         )
         try:
-            if self.gateway.draining:
-                raise PeerError("the gateway is shutting down", code="draining")
+            if self.owner.draining:
+                raise ServiceUnavailableError("the gateway is shutting down")
             if self._refusal is not None:
                 raise self._refusal
-            self.gateway.check_client(self.peer)
-            if api.is_console_path(request.path) and request.method == "GET":
+            self.owner.check_client(self.peer)
+            if request.method == "GET" and console_vm(request.path) is not None:
                 self._upgrade(request, raw)
                 return
-            response = api.handle(self.gateway, request)
+            response = self.owner.handle(request)
         except PeerError as exc:
             response = HttpResponse.error(exc)
-            if exc.code == "draining":
-                response.status = 503
         self._send_response(response)
 
     def _send_response(self, response: HttpResponse) -> None:
         assert self.transport is not None
-        own = {name.lower() for name, _ in response.headers}
-        defaults = [
-            ("Cache-Control", "no-store"),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Strict-Transport-Security", "max-age=31536000"),
-        ]
-        headers = [
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(response.body))),
-            *(h for h in defaults if h[0].lower() not in own),
-            *response.headers,
-        ]
         head_only = self._request is not None and self._request.method == b"HEAD"
         try:
-            out = self._h11.send(h11.Response(status_code=response.status, headers=headers))
-            if not head_only:
-                out = (out or b"") + (self._h11.send(h11.Data(data=response.body)) or b"")
-            out = (out or b"") + (self._h11.send(h11.EndOfMessage()) or b"")
+            out = encode_response(
+                self._h11, response, head_only=head_only, defaults=DEFAULT_HEADERS
+            )
         except h11.LocalProtocolError:
             self.transport.close()
             return
@@ -271,55 +274,19 @@ class ClientConnection(asyncio.Protocol):
     def _send_raw_error(self, status: int, code: str, message: str) -> None:
         """An error when h11 cannot frame a response (the request itself was broken)."""
         assert self.transport is not None
-        body = json.dumps({"error": code, "message": message}).encode()
-        reason = {400: "Bad Request", 413: "Payload Too Large", 431: "Headers Too Large"}
-        head = (
-            f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        self.transport.write(head + body)
+        self.transport.write(raw_error(status, code, message))
         self.transport.close()
 
     # -- the console upgrade ------------------------------------------------------------
 
     def _upgrade(self, request: Request, raw: h11.Request) -> None:
-        """Authenticate, authorize, apply the takeover policy, then switch protocols."""
-        gw = self.gateway
+        """Have the owner admit the session, then switch protocols and hand the transport over.
+
+        Raises:
+            PeerError: the owner refused, or the request is not a valid WebSocket upgrade.
+        """
         assert self.transport is not None
-        vm_id = api.console_vm(request.path)
-        mode = request.query.get("mode", "interactive")
-        if mode not in ("interactive", "spectate"):
-            raise PeerError("mode must be interactive or spectate", code="bad_request")
-        if "ticket" in request.query:
-            ticket = gw.redeem_ticket(request, vm_id)
-            principal = ticket.principal
-            if "mode" in request.query and mode != ticket.mode:
-                raise PeerError("mode differs from the ticket's", code="bad_request")
-            mode = ticket.mode
-        else:
-            principal = gw.authenticate(request)
-        hub, role = gw.authorize(principal, vm_id, request)
-        fields = {"principal": principal.id, "peer": self.peer, "vm": vm_id}
-        gw.check_origin(request)
-        resume_from: int | None = None
-        if "from" in request.query:
-            try:
-                resume_from = int(request.query["from"])
-            except ValueError:
-                raise PeerError("from must be a byte offset", code="bad_request") from None
-            if resume_from < 0:
-                raise PeerError("from must be a byte offset", code="bad_request")
-        session_id = secrets.token_hex(8)
-        want_writer = mode == "interactive" and at_least(role, "contributor")
-        if want_writer and isinstance(hub.check_writer(session_id), Denied):
-            audit("takeover_denied", region=gw.region, **fields)
-            raise ConflictError(
-                f"vm {vm_id!r} has a writer and its takeover policy is deny; "
-                "connect with mode=spectate",
-                code="writer_exists",
-            )
-        gw.check_session_limits(principal)
+        grant = self.owner.open_console(request)
         ws_request = WsRequest(
             request.path,
             Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw.headers]),
@@ -335,21 +302,21 @@ class ClientConnection(asyncio.Protocol):
         leftover, _ = self._h11.trailing_data
         session = ConsoleSession(
             transport=self.transport,
-            hub=hub,
-            session_id=session_id,
-            principal=principal,
-            role=role,
+            hub=grant.hub,
+            session_id=grant.session_id,
+            principal=grant.principal,
+            role=grant.role,
             peer=self.peer,
-            region=gw.region,
-            output_queue_bytes=gw.config.limits.output_queue_bytes,
+            region=self.owner.config.gateway.region,
+            output_queue_bytes=self.owner.config.limits.output_queue_bytes,
         )
         self.session = session
-        gw.sessions[session_id] = session
+        self.owner.session_started(session)
         # From here the transport talks to the session (compiled) directly: no hop through
         # this interpreted protocol per keystroke. Its end comes back via `on_lost`.
         session.on_lost = self._forget
         self.transport.set_protocol(session)  # type: ignore[arg-type]
-        session.start(want_writer=want_writer, resume_from=resume_from)
+        session.start(want_writer=grant.want_writer, resume_from=grant.resume_from)
         if leftover:
             session.data_received(bytes(leftover))
 

@@ -62,7 +62,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RelaydError
+from .errors import ConsoleLogError
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -75,10 +75,6 @@ _MAX_RECORD = 1 << 30  # far below the u32 length field
 _INDEX_SPACING = 4096  # data bytes between index entries: tiny timer flushes share one
 _READ_AHEAD = 65536
 _SEGMENT_NAME = re.compile(r"(\d{20})\.seg")
-
-
-class ConsoleLogError(RelaydError):
-    """The console log could not be written, read or opened; the caller decides what next."""
 
 
 def _crc(offset: int, data: bytes | memoryview) -> int:

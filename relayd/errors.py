@@ -1,16 +1,25 @@
 """The exception tree of relayd.
 
 RelaydError
-├── ConfigError           operator error: carries file and key; surfaces once, in cli.py
-├── PeerError             the client broke a rule; carries what goes on the wire
-│   ├── AuthError         401 before the upgrade (missing, malformed, expired, wrong token)
-│   ├── ForbiddenError    403 (role too low, console disabled, client not allowed)
-│   ├── NotFoundError     404 / close 4004 (unknown VM or route)
-│   ├── ConflictError     409 (takeover policy `deny` and a writer exists)
-│   ├── RateLimitedError  429 / close 4029
-│   └── BadMessageError   a malformed control message: `bad_message`, session continues
-├── PortUnavailableError  a serial backend could not be opened or went away
-└── HookError             an operator-configured command (break/nmi/reset) failed
+├── ConfigError              operator error: carries file and key; surfaces once, in cli.py
+├── UsageError               a command line asks for the impossible (exit code 2)
+├── PeerError                the client broke a rule; carries what goes on the wire
+│   ├── AuthError            401 before the upgrade (missing, malformed, expired, wrong token)
+│   ├── ForbiddenError       403 (role too low, console disabled, client not allowed)
+│   ├── NotFoundError        404 / close 4004 (unknown VM or route)
+│   ├── MethodNotAllowedError 405, with the `Allow` header
+│   ├── ConflictError        409 (takeover policy `deny` and a writer exists)
+│   ├── RateLimitedError     429 / close 4029, with `Retry-After`
+│   ├── ServiceUnavailableError 503 (the gateway is draining)
+│   └── BadMessageError      a malformed control message: `bad_message`, session continues
+├── ProxyProtocolError       the bytes before TLS are not a valid PROXY header (counted, closed)
+├── ConsoleLogError          the console log could not be written, read or opened
+├── PortUnavailableError     a serial backend could not be opened or went away
+└── HookError                an operator-configured command (break/nmi/reset) failed
+
+A `PeerError` says everything its answer needs: the HTTP status and close code
+are class attributes, and `response_headers()` the headers its status requires,
+so no caller maps codes to statuses by hand.
 """
 
 from __future__ import annotations
@@ -31,19 +40,26 @@ class ConfigError(RelaydError):
         super().__init__(f"{where}: {message}")
 
 
+class UsageError(RelaydError, ValueError):
+    """The command line asks for something impossible (exit code 2)."""
+
+
 class PeerError(RelaydError):
     """The peer did something wrong; the error says what to send back."""
 
     http_status = 400
     close_code = 1008
     code = "bad_request"
-    allow: str | None = None  # for 405: the methods the path takes
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """Headers the HTTP status requires (RFC 9110), beyond the JSON body's."""
+        return []
 
 
 class AuthError(PeerError):
@@ -52,6 +68,10 @@ class AuthError(PeerError):
     http_status = 401
     close_code = 4003
     code = "unauthorized"
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """A 401 names the scheme it wants."""
+        return [("WWW-Authenticate", 'Bearer realm="relayd"')]
 
 
 class ForbiddenError(PeerError):
@@ -68,6 +88,21 @@ class NotFoundError(PeerError):
     http_status = 404
     close_code = 4004
     code = "not_found"
+
+
+class MethodNotAllowedError(PeerError):
+    """The path exists, but not for this method."""
+
+    http_status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, *, allow: str) -> None:
+        super().__init__(f"method {method[:16]} is not allowed here")
+        self.allow = allow
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """A 405 lists the methods the path does take."""
+        return [("Allow", self.allow)]
 
 
 class ConflictError(PeerError):
@@ -89,11 +124,31 @@ class RateLimitedError(PeerError):
         super().__init__(message, code=code)
         self.retry_after = retry_after
 
+    def response_headers(self) -> list[tuple[str, str]]:
+        """When to try again, in whole seconds (at least one)."""
+        return [("Retry-After", str(max(1, round(self.retry_after))))]
+
+
+class ServiceUnavailableError(PeerError):
+    """The gateway cannot serve this now (it is draining); another gateway can."""
+
+    http_status = 503
+    close_code = 1001
+    code = "draining"
+
 
 class BadMessageError(PeerError):
     """A control message that does not parse or is not known."""
 
     code = "bad_message"
+
+
+class ProxyProtocolError(RelaydError):
+    """The bytes before the TLS handshake are not a valid PROXY header."""
+
+
+class ConsoleLogError(RelaydError):
+    """The console log could not be written, read or opened; the caller decides what next."""
 
 
 class PortUnavailableError(RelaydError):

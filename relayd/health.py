@@ -9,29 +9,79 @@ live state (no counters duplicated in a second place).
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, cast
+import datetime
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Protocol, cast
 
 import h11
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .http import HttpResponse, encode_response
+from .hub import ConsoleHub
 from .log import get_logger
 
-if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
-
-    from .app import Gateway
-
 log = get_logger("relayd.health")
+
+
+class SessionView(Protocol):
+    """What metrics read of a session."""
+
+    @property
+    def role(self) -> str:
+        """writer or spectator."""
+
+
+class HandshakeCounts(Protocol):
+    """What metrics read of the TLS listener."""
+
+    @property
+    def handshakes(self) -> int:
+        """Completed handshakes."""
+
+    @property
+    def handshake_failures(self) -> Counter[str]:
+        """Failed handshakes by reason."""
+
+
+class HealthSource(Protocol):
+    """What the health listener needs of the gateway."""
+
+    @property
+    def sessions(self) -> Mapping[str, SessionView]:
+        """Open console sessions."""
+
+    @property
+    def hubs(self) -> Mapping[str, ConsoleHub]:
+        """The consoles this gateway runs."""
+
+    @property
+    def auth_failures(self) -> Counter[str]:
+        """Rejected credentials by reason."""
+
+    @property
+    def listener(self) -> HandshakeCounts | None:
+        """The TLS listener, once bound."""
+
+    @property
+    def cert_not_after(self) -> datetime.datetime:
+        """The server certificate's expiry."""
+
+    @property
+    def draining(self) -> bool:
+        """True while shutting down."""
+
+    def unready_reasons(self) -> list[str]:
+        """Why /readyz is not 200 (empty when ready)."""
 
 
 class GatewayCollector(Collector):
     """Reads the gateway's counters at scrape time."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: HealthSource) -> None:
         self.gateway = gateway
 
     def collect(self) -> Iterator[Metric]:
@@ -102,7 +152,7 @@ class GatewayCollector(Collector):
 class HealthConnection(asyncio.Protocol):
     """One HTTP/1.1 exchange on the health port."""
 
-    def __init__(self, gateway: Gateway, registry: CollectorRegistry) -> None:
+    def __init__(self, gateway: HealthSource, registry: CollectorRegistry) -> None:
         self.gateway = gateway
         self.registry = registry
         self.transport: asyncio.Transport | None = None
@@ -143,37 +193,31 @@ class HealthConnection(asyncio.Protocol):
     def _answer(self, method: bytes, path: str) -> None:
         """GET, or HEAD (load balancers probe with either); anything else is 405."""
         assert self.transport is not None
-        content_type = "application/json"
-        extra: list[tuple[str, str]] = []
         if method not in (b"GET", b"HEAD"):
-            status, body = 405, b'{"error":"method_not_allowed","message":"use GET or HEAD"}\n'
-            extra.append(("Allow", "GET, HEAD"))
+            response = HttpResponse.json(
+                405,
+                {"error": "method_not_allowed", "message": "use GET or HEAD"},
+                Allow="GET, HEAD",
+            )
         elif path == "/healthz":
-            status, body = 200, b'{"status":"ok"}\n'
+            response = HttpResponse.json(200, {"status": "ok"})
         elif path == "/readyz":
             reasons = self.gateway.unready_reasons()
-            status = 503 if reasons else 200
-            body = json.dumps({"ready": not reasons, "reasons": reasons}).encode() + b"\n"
+            response = HttpResponse.json(
+                503 if reasons else 200, {"ready": not reasons, "reasons": reasons}
+            )
         elif path == "/metrics":
-            status, body = 200, generate_latest(self.registry)
-            content_type = "text/plain; version=0.0.4; charset=utf-8"
+            response = HttpResponse(
+                200, generate_latest(self.registry), "text/plain; version=0.0.4; charset=utf-8"
+            )
         else:
-            status, body = 404, b'{"error":"not_found","message":"no such path"}\n'
-        headers = [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-            *extra,
-        ]
-        out = self._h11.send(h11.Response(status_code=status, headers=headers)) or b""
-        if method != b"HEAD":
-            out += self._h11.send(h11.Data(data=body)) or b""
-        out += self._h11.send(h11.EndOfMessage()) or b""
-        self.transport.write(out)
+            response = HttpResponse.json(404, {"error": "not_found", "message": "no such path"})
+        response.headers.append(("Connection", "close"))
+        self.transport.write(encode_response(self._h11, response, head_only=method == b"HEAD"))
         self.transport.close()
 
 
-def make_registry(gateway: Gateway) -> CollectorRegistry:
+def make_registry(gateway: HealthSource) -> CollectorRegistry:
     """A registry holding only relayd's own collector (no process globals)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(gateway))

@@ -28,7 +28,8 @@ from . import control
 from .audit import audit
 from .auth import Principal
 from .config import LimitsConfig, VmConfig
-from .consolelog import ConsoleLog, ConsoleLogError
+from .consolelog import ConsoleLog
+from .errors import ConsoleLogError
 from .frames import binary_frame
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger

@@ -1,4 +1,4 @@
-"""Accept → PROXY header (trusted sources only) → TLS handshake → `ClientConnection`.
+"""Accept → PROXY header (trusted sources only) → TLS handshake → the owner's protocol.
 
 relayd accepts on its own listening socket instead of `loop.create_server`
 so that it can (a) read a PROXY header from a trusted load balancer off the
@@ -20,16 +20,29 @@ import ipaddress
 import socket
 import ssl
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import proxy_protocol
-from .connection import ClientConnection
+from .config import Config
 from .log import get_logger
 
-if TYPE_CHECKING:
-    from .app import Gateway
-
 log = get_logger("relayd.listener")
+
+
+class ListenerOwner(Protocol):
+    """What the listener needs of the gateway: settings, and a protocol per connection."""
+
+    @property
+    def config(self) -> Config:
+        """Deadlines and trusted proxies."""
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The server context in force (a reload swaps it for new handshakes)."""
+
+    def new_connection(self, peer: str) -> asyncio.Protocol:
+        """The protocol that serves a connection from `peer` after its handshake."""
+
 
 BACKLOG = 4096
 
@@ -80,7 +93,7 @@ def _reason(exc: BaseException) -> str:
 class Listener:
     """One TLS listening socket of the gateway."""
 
-    def __init__(self, gateway: Gateway, sock: socket.socket) -> None:
+    def __init__(self, gateway: ListenerOwner, sock: socket.socket) -> None:
         self.gateway = gateway
         self.sock = sock
         self.port: int = sock.getsockname()[1]
@@ -113,7 +126,7 @@ class Listener:
                 if self._trusted(peer):
                     peer = await self._read_proxy_header(conn, peer)
                 await loop.connect_accepted_socket(
-                    lambda: ClientConnection(gw, peer=peer),
+                    lambda: gw.new_connection(peer),
                     conn,
                     ssl=gw.ssl_context,
                     ssl_handshake_timeout=timeout,

@@ -46,7 +46,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import RelaydError
+from .errors import ProxyProtocolError
 
 __all__ = [
     "MAX_HEADER_LENGTH",
@@ -67,10 +67,6 @@ V2_MAX_ADDRESS_LENGTH = 536  # the spec's minimum TCP segment; room for AF_UNIX 
 MAX_HEADER_LENGTH = V2_FIXED_LENGTH + V2_MAX_ADDRESS_LENGTH
 
 Address = tuple[str, int]
-
-
-class ProxyProtocolError(RelaydError):
-    """The bytes before the TLS handshake are not a valid PROXY header."""
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ class ConsoleSession:
         """The transport is gone: detach, write the summary audit event, let the connection go.
 
         The session is the TLS transport's protocol from the upgrade on, so a keystroke
-        reaches compiled code straight from uvloop (see `ClientConnection._upgrade`).
+        reaches compiled code straight from uvloop (see `HttpConnection._upgrade`).
         """
         if self._closed:
             return

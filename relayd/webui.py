@@ -18,10 +18,8 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .connection import HttpResponse
+from .http import HttpResponse
 
 ASSETS_DIR = Path(__file__).parent / "web" / "assets"
 ASSETS_PREFIX = "/assets/"
@@ -104,8 +102,6 @@ def static_response(
         if_none_match: the request's `If-None-Match`, for a 304 when unchanged.
         root: the assets directory (default: the one shipped in the package).
     """
-    from .connection import HttpResponse  # connection imports api, which imports this
-
     root = ASSETS_DIR if root is None else root
     if path == "/":
         response = _file_response(root, "index.html", if_none_match)
@@ -121,8 +117,6 @@ def static_response(
 
 def _file_response(root: Path, name: str, if_none_match: str | None) -> HttpResponse | None:
     """A file directly inside `root`, by a single plain name; None for anything else."""
-    from .connection import HttpResponse
-
     if _ASSET_NAME.fullmatch(name) is None:
         return None
     content_type = CONTENT_TYPES.get(Path(name).suffix.lower())

@@ -59,7 +59,7 @@ async def test_full_session_logs_audit_events_and_never_a_secret(
                     ):
                         pass
                 # A browser's way in: a ticket, used once, then refused on reuse.
-                ticket = gw.tickets.issue(Principal("user:alice"), "vm-sim", "spectate", 0.0)
+                ticket = gw.access.tickets.issue(Principal("user:alice"), "vm-sim", "spectate", 0.0)
                 url = f"wss://localhost:{gw.tls_port}/v1/vms/vm-sim/console?ticket={ticket}"
                 with pytest.raises(InvalidStatus):  # issued at clock 0: long expired
                     async with connect(url, ssl=client_ssl, subprotocols=[SUB]):

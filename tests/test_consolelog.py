@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from relayd.config import LimitsConfig, VmConfig
-from relayd.consolelog import ConsoleLog, ConsoleLogError
+from relayd.consolelog import ConsoleLog
+from relayd.errors import ConsoleLogError
 from relayd.hub import LOG_FLUSH_MIN_SHARE, LOG_FLUSH_SECONDS, ConsoleHub
 
 CAPACITY = 16384

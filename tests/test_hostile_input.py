@@ -206,8 +206,8 @@ async def test_rate_limits_set_to_zero_are_off(
         limits={"auth_failures_per_minute": 0, "connections_per_second_per_ip": 0},
     )
     gateway = Gateway(config)
-    assert gateway._auth_limiter is None
-    assert gateway._conn_limiter is None
+    assert gateway.access.auth_limiter is None
+    assert gateway.access.conn_limiter is None
 
 
 async def test_switching_a_subscription_one_cannot_see_reads_as_unknown(

@@ -1,0 +1,228 @@
+"""Who may do what: the access policy every request passes before it is served.
+
+Authentication (bearer token, one-time ticket, client certificate), the
+failed-login and new-connection rate limits, the client address allow-list,
+RBAC on the VM's scopes, the console switches, MFA, the browser `Origin`
+check and the session caps live here, in one place, so the HTTP layer only
+asks and the gateway (app.py) is only the life cycle. Every refusal is a
+`PeerError` that carries its status and close code, and every denial of a
+known principal is an audit event.
+
+The policy holds no sockets and no hubs: it decides on configuration (`VmConfig`)
+and on counts the caller passes in, so it serves a VM whether its hub runs in
+this process or, in a cluster, on another gateway.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import Counter
+
+from .audit import audit
+from .auth import Authenticator, Principal
+from .config import Config, Role, VmConfig
+from .errors import AuthError, ForbiddenError, NotFoundError, PeerError, RateLimitedError
+from .http import Request
+from .ratelimit import KeyedLimiter
+from .rbac import Rbac
+from .switches import ConsoleSwitches
+from .tickets import Ticket, TicketStore
+
+
+class AccessPolicy:
+    """Authentication, authorization and admission for one gateway."""
+
+    def __init__(self, config: Config, authenticator: Authenticator | None = None) -> None:
+        self.switches = ConsoleSwitches(config.gateway.state_dir)
+        self.switches.load()
+        self.tickets = TicketStore()
+        self.auth_failures: Counter[str] = Counter()
+        limits = config.limits
+        per_minute = limits.auth_failures_per_minute
+        self.auth_limiter = KeyedLimiter(per_minute / 60, per_minute) if per_minute else None
+        rate = limits.connections_per_second_per_ip
+        self.conn_limiter = KeyedLimiter(rate, 2 * rate) if rate else None
+        self.reload(config, authenticator or Authenticator(config.auth))
+
+    def reload(self, config: Config, authenticator: Authenticator) -> None:
+        """Take a new, validated configuration; rate limits keep their state and settings."""
+        self.config = config
+        self.region = config.gateway.region
+        self.authenticator = authenticator
+        self.rbac = Rbac(config.role_assignments)
+        self.vms = {vm.id: vm for vm in config.vms}
+
+    # -- admission ------------------------------------------------------------------------
+
+    def admit_connection(self, peer: str) -> PeerError | None:
+        """Count a new connection; the refusal to answer its first request with, if over rate."""
+        if self.conn_limiter is None:
+            return None
+        now = time.monotonic()
+        wait = self.conn_limiter.retry_after(peer, now)
+        self.conn_limiter.hit(peer, now)
+        if wait > 0:
+            return RateLimitedError(
+                "too many new connections from this address", code="rate_limited", retry_after=wait
+            )
+        return None
+
+    def check_client(self, peer: str) -> None:
+        """The client address must be in `allow_clients`.
+
+        Raises:
+            ForbiddenError: it is not.
+        """
+        allowed = self.config.gateway.allow_clients
+        if {net.version for net in allowed if net.prefixlen == 0} == {4, 6}:
+            return  # everything is allowed (the default): skip the per-request address parse
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return  # a unix-socket peer (tests, local tools): not an IP to check
+        if not any(address in net for net in allowed):
+            raise ForbiddenError(f"client address {peer} is not allowed", code="client_not_allowed")
+
+    # -- authentication -------------------------------------------------------------------
+
+    def _check_auth_rate(self, request: Request) -> None:
+        if self.auth_limiter is None:
+            return
+        wait = self.auth_limiter.retry_after(request.peer, time.monotonic())
+        if wait > 0:
+            raise RateLimitedError(
+                "too many failed authentication attempts from this address",
+                code="too_many_auth_failures",
+                retry_after=wait,
+            )
+
+    def _auth_failed(self, request: Request, exc: AuthError) -> None:
+        self.auth_failures[exc.code] += 1
+        if self.auth_limiter is not None:
+            self.auth_limiter.hit(request.peer, time.monotonic())
+        audit("auth_failed", reason=exc.code, peer=request.peer, region=self.region)
+
+    def authenticate(self, request: Request) -> Principal:
+        """The request's principal: a bearer token, else a verified client certificate.
+
+        Raises:
+            RateLimitedError: this address failed too often recently.
+            AuthError: no or bad credentials (counted and audited).
+        """
+        self._check_auth_rate(request)
+        authorization = request.headers.get("authorization")
+        if authorization is None and request.client_cert_cn is not None:
+            return Principal(f"cert:{request.client_cert_cn}", amr=("x509",))
+        try:
+            return self.authenticator.authenticate(authorization)
+        except AuthError as exc:
+            self._auth_failed(request, exc)
+            raise
+
+    def redeem_ticket(self, request: Request, vm_id: str) -> Ticket:
+        """Use the request's one-time ticket for this VM.
+
+        Raises:
+            RateLimitedError: this address failed too often recently.
+            AuthError: unknown, reused, expired or foreign ticket.
+        """
+        self._check_auth_rate(request)
+        try:
+            return self.tickets.redeem(request.query["ticket"], vm_id, time.monotonic())
+        except AuthError as exc:
+            self._auth_failed(request, exc)
+            raise
+
+    # -- authorization --------------------------------------------------------------------
+
+    def authorize(
+        self, principal: Principal, vm_id: str, request: Request
+    ) -> tuple[VmConfig, Role]:
+        """The VM and the caller's role on it, after every access rule.
+
+        Raises:
+            NotFoundError: unknown VM, or no role on it (the two look the same).
+            ForbiddenError: console disabled, or MFA required and absent.
+        """
+        vm = self.vms.get(vm_id)
+        role = self.rbac.role(principal, vm) if vm is not None else None
+        fields = {
+            "principal": principal.id,
+            "peer": request.peer,
+            "vm": vm_id,
+            "region": self.region,
+        }
+        if vm is None or role is None:
+            audit("access_denied", reason="no_role" if vm else "unknown_vm", **fields)
+            raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
+        if not self.console_enabled(vm):
+            audit("access_denied", reason="console_disabled", **fields)
+            raise ForbiddenError(
+                f"the serial console of {vm_id} is disabled", code="console_disabled"
+            )
+        sub = self.config.subscription(vm.subscription)
+        if (self.config.auth.require_mfa or (sub is not None and sub.require_mfa)) and (
+            "mfa" not in principal.amr
+        ):
+            audit("access_denied", reason="mfa_required", **fields)
+            raise ForbiddenError("multi-factor authentication is required", code="mfa_required")
+        return vm, role
+
+    def check_origin(self, request: Request) -> None:
+        """Refuse cross-site WebSocket requests (browsers always send Origin).
+
+        Raises:
+            ForbiddenError: the Origin is not the gateway's own nor allowed.
+        """
+        origin = request.headers.get("origin")
+        if origin is None:
+            return
+        allowed = self.config.gateway.allowed_origins
+        own = f"https://{request.headers.get('host', '')}"
+        if origin == own or (allowed is not None and origin in allowed):
+            return
+        raise ForbiddenError(f"origin {origin[:100]!r} is not allowed", code="bad_origin")
+
+    def check_session_limits(self, principal: Principal, total: int, mine: int) -> None:
+        """Per-gateway and per-principal session caps, given the open sessions' counts.
+
+        Raises:
+            RateLimitedError: a cap is reached.
+        """
+        limits = self.config.limits
+        if limits.max_sessions is not None and total >= limits.max_sessions:
+            raise RateLimitedError(
+                f"gateway session limit {limits.max_sessions} reached", code="session_limit"
+            )
+        if (
+            limits.max_sessions_per_principal is not None
+            and mine >= limits.max_sessions_per_principal
+        ):
+            raise RateLimitedError(
+                f"session limit {limits.max_sessions_per_principal} per principal reached",
+                code="session_limit",
+            )
+
+    def console_enabled(self, vm: VmConfig) -> bool:
+        """Whether the VM's console is on at every level: subscription, scale set, VM."""
+        sub = self.config.subscription(vm.subscription)
+        sub_on = self.switches.get("subscriptions", vm.subscription)
+        if sub_on is None:
+            sub_on = sub is None or sub.serial_console
+        ss_on = (
+            True
+            if vm.scale_set is None
+            else self.switches.get("scale_sets", f"{vm.subscription}/{vm.scale_set}")
+        )
+        vm_on = self.switches.get("vms", vm.id)
+        if vm_on is None:
+            vm_on = vm.serial_console
+        return sub_on and ss_on is not False and vm_on
+
+    def prune(self, now: float) -> None:
+        """Housekeeping: forget expired tickets and idle limiter keys."""
+        self.tickets.expire(now)
+        for limiter in (self.auth_limiter, self.conn_limiter):
+            if limiter is not None:
+                limiter.prune(now)
