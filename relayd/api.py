@@ -15,7 +15,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from . import webui
@@ -66,7 +66,7 @@ class ApiOwner(Protocol):
     def session_counts(self, principal: Principal) -> tuple[int, int]:
         """Open sessions on the gateway, and those of this principal."""
 
-    def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
+    async def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
         """Switch consoles at one level; the number of sessions closed."""
 
 
@@ -74,14 +74,14 @@ def _json(status: int, obj: object, **headers: str) -> HttpResponse:
     return HttpResponse.json(status, obj, **headers)
 
 
-def index(gw: ApiOwner, request: Request) -> HttpResponse:
+async def index(gw: ApiOwner, request: Request) -> HttpResponse:
     """The web terminal page (or, when its assets are not built, how to build them)."""
     response = webui.static_response("/", if_none_match=request.headers.get("if-none-match"))
     assert response is not None  # "/" always has an answer
     return response
 
 
-def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
+async def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
     """The VMs the caller holds any role on, with their live state."""
     principal = gw.access.authenticate(request)
     vms = []
@@ -107,7 +107,7 @@ def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
     return _json(200, {"vms": vms})
 
 
-def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
+async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
     """The held console output, by absolute offsets (readers and up)."""
     principal = gw.access.authenticate(request)
     vm, _ = gw.access.authorize(principal, vm_id, request)
@@ -141,7 +141,7 @@ def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
     )
 
 
-def issue_ticket(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
+async def issue_ticket(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
     """A one-time ticket for a browser's WebSocket (readers and up; mode as requested)."""
     principal = gw.access.authenticate(request)
     gw.access.authorize(principal, vm_id, request)
@@ -174,7 +174,7 @@ def _enabled_from(request: Request) -> bool:
     return bool(body["enabled"])
 
 
-def switch_console(gw: ApiOwner, request: Request, level: Level, key: str) -> HttpResponse:
+async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str) -> HttpResponse:
     """Owner-only enable/disable at one level; persisted; disabling closes sessions (4009)."""
     principal = gw.access.authenticate(request)
     enabled = _enabled_from(request)
@@ -213,7 +213,7 @@ def switch_console(gw: ApiOwner, request: Request, level: Level, key: str) -> Ht
         raise ForbiddenError(
             "enabling or disabling a console needs the owner role", code="forbidden"
         )
-    closed = gw.set_console(level, key, enabled, by=principal.id)
+    closed = await gw.set_console(level, key, enabled, by=principal.id)
     audit(
         "console_switched",
         principal=principal.id,
@@ -231,11 +231,11 @@ def _sees_any(gw: ApiOwner, principal: Principal, vms: list[VmConfig]) -> bool:
     return any(gw.access.rbac.role(principal, vm) is not None for vm in vms)
 
 
-Handler = Callable[[ApiOwner, Request], HttpResponse]
+Handler = Callable[[ApiOwner, Request], Awaitable[HttpResponse]]
 _ROUTES: dict[str, Handler] = {"/": index, "/v1/vms": list_vms}
 
 
-def handle(gw: ApiOwner, request: Request) -> HttpResponse:
+async def handle(gw: ApiOwner, request: Request) -> HttpResponse:
     """Route a request.
 
     Raises:
@@ -245,17 +245,17 @@ def handle(gw: ApiOwner, request: Request) -> HttpResponse:
     if handler is not None:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowedError(request.method, allow="GET, HEAD")
-        return handler(gw, request)
+        return await handler(gw, request)
     m = _CONSOLE_LOG.match(request.path)
     if m is not None:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowedError(request.method, allow="GET, HEAD")
-        return console_log(gw, request, m.group(1))
+        return await console_log(gw, request, m.group(1))
     m = _TICKETS.match(request.path)
     if m is not None:
         if request.method != "POST":
             raise MethodNotAllowedError(request.method, allow="POST")
-        return issue_ticket(gw, request, m.group(1))
+        return await issue_ticket(gw, request, m.group(1))
     switches: tuple[tuple[re.Pattern[str], Level], ...] = (
         (_SWITCH_VM, "vms"),
         (_SWITCH_SUB, "subscriptions"),
@@ -266,7 +266,7 @@ def handle(gw: ApiOwner, request: Request) -> HttpResponse:
         if m is not None:
             if request.method != "PUT":
                 raise MethodNotAllowedError(request.method, allow="PUT")
-            return switch_console(gw, request, level, "/".join(m.groups()))
+            return await switch_console(gw, request, level, "/".join(m.groups()))
     if console_vm(request.path) is not None:
         raise MethodNotAllowedError(request.method, allow="GET")
     if request.path.startswith(webui.ASSETS_PREFIX):
@@ -280,7 +280,7 @@ def handle(gw: ApiOwner, request: Request) -> HttpResponse:
     raise NotFoundError(f"no route for {request.path[:100]}", code="not_found")
 
 
-def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant:
+async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant:
     """Every check of a console upgrade, in the order a client can act on.
 
     Raises:

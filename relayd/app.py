@@ -108,13 +108,13 @@ class Gateway:
         """Raise `ForbiddenError` for an address outside `allow_clients`."""
         self.access.check_client(peer)
 
-    def handle(self, request: Request) -> HttpResponse:
+    async def handle(self, request: Request) -> HttpResponse:
         """Route a plain request."""
-        return api.handle(self, request)
+        return await api.handle(self, request)
 
-    def open_console(self, request: Request) -> ConsoleGrant:
+    async def open_console(self, request: Request) -> ConsoleGrant:
         """Admit a console upgrade, or raise `PeerError`."""
-        return api.open_console(self, request)
+        return await api.open_console(self, request)
 
     def session_counts(self, principal: Principal) -> tuple[int, int]:
         """Open sessions on this gateway, and those of this principal."""
@@ -129,7 +129,7 @@ class Gateway:
         """Track a console session (caps, metrics, drain)."""
         self.sessions[session.session_id] = session
 
-    def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
+    async def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
         """Switch consoles at one level; disabling closes their live sessions with 4009.
 
         Returns the number of sessions closed.

@@ -86,10 +86,10 @@ class ConnectionOwner(Protocol):
     def check_client(self, peer: str) -> None:
         """Raise `PeerError` when the address may not use the gateway."""
 
-    def handle(self, request: Request) -> HttpResponse:
+    async def handle(self, request: Request) -> HttpResponse:
         """Answer a plain request, or raise `PeerError`."""
 
-    def open_console(self, request: Request) -> ConsoleGrant:
+    async def open_console(self, request: Request) -> ConsoleGrant:
         """Admit a console upgrade (every check before the 101), or raise `PeerError`."""
 
     def connection_opened(self, conn: HttpConnection) -> None:
@@ -117,6 +117,8 @@ class HttpConnection(asyncio.Protocol):
         self._cert_cn: str | None = None
         self._refusal: PeerError | None = None
         self._http_paused = False
+        # The request being answered (the owner may wait on Redis); the next one waits.
+        self._serving: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -145,6 +147,8 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection ended before (or without) a session."""
+        if self._serving is not None:
+            self._serving.cancel()
         self._forget()
 
     def _forget(self) -> None:
@@ -190,7 +194,12 @@ class HttpConnection(asyncio.Protocol):
     def _process(self) -> None:
         # Not while the client is not reading its answers: pipelined requests wait in h11
         # and the socket is not read (pause_writing), so memory stays bounded.
-        while self.session is None and self.transport is not None and not self._http_paused:
+        while (
+            self.session is None
+            and self.transport is not None
+            and not self._http_paused
+            and self._serving is None
+        ):
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
@@ -246,13 +255,33 @@ class HttpConnection(asyncio.Protocol):
             if self._refusal is not None:
                 raise self._refusal
             self.owner.check_client(self.peer)
-            if request.method == "GET" and console_vm(request.path) is not None:
-                self._upgrade(request, raw)
-                return
-            response = self.owner.handle(request)
         except PeerError as exc:
-            response = HttpResponse.error(exc)
-        self._send_response(response)
+            self._send_response(HttpResponse.error(exc))
+            return
+        self._serving = asyncio.get_running_loop().create_task(self._serve(request, raw))
+
+    async def _serve(self, request: Request, raw: h11.Request) -> None:
+        """Answer one request (the owner may wait on shared state), then read the next."""
+        try:
+            try:
+                if request.method == "GET" and console_vm(request.path) is not None:
+                    grant = await self.owner.open_console(request)
+                    if self.transport is not None and not self.transport.is_closing():
+                        self._upgrade(request, raw, grant)
+                    return
+                response = await self.owner.handle(request)
+            except PeerError as exc:
+                response = HttpResponse.error(exc)
+            except Exception:  # a bug: answer 500 and log it once, never a silent close
+                log.exception("request_failed", peer=self.peer, path=request.path[:100])
+                response = HttpResponse.json(
+                    500, {"error": "internal", "message": "internal error; see the gateway log"}
+                )
+            if self.transport is not None and not self.transport.is_closing():
+                self._send_response(response)
+        finally:
+            self._serving = None
+        self._process()
 
     def _send_response(self, response: HttpResponse) -> None:
         assert self.transport is not None
@@ -279,14 +308,13 @@ class HttpConnection(asyncio.Protocol):
 
     # -- the console upgrade ------------------------------------------------------------
 
-    def _upgrade(self, request: Request, raw: h11.Request) -> None:
-        """Have the owner admit the session, then switch protocols and hand the transport over.
+    def _upgrade(self, request: Request, raw: h11.Request, grant: ConsoleGrant) -> None:
+        """Switch protocols for an admitted session and hand the transport over.
 
         Raises:
-            PeerError: the owner refused, or the request is not a valid WebSocket upgrade.
+            PeerError: the request is not a valid WebSocket upgrade.
         """
         assert self.transport is not None
-        grant = self.owner.open_console(request)
         ws_request = WsRequest(
             request.path,
             Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw.headers]),
