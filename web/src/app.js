@@ -8,6 +8,7 @@
 // Reconnecting with ?from=<that offset> resumes with nothing lost or repeated.
 
 import { installCspStyleShim } from './cspstyle.js';
+import * as protocol from './protocol-constants.js';
 import { Terminal } from './xterm.mjs';
 import { FitAddon } from './addon-fit.mjs';
 
@@ -15,22 +16,24 @@ installCspStyleShim();
 
 const TOKEN_KEY = 'relayd.token';
 const SCREEN_READER_KEY = 'relayd.screenReaderMode';
-const SUBPROTOCOL = 'relayd.console.v1';
 const VM_REFRESH_MS = 15000;
 const PROGRESS_MS = 200;
 const QUEUED_SHOWN_BYTES = 64; // typing never queues this much; a paste does
 
 const CLOSE_WORDS = {
-  1000: 'The console session was closed.',
-  1001: 'The gateway is shutting down.',
-  1006: 'The connection to the gateway was lost.',
-  1011: 'The gateway hit an internal error.',
-  4001: 'Your session was taken over.',
-  4003: 'Forbidden: you may not use this console.',
-  4004: 'Unknown VM: it does not exist or you hold no role on it.',
-  4008: 'Closed after being idle too long.',
-  4009: 'The serial console is disabled for this VM.',
-  4029: 'Session limit reached: close another console and reconnect.',
+  [protocol.CLOSE_NORMAL]: 'The console session was closed.',
+  [protocol.CLOSE_GOING_AWAY]: 'The gateway is shutting down.',
+  [protocol.CLOSE_PROTOCOL_ERROR]: 'The gateway closed the session: protocol error.',
+  [protocol.CLOSE_ABNORMAL]: 'The connection to the gateway was lost.',
+  [protocol.CLOSE_INVALID_DATA]: 'The gateway closed the session: a message was not valid UTF-8.',
+  [protocol.CLOSE_MESSAGE_TOO_BIG]: 'The gateway closed the session: a message was too big.',
+  [protocol.CLOSE_INTERNAL_ERROR]: 'The gateway hit an internal error.',
+  [protocol.CLOSE_TAKEN_OVER]: 'Your session was taken over.',
+  [protocol.CLOSE_FORBIDDEN]: 'Forbidden: you may not use this console.',
+  [protocol.CLOSE_UNKNOWN_VM]: 'Unknown VM: it does not exist or you hold no role on it.',
+  [protocol.CLOSE_IDLE]: 'Closed after being idle too long.',
+  [protocol.CLOSE_DISABLED]: 'The serial console is disabled for this VM.',
+  [protocol.CLOSE_SESSION_LIMIT]: 'Session limit reached: close another console and reconnect.',
 };
 
 // Linux magic SysRq keys (Documentation/admin-guide/sysrq.rst).
@@ -431,7 +434,7 @@ async function connect() {
   const query = new URLSearchParams({ ticket });
   if (state.offset !== null) query.set('from', String(state.offset));
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  const ws = new WebSocket(`${scheme}//${location.host}${vmPath(vm, '/console')}?${query}`, SUBPROTOCOL);
+  const ws = new WebSocket(`${scheme}//${location.host}${vmPath(vm, '/console')}?${query}`, protocol.SUBPROTOCOL);
   ws.binaryType = 'arraybuffer';
   state.ws = ws;
   state.connected = false;
@@ -451,7 +454,7 @@ function disconnect() {
   state.generation += 1;
   if (state.ws) {
     try {
-      state.ws.close(1000, 'closed by the user');
+      state.ws.close(protocol.CLOSE_NORMAL, 'closed by the user');
     } catch {
       // already closing
     }
@@ -642,12 +645,12 @@ function onClose(event) {
   $('console').dataset.closeCode = String(event.code);
   $('console').dataset.role = '';
   let words = CLOSE_WORDS[event.code] || `The session closed (code ${event.code}).`;
-  if (event.code === 4001 && event.reason) {
+  if (event.code === protocol.CLOSE_TAKEN_OVER && event.reason) {
     words = `${event.reason.charAt(0).toUpperCase()}${event.reason.slice(1)}. You are disconnected.`;
-  } else if (event.reason && event.code !== 4001) {
+  } else if (event.reason && event.code !== protocol.CLOSE_TAKEN_OVER) {
     words = `${words} (${event.reason})`;
   }
-  if (!wasOpen && event.code === 1006) {
+  if (!wasOpen && event.code === protocol.CLOSE_ABNORMAL) {
     words =
       'The gateway refused the console connection (the ticket may have expired, the session limit may be ' +
       'reached, or the VM has a writer and does not allow takeover).';
@@ -655,11 +658,11 @@ function onClose(event) {
   setConnState(`Disconnected (${event.code})`, 'closed', 'warn');
   setStatus('st-role', '');
   const actions = [['Reconnect', reconnect]];
-  if (event.code === 4001) {
+  if (event.code === protocol.CLOSE_TAKEN_OVER) {
     actions.splice(0, 1, ['Take over again', () => ((state.wantMode = 'interactive'), reconnect())]);
     actions.push(['Spectate', () => ((state.wantMode = 'spectate'), reconnect())]);
   }
-  showBanner(event.code === 4001 || event.code >= 4003 ? 'error' : 'warning', words, actions);
+  showBanner(event.code === protocol.CLOSE_TAKEN_OVER || event.code >= protocol.CLOSE_FORBIDDEN ? 'error' : 'warning', words, actions);
 }
 
 // -- input ------------------------------------------------------------------------------------
