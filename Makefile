@@ -9,7 +9,7 @@ CERTS  := certs/dev
 NATIVE     := build/native.stamp
 NATIVE_SRC := $(shell $(PYTHON) -c 'import relayd.native as n; print(*(m.replace(".", "/") + ".py" for m in n.NATIVE_MODULES))')
 
-.PHONY: native wheel run run-vm test test-guest guest-image lint types pytest coverage bench certs clean web
+.PHONY: native wheel run run-vm test test-guest guest-image lint types pytest webtest coverage bench certs clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -82,7 +82,13 @@ pytest: $(STAMP) $(NATIVE) web guest-image
 		tests/test_frames.py tests/test_ring.py tests/test_throttle.py tests/test_consolelog.py \
 		tests/test_telnet.py tests/test_link_protocol.py tests/test_gateway.py tests/on_uvloop
 
-test: lint types pytest
+# The page's modules that have no DOM (protocol.js, api.js, sysrq.js), in Node's own
+# test runner: no npm packages, no browser (tests/test_web.py drives the page itself).
+webtest:
+	command -v node >/dev/null || scripts/ensure-system-packages.sh nodejs
+	node --test web/tests/*.test.mjs
+
+test: lint types webtest pytest
 
 coverage: $(STAMP) web guest-image
 	$(VENV)/bin/pip install -q coverage
