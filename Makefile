@@ -9,7 +9,7 @@ CERTS  := certs/dev
 NATIVE     := build/native.stamp
 NATIVE_SRC := $(shell $(PYTHON) -c 'import relayd.native as n; print(*(m.replace(".", "/") + ".py" for m in n.NATIVE_MODULES))')
 
-.PHONY: native wheel run run-vm test test-guest guest-image lint types pytest coverage bench certs clean web
+.PHONY: native wheel run run-vm test test-guest guest-image lint types pytest webtest coverage bench certs clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 # Stale modules are removed first, so a failed build never leaves old code running. No C
-# compiler: relayd runs interpreted (same behaviour, slower), and this says so.
+# compiler: relayd runs interpreted (same behaviour, slower), and this says so. The build
+# writes relayd/_native_manifest.json (source hashes): an import that finds a compiled
+# module older than its source runs the whole keystroke path interpreted, and says so.
 $(NATIVE): $(STAMP) setup.py relayd/native.py $(NATIVE_SRC)
-	rm -f relayd/*.so relayd/ports/*.so
+	rm -f relayd/*.so relayd/ports/*.so relayd/_native_manifest.json
 	if command -v cc >/dev/null; then $(PY) setup.py -q build_ext --inplace --force; \
 	else echo "relayd: no C compiler; the keystroke path runs interpreted" >&2; fi
 	mkdir -p build && touch $@
@@ -31,7 +33,8 @@ native: $(NATIVE)
 # A deployable wheel with the compiled keystroke path, in dist/.
 # Built from scratch: setuptools would also pack any module left in build/lib by an
 # older build, and a stale compiled module shadows its source. The check after it
-# refuses a wheel whose compiled modules are not exactly native.py's list.
+# refuses a wheel whose compiled modules are not exactly native.py's list, or whose
+# manifest does not match the sources it carries.
 wheel: $(STAMP)
 	$(PIP) install -q 'setuptools>=68' wheel
 	rm -rf build/lib.* build/temp.* build/bdist.* dist
@@ -79,7 +82,13 @@ pytest: $(STAMP) $(NATIVE) web guest-image
 		tests/test_frames.py tests/test_ring.py tests/test_throttle.py tests/test_consolelog.py \
 		tests/test_telnet.py tests/test_link_protocol.py tests/test_gateway.py tests/on_uvloop
 
-test: lint types pytest
+# The page's modules that have no DOM (protocol.js, api.js, sysrq.js), in Node's own
+# test runner: no npm packages, no browser (tests/test_web.py drives the page itself).
+webtest:
+	command -v node >/dev/null || scripts/ensure-system-packages.sh nodejs
+	node --test web/tests/*.test.mjs
+
+test: lint types webtest pytest
 
 coverage: $(STAMP) web guest-image
 	$(VENV)/bin/pip install -q coverage
@@ -91,4 +100,4 @@ bench: $(STAMP) $(NATIVE)
 	$(PY) -m bench.pacing
 
 clean:
-	rm -rf $(VENV) $(CERTS) .relayd-demo build dist *.egg-info relayd/*.so relayd/ports/*.so relayd/web/assets web/node_modules tests/artifacts tests/guest/out
+	rm -rf $(VENV) $(CERTS) .relayd-demo build dist *.egg-info relayd/*.so relayd/ports/*.so relayd/_native_manifest.json relayd/web/assets web/node_modules tests/artifacts tests/guest/out

@@ -1,7 +1,7 @@
 """relayd: a serial-console gateway."""
 
-from .native import honour_pure_python_request
+from .native import select_implementation
 
 __version__ = "0.1.0"
 
-honour_pure_python_request()
+select_implementation()

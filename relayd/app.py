@@ -221,6 +221,7 @@ class Gateway:
                     vms=len(self.hubs),
                     ports_up=sum(hub.port_up for hub in self.hubs.values()),
                     keystroke_path=native.mode(),
+                    stale_modules=list(native.stale_modules()),
                 )
                 self.ready.set()
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")

@@ -37,6 +37,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
+from relayd import control
 from relayd.errors import UsageError
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
     "read_token",
 ]
 
-SUBPROTOCOL = Subprotocol("relayd.console.v1")
+SUBPROTOCOL = Subprotocol(control.SUBPROTOCOL)
 
 #: Ctrl-], as in telnet: rare in shells and editors, one keystroke to reach.
 ESCAPE = 0x1D
@@ -71,18 +72,21 @@ HOOK_PROMPT = "{name} the vm (owners only)? press y to confirm, any other key: b
 SYSRQ_PROMPT = "sysrq: press the key (h for help on the guest console)"
 SYSRQ_KEYS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyz")
 
-#: Words for the close codes of DESIGN.md; the server's reason text is added to them.
+#: Words for the close codes (control.py's); the server's reason text is added to them.
 CLOSE_REASONS = {
-    1000: "closed",
-    1001: "gateway shutting down",
-    1006: "connection lost",
-    1011: "gateway internal error",
-    4001: "taken over by another user",
-    4003: "forbidden",
-    4004: "unknown vm",
-    4008: "idle timeout",
-    4009: "serial console disabled",
-    4029: "session limit reached",
+    control.CLOSE_NORMAL: "closed",
+    control.CLOSE_GOING_AWAY: "gateway shutting down",
+    control.CLOSE_PROTOCOL_ERROR: "protocol error",
+    control.CLOSE_ABNORMAL: "connection lost",
+    control.CLOSE_INVALID_DATA: "invalid data (text that is not UTF-8)",
+    control.CLOSE_MESSAGE_TOO_BIG: "message too big",
+    control.CLOSE_INTERNAL_ERROR: "gateway internal error",
+    control.CLOSE_TAKEN_OVER: "taken over by another user",
+    control.CLOSE_FORBIDDEN: "forbidden",
+    control.CLOSE_UNKNOWN_VM: "unknown vm",
+    control.CLOSE_IDLE: "idle timeout",
+    control.CLOSE_DISABLED: "serial console disabled",
+    control.CLOSE_SESSION_LIMIT: "session limit reached",
 }
 
 OPEN_TIMEOUT = 15.0
@@ -315,7 +319,7 @@ def console_url(base: str, vm: str, *, spectate: bool, resume_from: int | None =
 
 def describe_close(code: int | None, reason: str | None) -> str:
     """One status line for a close code and the server's reason text."""
-    words = CLOSE_REASONS.get(code or 1006, f"closed with code {code}")
+    words = CLOSE_REASONS.get(code or control.CLOSE_ABNORMAL, f"closed with code {code}")
     if reason and reason != words:
         return f"disconnected: {words} ({_printable(reason)})"
     return f"disconnected: {words}"
@@ -553,7 +557,7 @@ class _ConsoleSession:
             return EXIT_ERROR
         code = self._ws.close_code
         self._status.line(describe_close(code, self._ws.close_reason))
-        return EXIT_OK if self._quit or code == 1000 else EXIT_ERROR
+        return EXIT_OK if self._quit or code == control.CLOSE_NORMAL else EXIT_ERROR
 
     async def _pump_output(self) -> None:
         """Console bytes to stdout, control messages to status lines, until closed."""
@@ -569,7 +573,7 @@ class _ConsoleSession:
                 await self._output.write(message)
             except OSError as exc:
                 self._failure = f"cannot write console output: {exc}"
-                await self._ws.close(1000, "client output closed")
+                await self._ws.close(control.CLOSE_NORMAL, "client output closed")
                 return
 
     def _on_control(self, text: str) -> None:
@@ -611,7 +615,7 @@ class _ConsoleSession:
                     continue  # another reader of a shared terminal took the bytes
                 if not data:
                     if self._terminal_fd == self._stdin_fd:
-                        await self._ws.close(1000, "client terminal closed")
+                        await self._ws.close(control.CLOSE_NORMAL, "client terminal closed")
                     return  # a pipe ran dry: keep showing output
                 for action in self._parser.feed(data):
                     if not await self._perform(action):
@@ -620,7 +624,7 @@ class _ConsoleSession:
             return  # the output pump sees the close and reports it
         except OSError as exc:
             self._failure = f"cannot read keyboard input: {exc}"
-            await self._ws.close(1000, "client input failed")
+            await self._ws.close(control.CLOSE_NORMAL, "client input failed")
 
     async def _readable(self) -> None:
         """Wait until stdin can be read without blocking."""
@@ -662,7 +666,7 @@ class _ConsoleSession:
                     await self._perform(SendBytes(f"stty rows {rows} cols {cols}\r".encode()))
             case Quit():
                 self._quit = True
-                await self._ws.close(1000, "client quit")
+                await self._ws.close(control.CLOSE_NORMAL, "client quit")
                 return False
             case ShowMenu(text):
                 self._status.line(text)
@@ -685,7 +689,7 @@ class _ConsoleSession:
 
     async def _watch_interrupt(self) -> None:
         await self._interrupted.wait()
-        await self._ws.close(1000, "client interrupted")
+        await self._ws.close(control.CLOSE_NORMAL, "client interrupted")
 
     async def _send_control(self, message: dict[str, Any]) -> None:
         await self._ws.send(json.dumps(message, separators=(",", ":")))
@@ -770,7 +774,7 @@ async def connect(
     async with ws:
         if ws.subprotocol != SUBPROTOCOL:
             status.line(f"gateway did not accept subprotocol {SUBPROTOCOL}")
-            await ws.close(1002, "subprotocol required")
+            await ws.close(control.CLOSE_PROTOCOL_ERROR, "subprotocol required")
             return EXIT_ERROR
         return await _attach(ws, stdin_fd=stdin_fd, stdout_fd=stdout_fd, status=status)
 

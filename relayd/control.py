@@ -18,10 +18,15 @@ from .errors import BadMessageError
 SUBPROTOCOL = "relayd.console.v1"
 MAX_CONTROL_BYTES = 4096
 
-# Close codes of the contract (DESIGN.md, "Close codes").
+# Close codes of the contract (docs/protocol.md, "Close codes"). The one source for them:
+# relayd/client.py imports them, and scripts/gen-web-constants.py writes them (with
+# SUBPROTOCOL) into web/src/protocol-constants.js for the page; a test compares the two.
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002  # RFC 6455: a frame that breaks the protocol (websockets sends it)
+CLOSE_ABNORMAL = 1006  # RFC 6455: never sent; a client's word for a connection that dropped
 CLOSE_INVALID_DATA = 1007  # RFC 6455: a text message that is not UTF-8
+CLOSE_MESSAGE_TOO_BIG = 1009  # RFC 6455: a message over the size limit (websockets sends it)
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TAKEN_OVER = 4001
 CLOSE_FORBIDDEN = 4003

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from . import native
 from .http import HttpResponse, encode_response
 from .hub import ConsoleHub
 from .log import get_logger
@@ -122,6 +123,14 @@ class GatewayCollector(Collector):
         draining = GaugeMetricFamily("relayd_draining", "1 while shutting down")
         draining.add_metric([], 1 if gw.draining else 0)
         yield draining
+        modules = GaugeMetricFamily(
+            "relayd_native_module",
+            "Keystroke-path modules by state (stale: an outdated build, run from source)",
+            labels=["module", "state"],
+        )
+        for module, state in native.module_states().items():
+            modules.add_metric([module, state], 1)
+        yield modules
 
     def _per_vm(self) -> Iterator[Metric]:
         port_up = GaugeMetricFamily("relayd_port_up", "Serial port connected", labels=["vm"])

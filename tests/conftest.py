@@ -33,11 +33,11 @@ from relayd.keeper import wait_until
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test compiled modules older than their source (edited since `make native`)."""
-    for module in native.NATIVE_MODULES:
-        source = native.source_path(module)
-        for built in source.parent.glob(source.stem + ".*.so"):
-            if built.stat().st_mtime < source.stat().st_mtime:
-                pytest.exit(f"{built} is older than {source.name}: run `make native`", 2)
+    stale = native.find_stale()
+    if stale:
+        pytest.exit(
+            f"compiled {', '.join(stale)} out of date with the source: run `make native`", 2
+        )
 
 
 ISSUER = "https://login.test/tenant"

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from relayd import control
 from relayd.client import (
     ESCAPE,
     MENU_TEXT,
@@ -181,6 +182,14 @@ def test_describe_close_takeover_names_who() -> None:
     """A 4001 close reads as a takeover and keeps the server's reason."""
     text = describe_close(4001, "taken over by user:bob")
     assert text == "disconnected: taken over by another user (taken over by user:bob)"
+
+
+def test_describe_close_every_protocol_code_has_words() -> None:
+    """Each close code control.py defines (1007 included) reads as words, not a number."""
+    codes = [v for k, v in vars(control).items() if k.startswith("CLOSE_")]
+    assert 1007 in codes
+    for code in codes:
+        assert "code" not in describe_close(code, None), code
 
 
 def test_describe_close_reason_control_characters_are_neutralised() -> None:

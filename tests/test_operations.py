@@ -21,6 +21,8 @@ from cryptography import x509
 from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 
+from relayd import native
+
 from .conftest import TIMEOUT, FarEnd, running, wait_port_up
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,6 +238,7 @@ async def test_metrics_expose_the_contract_families(
         "relayd_console_output_bytes_total",
         "relayd_tls_handshakes_total",
         "relayd_certificate_expiry_timestamp_seconds",
+        f'relayd_native_module{{module="relayd.hub",state="{native.module_states()["relayd.hub"]}"}}',
     ):
         assert needle in text
 

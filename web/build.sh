@@ -19,7 +19,7 @@ fi
 mkdir -p "$here/../relayd/web"
 tmp="$(mktemp -d "$here/../relayd/web/.assets.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
-cp src/index.html src/app.js src/app.css src/cspstyle.js "$tmp/"
+cp src/index.html src/app.css src/*.js "$tmp/"
 cp node_modules/@xterm/xterm/lib/xterm.mjs node_modules/@xterm/xterm/css/xterm.css "$tmp/"
 cp node_modules/@xterm/addon-fit/lib/addon-fit.mjs "$tmp/"
 cp node_modules/@xterm/xterm/LICENSE "$tmp/xterm-LICENSE.txt"
