@@ -36,17 +36,9 @@ from bench import peers as peers_mod  # noqa: E402
 from bench import procfs  # noqa: E402
 from bench.backend import Backend  # noqa: E402
 from bench.loadgen import Conn, client_context, close_all  # noqa: E402
-from bench.peers import NICE, kill_all, make_pki  # noqa: E402
-from bench.run import (  # noqa: E402
-    FULL,
-    GEN_CPU,
-    Ctx,
-    make_peer,
-    open_many,
-    running,
-    snapshot_relayd,
-    type_keys,
-)
+from bench.machine import GEN_CPU  # noqa: E402
+from bench.peers import NICE, kill_all, make_pki, snapshot_relayd  # noqa: E402
+from bench.phases import FULL, Ctx, make_peer, open_many, running, type_keys  # noqa: E402
 
 
 async def _start(
@@ -96,7 +88,7 @@ async def main(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(relays[0][1] or ROOT))
     backend = Backend()
     await backend.start()
-    ctx = Ctx(backend, make_pki(workdir / "pki"), workdir, FULL, client_context(), False)
+    ctx = Ctx(backend, make_pki(workdir / "pki"), workdir, FULL, client_context())
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in relays}
     try:
         async with contextlib.AsyncExitStack() as stack:

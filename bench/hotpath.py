@@ -37,7 +37,7 @@ from relayd.log import configure_logging
 from relayd.ports.protocol import LinkProtocol
 from relayd.session import ConsoleSession
 
-TYPING_RATE = 10.0  # keys/s per console, as in bench/run.py's latency phase
+TYPING_RATE = 10.0  # keys/s per console, as in the bench's latency phase (phases.py)
 # The hub flushes a console's log a random share of LOG_FLUSH_SECONDS after new output.
 FLUSH_INTERVAL = LOG_FLUSH_SECONDS * (1 + LOG_FLUSH_MIN_SHARE) / 2
 

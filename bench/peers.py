@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
+import py_compile
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import procfs
 from .loadgen import Target
@@ -45,7 +50,7 @@ RELAY_CPU = "0"
 NICE = -20 if os.geteuid() == 0 else 0
 
 _started: list[subprocess.Popen[bytes]] = []
-# Where the snapshot of relayd/ taken at the start of a run lives (see run.py): relayd is
+# Where the snapshot of relayd/ taken at the start of a run lives (snapshot_relayd): relayd is
 # run from it, so edits to the working tree during a run cannot mix two versions.
 RELAYD_SRC: Path | None = None
 
@@ -56,6 +61,50 @@ def relayd_env() -> dict[str, str]:
     if RELAYD_SRC is not None:
         env["PYTHONPATH"] = str(RELAYD_SRC)
     return env
+
+
+def snapshot_relayd(dest: Path, source: Path = ROOT / "relayd") -> Path:
+    """Copy relayd/ (or another relayd package) as it is now; retried while it does not compile.
+
+    The working tree may be edited while the bench runs; every relayd process of
+    the run imports this copy, so one run measures one version.
+
+    Raises:
+        RuntimeError: the tree did not compile for a minute.
+    """
+    for _ in range(20):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(source, dest / "relayd", ignore=shutil.ignore_patterns("__pycache__"))
+        try:
+            for path in (dest / "relayd").rglob("*.py"):
+                py_compile.compile(str(path), doraise=True)
+        except py_compile.PyCompileError as exc:
+            print(f"relayd/ does not compile now ({exc.msg.strip()[:120]}); again in 3 s")
+            time.sleep(3)
+            continue
+        return dest
+    raise RuntimeError("relayd/ did not compile for a minute")
+
+
+def relayd_source(src: Path) -> dict[str, Any]:
+    """Which relayd was measured: the commit, and a digest of the snapshot's relayd/."""
+    digest = hashlib.sha256()
+    for path in sorted((src / "relayd").rglob("*.py")):
+        digest.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes())
+    out: dict[str, Any] = {"relayd_tree_sha256": digest.hexdigest()[:16]}
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        git = ["git", "-C", str(ROOT)]
+        out["git_head"] = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--", "relayd"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        out["relayd_uncommitted_files"] = len(status.splitlines())
+    return out
 
 
 def free_port() -> int:
