@@ -118,20 +118,52 @@ class HubStats:
     last_error: str = ""
 
 
+class LogSink(Protocol):
+    """Where console output goes besides the ring when the log is not on local disk.
+
+    In a cluster the owner's hub hands every chunk to the VM's shared log
+    (a Redis stream, relayd/cluster); `append` must only buffer, never wait.
+    """
+
+    def append(self, offset: int, data: bytes) -> None:
+        """Record `data`, which starts at absolute `offset`."""
+
+
 class ConsoleHub:
     """Everything about one VM's console that outlives client sessions."""
 
-    def __init__(self, vm: VmConfig, limits: LimitsConfig, *, log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        vm: VmConfig,
+        limits: LimitsConfig,
+        *,
+        log_dir: Path | None = None,
+        sink: LogSink | None = None,
+        history: tuple[int, bytes] | None = None,
+    ) -> None:
+        """A hub for `vm`.
+
+        Args:
+            log_dir: keep the console log on disk here (single gateway).
+            sink: hand output to a shared log instead (cluster owner).
+            history: (offset, bytes) the ring starts from: the shared log's tail,
+                so offsets continue across owners and a resume finds its bytes.
+        """
         self.vm = vm
         self.limits = limits
         self.log: ConsoleLog | None = None
+        self.sink = sink
         if log_dir is not None:
             # Timer-flushed: a flood writes at most console_log_bytes per flush to disk.
             self.log = ConsoleLog(log_dir / vm.id, limits.console_log_bytes, flush_bytes=None)
             self.log.open()
         end = self.log.end if self.log is not None else 0
+        if history is not None:
+            end = history[0]
         # Memory holds what live clients may lag by; never more than the log holds.
         self.ring = OutputRing(min(limits.output_buffer_bytes, limits.console_log_bytes), end=end)
+        if history is not None and history[1]:
+            self.ring.append(history[1])
         self._flush_timer: asyncio.TimerHandle | None = None
         self._log_error_at = 0.0
         self.lease = WriterLease(vm.takeover)
@@ -204,6 +236,8 @@ class ConsoleHub:
         """Record console output (log first, then ring) and hand it to every client."""
         self._log_append(data)
         offset = self.ring.append(data)
+        if self.sink is not None:
+            self.sink.append(offset, data)
         self.stats.bytes_from_port += len(data)
         if self.clients:
             frame = binary_frame(data)
