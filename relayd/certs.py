@@ -1,5 +1,10 @@
 """Development PKI: a throwaway CA, a server and a client certificate, an HS256 key.
 
+The server certificate carries both the serverAuth and the clientAuth extended
+key usage: in cluster mode a gateway presents it as its client certificate on
+peer links (relayd/cluster/peerlink.py), and OpenSSL refuses a client
+certificate whose extended key usage lacks clientAuth.
+
 `relayd certs init DIR` and `relayd demo` call `init_dev_pki`; the readiness
 check calls `certificate_not_after`. Everything is made with `cryptography`
 so that no `openssl` binary (and no openssl.cnf) is needed.
@@ -9,7 +14,8 @@ invalidate a CA that a browser or a script already trusts:
 
 - the CA is kept while it parses, matches its key and has not expired;
 - the server and client certificates are kept while they also chain to that CA,
-  and the server certificate still covers every requested name;
+  and the server certificate still covers every requested name and may also
+  act as a client (older ones were serverAuth only);
 - the HS256 key is kept while it is 32 bytes of hex.
 
 A new CA reissues everything it signs. `force=True` reissues everything.
@@ -41,6 +47,10 @@ SERVER_COMMON_NAME = "relayd dev server"
 CLIENT_COMMON_NAME = "dev-operator"
 
 HS256_KEY_BYTES = 32
+
+#: A gateway's server certificate is also its client certificate on peer links.
+SERVER_USAGES = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+CLIENT_USAGES = (ExtendedKeyUsageOID.CLIENT_AUTH,)
 
 # Certificates start a little in the past so that a peer whose clock lags
 # ours does not reject them as "not yet valid".
@@ -118,7 +128,7 @@ def init_dev_pki(
     ca_cert = ca[0]
 
     server = None if force else _load_valid(pki.server_cert, pki.server_key, ca_cert, when)
-    if server is None or not _covers(server[0], sans):
+    if server is None or not _covers(server[0], sans) or not _is_peer_capable(server[0]):
         _issue_leaf(pki.server_cert, pki.server_key, ca, days, when, server_sans=sans)
 
     client = None if force else _load_valid(pki.client_cert, pki.client_key, ca_cert, when)
@@ -164,6 +174,15 @@ def _covers(cert: x509.Certificate, sans: Sequence[_GeneralName]) -> bool:
     except x509.ExtensionNotFound:
         return False
     return all(entry in present for entry in sans)
+
+
+def _is_peer_capable(cert: x509.Certificate) -> bool:
+    """Whether a server certificate may also be presented as a client one (peer links)."""
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return all(purpose in usage for purpose in SERVER_USAGES)
 
 
 def _load_valid(
@@ -236,11 +255,7 @@ def _issue_leaf(
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
     common_name = SERVER_COMMON_NAME if server_sans is not None else CLIENT_COMMON_NAME
-    usage = (
-        ExtendedKeyUsageOID.SERVER_AUTH
-        if server_sans is not None
-        else ExtendedKeyUsageOID.CLIENT_AUTH
-    )
+    usages = SERVER_USAGES if server_sans is not None else CLIENT_USAGES
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     builder = (
         _builder(subject, ca_cert.subject, key.public_key(), days, now)
@@ -249,7 +264,7 @@ def _issue_leaf(
             _key_usage(digital_signature=True, key_cert_sign=False, crl_sign=False),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,

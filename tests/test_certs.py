@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relayd.certs import DevPki, certificate_not_after, init_dev_pki
@@ -89,7 +91,7 @@ def test_init_dev_pki_hs256_key_is_32_bytes_of_hex(tmp_path: Path) -> None:
 
 
 def test_init_dev_pki_certificates_have_the_expected_roles(tmp_path: Path) -> None:
-    """The CA may sign, the server is a serverAuth leaf and the client a clientAuth one."""
+    """The CA may sign, the server is a serverAuth+clientAuth leaf, the client clientAuth only."""
     pki = init_dev_pki(tmp_path)
     ca = _cert(pki.ca_cert)
     assert ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "relayd dev CA"
@@ -100,15 +102,14 @@ def test_init_dev_pki_certificates_have_the_expected_roles(tmp_path: Path) -> No
 
     server = _cert(pki.server_cert)
     client = _cert(pki.client_cert)
-    for leaf, purpose in (
-        (server, ExtendedKeyUsageOID.SERVER_AUTH),
-        (client, ExtendedKeyUsageOID.CLIENT_AUTH),
+    for leaf, purposes in (
+        (server, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+        (client, [ExtendedKeyUsageOID.CLIENT_AUTH]),
     ):
         leaf.verify_directly_issued_by(ca)
         assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        assert list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
-            purpose
-        ]
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(usage) == purposes
     assert client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-operator"
 
 
@@ -152,6 +153,46 @@ async def test_client_certificate_mutual_tls_handshake_is_verified(tmp_path: Pat
     client_context = ssl.create_default_context(cafile=pki.ca_cert)
     client_context.load_cert_chain(pki.client_cert, pki.client_key)
     assert await _handshake(server_context, client_context, "localhost") == b"ping"
+
+
+async def test_server_certificate_as_client_certificate_passes_mutual_tls(
+    tmp_path: Path,
+) -> None:
+    """A gateway presents server.crt as its client certificate on peer links: it verifies."""
+    pki = init_dev_pki(tmp_path)
+    server_context = _server_context(pki, ssl.TLSVersion.TLSv1_2)
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    server_context.load_verify_locations(cafile=pki.ca_cert)
+    client_context = ssl.create_default_context(cafile=pki.ca_cert)
+    client_context.load_cert_chain(pki.server_cert, pki.server_key)
+    assert await _handshake(server_context, client_context, "127.0.0.1") == b"ping"
+
+
+def test_init_dev_pki_server_certificate_without_client_auth_is_reissued(tmp_path: Path) -> None:
+    """A server certificate from before peer links (serverAuth only) is reissued, CA kept."""
+    pki = init_dev_pki(tmp_path)
+    ca_before = pki.ca_cert.read_bytes()
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    old = _cert(pki.server_cert)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(old.issuer)
+        .public_key(old.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(old.not_valid_before_utc)
+        .not_valid_after(old.not_valid_after_utc)
+        .add_extension(_sans(pki.server_cert), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    )
+    pki.server_cert.write_bytes(
+        builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    )
+    init_dev_pki(tmp_path)
+    assert pki.ca_cert.read_bytes() == ca_before
+    usage = _cert(pki.server_cert).extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in usage.value
 
 
 async def test_server_certificate_other_hostname_fails_verification(tmp_path: Path) -> None:
