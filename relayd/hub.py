@@ -31,7 +31,7 @@ from .auth import Principal
 from .config import LimitsConfig, VmConfig
 from .consolelog import ConsoleLog, ConsoleLogError
 from .frames import binary_frame
-from .inputqueue import Break, Hangup, InputQueue, Offer
+from .inputqueue import Break, Hangup, InputQueue
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger
 from .ports import SerialLink
@@ -296,20 +296,20 @@ class ConsoleHub:
         """Write the writer's keystrokes, or queue them; pauses its socket when a second is queued.
 
         Typing is the common case: when nothing is queued or being written and the
-        line rate allows it, the queue answers WRITE_NOW and the bytes go to the port
+        line rate allows it, the queue answers "write_now" and the bytes go to the port
         at once (in order, since the writer task is idle), saving a task wake-up per
         keystroke.
         """
         writer, loop = self._writer, self._loop
         if writer is not None and loop is not None and writer.writable:
             verdict = self.input.offer(data, loop.time())
-            if verdict is Offer.WRITE_NOW:
+            if verdict == "write_now":
                 writer.write_now(data)
                 return
         else:
             verdict = self.input.offer(data)  # the port cannot take it now: queued
         self.input_ready.set()
-        if verdict is Offer.PAUSE:
+        if verdict == "pause":
             self._paused = client
             client.pause_input()
 
@@ -319,7 +319,7 @@ class ConsoleHub:
         Behind, so a scripted sequence (s, u, b: sync, remount, reboot) keeps its order.
         False (nothing queued) when `MAX_QUEUED_BREAKS` are already waiting.
         """
-        if self.input.offer(Break(key.encode("ascii"))) is Offer.REFUSED:
+        if self.input.offer(Break(key.encode("ascii"))) == "refused":
             return False
         self.input_ready.set()
         return True

@@ -8,12 +8,12 @@ delay, does it and reports `written`. No I/O and no clock: `now` is a parameter.
 
     offer                  when                                         answer
     ---------------------  -------------------------------------------  -----------
-    bytes, now given       nothing queued or out, fits one chunk,       WRITE_NOW
+    bytes, now given       nothing queued or out, fits one chunk,       write_now
     (the port writable)    tokens in the bucket now
-    bytes                  otherwise, and held bytes stay under `high`  QUEUED
-    bytes                  held bytes reach `high` (not yet paused)     PAUSE
-    Break                  fewer than MAX_QUEUED_BREAKS waiting         QUEUED
-    Break                  MAX_QUEUED_BREAKS waiting                    REFUSED
+    bytes                  otherwise, and held bytes stay under `high`  queued
+    bytes                  held bytes reach `high` (not yet paused)     pause
+    Break                  fewer than MAX_QUEUED_BREAKS waiting         queued
+    Break                  MAX_QUEUED_BREAKS waiting                    refused
 
     next(now)   nothing queued, or an operation out: None. Otherwise the oldest
                 Break, else the oldest Hangup or one chunk of the oldest bytes,
@@ -33,9 +33,9 @@ most the one chunk already out.
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 from .throttle import TokenBucket
 
@@ -51,13 +51,11 @@ CHUNKS_PER_SECOND = 50
 MIN_CHUNK_BYTES = 16
 
 
-class Offer(enum.Enum):
-    """What the caller of `InputQueue.offer` does with what it offered."""
-
-    WRITE_NOW = "write_now"  # write it to the port now; counted as written
-    QUEUED = "queued"  # the keeper will write it
-    PAUSE = "pause"  # queued; stop reading the client until `written` says resume
-    REFUSED = "refused"  # not queued (too many BREAKs waiting)
+# What the caller of `InputQueue.offer` does with what it offered: write it to the port
+# now (it is counted as written), leave it to the keeper, leave it and stop reading the
+# client until `written` says resume, or let it go (too many BREAKs waiting). Strings, not
+# an Enum: this is answered per keystroke, and an Enum member costs a ~100 ns lookup.
+Offer = Literal["write_now", "queued", "pause", "refused"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,7 @@ class InputQueue:
 
     @property
     def paused(self) -> bool:
-        """A PAUSE was answered and no resume since."""
+        """Whether "pause" was answered, and no resume since."""
         return self._paused
 
     def __len__(self) -> int:
@@ -132,9 +130,9 @@ class InputQueue:
         """
         if isinstance(item, Break):
             if len(self._breaks) >= MAX_QUEUED_BREAKS:
-                return Offer.REFUSED
+                return "refused"
             self._breaks.append(item)
-            return Offer.QUEUED
+            return "queued"
         n = len(item)
         if (
             now is not None
@@ -145,13 +143,13 @@ class InputQueue:
             and self.bucket.take(n, now)
         ):
             self.bytes_written += n
-            return Offer.WRITE_NOW
+            return "write_now"
         self._items.append(item)
         self._queued += n
         if not self._paused and self._queued + self._out_bytes >= self.high:
             self._paused = True
-            return Offer.PAUSE
-        return Offer.QUEUED
+            return "pause"
+        return "queued"
 
     def next(self, now: float) -> Operation | None:
         """The next operation to carry out, or None (nothing queued, or one is out).
