@@ -9,9 +9,10 @@ coroutines; keeper.py holds the port's I/O loops.
 Two paths touch the port and nothing else does: the reader appends to the
 ring and hands each chunk to every client *without waiting on any of them*
 (a client that cannot keep up skips ahead itself); the writer takes keyboard
-input and BREAKs from one queue and writes them paced at the line rate.
-Input is bounded: when the queue holds a second of line time, the writer's
-socket stops being read until it drains (backpressure, not buffering).
+input and BREAKs from one queue (inputqueue.py, which decides what goes out
+when) and writes them paced at the line rate. Input is bounded: when the
+queue holds a second of line time, the writer's socket stops being read until
+it drains (backpressure, not buffering).
 """
 
 from __future__ import annotations
@@ -31,19 +32,18 @@ from .config import LimitsConfig, VmConfig
 from .consolelog import ConsoleLog
 from .errors import ConsoleLogError
 from .frames import binary_frame
+from .inputqueue import Break, Hangup, InputQueue
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger
 from .ports import SerialLink
 from .ports.protocol import LinkProtocol
 from .ring import OutputRing
-from .throttle import TokenBucket
 
 log = get_logger("relayd.hub")
 
-# BREAKs and hooks are slow (a tty BREAK holds the line for ~0.25 s, a hook may run 10 s)
-# and carry no bytes for the input bound: past these, more are refused, not queued, so a
-# writer sending them in a loop cannot grow the queue (or the audit log) without end.
-MAX_QUEUED_BREAKS = 8
+# Hooks are slow (one may run 10 s) and carry no bytes for the input bound: past this many
+# waiting, more are refused, not queued, so an owner sending them in a loop cannot grow the
+# queue (or the audit log) without end. BREAKs have their bound in inputqueue.py.
 MAX_QUEUED_HOOKS = 4
 # A kill -9 loses at most this much output (a clean stop loses none). Each flush is one
 # pwritev per console with new output: at 0.2 s, 1,000 consoles being typed into cost
@@ -82,18 +82,6 @@ class HubClient(Protocol):
 
 
 @dataclass(frozen=True)
-class QueuedBreak:
-    """A BREAK, optionally followed by a SysRq key, ahead of queued input."""
-
-    key: bytes = b""
-
-
-@dataclass(frozen=True)
-class QueuedHangup:
-    """Drop DTR (on_detach = hangup)."""
-
-
-@dataclass(frozen=True)
 class QueuedHook:
     """An owner's NMI or reset: run the configured command, report its exit status."""
 
@@ -105,8 +93,8 @@ class QueuedHook:
 class HubStats:
     """Counters the metrics endpoint reads."""
 
+    input: InputQueue  # counts what it hands to the port
     bytes_from_port: int = 0
-    bytes_to_port: int = 0
     reconnects: int = 0
     takeovers: int = 0
     output_gaps: int = 0
@@ -116,6 +104,11 @@ class HubStats:
     log_errors: int = 0
     port_errors: int = 0
     last_error: str = ""
+
+    @property
+    def bytes_to_port(self) -> int:
+        """Input bytes handed to the port, keystrokes and paced chunks alike."""
+        return self.input.bytes_written
 
 
 class LogSink(Protocol):
@@ -168,19 +161,16 @@ class ConsoleHub:
         self._log_error_at = 0.0
         self.lease = WriterLease(vm.takeover)
         self.clients: dict[str, HubClient] = {}
-        self.stats = HubStats()
+        self.input = InputQueue(vm.input_rate)
+        self.stats = HubStats(self.input)
         self.port_up = False
         self.resize: tuple[int, int] | None = None
         self.previous_logged_out: bool | None = None
-        self._pace_input(vm.input_rate)
-        self.input_queue: deque[bytes | QueuedBreak | QueuedHangup] = deque()
         # Reset and NMI run apart from the port writer: a guest whose serial line stopped
         # draining is exactly the one that needs them, and must not wait behind its input.
         self.hook_queue: deque[QueuedHook] = deque()
         self.hooks_ready = asyncio.Event()
-        self._input_bytes = 0
-        self.input_ready = asyncio.Event()
-        self.writing = False
+        self.input_ready = asyncio.Event()  # set when input is queued for the keeper
         self._paused: HubClient | None = None
         self._link: SerialLink | None = None
         self._writer: LinkProtocol | None = None  # the link's, for typing without a task
@@ -211,10 +201,9 @@ class ConsoleHub:
         self._set_port_state(False)
 
     def input_written(self, n: int) -> None:
-        """`n` queued bytes reached the port: read a paused writer again when room is back."""
-        # Not below zero: a takeover may have dropped the queue while this was out.
-        self._input_bytes = max(0, self._input_bytes - n)
-        self._maybe_resume()
+        """The keeper's operation is done (`n` bytes reached the port): maybe read the writer."""
+        if self.input.written(n):
+            self._resume_paused()
 
     def break_failed(self, message: str) -> None:
         """A BREAK could not be sent: clients are told, the session goes on."""
@@ -250,14 +239,8 @@ class ConsoleHub:
         """Apply a reloaded VM entry; True when the port itself must be reopened."""
         old, self.vm, self.limits = self.vm, vm, limits
         self.lease.policy = vm.takeover
-        self._pace_input(vm.input_rate)
+        self.input.pace(vm.input_rate)
         return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
-
-    def _pace_input(self, rate: int) -> None:
-        """Input pacing for a line of `rate` bytes/s (at start and on reload)."""
-        self.chunk = max(16, rate // 50)  # 20 ms of line time per write
-        self.bucket = TokenBucket(rate, burst=max(self.chunk, rate // 10))
-        self._input_high = max(4096, rate)  # about one second of line time
 
     def _log_append(self, data: bytes) -> None:
         """Append to the on-disk log; a disk problem is logged (rate-limited), never fatal."""
@@ -348,26 +331,20 @@ class ConsoleHub:
         """Write the writer's keystrokes, or queue them; pauses its socket when a second is queued.
 
         Typing is the common case: when nothing is queued or being written and the
-        line rate allows it, the bytes go to the port at once (in order, since the
-        writer task is idle), saving a task wake-up per keystroke.
+        line rate allows it, the queue answers "write_now" and the bytes go to the port
+        at once (in order, since the writer task is idle), saving a task wake-up per
+        keystroke.
         """
-        writer = self._writer
-        if (
-            not self.input_queue
-            and not self.writing
-            and writer is not None
-            and len(data) <= self.chunk
-            and writer.writable
-            and self._loop is not None
-            and self.bucket.take(len(data), self._loop.time())
-        ):
-            writer.write_now(data)
-            self.stats.bytes_to_port += len(data)
-            return
-        self.input_queue.append(data)
-        self._input_bytes += len(data)
+        writer, loop = self._writer, self._loop
+        if writer is not None and loop is not None and writer.writable:
+            verdict = self.input.offer(data, loop.time())
+            if verdict == "write_now":
+                writer.write_now(data)
+                return
+        else:
+            verdict = self.input.offer(data)  # the port cannot take it now: queued
         self.input_ready.set()
-        if self._input_bytes >= self._input_high and self._paused is None:
+        if verdict == "pause":
             self._paused = client
             client.pause_input()
 
@@ -377,12 +354,8 @@ class ConsoleHub:
         Behind, so a scripted sequence (s, u, b: sync, remount, reboot) keeps its order.
         False (nothing queued) when `MAX_QUEUED_BREAKS` are already waiting.
         """
-        ahead = 0
-        while ahead < len(self.input_queue) and isinstance(self.input_queue[ahead], QueuedBreak):
-            ahead += 1
-        if ahead >= MAX_QUEUED_BREAKS:
+        if self.input.offer(Break(key.encode("ascii"))) == "refused":
             return False
-        self.input_queue.insert(ahead, QueuedBreak(key.encode("ascii")))
         self.input_ready.set()
         return True
 
@@ -397,17 +370,16 @@ class ConsoleHub:
         self.hooks_ready.set()
         return None
 
-    def _maybe_resume(self) -> None:
-        if self._paused is not None and self._input_bytes <= self._input_high // 2:
+    def _resume_paused(self) -> None:
+        if self._paused is not None:
             client, self._paused = self._paused, None
             client.resume_input()
 
     def input_stalled(self, seconds: float) -> None:
         """The far end took nothing for `seconds`: drop queued keys, keep BREAKs."""
-        dropped = sum(len(op) for op in self.input_queue if isinstance(op, bytes))
-        kept = [op for op in self.input_queue if not isinstance(op, bytes)]
-        self._drop_input()
-        self.input_queue.extend(kept)
+        dropped, resume = self.input.stall()
+        if resume:
+            self._resume_paused()
         log.warning("serial_input_stalled", vm=self.vm.id, dropped=dropped)
         self.broadcast(
             control.encode_notice(
@@ -417,13 +389,12 @@ class ConsoleHub:
             )
         )
 
-    def _drop_input(self) -> None:
-        """Forget queued input: it belongs to a writer or a port that is gone."""
-        self.input_queue.clear()
-        self._input_bytes = 0
-        if self._paused is not None:
-            client, self._paused = self._paused, None
-            client.resume_input()
+    def _drop_input(self, then: bytes | Hangup | None = None) -> None:
+        """Forget queued input (its writer or port is gone); queue `then` (on_detach) instead."""
+        if self.input.drop(then):
+            self._resume_paused()
+        if then is not None:
+            self.input_ready.set()
 
     # -- sessions -----------------------------------------------------------------
 
@@ -491,18 +462,15 @@ class ConsoleHub:
 
     def _writer_left(self) -> None:
         """The writer is gone or displaced: drop its queued input, run on_detach."""
-        self._drop_input()
         action = self.vm.on_detach
         if isinstance(action, bytes):
-            self.input_queue.append(action)
-            self._input_bytes += len(action)
-            self.input_ready.set()
+            self._drop_input(then=action)
             self.previous_logged_out = True
         elif action == "hangup" and self._link is not None and self._link.can_hangup:
-            self.input_queue.append(QueuedHangup())
-            self.input_ready.set()
+            self._drop_input(then=Hangup())
             self.previous_logged_out = True
         else:
+            self._drop_input()
             self.previous_logged_out = False
 
     def next_change(self) -> asyncio.Future[None]:

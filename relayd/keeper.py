@@ -1,9 +1,10 @@
 """The I/O side of a hub: keep its port open, write its queued input, run its hooks.
 
 One `keep_port` task per VM, owned by the gateway's task group, for the life of the
-daemon. The hub (hub.py) holds the console's state and the keystroke path; it is
-compiled (native.py) and has no coroutines, because mypyc has had bugs with exception
-state across `await`. Everything here awaits, so it stays interpreted: it runs on
+daemon. The hub (hub.py) holds the console's state and the keystroke path, and its
+input queue (inputqueue.py) decides what is written when; both are compiled (native.py)
+and have no coroutines, because mypyc has had bugs with exception state across `await`.
+Everything here awaits, so it stays interpreted: it only waits and does the I/O, on
 reconnects, pastes and hooks, not once per keystroke (a key goes straight from
 `ConsoleHub.submit` to the port while nothing is queued).
 """
@@ -15,7 +16,8 @@ from collections.abc import Callable
 
 from .errors import HookError, PortUnavailableError
 from .hooks import run_hook
-from .hub import ConsoleHub, QueuedBreak, QueuedHangup, QueuedHook
+from .hub import ConsoleHub, QueuedHook
+from .inputqueue import Break, Operation, Write
 from .log import get_logger
 from .ports import SerialLink, open_link
 
@@ -96,44 +98,35 @@ async def _watch(link: SerialLink) -> None:
 
 
 async def _write_loop(hub: ConsoleHub, link: SerialLink) -> None:
+    """Ask the input queue what to do next, wait as long as it says, do it, report it."""
     loop = asyncio.get_running_loop()
     while True:
-        while not hub.input_queue:
+        op = hub.input.next(loop.time())
+        if op is None:
             hub.input_ready.clear()
             await hub.input_ready.wait()
-        op = hub.input_queue.popleft()
-        hub.writing = True
+            continue
+        written = 0
         try:
-            await _carry_out(hub, op, link, loop)
+            written = await _carry_out(hub, op, link)
         finally:
-            hub.writing = False
+            hub.input_written(written)  # once per operation, even when cancelled
 
 
-async def _carry_out(
-    hub: ConsoleHub,
-    op: bytes | QueuedBreak | QueuedHangup,
-    link: SerialLink,
-    loop: asyncio.AbstractEventLoop,
-) -> None:
-    """One queued operation, in order: a BREAK (and SysRq key), a hangup, input."""
-    if isinstance(op, QueuedBreak):
+async def _carry_out(hub: ConsoleHub, op: Operation, link: SerialLink) -> int:
+    """One operation: a chunk of input, a BREAK (and SysRq key) or a hangup; bytes written."""
+    if isinstance(op, Write):
+        if op.delay:
+            await asyncio.sleep(op.delay)
+        await _write_or_stall(hub, link, op.data)  # handed over either way
+        return len(op.data)
+    if isinstance(op, Break):
         await _send_break(hub, link)
         if op.key:
             await _write_or_stall(hub, link, op.key)
-    elif isinstance(op, QueuedHangup):
-        await link.hangup()
-    else:
-        # Pace in small chunks so a BREAK queued mid-paste is not stuck behind it.
-        chunk, rest = op[: hub.chunk], op[hub.chunk :]
-        if rest:
-            hub.input_queue.appendleft(rest)
-        delay = hub.bucket.reserve(len(chunk), loop.time())
-        if delay:
-            await asyncio.sleep(delay)
-        written = await _write_or_stall(hub, link, chunk)  # handed over either way
-        hub.stats.bytes_to_port += len(chunk)
-        if written:
-            hub.input_written(len(chunk))
+        return 0
+    await link.hangup()
+    return 0
 
 
 async def _send_break(hub: ConsoleHub, link: SerialLink) -> None:
@@ -156,12 +149,10 @@ async def _run_hook(hub: ConsoleHub, hook: QueuedHook) -> None:
     hub.hook_done(hook.name, ok=True, status=status)
 
 
-async def _write_or_stall(hub: ConsoleHub, link: SerialLink, data: bytes) -> bool:
-    """Write (handed over at once, then wait while not drained); False if it stalled."""
+async def _write_or_stall(hub: ConsoleHub, link: SerialLink, data: bytes) -> None:
+    """Write (handed over at once, then wait while not drained); a stall drops queued keys."""
     try:
         async with asyncio.timeout(STALL_SECONDS):
             await link.write(data)
     except TimeoutError:
         hub.input_stalled(STALL_SECONDS)
-        return False
-    return True

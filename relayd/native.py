@@ -40,6 +40,7 @@ NATIVE_MODULES = (
     "relayd.frames",
     "relayd.ring",
     "relayd.throttle",
+    "relayd.inputqueue",
     "relayd.consolelog",
     "relayd.hub",
     "relayd.session",

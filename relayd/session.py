@@ -31,7 +31,8 @@ from .audit import audit
 from .auth import Principal
 from .errors import BadMessageError
 from .frames import ClientFrameReader, binary_frame_of
-from .hub import MAX_QUEUED_BREAKS, MAX_QUEUED_HOOKS
+from .hub import MAX_QUEUED_HOOKS
+from .inputqueue import MAX_QUEUED_BREAKS
 from .log import get_logger
 from .rbac import at_least
 from .throttle import TokenBucket

@@ -268,7 +268,7 @@ async def test_break_while_the_port_is_down_is_refused_not_queued(
             await console.send({"type": "sysrq", "key": "b"})
             error = await console.control(type="error")
             assert error["code"] == "port_down"
-        assert not gw.hubs["vm-a"].input_queue
+        assert not gw.hubs["vm-a"].input
 
 
 async def test_takeover_demote_keeps_old_writer_as_spectator(
@@ -702,7 +702,7 @@ async def test_input_a_hung_guest_never_takes_is_dropped_and_said_so(
                 await console.send(b"x" * 2**20)
             notice = await console.control(type="notice", event="input_dropped")
             assert notice["bytes"] > 0
-            assert gw.hubs["vm-a"]._input_bytes == 0
+            assert gw.hubs["vm-a"].input.held_bytes == 0
 
 
 async def test_output_cap_makes_a_client_skip_a_burst_it_may_not_receive_in_time(

@@ -15,7 +15,8 @@ from websockets.frames import Frame, Opcode
 
 from relayd.app import Gateway
 from relayd.config import LimitsConfig, VmConfig
-from relayd.hub import MAX_QUEUED_BREAKS, MAX_QUEUED_HOOKS, ConsoleHub
+from relayd.hub import MAX_QUEUED_HOOKS, ConsoleHub
+from relayd.inputqueue import MAX_QUEUED_BREAKS, Break, Write
 from relayd.keeper import wait_until
 
 from .conftest import (
@@ -190,11 +191,14 @@ def test_sysrq_keys_queued_together_go_out_in_the_order_pressed(tmp_path: Any) -
     """s, u, b (sync, remount, reboot) must not become b, u, s."""
     vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
     hub = ConsoleHub(vm, LimitsConfig(), log_dir=tmp_path)
-    hub.input_queue.append(b"queued paste")
+    hub.input.offer(b"queued paste")
     for key in "sub":
         hub.submit_break(key)
-    keys = [getattr(op, "key", op) for op in hub.input_queue]
-    assert keys == [b"s", b"u", b"b", b"queued paste"]
+    ops = []
+    while (op := hub.input.next(0.0)) is not None:
+        ops.append(op)
+        hub.input_written(0)
+    assert ops == [Break(b"s"), Break(b"u"), Break(b"b"), Write(b"queued paste")]
     hub.close_log()
 
 
@@ -329,7 +333,7 @@ async def test_a_loop_of_breaks_and_resets_is_refused_past_a_bounded_queue(
             assert "reset was not queued" in busy[-1]["message"]
             hub = gw.hubs["vm-a"]
             # The first of each may already have left the queue for the port or the hook.
-            assert MAX_QUEUED_BREAKS - 1 <= len(hub.input_queue) <= MAX_QUEUED_BREAKS
+            assert MAX_QUEUED_BREAKS - 1 <= hub.input.queued_breaks <= MAX_QUEUED_BREAKS
             assert MAX_QUEUED_HOOKS - 1 <= len(hub.hook_queue) <= MAX_QUEUED_HOOKS
             audited = [e for e in logs if e.get("event") == "break_sent"]
             assert len(audited) <= MAX_QUEUED_BREAKS + 1
