@@ -13,41 +13,50 @@ score wins. All gateways compute the same answer from the same live set, the
 VMs spread evenly, and when a gateway joins or leaves only the VMs it wins or
 held change hands (about 1/N of them).
 
-Decision table, per VM, first matching row wins ("t": the token of the lease
-this gateway holds locally, i.e. the VM's port is open here; "grace": Redis came
-back after an outage of at least half a lease, or lost its data, less than
-``grace`` seconds ago;
-"stalled": this gateway's previous round was more than ``lease_ttl`` ago, so it
-may have slept through its lease expiring, being taken, and expiring again):
+Decision table, per VM, first matching row wins. "t" is the token of the lease
+this gateway holds locally (the VM's port is open here). "grace" runs for
+``grace`` seconds after this gateway's first round, after Redis came back from
+an outage of at least half a lease, and after Redis lost its data: holders
+re-assert, nobody claims or hands over, so every gateway is registered before
+VMs are placed and no VM moves because of an outage. "stalled": this
+gateway's previous round was more than ``lease_ttl`` ago, so it may have slept
+through its lease expiring, being taken, and expiring again. "settled": live
+for at least ``join_delay`` as seen from here, so a gateway that crash-loops
+is never handed anything.
 
-    held   lease in Redis      condition                                decision
-    ----   -----------------   --------------------------------------   ------------------
-    t      (VM not configured) -                                        Release(t, None)
-    t      other gw, or me/≠t  -                                        Lost(t)
-    t      none                stalled                                  Lost(t)
-    t      me/t or none        preferred owner is another live gw,
-                               no grace                                 Release(t, to)
-    t      me/t or none        otherwise                                Renew(t)
-    -      me (some token)     -                                        Release(token, to)
-    -      other gw            -                                        Nothing
-    -      none                grace                                    Nothing
-    -      none                I am k-th in the VM's ranking (0 = the
-                               preferred owner), unheld for ≥ k·patience Claim(floor)
-    -      none                otherwise                                Nothing
+    held   lease in Redis       condition                                decision
+    ----   ------------------   --------------------------------------   -----------------
+    t      (VM not configured)  -                                        Release(t, None)
+    t      other gw, or me/≠t   -                                        Lost(t)
+    t      none                 stalled                                  Lost(t)
+    t      me/t or none         the preferred owner is another, settled
+                                gateway; no grace                        Release(t, to)
+    t      me/t or none         otherwise                                Renew(t)
+    -      me (some token)      -                                        Release(token, to)
+    -      other gw             -                                        Nothing
+    -      none                 grace                                    Nothing
+    -      none                 I am k-th in the VM's ranking (0: the
+                                preferred owner), unheld ≥ k·patience    Claim(floor)
+    -      none                 otherwise                                Nothing
 
 - ``Renew`` on a VM whose lease is gone re-creates it with the same token if
   nobody took the VM since (the store checks the fence counter): this is how
   holders re-assert after an outage, so no VM changes owner because of one.
+  If the store says no, close the port as for ``Lost``.
 - ``Lost`` means: close the port now, without touching Redis.
-- ``Release`` means: delete the lease if it is still ours, then close the port;
-  the preferred owner claims it in its next round. A lease in our name that no
-  port of ours holds (a claim whose reply was lost, a previous run of this
-  gateway) is released the same way, so it can be claimed cleanly.
+- ``Release`` means: delete the lease if it is still ours, and close the port
+  whatever the store answered (a lease left behind lapses, or is released in
+  the next round); the preferred owner claims it in its next round. A lease in
+  our name that no port of ours holds (a claim whose reply was lost, a previous
+  run of this gateway) is released the same way, so it can be claimed cleanly.
 - ``Claim(floor)``: take the lease if nobody holds it, with a token above
   ``floor``, the highest token this gateway has seen for the VM (this keeps
-  tokens rising even if Redis lost its data; see the store).
+  tokens rising even if Redis lost its data; see the store). Open the port only
+  if the store granted it.
 - The ranking fallback (k > 0) keeps a VM from staying unowned when its
-  preferred gateway is alive but does not claim it.
+  preferred gateway is alive but does not claim it; ``patience`` (default two
+  lease periods) is longer than the start-up grace, so a gateway that has
+  just started gets its own VMs first.
 
 Safety does not rest on these rules but on the store: a claim succeeds only
 where no lease exists, and every token is new, so at most one gateway holds a
@@ -174,6 +183,7 @@ class RoundView:
         patience: how long the k-th gateway in a VM's ranking waits (times k) before
             claiming an unheld VM that the ones before it have not claimed.
         floors: the highest token seen per VM (0 where none).
+        settled: gateways that may be handed VMs (live long enough); None: all live.
     """
 
     me: str
@@ -186,6 +196,7 @@ class RoundView:
     unheld_since: Mapping[str, float] | None = None
     patience: float = 3.0
     floors: Mapping[str, int] | None = None
+    settled: frozenset[str] | None = None
 
 
 def plan(view: RoundView) -> tuple[Decision, ...]:
@@ -229,7 +240,8 @@ def _held(
     if lease is None and view.stalled:
         return Lost(vm, token, None)
     preferred = preferred_owner(vm, gateways)
-    if preferred != view.me and not view.grace:
+    settled = view.settled is None or preferred in view.settled
+    if preferred != view.me and settled and not view.grace:
         return Release(vm, token, preferred)
     return Renew(vm, token)
 
@@ -238,8 +250,9 @@ class OwnershipPolicy:
     """The memory a gateway keeps between rounds, and its decisions each round.
 
     It remembers when the previous round ran (to notice a stall), when Redis
-    failed or lost its data (for the grace period), since when each VM has been
-    unheld, and the highest token seen per VM. The clock is a parameter.
+    failed or lost its data (for the grace period), since when each gateway has
+    been live, since when each VM has been unheld, and the highest token seen per
+    VM. The clock is a parameter.
     """
 
     def __init__(
@@ -249,18 +262,24 @@ class OwnershipPolicy:
         *,
         grace: float | None = None,
         patience: float | None = None,
+        join_delay: float | None = None,
     ) -> None:
         """Args:
         me: this gateway's id.
         lease_ttl: the lease period in seconds (rounds run every third of it).
-        grace: how long after Redis returns only holders act; default `lease_ttl`,
-            enough for every holder to re-assert in two or three rounds.
-        patience: see `RoundView.patience`; default `lease_ttl`.
+        grace: how long only holders act after start-up and after Redis returns;
+            default `lease_ttl`, two or three rounds.
+        patience: see `RoundView.patience`; default two lease periods.
+        join_delay: how long a gateway must be seen live before VMs are handed to
+            it; default two lease periods: a dead gateway's heartbeat lingers for one,
+            so a gateway that dies within a lease period of starting gets nothing.
         """
         self.me = me
         self.lease_ttl = lease_ttl
         self.grace = lease_ttl if grace is None else grace
-        self.patience = lease_ttl if patience is None else patience
+        self.patience = 2 * lease_ttl if patience is None else patience
+        self.join_delay = 2 * lease_ttl if join_delay is None else join_delay
+        self._first_seen: dict[str, float] = {}
         self._last_round: float | None = None
         self._failing_since: float | None = None
         self._grace_until: float | None = None
@@ -298,10 +317,15 @@ class OwnershipPolicy:
         stalled = self._last_round is not None and now - self._last_round > self.lease_ttl
         # A blip shorter than half a lease cannot have let a renewed lease lapse: no grace.
         outage = self._failing_since is not None and now - self._failing_since >= self.lease_ttl / 2
-        if outage or data_lost:
+        if outage or data_lost or self._last_round is None:
             self._grace_until = now + self.grace
         self._failing_since = None
         self._last_round = now
+        live_now = frozenset(live)
+        self._first_seen = {gw: self._first_seen.get(gw, now) for gw in live_now}
+        settled = frozenset(
+            gw for gw, since in self._first_seen.items() if now - since >= self.join_delay
+        )
         for vm, lease in holders.items():
             if lease is None:
                 self._unheld_since.setdefault(vm, now)
@@ -316,7 +340,7 @@ class OwnershipPolicy:
             RoundView(
                 me=self.me,
                 now=now,
-                live=frozenset(live),
+                live=live_now,
                 holders=holders,
                 held=held,
                 grace=self.in_grace(now),
@@ -324,6 +348,7 @@ class OwnershipPolicy:
                 unheld_since=self._unheld_since,
                 patience=self.patience,
                 floors=self._floors,
+                settled=settled,
             )
         )
 

@@ -127,6 +127,14 @@ TABLE: list[tuple[str, str, Lease | None, int | None, dict[str, object], Decisio
     ("held, preferred elsewhere", THEIRS, Lease(ME, 7), 7, {}, Release(THEIRS, 7, OTHER)),
     ("held, elsewhere, grace", THEIRS, Lease(ME, 7), 7, {"grace": True}, Renew(THEIRS, 7)),
     ("held, preferred, renew", MINE, Lease(ME, 7), 7, {}, Renew(MINE, 7)),
+    (
+        "held, elsewhere, not settled",
+        THEIRS,
+        Lease(ME, 7),
+        7,
+        {"settled": frozenset({ME})},
+        Renew(THEIRS, 7),
+    ),
     ("held, no lease, re-assert", MINE, None, 7, {}, Renew(MINE, 7)),
     ("held, no lease, grace", MINE, None, 7, {"grace": True}, Renew(MINE, 7)),
     ("held, stalled, lease still mine", MINE, Lease(ME, 7), 7, {"stalled": True}, Renew(MINE, 7)),
@@ -141,7 +149,7 @@ TABLE: list[tuple[str, str, Lease | None, int | None, dict[str, object], Decisio
         THEIRS,
         None,
         None,
-        {"unheld_since": {THEIRS: 97.0}, "patience": 3.0},
+        {"unheld_since": {THEIRS: 94.0}, "patience": 6.0},
         Claim(THEIRS, 0),
     ),
 ]
@@ -205,8 +213,33 @@ def test_policy_short_blip_starts_no_grace() -> None:
     """One failed round (shorter than half a lease) does not delay claims."""
     policy = OwnershipPolicy(ME, lease_ttl=3.0)
     policy.decide(0.0, {ME}, {MINE: None}, {})
-    policy.failed(1.0)
-    assert policy.decide(2.0, {ME}, {MINE: None}, {}) == (Claim(MINE, 0),)
+    policy.decide(3.5, {ME}, {MINE: None}, {})
+    policy.failed(4.0)
+    assert policy.decide(5.0, {ME}, {MINE: None}, {}) == (Claim(MINE, 0),)
+
+
+def test_policy_start_up_is_grace_then_claims_own_vms() -> None:
+    """A gateway that just started claims nothing for a lease period, so the region's
+    gateways are all registered before VMs are placed."""
+    policy = OwnershipPolicy(ME, lease_ttl=3.0)
+    assert policy.in_grace(0.0) is False
+    assert policy.decide(0.0, {ME}, {MINE: None}, {}) == (Nothing(MINE),)
+    assert policy.decide(2.0, {ME}, {MINE: None}, {}) == (Nothing(MINE),)
+    assert policy.decide(3.0, {ME}, {MINE: None}, {}) == (Claim(MINE, 0),)
+
+
+def test_policy_newcomer_is_handed_vms_only_once_settled() -> None:
+    """A holder keeps a VM its preferred newcomer should own until the newcomer has been
+    live for join_delay (two leases); one that vanishes before that starts over."""
+    policy = OwnershipPolicy(ME, lease_ttl=3.0)
+    held = {THEIRS: 5}
+    holders = {THEIRS: Lease(ME, 5)}
+    policy.decide(0.0, {ME}, holders, held)
+    assert policy.decide(4.0, {ME, OTHER}, holders, held) == (Renew(THEIRS, 5),)
+    assert policy.decide(5.0, {ME}, holders, held) == (Renew(THEIRS, 5),)
+    assert policy.decide(6.0, {ME, OTHER}, holders, held) == (Renew(THEIRS, 5),)
+    assert policy.decide(11.9, {ME, OTHER}, holders, held) == (Renew(THEIRS, 5),)
+    assert policy.decide(12.0, {ME, OTHER}, holders, held) == (Release(THEIRS, 5, OTHER),)
 
 
 def test_policy_data_lost_starts_grace_and_floor_is_highest_token_seen() -> None:
@@ -482,3 +515,32 @@ def test_region_redis_loses_data_holders_keep_their_vms(initial: list[str]) -> N
     region.advance(3 * TTL)
     assert {g.gw_id: dict(g.held) for g in region.gateways.values()} == before
     region.assert_settled()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(gateway_ids, min_size=2, max_size=4, unique=True))
+def test_region_cold_start_every_vm_claimed_once(initial: list[str]) -> None:
+    """A region whose gateways start together places each VM once: no VM is claimed by
+    one gateway and then handed to another."""
+    region = Region(initial, SIM_VMS)
+    region.advance(4 * TTL)
+    region.assert_settled()
+    assert all(len(tokens) == 1 for tokens in region.store.issued.values())
+    assert len(region.store.issued) == len(SIM_VMS)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(gateway_ids, min_size=2, max_size=4, unique=True), gateway_ids)
+def test_region_crash_looping_gateway_moves_nothing(initial: list[str], looper: str) -> None:
+    """A gateway that keeps dying soon after starting is never handed a VM."""
+    if looper in initial:
+        return
+    region = Region(initial, SIM_VMS)
+    region.advance(4 * TTL)
+    before = {vm: holders[0] for vm, holders in region.owners().items()}
+    for _ in range(5):
+        region.start(looper)
+        region.advance(1.5)
+        region.kill(looper)
+        region.advance(TTL + 0.1)
+        assert {vm: holders[0] for vm, holders in region.owners().items()} == before
