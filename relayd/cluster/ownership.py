@@ -223,7 +223,7 @@ def plan(view: RoundView) -> tuple[Decision, ...]:
             rank = ranking(vm, gateways).index(view.me)
             waited = view.now - unheld_since.get(vm, view.now)
             if rank == 0 or waited >= rank * view.patience:
-                out.append(Claim(vm, max(floors.get(vm, 0), 0)))
+                out.append(Claim(vm, floors.get(vm, 0)))
             else:
                 out.append(Nothing(vm))
     for vm, token in view.held.items():

@@ -1,8 +1,8 @@
 """What the gateways of one region share, kept in Redis: membership, leases, tickets,
 console switches and the console log.
 
-One `ClusterStore` is one gateway's handle on Redis (redis-py's asyncio client,
-with the hiredis parser when it is installed). Every operation that reads and
+One `ClusterStore` is one gateway's handle on Redis (redis-py's asyncio client;
+hiredis, a dependency, parses the replies). Every operation that reads and
 then writes is one Lua script, so Redis runs it atomically; the rest are
 single commands. Calls that concern many VMs are pipelined: one round trip.
 
@@ -28,14 +28,15 @@ may touch several keys; other regions can share the Redis)::
     switches            channel a JSON message per switch change
 
 Fencing tokens are integers that rise for each VM. A claim issues
-``max(counter, floor) + 1`` and stores it as the new counter. If Redis lost its
-data the counter is gone; the claim script then starts it from the Redis
-server's clock in milliseconds (``TIME``), which is above any token issued
-before unless the VM changed owner more than once a millisecond on average,
-and from `floor` (the highest token the claiming gateway has seen for the
-VM) if that is higher. Holders re-assert their own token after data loss
-(`renew` re-creates a missing lease when the counter is missing or not above
-the token), so a VM keeps its owner and token through a Redis restart.
+``max(counter, floor) + 1`` and stores it as the new counter. A missing counter
+(a VM never claimed, or Redis lost its data) starts from the Redis server's
+clock in milliseconds (``TIME``), which is above any token issued before unless
+the VM changed owner more than once a millisecond on average; tokens are
+therefore millisecond-sized numbers, exact in Lua's doubles. `floor` is the
+highest token the claiming gateway has seen for the VM, in case the server's
+clock is behind. Holders re-assert their own token after data loss (`renew`
+re-creates a missing lease when the counter is missing or not above the
+token), so a VM keeps its owner and token through a Redis restart.
 
 A console log append is fenced inside Redis: it is refused unless the lease is
 ``<gateway>:<token>`` and the counter equals the token, so a deposed or frozen
