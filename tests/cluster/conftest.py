@@ -51,14 +51,18 @@ class RedisServer:
             stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         assert self.proc.stdout is not None
-        async with asyncio.timeout(START_TIMEOUT):
-            while True:
-                line = (await self.proc.stdout.readline()).decode(errors="replace")
-                if not line:
-                    pytest.fail("redis-server exited at start:\n" + "".join(self.log))
-                self.log.append(line)
-                if "ready to accept connections" in line.lower():
-                    break
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    line = (await self.proc.stdout.readline()).decode(errors="replace")
+                    if not line:
+                        pytest.fail("redis-server exited at start:\n" + "".join(self.log))
+                    self.log.append(line)
+                    if "ready to accept connections" in line.lower():
+                        break
+        except BaseException:
+            await self.stop()  # never leave a half-started server behind
+            raise
         self._drain = asyncio.create_task(self._drain_output(self.proc.stdout))
 
     async def _drain_output(self, stream: asyncio.StreamReader) -> None:
