@@ -75,7 +75,7 @@ types: $(STAMP)
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP) $(NATIVE) web guest-image
-	scripts/ensure-system-packages.sh haproxy systemd chromium
+	scripts/ensure-system-packages.sh haproxy systemd chromium redis-server
 	RELAYD_GUEST_REQUIRED=1 $(VENV)/bin/pytest -q -p no:cacheprovider
 	# The keystroke path again, interpreted: what runs where there is no C compiler.
 	RELAYD_PURE_PYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_native.py \

@@ -14,10 +14,12 @@ import codecs
 import ipaddress
 import math
 import re
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -33,6 +35,7 @@ from .errors import ConfigError
 
 __all__ = [
     "AuthConfig",
+    "ClusterConfig",
     "Config",
     "GatewayConfig",
     "LimitsConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_duration",
+    "redact_url",
 ]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -332,6 +336,105 @@ class RoleAssignment(_Model):
     scope: str = Field(pattern=r"^/subscriptions/[^/]+(/.*)?$")
 
 
+_GATEWAY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MIN_LEASE_TTL = 1.0
+MAX_LEASE_TTL = 60.0
+
+
+def _check_redis_url(value: object) -> object:
+    """Accept redis://, rediss:// and unix:// URLs; never echo the URL (it may hold a password)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError:
+        raise ValueError("not a valid URL (the port must be a number 0..65535)") from None
+    query = dict(parse_qsl(url.query, keep_blank_values=True))
+    if url.scheme in ("redis", "rediss"):
+        if not url.hostname:
+            raise ValueError(f"{url.scheme}:// needs a host ({url.scheme}://HOST:PORT/DB)")
+        if port == 0:
+            raise ValueError("port 0 is not a Redis server")
+        db = url.path.strip("/") or "0"
+    elif url.scheme == "unix":
+        if not url.path.startswith("/") or url.netloc:
+            raise ValueError("unix:// needs an absolute socket path (unix:///run/redis.sock?db=0)")
+        db = query.get("db", "0")
+    else:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    if not (db.isascii() and db.isdigit()) or int(db) > 65535:
+        raise ValueError("the database must be a number (redis://HOST:PORT/0, unix:///x?db=0)")
+    unknown = sorted(set(query) - {"db"})
+    if unknown:
+        raise ValueError(f"unknown URL parameter {unknown[0]!r} (only db is taken)")
+    if url.fragment:
+        raise ValueError("a Redis URL takes no #fragment")
+    return value
+
+
+def redact_url(value: str) -> str:
+    """The URL with any password replaced by ``***``: safe to print or log."""
+    url = urlsplit(value)
+    if url.password is None:
+        return value
+    user = url.username or ""
+    host = url.netloc.rpartition("@")[2]
+    return url._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+class ClusterConfig(_Model):
+    """`[cluster]`: this gateway is one of several serving the region, coordinated in Redis."""
+
+    redis: Annotated[str, BeforeValidator(_check_redis_url)] = Field(repr=False)  # password
+    gateway_id: str = Field(default_factory=lambda: socket.gethostname(), validate_default=True)
+    advertise: ListenAddress
+    peer_ca: Path
+    lease_ttl: PositiveDuration = 3.0
+
+    @field_validator("gateway_id")
+    @classmethod
+    def _gateway_id(cls, value: str) -> str:
+        if not _GATEWAY_ID.match(value):
+            raise ValueError(
+                f"{value!r} is not a usable gateway id: 1-63 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (the default is the host name; set gateway_id)"
+            )
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: Address) -> Address:
+        if value.port == 0:
+            raise ValueError("port 0 cannot be reached by the other gateways")
+        if value.host in ("0.0.0.0", "::", ""):  # noqa: S104 - refusing it, not binding it
+            raise ValueError(
+                f"{value.host!r} is a wildcard: advertise the address the other gateways reach"
+            )
+        return value
+
+    @field_validator("peer_ca")
+    @classmethod
+    def _peer_ca(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"{value} does not exist or is not a file")
+        return value
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease_ttl(cls, value: float) -> float:
+        if not MIN_LEASE_TTL <= value <= MAX_LEASE_TTL:
+            raise ValueError(
+                f"lease_ttl {value:g}s is out of range {MIN_LEASE_TTL:g}s..{MAX_LEASE_TTL:g}s"
+            )
+        return value
+
+    @property
+    def redis_display(self) -> str:
+        """The Redis URL without its password, for logs and `check-config`."""
+        return redact_url(self.redis)
+
+
 class Config(_Model):
     """The whole file; cross-references checked after the parts."""
 
@@ -343,6 +446,7 @@ class Config(_Model):
     subscriptions: tuple[SubscriptionConfig, ...] = ()
     vms: tuple[VmConfig, ...] = ()
     role_assignments: tuple[RoleAssignment, ...] = ()
+    cluster: ClusterConfig | None = None  # None: a single gateway, no Redis
 
     def vm(self, vm_id: str) -> VmConfig | None:
         """The VM with this id, if configured."""
@@ -445,6 +549,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     _resolve(base, raw, "tls", ("cert", "key", "client_ca"))
     _resolve(base, raw, "auth", ("jwks_file", "hs256_secret_file"))
     _resolve(base, raw, "gateway", ("state_dir",))
+    _resolve(base, raw, "cluster", ("peer_ca",))
     if "path" in raw:
         raise ConfigError(str(path), "path", "unknown key")
     try:

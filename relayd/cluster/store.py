@@ -1,0 +1,830 @@
+"""What the gateways of one region share, kept in Redis: membership, leases, tickets,
+console switches and the console log.
+
+One `ClusterStore` is one gateway's handle on Redis (redis-py's asyncio client;
+hiredis, a dependency, parses the replies). Every operation that reads and
+then writes is one Lua script, so Redis runs it atomically; the rest are
+single commands. Calls that concern many VMs are pipelined: one round trip.
+
+Failures: every call has a deadline (`timeout`, default a third of the lease
+period, at most 1 s). A refused connection, a timeout, or any Redis error raises
+`ClusterUnavailableError`, the only exception callers need to catch; nothing is
+retried here beyond redis-py's one immediate retry on a dead pooled connection
+(the caller's next round is the retry).
+
+Key layout, under ``prefix`` (`key_prefix(region)` = ``relayd:{<region>}:``, the
+braces make every key of a region one Redis Cluster hash slot, so the scripts
+may touch several keys; other regions can share the Redis)::
+
+    gw:<gateway>        string  advertise address, PX = lease period   (heartbeat)
+    gateways            set     gateway ids that heartbeated; dead ones pruned on read
+    dataset             string  random id set once; a new one = Redis lost its data
+    lease:<vm>          string  "<gateway>:<token>", PX = lease period
+    fence:<vm>          string  the VM's fencing counter: the last token issued
+    log:<vm>            stream  console output; entry id "<offset>-1", field d = bytes
+    logmeta:<vm>        hash    start, end (offsets), bytes (total stored), gaps
+    ticket:<sha256>     string  ticket payload (JSON), PX = ticket lifetime
+    switches:<level>    hash    key -> "1"/"0" per level: subscriptions, scale_sets, vms
+    switches            channel a JSON message per switch change
+
+Fencing tokens are integers that rise for each VM. A claim issues
+``max(counter, floor) + 1`` and stores it as the new counter. A missing counter
+(a VM never claimed, or Redis lost its data) starts from the Redis server's
+clock in milliseconds (``TIME``), which is above any token issued before unless
+the VM changed owner more than once a millisecond on average; tokens are
+therefore millisecond-sized numbers, exact in Lua's doubles. `floor` is the
+highest token the claiming gateway has seen for the VM, in case the server's
+clock is behind. Holders re-assert their own token after data loss (`renew`
+re-creates a missing lease when the counter is missing or not above the
+token), so a VM keeps its owner and token through a Redis restart.
+
+A console log append is fenced inside Redis: it is refused unless the lease is
+``<gateway>:<token>`` and the counter equals the token, so a deposed or frozen
+owner can never add bytes. The log continues by absolute offset across owners
+(``end`` is kept in Redis): an append that starts past ``end`` records a gap
+(output printed while no gateway held the port), one that starts before it
+skips what is already stored (a re-send after a timeout writes no byte twice).
+The oldest entries are trimmed so at most ``console_log_bytes`` stay stored.
+
+Redis must run with ``maxmemory-policy noeviction`` (the default): an evicted
+lease or counter would break the guarantees above. Ticket ids are never logged
+and are stored only as SHA-256 hashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from ..config import Config
+from ..errors import RelaydError
+from ..log import get_logger
+from .ownership import Lease
+
+__all__ = [
+    "AppendResult",
+    "ClusterStore",
+    "ClusterUnavailableError",
+    "LogSlice",
+    "RoundState",
+    "SwitchChange",
+    "SwitchEvent",
+    "SwitchesLost",
+    "SwitchesResync",
+    "key_prefix",
+]
+
+log = get_logger(__name__)
+
+Level = Literal["subscriptions", "scale_sets", "vms"]
+LEVELS: tuple[Level, ...] = ("subscriptions", "scale_sets", "vms")
+DEFAULT_ENTRY_BYTES = 4096
+_RECONNECT_MIN = 0.1
+_RECONNECT_MAX = 2.0
+
+
+class ClusterUnavailableError(RelaydError):
+    """Redis could not be reached, did not answer within the deadline, or refused a command."""
+
+
+def key_prefix(region: str) -> str:
+    """The key prefix of a region: ``relayd:{<region>}:`` (one Redis Cluster hash slot)."""
+    return f"relayd:{{{region}}}:"
+
+
+# --- Lua scripts ---------------------------------------------------------------------------
+
+
+class _Script:
+    """A Lua script run by its SHA-1 (EVALSHA), loaded again when Redis forgot it."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+_HEARTBEAT = _Script("""
+-- KEYS: gw:<id>, gateways, dataset   ARGV: id, advertise, ttl_ms, new dataset id
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+local ds = redis.call('GET', KEYS[3])
+if not ds then
+  redis.call('SET', KEYS[3], ARGV[4])
+  ds = ARGV[4]
+end
+return ds
+""")
+
+_LIVE = _Script("""
+-- KEYS: gateways   ARGV: prefix of the heartbeat keys ("...gw:")
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local addr = redis.call('GET', ARGV[1] .. id)
+  if addr then
+    out[#out + 1] = id
+    out[#out + 1] = addr
+  else
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+return out
+""")
+
+_CLAIM = _Script("""
+-- KEYS: lease, fence   ARGV: gateway, ttl_ms, floor   -> new token, or nil if held
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local base = tonumber(redis.call('GET', KEYS[2]))
+if base == nil then
+  local t = redis.call('TIME')
+  base = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local floor = tonumber(ARGV[3])
+if floor > base then base = floor end
+local token = string.format('%d', base + 1)
+redis.call('SET', KEYS[2], token)
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
+return token
+""")
+
+_RENEW = _Script("""
+-- KEYS: lease, fence   ARGV: gateway, token, ttl_ms   -> 1 renewed, 2 re-created, 0 lost
+local mine = ARGV[1] .. ':' .. ARGV[2]
+local holder = redis.call('GET', KEYS[1])
+if holder == mine then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+if holder then return 0 end
+local counter = tonumber(redis.call('GET', KEYS[2]))
+if counter ~= nil and counter > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[1], mine, 'PX', ARGV[3])
+return 2
+""")
+
+_RELEASE = _Script("""
+-- KEYS: lease   ARGV: gateway, token   -> 1 released, 0 not ours
+if redis.call('GET', KEYS[1]) == ARGV[1] .. ':' .. ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+""")
+
+_SET_SWITCH = _Script("""
+-- KEYS: switches:<level>   ARGV: key, "1"/"0", channel, message
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+""")
+
+_APPEND = _Script("""
+-- KEYS: lease, fence, log, logmeta
+-- ARGV: gateway, token, start offset, capacity, entry bytes, data chunks...
+-- -> {'ok', start, end, written, skipped, gap_from, gap_to} | {'fenced'} | {'lapsed'}
+local mine = ARGV[1] .. ':' .. ARGV[2]
+local holder = redis.call('GET', KEYS[1])
+local fence = redis.call('GET', KEYS[2])
+if holder ~= mine or fence ~= ARGV[2] then
+  if (holder and holder ~= mine) or (fence and tonumber(fence) > tonumber(ARGV[2])) then
+    return {'fenced'}
+  end
+  return {'lapsed'}
+end
+local at = tonumber(ARGV[3])
+local cap = tonumber(ARGV[4])
+local piece = tonumber(ARGV[5])
+local data = table.concat(ARGV, '', 6)
+local meta = redis.call('HMGET', KEYS[4], 'start', 'end', 'bytes')
+local first, last, total = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
+local gap_from, gap_to, skipped = -1, -1, 0
+if last == nil then
+  redis.call('DEL', KEYS[3])
+  first, last, total = at, at, 0
+elseif at > last then
+  gap_from, gap_to = last, at
+  last = at
+  redis.call('HINCRBY', KEYS[4], 'gaps', 1)
+elseif at < last then
+  skipped = math.min(#data, last - at)
+  data = string.sub(data, skipped + 1)
+end
+if #data > cap then
+  last = last + #data - cap
+  data = string.sub(data, #data - cap + 1)
+end
+local written = #data
+local pos = 1
+while pos <= written do
+  local part = string.sub(data, pos, pos + piece - 1)
+  redis.call('XADD', KEYS[3], string.format('%d-1', last), 'd', part)
+  last = last + #part
+  pos = pos + piece
+end
+total = total + written
+local cursor = nil
+while total > cap do
+  local batch = redis.call('XRANGE', KEYS[3], cursor or '-', '+', 'COUNT', 64)
+  if #batch == 0 then break end
+  for _, entry in ipairs(batch) do
+    if total <= cap then break end
+    total = total - #entry[2][2]
+    cursor = '(' .. entry[1]
+  end
+end
+if cursor then
+  local kept = redis.call('XRANGE', KEYS[3], cursor, '+', 'COUNT', 1)
+  if kept[1] then
+    first = tonumber(string.match(kept[1][1], '^(%d+)-'))
+    redis.call('XTRIM', KEYS[3], 'MINID', kept[1][1])
+  else
+    first = last
+    redis.call('XTRIM', KEYS[3], 'MAXLEN', 0)
+  end
+elseif written > 0 and total == written then
+  first = last - written
+end
+redis.call('HSET', KEYS[4], 'start', string.format('%d', first),
+           'end', string.format('%d', last), 'bytes', string.format('%d', total))
+return {'ok', first, last, written, skipped, gap_from, gap_to}
+""")
+
+_READ = _Script("""
+-- KEYS: log, logmeta   ARGV: from offset, max bytes   -> {start, end, data offset, data}
+local meta = redis.call('HMGET', KEYS[2], 'start', 'end')
+local first, last = tonumber(meta[1]), tonumber(meta[2])
+if last == nil then return {0, 0, 0, ''} end
+local from = math.max(tonumber(ARGV[1]), first)
+local want = tonumber(ARGV[2])
+if from >= last or want <= 0 then return {first, last, math.min(from, last), ''} end
+local out, got, at, pos = {}, 0, nil, nil
+local cursor = '-'
+local prev = redis.call('XREVRANGE', KEYS[1], string.format('%d-1', from), '-', 'COUNT', 1)
+if prev[1] then
+  local off = tonumber(string.match(prev[1][1], '^(%d+)-'))
+  local d = prev[1][2][2]
+  if off + #d > from then
+    local part = string.sub(d, from - off + 1, from - off + want)
+    out[1] = part
+    got, at, pos = #part, from, from + #part
+  end
+  cursor = '(' .. prev[1][1]
+end
+while got < want do
+  local batch = redis.call('XRANGE', KEYS[1], cursor, '+', 'COUNT', 256)
+  for _, entry in ipairs(batch) do
+    local off = tonumber(string.match(entry[1], '^(%d+)-'))
+    if at == nil then
+      at, pos = off, off
+    elseif off ~= pos then
+      return {first, last, at, table.concat(out)}
+    end
+    local part = string.sub(entry[2][2], 1, want - got)
+    out[#out + 1] = part
+    got, pos = got + #part, pos + #part
+    if got >= want then break end
+  end
+  if #batch < 256 then break end
+  cursor = '(' .. batch[#batch][1]
+end
+return {first, last, at or last, table.concat(out)}
+""")
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """What one ownership round reads, in one round trip (see `ClusterStore.observe`)."""
+
+    dataset: str  # changes when Redis lost its data
+    live: dict[str, str]  # gateway id -> advertise address
+    holders: dict[str, Lease | None]  # vm -> lease
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What a console-log append did.
+
+    ``status``: "ok"; "fenced" (our token was superseded: close the port, keep
+    nothing); "lapsed" (our lease is missing but nobody took the VM: `renew`
+    re-creates it, then append again). The other fields are meaningful only for "ok".
+    """
+
+    status: Literal["ok", "fenced", "lapsed"]
+    start: int = 0  # log start after the append
+    end: int = 0  # log end after the append
+    written: int = 0  # bytes stored by this call
+    skipped: int = 0  # bytes that were already stored (a re-send)
+    gap: tuple[int, int] | None = None  # [from, to): output no gateway stored
+
+    @property
+    def ok(self) -> bool:
+        """Whether the append was accepted."""
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class LogSlice:
+    """A read of the console log: `data` starts at `offset`; `start`/`end` bound the log.
+
+    ``offset > from_offset`` means the bytes before it are gone (trimmed) or were
+    never stored (a gap); ``data`` is always contiguous.
+    """
+
+    start: int
+    end: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SwitchChange:
+    """A console switch was set on some gateway (`ClusterStore.set_switch`)."""
+
+    level: Level
+    key: str
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class SwitchesResync:
+    """The watcher is (re)subscribed: changes may have been missed, re-read `all_switches`."""
+
+
+@dataclass(frozen=True)
+class SwitchesLost:
+    """The subscription broke (`reason`); the watcher is reconnecting."""
+
+    reason: str
+
+
+SwitchEvent = SwitchChange | SwitchesResync | SwitchesLost
+
+
+def _lease(raw: bytes | None) -> Lease | None:
+    if raw is None:
+        return None
+    gateway, _, token = raw.decode().rpartition(":")
+    return Lease(gateway, int(token))
+
+
+# --- the store -----------------------------------------------------------------------------
+
+
+class ClusterStore:
+    """One gateway's handle on the region's shared state in Redis."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        gateway_id: str,
+        prefix: str,
+        lease_ttl: float = 3.0,
+        console_log_bytes: int = 1 << 20,
+        timeout: float | None = None,
+        entry_bytes: int = DEFAULT_ENTRY_BYTES,
+    ) -> None:
+        """Args:
+        url: redis://, rediss:// or unix:// URL (validated by the config).
+        gateway_id: this gateway (leases, heartbeats and appends are in its name).
+        prefix: the key prefix, normally `key_prefix(region)`.
+        lease_ttl: seconds a lease and a heartbeat last without renewal.
+        console_log_bytes: most console output stored per VM.
+        timeout: deadline of every call; default ``min(1, lease_ttl / 3)``.
+        entry_bytes: largest stream entry (a trimmed log keeps at least
+            ``console_log_bytes - entry_bytes``).
+        """
+        self.gateway_id = gateway_id
+        self.prefix = prefix
+        self.lease_ttl = lease_ttl
+        self.console_log_bytes = console_log_bytes
+        self.timeout = min(1.0, lease_ttl / 3) if timeout is None else timeout
+        self.entry_bytes = max(1, min(entry_bytes, console_log_bytes))
+        self._redis: Redis = Redis.from_url(
+            url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 1),
+            client_name=f"relayd-{gateway_id}",
+        )
+        self.switch_watch_up = False  # the switch watcher is subscribed right now
+        # redis-py leaves execute_command unannotated; this is the one typed door to it.
+        self._command: Callable[..., Awaitable[Any]] = self._redis.execute_command
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ClusterStore:
+        """The store for a config with a `[cluster]` section.
+
+        Raises:
+            ValueError: the config has no `[cluster]` section.
+        """
+        if cfg.cluster is None:
+            raise ValueError("the config has no [cluster] section")
+        return cls(
+            cfg.cluster.redis,
+            gateway_id=cfg.cluster.gateway_id,
+            prefix=key_prefix(cfg.gateway.region),
+            lease_ttl=cfg.cluster.lease_ttl,
+            console_log_bytes=cfg.limits.console_log_bytes,
+        )
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await self._redis.aclose()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.lease_ttl * 1000))
+
+    @asynccontextmanager
+    async def _deadline(self, what: str, seconds: float | None = None) -> AsyncIterator[None]:
+        """Bound a call by `timeout` and turn every failure into ClusterUnavailableError."""
+        limit = self.timeout if seconds is None else seconds
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            raise ClusterUnavailableError(
+                f"redis did not answer {what} within {limit:g} s"
+            ) from None
+        except (RedisError, OSError) as exc:
+            raise ClusterUnavailableError(
+                f"redis {what} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+        """Run script calls and plain commands in one round trip, results in order.
+
+        Scripts Redis no longer knows (it restarted) are loaded and their calls run
+        again; a call that failed with NOSCRIPT did nothing, so this is safe.
+        """
+        results = await self._send(calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for source in {c.script.source for c in calls if c.script is not None}:
+                await self._command("SCRIPT", "LOAD", source)
+            again = await self._send([calls[i] for i in missing])
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    async def _send(self, calls: Sequence[_Call]) -> list[Any]:
+        pipe: Pipeline = self._redis.pipeline(transaction=False)
+        queue: Callable[..., object] = pipe.execute_command
+        for call in calls:
+            if call.script is None:
+                queue(*call.args)
+            else:
+                queue("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    # -- membership -----------------------------------------------------------------------
+
+    def _heartbeat_call(self, advertise: str) -> _Call:
+        keys = (self._key("gw", self.gateway_id), self._key("gateways"), self._key("dataset"))
+        # A fresh candidate each time: Redis keeps the first one it is given, so after
+        # data loss the id changes even for the gateway that sets it again.
+        args = (self.gateway_id, advertise, self._ttl_ms, secrets.token_hex(8))
+        return _Call(_HEARTBEAT, keys, args)
+
+    def _live_call(self) -> _Call:
+        return _Call(_LIVE, (self._key("gateways"),), (self._key("gw", ""),))
+
+    async def heartbeat(self, advertise: str) -> str:
+        """Say this gateway is alive for one lease period; returns the dataset id.
+
+        A dataset id different from the last one seen means Redis lost its data
+        (restarted empty): start the ownership grace period and re-create state.
+        """
+        async with self._deadline("heartbeat"):
+            (dataset,) = await self._pipeline([self._heartbeat_call(advertise)])
+        return bytes(dataset).decode()
+
+    async def leave(self) -> None:
+        """Remove this gateway's heartbeat at once (clean shutdown)."""
+        async with self._deadline("leave"):
+            await self._command("DEL", self._key("gw", self.gateway_id))
+
+    async def live_gateways(self) -> dict[str, str]:
+        """Every gateway with a heartbeat, with its advertise address."""
+        async with self._deadline("live_gateways"):
+            (flat,) = await self._pipeline([self._live_call()])
+        return _pairs(flat)
+
+    async def observe(self, advertise: str, vms: Iterable[str]) -> RoundState:
+        """Heartbeat, read the live gateways and every VM's lease: one round trip."""
+        vm_list = list(vms)
+        calls = [self._heartbeat_call(advertise), self._live_call()]
+        if vm_list:
+            calls.append(_Call(None, (), ("MGET", *(self._key("lease", vm) for vm in vm_list))))
+        async with self._deadline("observe"):
+            results = await self._pipeline(calls)
+        leases = results[2] if vm_list else []
+        return RoundState(
+            dataset=bytes(results[0]).decode(),
+            live=_pairs(results[1]),
+            holders={vm: _lease(raw) for vm, raw in zip(vm_list, leases, strict=True)},
+        )
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def _lease_keys(self, vm: str) -> tuple[str, str]:
+        return self._key("lease", vm), self._key("fence", vm)
+
+    async def claim(self, vm: str, floor: int = 0) -> int | None:
+        """Take the VM's lease if nobody holds it; the new fencing token, or None if held.
+
+        Args:
+            vm: the VM id.
+            floor: the token is above this (the highest token seen for the VM).
+        """
+        return (await self.claim_many({vm: floor}))[vm]
+
+    async def claim_many(self, floors: Mapping[str, int]) -> dict[str, int | None]:
+        """`claim` for several VMs (vm -> floor) in one round trip."""
+        calls = [
+            _Call(_CLAIM, self._lease_keys(vm), (self.gateway_id, self._ttl_ms, floor))
+            for vm, floor in floors.items()
+        ]
+        async with self._deadline("claim"):
+            results = await self._pipeline(calls)
+        return {vm: None if r is None else int(r) for vm, r in zip(floors, results, strict=True)}
+
+    async def renew(self, vm: str, token: int) -> bool:
+        """Extend our lease; re-create it if it lapsed and nobody took the VM since.
+
+        False: the VM has another holder or a newer token: close its port.
+        """
+        return (await self.renew_many({vm: token}))[vm]
+
+    async def renew_many(self, tokens: Mapping[str, int]) -> dict[str, bool]:
+        """`renew` for several VMs (vm -> token) in one round trip."""
+        calls = [
+            _Call(_RENEW, self._lease_keys(vm), (self.gateway_id, token, self._ttl_ms))
+            for vm, token in tokens.items()
+        ]
+        async with self._deadline("renew"):
+            results = await self._pipeline(calls)
+        return {vm: int(r) > 0 for vm, r in zip(tokens, results, strict=True)}
+
+    async def release(self, vm: str, token: int) -> bool:
+        """Delete our lease (only if it is still ours with this token)."""
+        return (await self.release_many({vm: token}))[vm]
+
+    async def release_many(self, tokens: Mapping[str, int]) -> dict[str, bool]:
+        """`release` for several VMs (vm -> token) in one round trip."""
+        calls = [
+            _Call(_RELEASE, (self._key("lease", vm),), (self.gateway_id, token))
+            for vm, token in tokens.items()
+        ]
+        async with self._deadline("release"):
+            results = await self._pipeline(calls)
+        return {vm: int(r) == 1 for vm, r in zip(tokens, results, strict=True)}
+
+    async def holder(self, vm: str) -> Lease | None:
+        """The VM's current lease, or None."""
+        return (await self.holders([vm]))[vm]
+
+    async def holders(self, vms: Iterable[str]) -> dict[str, Lease | None]:
+        """The current lease of each VM (one MGET)."""
+        vm_list = list(vms)
+        if not vm_list:
+            return {}
+        async with self._deadline("holders"):
+            raw = await self._command("MGET", *(self._key("lease", vm) for vm in vm_list))
+        return {vm: _lease(r) for vm, r in zip(vm_list, raw, strict=True)}
+
+    # -- tickets --------------------------------------------------------------------------
+
+    def _ticket_key(self, ticket_id: str) -> str:
+        return self._key("ticket", hashlib.sha256(ticket_id.encode()).hexdigest())
+
+    async def put_ticket(self, ticket_id: str, payload: str, ttl: float) -> bool:
+        """Store a ticket for `ttl` seconds; False if that id already exists.
+
+        Only a hash of `ticket_id` is stored. The payload is what redeeming returns
+        (JSON of principal, VM, mode).
+        """
+        ms = max(1, round(ttl * 1000))
+        async with self._deadline("put_ticket"):
+            ok = await self._command("SET", self._ticket_key(ticket_id), payload, "PX", ms, "NX")
+        return bool(ok)
+
+    async def take_ticket(self, ticket_id: str) -> str | None:
+        """Redeem a ticket: its payload, or None if unknown, expired or already taken.
+
+        GETDEL is atomic: of two gateways redeeming the same ticket at once, one wins.
+        """
+        async with self._deadline("take_ticket"):
+            raw = await self._command("GETDEL", self._ticket_key(ticket_id))
+        return None if raw is None else bytes(raw).decode()
+
+    # -- console switches -----------------------------------------------------------------
+
+    async def set_switch(self, level: Level, key: str, enabled: bool) -> None:
+        """Persist a switch override and announce it to every gateway (atomically).
+
+        `key` is the subscription id, ``sub/rg/ss`` for a scale set, or the VM id.
+        """
+        message = json.dumps({"level": level, "key": key, "enabled": enabled})
+        args = (key, "1" if enabled else "0", self._key("switches"), message)
+        async with self._deadline("set_switch"):
+            await self._pipeline([_Call(_SET_SWITCH, (self._key("switches", level),), args)])
+
+    async def all_switches(self) -> dict[Level, dict[str, bool]]:
+        """Every persisted override, per level (one round trip)."""
+        calls = [_Call(None, (), ("HGETALL", self._key("switches", level))) for level in LEVELS]
+        async with self._deadline("all_switches"):
+            results = await self._pipeline(calls)
+        return {
+            level: {bytes(k).decode(): v == b"1" for k, v in _hash_items(raw)}
+            for level, raw in zip(LEVELS, results, strict=True)
+        }
+
+    async def watch_switches(
+        self, on_event: Callable[[SwitchEvent], None], *, ping_interval: float = 1.0
+    ) -> None:
+        """Deliver switch changes from every gateway until cancelled; never returns.
+
+        `on_event` gets `SwitchesResync` each time the subscription is (re)made,
+        then a `SwitchChange` per change, and `SwitchesLost` when the connection
+        breaks or stays silent for ``ping_interval + timeout`` (a hung Redis). It is
+        then re-made, waiting 0.1 s doubling to 2 s between failed attempts; changes
+        made meanwhile are covered by the next `SwitchesResync`. `on_event` must not
+        block; an exception from it ends the watch.
+        """
+        delay = _RECONNECT_MIN
+        reported = False
+        while True:
+            try:
+                await self._watch_once(on_event, ping_interval)
+            except ClusterUnavailableError as exc:
+                if self.switch_watch_up:
+                    self.switch_watch_up = False
+                    reported = False
+                    delay = _RECONNECT_MIN
+                if not reported:
+                    reported = True
+                    log.warning("cluster_switch_watch_lost", error=str(exc))
+                    on_event(SwitchesLost(str(exc)))
+            await asyncio.sleep(delay)
+            delay = min(_RECONNECT_MAX, delay * 2)
+
+    async def _watch_once(
+        self, on_event: Callable[[SwitchEvent], None], ping_interval: float
+    ) -> None:
+        pubsub = self._redis.pubsub()
+        try:
+            async with self._deadline("subscribe"):
+                await pubsub.subscribe(self._key("switches"))
+            loop = asyncio.get_running_loop()
+            heard = loop.time()
+            pinged = False
+            while True:
+                async with self._deadline("pubsub", ping_interval + self.timeout):
+                    message = await pubsub.get_message(timeout=ping_interval)
+                now = loop.time()
+                if message is None:
+                    if now - heard > ping_interval + self.timeout:
+                        raise ClusterUnavailableError(
+                            f"pub/sub connection silent for {now - heard:.1f} s"
+                        )
+                    if not pinged:
+                        async with self._deadline("pubsub ping"):
+                            await pubsub.ping()
+                        pinged = True
+                    continue
+                heard, pinged = now, False
+                if message["type"] == "subscribe":
+                    self.switch_watch_up = True
+                    on_event(SwitchesResync())
+                elif message["type"] == "message":
+                    change = _switch_change(message["data"])
+                    if change is not None:
+                        on_event(change)
+        finally:
+            await pubsub.aclose()
+
+    # -- console log ----------------------------------------------------------------------
+
+    def _append_call(
+        self, vm: str, token: int, start_offset: int, chunks: Sequence[bytes]
+    ) -> _Call:
+        # More than the log holds is cut here, so it never crosses the network.
+        cap = self.console_log_bytes
+        size = sum(len(c) for c in chunks)
+        if size > cap:
+            chunks = [b"".join(chunks)[size - cap :]]
+            start_offset += size - cap
+        keys = (
+            self._key("lease", vm),
+            self._key("fence", vm),
+            self._key("log", vm),
+            self._key("logmeta", vm),
+        )
+        args = (self.gateway_id, token, start_offset, cap, self.entry_bytes, *chunks)
+        return _Call(_APPEND, keys, args)
+
+    async def append(
+        self, vm: str, token: int, start_offset: int, chunks: Sequence[bytes]
+    ) -> AppendResult:
+        """Add console output at `start_offset`, fenced by our token: one round trip.
+
+        Args:
+            vm: the VM id.
+            token: the fencing token our lease was granted with.
+            start_offset: absolute offset of the first byte of `chunks`.
+            chunks: the output, in order (stored in entries of at most `entry_bytes`).
+        """
+        return (await self.append_many([(vm, token, start_offset, chunks)]))[0]
+
+    async def append_many(
+        self, batches: Sequence[tuple[str, int, int, Sequence[bytes]]]
+    ) -> list[AppendResult]:
+        """`append` for several (vm, token, start_offset, chunks) in one round trip."""
+        calls = [self._append_call(*batch) for batch in batches]
+        async with self._deadline("append"):
+            results = await self._pipeline(calls)
+        return [_append_result(r) for r in results]
+
+    async def read(self, vm: str, from_offset: int, max_bytes: int) -> LogSlice:
+        """Up to `max_bytes` of contiguous output from `from_offset`, or from the first
+        stored byte after it (then ``offset > from_offset``)."""
+        keys = (self._key("log", vm), self._key("logmeta", vm))
+        call = _Call(_READ, keys, (max(0, from_offset), max(0, max_bytes)))
+        async with self._deadline("read"):
+            ((start, end, offset, data),) = await self._pipeline([call])
+        return LogSlice(int(start), int(end), int(offset), bytes(data))
+
+    async def bounds(self, vm: str) -> tuple[int, int]:
+        """The log's (start, end) offsets; (0, 0) when nothing was ever stored."""
+        async with self._deadline("bounds"):
+            start, end = await self._command("HMGET", self._key("logmeta", vm), "start", "end")
+        return (int(start), int(end)) if end is not None else (0, 0)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One command of a pipeline: a script with its keys and arguments, or a plain command."""
+
+    script: _Script | None
+    keys: Sequence[str]
+    args: Sequence[Any]
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[str, str]:
+    return {bytes(flat[i]).decode(): bytes(flat[i + 1]).decode() for i in range(0, len(flat), 2)}
+
+
+def _hash_items(raw: Any) -> Iterable[tuple[bytes, bytes]]:
+    # HGETALL is a dict in redis-py's RESP2 parsing, a flat list from a raw pipeline.
+    if isinstance(raw, dict):
+        return raw.items()
+    return zip(raw[::2], raw[1::2], strict=True)
+
+
+def _switch_change(data: Any) -> SwitchChange | None:
+    try:
+        msg = json.loads(data)
+        level, key, enabled = msg["level"], msg["key"], msg["enabled"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if level not in LEVELS or not isinstance(key, str) or not isinstance(enabled, bool):
+        return None
+    return SwitchChange(level, key, enabled)
+
+
+def _append_result(raw: Sequence[Any]) -> AppendResult:
+    status = bytes(raw[0]).decode()
+    if status == "fenced":
+        return AppendResult("fenced")
+    if status == "lapsed":
+        return AppendResult("lapsed")
+    start, end, written, skipped, gap_from, gap_to = (int(x) for x in raw[1:])
+    gap = (gap_from, gap_to) if gap_from >= 0 else None
+    return AppendResult("ok", start, end, written, skipped, gap)

@@ -1,0 +1,134 @@
+"""A real redis-server per test, on a unix socket, that tests can stop, freeze and restart empty.
+
+Start-up waits for the server's own "ready to accept connections" line, with a
+deadline; nothing sleeps. Persistence is off (`--save ''`, `--appendonly no`), so
+every restart is a restart with an empty dataset, as after a crash of a cache-only Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from relayd.cluster.store import ClusterStore
+
+START_TIMEOUT = 10.0
+
+
+class RedisServer:
+    """One redis-server process; `url` stays the same across restarts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(self.binary).exists():
+            pytest.fail("redis-server is not installed; `make test` installs it")
+        self.directory = directory
+        self.socket = directory / "redis.sock"
+        self.url = f"unix://{self.socket}?db=0"
+        self.proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+        self.log: list[str] = []
+
+    async def start(self) -> None:
+        """Start the server and return once it accepts connections."""
+        self.proc = await asyncio.create_subprocess_exec(
+            self.binary,
+            "--port", "0",
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--loglevel", "notice",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    line = (await self.proc.stdout.readline()).decode(errors="replace")
+                    if not line:
+                        pytest.fail("redis-server exited at start:\n" + "".join(self.log))
+                    self.log.append(line)
+                    if "ready to accept connections" in line.lower():
+                        break
+        except BaseException:
+            await self.stop()  # never leave a half-started server behind
+            raise
+        self._drain = asyncio.create_task(self._drain_output(self.proc.stdout))
+
+    async def _drain_output(self, stream: asyncio.StreamReader) -> None:
+        """Keep reading the log so a full pipe never blocks the server."""
+        while line := await stream.readline():
+            self.log.append(line.decode(errors="replace"))
+
+    async def stop(self) -> None:
+        """Kill the server (SIGKILL: its data is gone) and wait for it."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        await self.proc.wait()
+        if self._drain is not None:
+            await self._drain
+        self.proc = None
+        self.socket.unlink(missing_ok=True)
+
+    async def restart_empty(self) -> None:
+        """Kill and start again: same socket, empty dataset, empty script cache."""
+        await self.stop()
+        await self.start()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the socket accepts but nothing answers (a hung server)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after `freeze`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RedisServer]:
+    """A running redis-server, killed at the end of the test.
+
+    The directory comes from tmp_path_factory, so the socket path stays short
+    (unix socket paths are limited to 107 bytes) whatever the test is called.
+    """
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+StoreFactory = Callable[..., ClusterStore]
+
+
+@pytest.fixture
+async def make_store(redis_server: RedisServer) -> AsyncIterator[StoreFactory]:
+    """Build stores ("gateways") on the test server; all are closed at the end."""
+    stores: list[ClusterStore] = []
+
+    def make(gateway_id: str = "gw-1", **kwargs: object) -> ClusterStore:
+        options: dict[str, object] = {"prefix": "relayd:{test}:", "lease_ttl": 3.0}
+        options.update(kwargs)
+        store = ClusterStore(redis_server.url, gateway_id=gateway_id, **options)  # type: ignore[arg-type]
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
