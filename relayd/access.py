@@ -16,22 +16,67 @@ this process or, in a cluster, on another gateway.
 from __future__ import annotations
 
 import ipaddress
+import json
+import secrets
 import time
 from collections import Counter
+from typing import Protocol
 
 from .audit import audit
 from .auth import Authenticator, Principal
 from .config import Config, Role, VmConfig
-from .errors import AuthError, ForbiddenError, NotFoundError, PeerError, RateLimitedError
+from .errors import (
+    AuthError,
+    ForbiddenError,
+    NotFoundError,
+    PeerError,
+    RateLimitedError,
+    RelaydError,
+    ServiceUnavailableError,
+)
 from .http import Request
 from .ratelimit import KeyedLimiter
 from .rbac import Rbac
-from .switches import ConsoleSwitches
+from .switches import ConsoleSwitches, Level
 from .tickets import Ticket, TicketStore
 
 
+class SwitchSource(Protocol):
+    """Where switch overrides are read: the state file, or the region's Redis (cluster)."""
+
+    def get(self, level: Level, key: str) -> bool | None:
+        """The override at this level, or None when the config's default applies."""
+
+
+class SharedTickets(Protocol):
+    """Tickets every gateway of a region can redeem (cluster: Redis, GETDEL)."""
+
+    async def put_ticket(self, ticket_id: str, payload: str, ttl: float) -> bool:
+        """Store a new ticket; False if the id exists."""
+
+    async def take_ticket(self, ticket_id: str) -> str | None:
+        """Take a ticket once: its payload, or None when unknown, used or expired."""
+
+
+class SharedStateError(ServiceUnavailableError):
+    """The region's shared state (Redis) did not answer: try again, maybe elsewhere."""
+
+    code = "cluster_unavailable"
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """Worth retrying soon."""
+        return [("Retry-After", "1")]
+
+
 class AccessPolicy:
-    """Authentication, authorization and admission for one gateway."""
+    """Authentication, authorization and admission for one gateway.
+
+    In a cluster, `shared_switches` and `shared_tickets` are the region's
+    (Redis); without one, the state file and this process's ticket store.
+    """
+
+    shared_switches: SwitchSource | None = None
+    shared_tickets: SharedTickets | None = None
 
     def __init__(self, config: Config, authenticator: Authenticator | None = None) -> None:
         self.switches = ConsoleSwitches(config.gateway.state_dir)
@@ -120,19 +165,63 @@ class AccessPolicy:
             self._auth_failed(request, exc)
             raise
 
-    def redeem_ticket(self, request: Request, vm_id: str) -> Ticket:
-        """Use the request's one-time ticket for this VM.
+    async def issue_ticket(self, principal: Principal, vm_id: str, mode: str) -> str:
+        """A new one-time ticket for this principal, VM and mode.
+
+        Raises:
+            RateLimitedError: too many outstanding tickets.
+            SharedStateError: the region's ticket store did not answer.
+        """
+        if self.shared_tickets is None:
+            return self.tickets.issue(principal, vm_id, mode, time.monotonic())
+        ticket = secrets.token_urlsafe(32)
+        payload = json.dumps(
+            {
+                "principal": principal.id,
+                "groups": list(principal.groups),
+                "amr": list(principal.amr),
+                "vm": vm_id,
+                "mode": mode,
+            }
+        )
+        try:
+            stored = await self.shared_tickets.put_ticket(ticket, payload, self.tickets.ttl)
+        except RelaydError as exc:
+            raise SharedStateError(f"ticket not issued: {exc}") from None
+        if not stored:  # 256 random bits collided: never in practice
+            raise SharedStateError("ticket not issued: try again")
+        return ticket
+
+    async def redeem_ticket(self, request: Request, vm_id: str) -> Ticket:
+        """Use the request's one-time ticket for this VM (once, on any gateway of a region).
 
         Raises:
             RateLimitedError: this address failed too often recently.
             AuthError: unknown, reused, expired or foreign ticket.
+            SharedStateError: the region's ticket store did not answer.
         """
         self._check_auth_rate(request)
         try:
-            return self.tickets.redeem(request.query["ticket"], vm_id, time.monotonic())
+            if self.shared_tickets is None:
+                return self.tickets.redeem(request.query["ticket"], vm_id, time.monotonic())
+            return await self._redeem_shared(request.query["ticket"], vm_id)
         except AuthError as exc:
             self._auth_failed(request, exc)
             raise
+
+    async def _redeem_shared(self, ticket: str, vm_id: str) -> Ticket:
+        assert self.shared_tickets is not None
+        try:
+            raw = await self.shared_tickets.take_ticket(ticket)
+        except RelaydError as exc:
+            raise SharedStateError(f"ticket not checked: {exc}") from None
+        if raw is None:
+            raise AuthError("ticket is unknown, already used or expired", code="invalid_ticket")
+        data = json.loads(raw)
+        if data["vm"] != vm_id:
+            raise AuthError("ticket was issued for another vm", code="invalid_ticket")
+        principal = Principal(data["principal"], tuple(data["groups"]), tuple(data["amr"]))
+        return Ticket(principal, vm_id, str(data["mode"]), time.monotonic() + self.tickets.ttl)
 
     # -- authorization --------------------------------------------------------------------
 
@@ -206,16 +295,17 @@ class AccessPolicy:
 
     def console_enabled(self, vm: VmConfig) -> bool:
         """Whether the VM's console is on at every level: subscription, scale set, VM."""
+        switches: SwitchSource = self.shared_switches or self.switches
         sub = self.config.subscription(vm.subscription)
-        sub_on = self.switches.get("subscriptions", vm.subscription)
+        sub_on = switches.get("subscriptions", vm.subscription)
         if sub_on is None:
             sub_on = sub is None or sub.serial_console
         ss_on = (
             True
             if vm.scale_set is None
-            else self.switches.get("scale_sets", f"{vm.subscription}/{vm.scale_set}")
+            else switches.get("scale_sets", f"{vm.subscription}/{vm.scale_set}")
         )
-        vm_on = self.switches.get("vms", vm.id)
+        vm_on = switches.get("vms", vm.id)
         if vm_on is None:
             vm_on = vm.serial_console
         return sub_on and ss_on is not False and vm_on

@@ -11,25 +11,36 @@ gateway is the `ApiOwner` protocol: this module never imports app.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets
-import time
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from . import webui
-from .access import AccessPolicy
+from .access import AccessPolicy, SharedStateError
 from .audit import audit
 from .auth import Principal
-from .config import VmConfig, vm_scopes
-from .connection import ConsoleGrant, console_vm
+from .cluster.forwarding import (
+    ForwardedSession,
+    encode_forwarded_request,
+    has_forwarded_headers,
+    parse_forwarded_headers,
+)
+from .config import Role, VmConfig, vm_scopes
+from .connection import ConsoleGrant, ForwardGrant, OwnerUnavailableError, console_vm
 from .errors import (
     ConflictError,
     ForbiddenError,
     MethodNotAllowedError,
     NotFoundError,
     PeerError,
+    RelaydError,
+)
+from .errors import (
+    ForbiddenError as _Forbidden,
 )
 from .http import HttpResponse, Request
 from .hub import ConsoleHub
@@ -48,6 +59,59 @@ _SWITCH_SS = re.compile(
 )
 
 
+class SharedLog(Protocol):
+    """The region's console log (cluster: a Redis stream per VM)."""
+
+    async def read(self, vm: str, from_offset: int, max_bytes: int) -> LogSliceLike:
+        """Contiguous output from `from_offset` (or the first held byte after it)."""
+
+    async def bounds(self, vm: str) -> tuple[int, int]:
+        """The log's (start, end) offsets."""
+
+
+class LogSliceLike(Protocol):
+    """A read of the shared log."""
+
+    @property
+    def start(self) -> int:
+        """Oldest offset held."""
+
+    @property
+    def end(self) -> int:
+        """Offset after the newest byte."""
+
+    @property
+    def offset(self) -> int:
+        """Where `data` starts."""
+
+    @property
+    def data(self) -> bytes:
+        """The bytes."""
+
+
+class ClusterView(Protocol):
+    """What the routes need of the cluster node."""
+
+    @property
+    def gateway_id(self) -> str:
+        """This gateway."""
+
+    @property
+    def log(self) -> SharedLog:
+        """The shared console log."""
+
+    @property
+    def peer_ssl(self) -> ssl.SSLContext:
+        """The client context for peer links."""
+
+    @property
+    def forward_timeout(self) -> float:
+        """Deadline to reach an owner and get its answer."""
+
+    def owner_of(self, vm_id: str) -> tuple[str, str] | None:
+        """(gateway id, advertise host:port) of the VM's owner."""
+
+
 class ApiOwner(Protocol):
     """What the routes need of the gateway."""
 
@@ -62,6 +126,10 @@ class ApiOwner(Protocol):
     @property
     def region(self) -> str:
         """For audit events."""
+
+    @property
+    def cluster(self) -> ClusterView | None:
+        """The region's shared state and VM owners; None for a single gateway."""
 
     def session_counts(self, principal: Principal) -> tuple[int, int]:
         """Open sessions on the gateway, and those of this principal."""
@@ -82,28 +150,42 @@ async def index(gw: ApiOwner, request: Request) -> HttpResponse:
 
 
 async def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
-    """The VMs the caller holds any role on, with their live state."""
+    """The VMs the caller holds any role on, with their live state.
+
+    In a cluster, a VM whose port another gateway holds shows `"port": "remote"`
+    and the `owner`; its writer and session counts are that gateway's to know.
+    """
     principal = gw.access.authenticate(request)
     vms = []
-    for hub in gw.hubs.values():
-        role = gw.access.rbac.role(principal, hub.vm)
+    for vm in gw.access.vms.values():
+        role = gw.access.rbac.role(principal, vm)
         if role is None:
             continue
-        vms.append(
-            {
-                "id": hub.vm.id,
-                "subscription": hub.vm.subscription,
-                "resource_group": hub.vm.resource_group,
-                "scale_set": hub.vm.scale_set,
-                "enabled": gw.access.console_enabled(hub.vm),
+        entry: dict[str, object] = {
+            "id": vm.id,
+            "subscription": vm.subscription,
+            "resource_group": vm.resource_group,
+            "scale_set": vm.scale_set,
+            "enabled": gw.access.console_enabled(vm),
+            "role": role,
+            "takeover": vm.takeover,
+        }
+        hub = gw.hubs.get(vm.id)
+        if hub is not None:
+            entry |= {
                 "port": "up" if hub.port_up else "down",
                 "writer_attached": hub.lease.holder is not None,
                 "sessions": len(hub.clients),
-                "role": role,
-                "takeover": hub.vm.takeover,
                 "can_break": hub.can_break,
             }
-        )
+        else:
+            owner = gw.cluster.owner_of(vm.id) if gw.cluster is not None else None
+            entry |= {
+                "port": "remote" if owner is not None else "down",
+                "owner": owner[0] if owner is not None else None,
+                "can_break": bool(vm.break_command) or vm.serial.kind in ("tty", "telnet"),
+            }
+        vms.append(entry)
     return _json(200, {"vms": vms})
 
 
@@ -111,6 +193,8 @@ async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespons
     """The held console output, by absolute offsets (readers and up)."""
     principal = gw.access.authenticate(request)
     vm, _ = gw.access.authorize(principal, vm_id, request)
+    if gw.cluster is not None:
+        return await _shared_console_log(gw.cluster.log, request, vm.id)
     hub = gw.hubs[vm.id]
     try:
         start = int(request.query.get("from", hub.start))
@@ -141,6 +225,31 @@ async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespons
     )
 
 
+async def _shared_console_log(log: SharedLog, request: Request, vm_id: str) -> HttpResponse:
+    """`console_log` from the region's shared log: the same answer on every gateway."""
+    try:
+        start = int(request.query.get("from", 0))
+        max_bytes = int(request.query.get("max_bytes", MAX_LOG_RESPONSE))
+    except ValueError:
+        raise PeerError("from and max_bytes must be integers", code="bad_request") from None
+    if start < 0 or max_bytes < 0:
+        raise PeerError("from and max_bytes must not be negative", code="bad_request")
+    try:
+        got = await log.read(vm_id, start, min(max_bytes, MAX_LOG_RESPONSE))
+    except RelaydError as exc:
+        raise SharedStateError(f"console log not read: {exc}") from None
+    return HttpResponse(
+        200,
+        got.data,
+        "application/octet-stream",
+        [
+            ("Relayd-Log-Start", str(got.start)),
+            ("Relayd-Log-End", str(got.end)),
+            ("Relayd-Data-Offset", str(got.offset)),
+        ],
+    )
+
+
 async def issue_ticket(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
     """A one-time ticket for a browser's WebSocket (readers and up; mode as requested)."""
     principal = gw.access.authenticate(request)
@@ -149,7 +258,7 @@ async def issue_ticket(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespon
     mode = body.get("mode", "interactive")
     if mode not in ("interactive", "spectate"):
         raise PeerError("mode must be interactive or spectate", code="bad_request")
-    ticket = gw.access.tickets.issue(principal, vm_id, mode, time.monotonic())
+    ticket = await gw.access.issue_ticket(principal, vm_id, mode)
     return _json(201, {"ticket": ticket, "expires_in": int(gw.access.tickets.ttl), "mode": mode})
 
 
@@ -180,12 +289,12 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
     enabled = _enabled_from(request)
     scopes: tuple[str, ...]
     if level == "vms":
-        hub = gw.hubs.get(key)
-        if hub is None or gw.access.rbac.role(principal, hub.vm) is None:
+        vm = gw.access.vms.get(key)
+        if vm is None or gw.access.rbac.role(principal, vm) is None:
             raise NotFoundError(f"unknown vm {key!r}", code="unknown_vm")
-        scopes = vm_scopes(hub.vm)
+        scopes = vm_scopes(vm)
     elif level == "subscriptions":
-        members = [h.vm for h in gw.hubs.values() if h.vm.subscription == key]
+        members = [vm for vm in gw.access.vms.values() if vm.subscription == key]
         # Unknown and invisible read the same, as for VMs: no probing for what exists.
         holds = gw.access.rbac.role_on(principal, (f"/subscriptions/{key}",)) is not None
         if gw.access.config.subscription(key) is None or not (
@@ -196,7 +305,7 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
     else:
         sub, _, ss = key.partition("/")
         members = [
-            h.vm for h in gw.hubs.values() if (h.vm.subscription, h.vm.scale_set) == (sub, ss)
+            vm for vm in gw.access.vms.values() if (vm.subscription, vm.scale_set) == (sub, ss)
         ]
         if not members or not _sees_any(gw, principal, members):
             raise NotFoundError(f"unknown scale set {ss!r} in {sub!r}", code="not_found")
@@ -280,21 +389,29 @@ async def handle(gw: ApiOwner, request: Request) -> HttpResponse:
     raise NotFoundError(f"no route for {request.path[:100]}", code="not_found")
 
 
-async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant:
+async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | ForwardGrant:
     """Every check of a console upgrade, in the order a client can act on.
+
+    In a cluster, a session for a VM that another gateway owns is admitted
+    here (credentials, role, origin) and relayed to the owner, which applies
+    the takeover policy and caps; a forwarded request from a gateway is taken
+    at its word for who the client is, and authorized again.
 
     Raises:
         PeerError: bad mode or offset (400), credentials (401), role, origin or
-            switch (403), unknown VM (404), takeover policy `deny` (409), caps (429).
+            switch (403), unknown VM (404), takeover policy `deny` (409), caps (429),
+            owner unreachable (503).
     """
     vm_id = console_vm(request.path)
     assert vm_id is not None  # the connection routes only console paths here
     access = gw.access
+    if has_forwarded_headers(request.headers):
+        return _admit_forwarded(gw, request, vm_id)
     mode = request.query.get("mode", "interactive")
     if mode not in ("interactive", "spectate"):
         raise PeerError("mode must be interactive or spectate", code="bad_request")
     if "ticket" in request.query:
-        ticket = access.redeem_ticket(request, vm_id)
+        ticket = await access.redeem_ticket(request, vm_id)
         principal = ticket.principal
         if "mode" in request.query and mode != ticket.mode:
             raise PeerError("mode differs from the ticket's", code="bad_request")
@@ -302,7 +419,6 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant:
     else:
         principal = access.authenticate(request)
     vm, role = access.authorize(principal, vm_id, request)
-    hub = gw.hubs[vm.id]
     access.check_origin(request)
     resume_from: int | None = None
     if "from" in request.query:
@@ -313,19 +429,87 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant:
         if resume_from < 0:
             raise PeerError("from must be a byte offset", code="bad_request")
     session_id = secrets.token_hex(8)
+    hub = gw.hubs.get(vm.id)
+    if hub is None:
+        fwd = ForwardedSession(
+            principal=principal.id,
+            role=role,
+            mode=mode,  # type: ignore[arg-type]  # checked above
+            client_peer=request.peer,
+            session_id=session_id,
+            groups=principal.groups,
+            amr=principal.amr,
+            resume_from=resume_from,
+        )
+        return _forward_grant(gw, request, vm.id, fwd)
     want_writer = mode == "interactive" and at_least(role, "contributor")
+    return _admit_local(gw, request, hub, principal, role, session_id, want_writer, resume_from)
+
+
+def _admit_local(
+    gw: ApiOwner,
+    request: Request,
+    hub: ConsoleHub,
+    principal: Principal,
+    role: Role,
+    session_id: str,
+    want_writer: bool,
+    resume_from: int | None,
+) -> ConsoleGrant:
+    """The checks only the hub's own gateway can make: takeover policy and caps."""
     if want_writer and isinstance(hub.check_writer(session_id), Denied):
         audit(
             "takeover_denied",
             region=gw.region,
             principal=principal.id,
             peer=request.peer,
-            vm=vm_id,
+            vm=hub.vm.id,
         )
         raise ConflictError(
-            f"vm {vm_id!r} has a writer and its takeover policy is deny; "
+            f"vm {hub.vm.id!r} has a writer and its takeover policy is deny; "
             "connect with mode=spectate",
             code="writer_exists",
         )
-    access.check_session_limits(principal, *gw.session_counts(principal))
-    return ConsoleGrant(hub, principal, role, session_id, want_writer, resume_from)
+    gw.access.check_session_limits(principal, *gw.session_counts(principal))
+    return ConsoleGrant(hub, principal, role, session_id, want_writer, resume_from, request.peer)
+
+
+def _forward_grant(
+    gw: ApiOwner, request: Request, vm_id: str, fwd: ForwardedSession
+) -> ForwardGrant:
+    """Where to relay a session whose VM another gateway owns."""
+    cluster = gw.cluster
+    owner = cluster.owner_of(vm_id) if cluster is not None else None
+    if cluster is None or owner is None or owner[0] == cluster.gateway_id:
+        if cluster is None:
+            raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
+        raise OwnerUnavailableError(
+            f"no gateway holds the console of {vm_id} right now (failover); try again"
+        )
+    host, _, port = owner[1].rpartition(":")
+    head = encode_forwarded_request(request.path, request.headers.items(), fwd)
+    return ForwardGrant(
+        host.strip("[]"), int(port), head, cluster.peer_ssl, cluster.forward_timeout
+    )
+
+
+def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant:
+    """A session another gateway admitted and relays here, the VM's owner.
+
+    Raises:
+        ForbiddenError: the connection is not a gateway's (a client sent the headers).
+        OwnerUnavailableError: this gateway does not own the VM (any more): no second hop.
+    """
+    if request.peer_gateway is None:
+        raise _Forbidden("forwarded sessions come only from gateways", code="forbidden")
+    fwd = parse_forwarded_headers(request.headers)
+    principal = Principal(fwd.principal, fwd.groups, fwd.amr)
+    client = dataclasses.replace(request, peer=fwd.client_peer)
+    vm, role = gw.access.authorize(principal, vm_id, client)
+    hub = gw.hubs.get(vm.id)
+    if hub is None:
+        raise OwnerUnavailableError(f"this gateway does not hold the console of {vm_id}")
+    want_writer = fwd.mode == "interactive" and at_least(role, "contributor")
+    return _admit_local(
+        gw, client, hub, principal, role, fwd.session_id, want_writer, fwd.resume_from
+    )

@@ -20,16 +20,20 @@ import contextlib
 import datetime
 import gc
 import signal
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
 
 from . import api, control, native
-from .access import AccessPolicy
+from .access import AccessPolicy, SharedStateError
 from .auth import Authenticator, Principal
 from .certs import certificate_not_after
+from .cluster.node import ClusterNode, Outbox
+from .cluster.peerlink import PeerTrust, peer_client_context, trust_peer_ca
+from .cluster.store import ClusterStore, ClusterUnavailableError
 from .config import Config, VmConfig, load_config
-from .connection import ConsoleGrant, HttpConnection
+from .connection import ConsoleGrant, ForwardGrant, HttpConnection, client_cert_cn
 from .errors import ConfigError, ConsoleLogError, PeerError
 from .health import HealthConnection, make_registry
 from .http import HttpResponse, Request
@@ -53,6 +57,48 @@ SWEEP_BATCH = 256
 GC_THRESHOLDS = (10_000, 10, 10)
 
 
+def _server_context(config: Config) -> ssl.SSLContext:
+    """The listener's TLS context; in a cluster it also verifies gateways' certificates."""
+    ctx = server_context(config.tls)
+    if config.cluster is not None:
+        trust_peer_ca(ctx, config.cluster.peer_ca)
+    return ctx
+
+
+class GatewayCluster:
+    """This gateway's cluster membership: the node, the peer-link contexts, the shared log."""
+
+    def __init__(self, gateway: Gateway, config: Config) -> None:
+        assert config.cluster is not None
+        cluster = config.cluster
+        self.store = ClusterStore.from_config(config)
+        self.gateway_id = cluster.gateway_id
+        self.peer_ssl = peer_client_context(
+            config.tls.cert, config.tls.key, cluster.peer_ca, min_version=config.tls.min_version
+        )
+        self.trust = PeerTrust.load(cluster.peer_ca, config.tls.client_ca)
+        self.forward_timeout = max(2.0, config.gateway.handshake_timeout)
+        limits = config.limits
+        self.node = ClusterNode(
+            gateway,
+            self.store,
+            gateway_id=cluster.gateway_id,
+            advertise=str(cluster.advertise),
+            lease_ttl=cluster.lease_ttl,
+            ring_bytes=min(limits.output_buffer_bytes, limits.console_log_bytes),
+            log_bytes=limits.console_log_bytes,
+        )
+
+    @property
+    def log(self) -> ClusterStore:
+        """The shared console log."""
+        return self.store
+
+    def owner_of(self, vm_id: str) -> tuple[str, str] | None:
+        """(gateway id, advertise address) of the VM's owner, as of the last round."""
+        return self.node.owner_of(vm_id)
+
+
 def _cert_not_after(config: Config) -> datetime.datetime:
     """When the configured server certificate expires (already loadable: checked by TLS)."""
     try:
@@ -70,9 +116,18 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.region = config.gateway.region
-        self.ssl_context = server_context(config.tls)
+        self.ssl_context = _server_context(config)
         self.access = AccessPolicy(config)
-        self.hubs: dict[str, ConsoleHub] = {vm.id: self._new_hub(vm, config) for vm in config.vms}
+        self.cluster: GatewayCluster | None = None
+        if config.cluster is not None:
+            # Hubs come and go with ownership (cluster/node.py); switches and tickets
+            # are the region's.
+            self.cluster = GatewayCluster(self, config)
+            self.access.shared_switches = self.cluster.node
+            self.access.shared_tickets = self.cluster.store
+            self.hubs: dict[str, ConsoleHub] = {}
+        else:
+            self.hubs = {vm.id: self._new_hub(vm, config) for vm in config.vms}
         self.sessions: dict[str, ConsoleSession] = {}
         self.connections: set[HttpConnection] = set()
         self.draining = False
@@ -100,6 +155,46 @@ class Gateway:
         """The protocol for a connection that completed its TLS handshake."""
         return HttpConnection(self, peer=peer)
 
+    def peer_identity(self, transport: asyncio.Transport) -> tuple[str | None, str | None]:
+        """(user certificate CN, peer gateway id): a gateway's certificate is never a user's."""
+        if self.cluster is None:
+            return client_cert_cn(transport), None
+        ssl_object = transport.get_extra_info("ssl_object")
+        trust = self.cluster.trust
+        gateway = trust.gateway_identity(ssl_object)
+        user = client_cert_cn(transport) if trust.user_certificate_allowed(ssl_object) else None
+        return user, gateway
+
+    # -- what the cluster node asks (cluster/node.py's NodeOwner) ---------------------------
+
+    def configured_vms(self) -> dict[str, VmConfig]:
+        """Every VM of the region's configuration."""
+        return self.access.vms
+
+    def open_hub(self, vm: VmConfig, history: tuple[int, bytes], sink: Outbox) -> ConsoleHub:
+        """This gateway now owns `vm`: a hub from the shared log's tail, its port opening."""
+        hub = ConsoleHub(vm, self.config.limits, sink=sink, history=history)
+        self.hubs[vm.id] = hub
+        if self._tg is not None:
+            self._start_hub(hub)
+        return hub
+
+    def close_hub(self, vm_id: str, reason: str) -> None:
+        """This gateway no longer owns the VM: close the port now, send its sessions away."""
+        hub = self.hubs.pop(vm_id, None)
+        task = self._hub_tasks.pop(vm_id, None)
+        if task is not None:
+            task.cancel()
+        if hub is not None:
+            log.info("cluster_vm_released", vm=vm_id, reason=reason)
+            hub.close_all(control.CLOSE_GOING_AWAY, f"{reason}; reconnect to resume")
+
+    def switches_changed(self) -> None:
+        """A console switch changed somewhere in the region: end what it disabled here."""
+        for hub in list(self.hubs.values()):
+            if hub.clients and not self.console_enabled(hub.vm):
+                hub.close_all(control.CLOSE_DISABLED, "serial console disabled")
+
     def admit_connection(self, peer: str) -> PeerError | None:
         """Count a new connection; the refusal to answer its first request with, if over rate."""
         return self.access.admit_connection(peer)
@@ -112,7 +207,7 @@ class Gateway:
         """Route a plain request."""
         return await api.handle(self, request)
 
-    async def open_console(self, request: Request) -> ConsoleGrant:
+    async def open_console(self, request: Request) -> ConsoleGrant | ForwardGrant:
         """Admit a console upgrade, or raise `PeerError`."""
         return await api.open_console(self, request)
 
@@ -134,7 +229,13 @@ class Gateway:
 
         Returns the number of sessions closed.
         """
-        self.access.switches.set(level, key, enabled)
+        if self.cluster is not None:
+            try:
+                await self.cluster.node.set_switch(level, key, enabled)
+            except ClusterUnavailableError as exc:
+                raise SharedStateError(f"switch not changed: {exc}") from None
+        else:
+            self.access.switches.set(level, key, enabled)
         log.info("serial_console_switched", level=level, key=key, enabled=enabled, by=by)
         if enabled:
             return 0
@@ -193,6 +294,10 @@ class Gateway:
                 self._tg = tg
                 for hub in self.hubs.values():
                     self._start_hub(hub)
+                node_task: asyncio.Task[None] | None = None
+                if self.cluster is not None:
+                    await self._join_cluster(self.cluster)
+                    node_task = tg.create_task(self.cluster.node.run(), name="cluster")
                 if gw.health_listen is not None:
                     registry = make_registry(self)
                     health_server = await loop.create_server(
@@ -228,6 +333,14 @@ class Gateway:
                 await self._stop.wait()
                 self.notifier.notify("STOPPING=1", "STATUS=draining")
                 await self._shutdown(accepting)
+                if node_task is not None and self.cluster is not None:
+                    # Leaving releases our leases: the other gateways claim them at once.
+                    self.cluster.node.stop()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT):
+                            await asyncio.shield(node_task)
+                    node_task.cancel()
+                    await asyncio.gather(node_task, return_exceptions=True)
                 for task in (*self._hub_tasks.values(), sweeper, watchdog):
                     task.cancel()
         finally:
@@ -238,11 +351,28 @@ class Gateway:
             if health_server is not None:
                 health_server.close()
                 await health_server.wait_closed()
+            if self.cluster is not None:
+                await self.cluster.store.close()
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             self.notifier.close()
             log.info("gateway_stopped")
+
+    async def _join_cluster(self, cluster: GatewayCluster) -> None:
+        """Before serving: the switch overrides (or no console is served), a first round."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PORTS_TRIED_TIMEOUT
+        while True:
+            try:
+                await cluster.node.load_switches()
+                break
+            except ClusterUnavailableError as exc:
+                if loop.time() >= deadline:
+                    log.error("cluster_start_without_redis", error=str(exc))
+                    return  # serve; consoles stay refused until the switches are read
+                await asyncio.sleep(0.5)
+        await cluster.node.round()
 
     @staticmethod
     def _new_hub(vm: VmConfig, config: Config) -> ConsoleHub:
@@ -300,10 +430,10 @@ class Gateway:
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             config = load_config(self.config.path)
-            ssl_context = server_context(config.tls)
+            ssl_context = _server_context(config)
             authenticator = Authenticator(config.auth)
             cert_expiry = _cert_not_after(config)
-            added = self._open_added_hubs(config)
+            added = self._open_added_hubs(config) if self.cluster is None else {}
         except (ConfigError, ConsoleLogError) as exc:
             log.error("config_reload_failed", error=str(exc))
             self.notifier.notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
@@ -317,7 +447,8 @@ class Gateway:
         self.access.reload(config, authenticator)
         self.cert_not_after = cert_expiry
         wanted = {vm.id: vm for vm in config.vms}
-        for vm_id in [v for v in self.hubs if v not in wanted]:
+        # In a cluster, VMs added or removed are claimed or released by the node's next round.
+        for vm_id in [v for v in self.hubs if v not in wanted and self.cluster is None]:
             hub = self.hubs.pop(vm_id)
             hub.close_all(control.CLOSE_UNKNOWN_VM, "vm removed from the gateway configuration")
             task = self._hub_tasks.pop(vm_id)
@@ -327,6 +458,8 @@ class Gateway:
         for vm_id, vm in wanted.items():
             existing = self.hubs.get(vm_id)
             if existing is None:
+                if vm_id not in added:
+                    continue
                 self.hubs[vm_id] = added[vm_id]
                 self._start_hub(self.hubs[vm_id])
             elif existing.reconfigure(vm, config.limits):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +30,8 @@ from websockets.typing import Subprotocol
 
 from . import control
 from .auth import Principal
+from .cluster.forwarding import PeerLinkError
+from .cluster.peerlink import Splice, open_peer, splice
 from .config import Config, Role
 from .errors import PeerError, ServiceUnavailableError
 from .http import HttpResponse, Request, encode_response, raw_error
@@ -67,6 +70,22 @@ class ConsoleGrant:
     session_id: str
     want_writer: bool
     resume_from: int | None
+    peer: str  # the client's real address, for audit (a forwarded session's, too)
+
+
+@dataclass(frozen=True)
+class ForwardGrant:
+    """An admitted session for a VM another gateway owns: relay the client to it.
+
+    `head` is the forwarded upgrade (cluster/forwarding.py); the owner's
+    answer, a 101 or a refusal, goes to the client verbatim.
+    """
+
+    host: str
+    port: int
+    head: bytes
+    ssl_context: ssl.SSLContext
+    timeout: float
 
 
 class ConnectionOwner(Protocol):
@@ -89,7 +108,10 @@ class ConnectionOwner(Protocol):
     async def handle(self, request: Request) -> HttpResponse:
         """Answer a plain request, or raise `PeerError`."""
 
-    async def open_console(self, request: Request) -> ConsoleGrant:
+    def peer_identity(self, transport: asyncio.Transport) -> tuple[str | None, str | None]:
+        """(user certificate CN, peer gateway id) of a verified client certificate."""
+
+    async def open_console(self, request: Request) -> ConsoleGrant | ForwardGrant:
         """Admit a console upgrade (every check before the 101), or raise `PeerError`."""
 
     def connection_opened(self, conn: HttpConnection) -> None:
@@ -115,6 +137,8 @@ class HttpConnection(asyncio.Protocol):
         self._body = bytearray()
         self._deadline: asyncio.TimerHandle | None = None
         self._cert_cn: str | None = None
+        self._gateway: str | None = None
+        self._relay: Splice | None = None
         self._refusal: PeerError | None = None
         self._http_paused = False
         # The request being answered (the owner may wait on Redis); the next one waits.
@@ -129,7 +153,7 @@ class HttpConnection(asyncio.Protocol):
         peername = self.transport.get_extra_info("peername")
         if self.peer == "-" and isinstance(peername, tuple):
             self.peer = str(peername[0])
-        self._cert_cn = _client_cert_cn(self.transport)
+        self._cert_cn, self._gateway = self.owner.peer_identity(self.transport)
         self._refusal = self.owner.admit_connection(self.peer)
         self.owner.connection_opened(self)
         self._arm_deadline()
@@ -199,6 +223,7 @@ class HttpConnection(asyncio.Protocol):
             and self.transport is not None
             and not self._http_paused
             and self._serving is None
+            and self._relay is None
         ):
             try:
                 event = self._h11.next_event()
@@ -248,6 +273,7 @@ class HttpConnection(asyncio.Protocol):
             bytes(self._body),
             self.peer,
             self._cert_cn,
+            self._gateway,
         )
         try:
             if self.owner.draining:
@@ -266,7 +292,9 @@ class HttpConnection(asyncio.Protocol):
             try:
                 if request.method == "GET" and console_vm(request.path) is not None:
                     grant = await self.owner.open_console(request)
-                    if self.transport is not None and not self.transport.is_closing():
+                    if isinstance(grant, ForwardGrant):
+                        await self._forward(grant)
+                    elif self.transport is not None and not self.transport.is_closing():
                         self._upgrade(request, raw, grant)
                     return
                 response = await self.owner.handle(request)
@@ -334,7 +362,7 @@ class HttpConnection(asyncio.Protocol):
             session_id=grant.session_id,
             principal=grant.principal,
             role=grant.role,
-            peer=self.peer,
+            peer=grant.peer,
             region=self.owner.config.gateway.region,
             output_queue_bytes=self.owner.config.limits.output_queue_bytes,
         )
@@ -348,8 +376,49 @@ class HttpConnection(asyncio.Protocol):
         if leftover:
             session.data_received(bytes(leftover))
 
+    async def _forward(self, grant: ForwardGrant) -> None:
+        """Relay the client to the VM's owner: its answer verbatim, then bytes both ways.
 
-def _client_cert_cn(transport: asyncio.Transport) -> str | None:
+        Raises:
+            PeerError: (503) the owner cannot be reached; the client may retry.
+        """
+        try:
+            peer = await open_peer(
+                grant.host, grant.port, grant.ssl_context, grant.head, grant.timeout
+            )
+        except PeerLinkError as exc:
+            log.warning("peer_link_failed", peer=self.peer, error=str(exc))
+            raise OwnerUnavailableError(
+                "the gateway that owns this console cannot be reached; try again"
+            ) from None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            peer.abort()
+            return
+        if peer.status != 101:  # a refusal (409, 403, ...): the owner's words, then close
+            transport.write(peer.response)
+            transport.close()
+            return
+        leftover, _ = self._h11.trailing_data
+        self._cancel_deadline()
+        self._relay = splice(transport, peer, client_data=bytes(leftover), on_done=self._relayed)
+
+    def _relayed(self, relay: Splice) -> None:
+        """Both ends of a relayed session are gone."""
+        self._forget()
+
+
+class OwnerUnavailableError(ServiceUnavailableError):
+    """The VM's owner is not reachable right now (failover in progress, or a network fault)."""
+
+    code = "owner_unavailable"
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """A new owner takes over within seconds."""
+        return [("Retry-After", "1")]
+
+
+def client_cert_cn(transport: asyncio.Transport) -> str | None:
     """The subject CN of a verified client certificate, if one was presented."""
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:

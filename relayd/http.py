@@ -30,6 +30,7 @@ class Request:
     body: bytes
     peer: str
     client_cert_cn: str | None = None
+    peer_gateway: str | None = None  # a verified gateway certificate's name (cluster)
 
 
 @dataclass

@@ -1,0 +1,448 @@
+"""One gateway's part in the regional service: leases carried out, output shipped, switches heard.
+
+`ClusterNode` is the I/O side of `ownership.py`: every ``lease_ttl / 3`` it
+reads the round's state from Redis in one round trip (`ClusterStore.observe`),
+asks `ownership.plan` what to do and does it: a claimed VM gets a hub (its
+port opened, its ring started from the shared log's tail), a lost or released
+VM's hub is stopped at once (its port closed, its sessions told to come back).
+It also keeps every owned VM's console output flowing into the VM's Redis
+stream (`Outbox`, one shared appender task, fenced by the lease's token) and
+mirrors the console switches that any gateway sets.
+
+Redis trouble never breaks what works: a failed round changes nothing (ports
+stay open, sessions go on), output waits in each outbox (bounded by
+`console_log_bytes`; what overflows becomes a recorded gap), and when Redis
+answers again the holders re-assert their leases first (`grace`), so no VM
+changes owner because of an outage. A gateway that was frozen (SIGSTOP) for
+longer than a lease notices on its next round (`stalled`) and closes every
+port it held without touching Redis: by then another gateway may own them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..config import VmConfig
+from ..hub import ConsoleHub
+from ..log import get_logger
+from ..switches import Level
+from .ownership import Claim, Decision, Lease, Lost, Nothing, OwnershipPolicy, Release, Renew
+from .store import (
+    ClusterStore,
+    ClusterUnavailableError,
+    SwitchChange,
+    SwitchesResync,
+    SwitchEvent,
+)
+
+log = get_logger("relayd.cluster")
+
+APPEND_RETRY_MIN = 0.1
+APPEND_RETRY_MAX = 1.0
+ERROR_LOG_INTERVAL = 30.0
+
+
+def _reraise_cancellation() -> None:
+    """Honour a cancellation that a Redis deadline turned into an error.
+
+    On Python 3.11, a task cancelled just as an `asyncio.timeout` expires can see
+    `TimeoutError` instead of `CancelledError` (fixed in 3.12); the store turns
+    that into `ClusterUnavailableError`, and a retry loop would then never stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+class NodeOwner(Protocol):
+    """What the node needs of its gateway."""
+
+    def configured_vms(self) -> Mapping[str, VmConfig]:
+        """Every VM of the region's configuration, by id."""
+
+    def open_hub(self, vm: VmConfig, history: tuple[int, bytes], sink: Outbox) -> ConsoleHub:
+        """Start a hub for a VM this gateway now owns (its port opens)."""
+
+    def close_hub(self, vm_id: str, reason: str) -> None:
+        """Stop an owned VM's hub at once: close its port, end its sessions."""
+
+    def switches_changed(self) -> None:
+        """Switch overrides changed: end sessions of consoles now disabled."""
+
+
+class Outbox:
+    """An owned VM's console output on its way to the shared log (the hub's `LogSink`).
+
+    `append` only buffers and wakes the appender; what is buffered is bounded
+    by `limit` bytes: the oldest chunks go first, and the log records the hole
+    as a gap when the rest arrives.
+    """
+
+    def __init__(self, vm: str, token: int, limit: int, wake: Callable[[], None]) -> None:
+        self.vm = vm
+        self.token = token
+        self.limit = limit
+        self.chunks: deque[tuple[int, bytes]] = deque()
+        self.size = 0
+        self.dropped = 0
+        self._wake = wake
+
+    def append(self, offset: int, data: bytes) -> None:
+        """Buffer output that starts at `offset` (called by the hub, never waits)."""
+        self.chunks.append((offset, data))
+        self.size += len(data)
+        while self.size > self.limit and len(self.chunks) > 1:
+            _, old = self.chunks.popleft()
+            self.size -= len(old)
+            self.dropped += len(old)
+        self._wake()
+
+    def batch(self) -> tuple[int, list[bytes]] | None:
+        """What to send now: the first offset and the contiguous chunks from it."""
+        if not self.chunks:
+            return None
+        start, first = self.chunks[0]
+        out, end = [first], start + len(first)
+        for offset, data in list(self.chunks)[1:]:
+            if offset != end:
+                break  # a hole (dropped while Redis was away): the next batch starts after it
+            out.append(data)
+            end += len(data)
+        return start, out
+
+    def stored(self, end: int) -> None:
+        """The shared log holds everything before `end`: forget it."""
+        while self.chunks:
+            offset, data = self.chunks[0]
+            if offset + len(data) <= end:
+                self.chunks.popleft()
+                self.size -= len(data)
+            elif offset < end:
+                self.chunks[0] = (end, data[end - offset :])
+                self.size -= end - offset
+                break
+            else:
+                break
+
+
+@dataclass
+class NodeStats:
+    """Counters for /metrics."""
+
+    redis_errors: int = 0
+    rounds: int = 0
+    renew_seconds: float = 0.0  # the last round's round trip
+    appended_bytes: int = 0
+    fenced_appends: int = 0
+    owner_changes: int = 0
+    errors_by_call: dict[str, int] = field(default_factory=dict)
+
+
+class ClusterNode:
+    """Runs the ownership rounds, the log appender and the switch watcher of one gateway."""
+
+    def __init__(
+        self,
+        owner: NodeOwner,
+        store: ClusterStore,
+        *,
+        gateway_id: str,
+        advertise: str,
+        lease_ttl: float,
+        ring_bytes: int,
+        log_bytes: int,
+    ) -> None:
+        self.owner = owner
+        self.store = store
+        self.gateway_id = gateway_id
+        self.advertise = advertise
+        self.lease_ttl = lease_ttl
+        self.ring_bytes = ring_bytes
+        self.log_bytes = log_bytes
+        self.held: dict[str, int] = {}
+        self.outboxes: dict[str, Outbox] = {}
+        # Where each VM is owned, as of the last round: vm -> (gateway, advertise address).
+        self.owners: dict[str, tuple[str, str]] = {}
+        self.switches: dict[str, dict[str, bool]] = {}
+        self.redis_up = False
+        self.switches_loaded = False
+        self._resync = asyncio.Event()
+        self.first_round = asyncio.Event()
+        self._rounds_seen = asyncio.Condition()
+        self.stats = NodeStats()
+        self.policy = OwnershipPolicy(gateway_id, lease_ttl)
+        self._dataset: str | None = None
+        self._down_since: float | None = None
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._error_logged = 0.0
+
+    # -- what the gateway asks --------------------------------------------------------------
+
+    def owner_of(self, vm_id: str) -> tuple[str, str] | None:
+        """(gateway id, advertise address) of the VM's owner, None while nobody owns it."""
+        return self.owners.get(vm_id)
+
+    def get(self, level: str, key: str) -> bool | None:
+        """A switch override as the region has it (None: the config's default applies)."""
+        return self.switches.get(level, {}).get(key)
+
+    async def load_switches(self) -> None:
+        """Read every switch override (before serving, and after each resubscription).
+
+        Raises:
+            ClusterUnavailableError: Redis did not answer.
+        """
+        switches = await self.store.all_switches()
+        self.switches = {level: dict(values) for level, values in switches.items()}
+        self.switches_loaded = True
+
+    async def set_switch(self, level: Level, key: str, enabled: bool) -> None:
+        """Persist an override in Redis, announce it, and apply it here at once.
+
+        Raises:
+            ClusterUnavailableError: Redis did not take it (nothing changed).
+        """
+        await self.store.set_switch(level, key, enabled)
+        self.switches.setdefault(level, {})[key] = enabled
+
+    # -- the tasks --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Rounds, appends and switch changes until `stop()`; then leave the region."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self._rounds(), name="cluster-rounds"),
+                    tg.create_task(self._appender(), name="cluster-appender"),
+                    tg.create_task(
+                        self.store.watch_switches(self._on_switch), name="cluster-switches"
+                    ),
+                    tg.create_task(self._resync_switches(), name="cluster-switch-resync"),
+                ]
+                await self._stopping.wait()
+                for task in tasks:
+                    task.cancel()
+                # Each loop also checks `_stopping` when woken: on 3.11 a cancellation that
+                # meets a Redis deadline can be lost (see `_reraise_cancellation`).
+                self._wake.set()
+                self._resync.set()
+        finally:
+            await self._leave()
+
+    def stop(self) -> None:
+        """Begin leaving: the loops end, then output is shipped and leases released."""
+        self._stopping.set()
+
+    async def _leave(self) -> None:
+        """A clean stop: ship what output is left, release our leases, drop the heartbeat."""
+        try:
+            async with asyncio.timeout(2 * self.store.timeout + 0.5):
+                await self._append_once()
+                if self.held:
+                    await self.store.release_many(dict(self.held))
+                await self.store.leave()
+        except (ClusterUnavailableError, TimeoutError) as exc:
+            log.warning("cluster_leave_incomplete", error=str(exc))
+        for vm_id in list(self.held):
+            self._drop(vm_id, "gateway shutting down")
+
+    async def _rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        period = self.lease_ttl / 3
+        while not self._stopping.is_set():
+            started = loop.time()
+            await self.round()
+            await asyncio.sleep(max(0.0, period - (loop.time() - started)))
+
+    async def round(self) -> None:
+        """One ownership round: observe, decide, carry out (errors change nothing)."""
+        now = asyncio.get_running_loop().time()
+        vms = self.owner.configured_vms()
+        try:
+            began = time.perf_counter()
+            state = await self.store.observe(self.advertise, vms)
+            self.stats.renew_seconds = time.perf_counter() - began
+            data_lost = self._dataset is not None and state.dataset != self._dataset
+            if data_lost:
+                log.warning("cluster_redis_data_lost")
+            self._dataset = state.dataset
+            self._redis_answered(now)
+            decisions = self.policy.decide(
+                now, state.live, state.holders, dict(self.held), data_lost=data_lost
+            )
+            await self._carry_out(decisions)
+            self._note_owners(state.holders, state.live)
+            self.stats.rounds += 1
+            self.first_round.set()
+        except ClusterUnavailableError as exc:
+            _reraise_cancellation()
+            self.policy.failed(now)
+            self._redis_failed("round", exc, now)
+        async with self._rounds_seen:
+            self._rounds_seen.notify_all()
+
+    async def next_round(self) -> None:
+        """Wait until the next round has run (for tools and tests that watch ownership)."""
+        async with self._rounds_seen:
+            await self._rounds_seen.wait()
+
+    def _redis_answered(self, now: float) -> None:
+        if self._down_since is not None:
+            log.info("cluster_redis_back", outage_seconds=round(now - self._down_since, 2))
+            self._down_since = None
+            self._wake.set()  # ship what waited
+        self.redis_up = True
+
+    def _redis_failed(self, call: str, exc: ClusterUnavailableError, now: float) -> None:
+        self.stats.redis_errors += 1
+        self.stats.errors_by_call[call] = self.stats.errors_by_call.get(call, 0) + 1
+        if self._down_since is None:
+            self._down_since = now
+        self.redis_up = False
+        self.switches_loaded = False
+        self._resync = asyncio.Event()
+        if now - self._error_logged >= ERROR_LOG_INTERVAL:
+            self._error_logged = now
+            log.error("cluster_redis_unavailable", call=call, error=str(exc))
+
+    def _note_owners(self, holders: Mapping[str, Lease | None], live: Mapping[str, str]) -> None:
+        owners: dict[str, tuple[str, str]] = {}
+        for vm_id, lease in holders.items():
+            if lease is None:
+                continue
+            if lease.gateway == self.gateway_id:
+                if vm_id in self.held:
+                    owners[vm_id] = (self.gateway_id, self.advertise)
+            elif lease.gateway in live:
+                owners[vm_id] = (lease.gateway, live[lease.gateway])
+        for vm_id in self.held:
+            owners[vm_id] = (self.gateway_id, self.advertise)
+        self.owners = owners
+
+    async def _carry_out(self, decisions: tuple[Decision, ...]) -> None:
+        renew = {d.vm: d.token for d in decisions if isinstance(d, Renew)}
+        release = {d.vm: d.token for d in decisions if isinstance(d, Release)}
+        claims = {d.vm: d.floor for d in decisions if isinstance(d, Claim)}
+        for d in decisions:
+            if isinstance(d, Lost):
+                log.warning("cluster_lease_lost", vm=d.vm, token=d.token)
+                self._drop(d.vm, "this gateway no longer owns the console")
+        if release:
+            for vm_id in release:
+                self._drop(vm_id, "the console moved to another gateway")
+            await self.store.release_many(release)
+        if renew:
+            kept = await self.store.renew_many(renew)
+            for vm_id, ok in kept.items():
+                if not ok:
+                    log.warning("cluster_renew_refused", vm=vm_id, token=renew[vm_id])
+                    self._drop(vm_id, "this gateway no longer owns the console")
+        if claims:
+            granted = await self.store.claim_many(claims)
+            for vm_id, token in granted.items():
+                if token is not None:
+                    await self._take(vm_id, token)
+
+    async def _take(self, vm_id: str, token: int) -> None:
+        """A claim was granted: start the hub from the shared log's tail."""
+        vm = self.owner.configured_vms().get(vm_id)
+        if vm is None:
+            await self.store.release(vm_id, token)
+            return
+        start, end = await self.store.bounds(vm_id)
+        history: tuple[int, bytes] = (end, b"")
+        if end > start:
+            tail = await self.store.read(vm_id, max(start, end - self.ring_bytes), self.ring_bytes)
+            if tail.offset + len(tail.data) == end:  # contiguous to the end: prefill the ring
+                history = (tail.offset, tail.data)
+        self.policy.claimed(vm_id, token)
+        self.held[vm_id] = token
+        self.stats.owner_changes += 1
+        outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set)
+        self.outboxes[vm_id] = outbox
+        log.info("cluster_vm_claimed", vm=vm_id, token=token, offset=end)
+        self.owner.open_hub(vm, history, outbox)
+
+    def _drop(self, vm_id: str, reason: str) -> None:
+        """Stop owning a VM here: port closed, sessions ended, output not shipped any more."""
+        token = self.held.pop(vm_id, None)
+        self.outboxes.pop(vm_id, None)
+        if token is not None:
+            self.owner.close_hub(vm_id, reason)
+
+    # -- console output -----------------------------------------------------------------------
+
+    async def _appender(self) -> None:
+        """Ship buffered output as soon as it arrives: one pipelined round trip per batch."""
+        delay = APPEND_RETRY_MIN
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                await self._append_once()
+                delay = APPEND_RETRY_MIN
+            except ClusterUnavailableError as exc:
+                _reraise_cancellation()
+                self._redis_failed("append", exc, asyncio.get_running_loop().time())
+                await asyncio.sleep(delay)
+                delay = min(APPEND_RETRY_MAX, delay * 2)
+                self._wake.set()
+
+    async def _append_once(self) -> None:
+        batches: list[tuple[str, int, int, list[bytes]]] = []
+        for outbox in list(self.outboxes.values()):
+            batch = outbox.batch()
+            if batch is not None:
+                batches.append((outbox.vm, outbox.token, batch[0], batch[1]))
+        if not batches:
+            return
+        results = await self.store.append_many(batches)
+        for (vm_id, token, _, _sent), result in zip(batches, results, strict=True):
+            box = self.outboxes.get(vm_id)
+            if box is None or box.token != token:
+                continue
+            if result.ok:
+                box.stored(result.end)
+                self.stats.appended_bytes += result.written
+                if box.chunks:
+                    self._wake.set()
+            elif result.status == "fenced":
+                self.stats.fenced_appends += 1
+                log.warning("cluster_append_fenced", vm=vm_id, token=token)
+                self._drop(vm_id, "this gateway no longer owns the console")
+            # "lapsed": the next round re-creates the lease; the output waits for it.
+
+    # -- switches -----------------------------------------------------------------------------
+
+    def _on_switch(self, event: SwitchEvent) -> None:
+        if isinstance(event, SwitchChange):
+            self.switches.setdefault(event.level, {})[event.key] = event.enabled
+            self.owner.switches_changed()
+        elif isinstance(event, SwitchesResync):
+            self._resync.set()
+
+    async def _resync_switches(self) -> None:
+        """Re-read every override whenever the watcher (re)subscribes: changes may be missed."""
+        while True:
+            await self._resync.wait()
+            self._resync.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                await self.load_switches()
+            except ClusterUnavailableError as exc:
+                _reraise_cancellation()
+                self._redis_failed("all_switches", exc, asyncio.get_running_loop().time())
+                continue
+            self.owner.switches_changed()
+
+
+__all__ = ["ClusterNode", "NodeOwner", "NodeStats", "Nothing", "Outbox"]

@@ -1,0 +1,299 @@
+"""Two gateways in one region, in this process, on a real redis-server and real TLS.
+
+The same VM list on both: exactly one owns each VM's port; a console opened on
+the other gateway is relayed to the owner and behaves the same; a ticket from
+one is redeemed once on the other; a switch set on one closes sessions on both;
+the console log reads the same everywhere; and when the owner stops, the other
+takes the VM over and a client resumes by offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from relayd.app import Gateway
+from relayd.config import Config, load_config
+
+from ..conftest import (
+    AUDIENCE,
+    ISSUER,
+    TIMEOUT,
+    Console,
+    FarEnd,
+    http_request,
+    https_exchange,
+    toml_value,
+)
+from .conftest import RedisServer
+
+pytestmark = pytest.mark.asyncio
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def gateway_pki(tmp_path: Path) -> dict[str, Path]:
+    """A CA whose server certificates carry a CN and both EKUs (gateways present them)."""
+    ca = trustme.CA()
+    d = tmp_path / "pki"
+    d.mkdir()
+    cert = ca.issue_cert("localhost", "127.0.0.1", common_name="gw.test")
+    cert.private_key_pem.write_to_path(str(d / "server.key"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "server.crt"))
+    ca.cert_pem.write_to_path(str(d / "ca.crt"))
+    (d / "hs256.key").write_text("x" * 64)
+    return {
+        "cert": d / "server.crt",
+        "key": d / "server.key",
+        "ca": d / "ca.crt",
+        "secret": d / "hs256.key",
+    }
+
+
+@pytest.fixture
+def cluster_config(
+    tmp_path: Path, gateway_pki: dict[str, Path], redis_server: RedisServer
+) -> Callable[..., Config]:
+    """`cluster_config("gw-1", far_end_port)`: a gateway of the test region."""
+
+    def write(gateway_id: str, serial_port: int, **vm: Any) -> Config:
+        port = _free_port()
+        d = tmp_path / gateway_id
+        d.mkdir(exist_ok=True)
+        values = {
+            "[gateway]": {
+                "region": "test",
+                "listen": f"127.0.0.1:{port}",
+                "health_listen": "127.0.0.1:0",
+                "state_dir": str(d / "state"),
+                "drain_seconds": 0.2,
+            },
+            "[tls]": {"cert": gateway_pki["cert"], "key": gateway_pki["key"]},
+            "[auth]": {
+                "issuer": ISSUER,
+                "audience": AUDIENCE,
+                "hs256_secret_file": gateway_pki["secret"],
+            },
+            "[cluster]": {
+                "redis": redis_server.url,
+                "gateway_id": gateway_id,
+                "advertise": f"127.0.0.1:{port}",
+                "peer_ca": gateway_pki["ca"],
+                "lease_ttl": "1s",
+            },
+        }
+        lines: list[str] = []
+        for section, items in values.items():
+            lines.append(section)
+            lines += [f"{k} = {toml_value(v)}" for k, v in items.items()]
+        lines += [
+            "[[subscriptions]]",
+            'id = "sub-1"',
+            "[[vms]]",
+            'id = "vm-a"',
+            'subscription = "sub-1"',
+            f'serial = "tcp://127.0.0.1:{serial_port}"',
+        ]
+        lines += [f"{k} = {toml_value(v)}" for k, v in vm.items()]
+        for principal, role in (
+            ("user:alice", "contributor"),
+            ("user:bob", "contributor"),
+            ("user:olga", "owner"),
+        ):
+            lines += [
+                "[[role_assignments]]",
+                f'principal = "{principal}"',
+                f'role = "{role}"',
+                'scope = "/subscriptions/sub-1"',
+            ]
+        path = d / "relayd.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return load_config(path)
+
+    return write
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[Gateway]:
+    gateway = Gateway(config)
+    task = asyncio.create_task(gateway.serve())
+    ready = asyncio.create_task(gateway.ready.wait())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+        yield gateway
+    finally:
+        ready.cancel()
+        gateway.stop()
+        await task
+
+
+async def until(predicate: Callable[[], bool], *gateways: Gateway) -> None:
+    """Wait (bounded) for a state the gateways reach in their ownership rounds."""
+    nodes = [g.cluster.node for g in gateways if g.cluster is not None]
+    async with asyncio.timeout(TIMEOUT):
+        while not predicate():
+            rounds = [asyncio.ensure_future(node.next_round()) for node in nodes]
+            try:
+                await asyncio.wait(rounds, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for r in rounds:
+                    r.cancel()
+
+
+def _owner(*gateways: Gateway) -> tuple[Gateway, Gateway]:
+    owners = [g for g in gateways if "vm-a" in g.hubs]
+    assert len(owners) == 1, [g.hubs for g in gateways]
+    others = [g for g in gateways if g is not owners[0]]
+    return owners[0], others[0]
+
+
+@contextlib.asynccontextmanager
+async def console(
+    gateway: Gateway, ctx: ssl.SSLContext, token: str, query: str = ""
+) -> AsyncIterator[Console]:
+    url = f"wss://localhost:{gateway.tls_port}/v1/vms/vm-a/console" + (f"?{query}" if query else "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with connect(
+        url,
+        ssl=ctx,
+        subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+        additional_headers=headers,
+        open_timeout=TIMEOUT,
+        max_size=None,
+    ) as ws:
+        c = Console(ws)
+        c.hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+        assert c.hello["type"] == "hello"
+        yield c
+
+
+async def api(
+    gateway: Gateway, method: str, path: str, ctx: ssl.SSLContext, bearer: str, body: bytes = b""
+) -> tuple[int, bytes]:
+    status, _, data = await https_exchange(
+        gateway.tls_port, ctx, http_request(method, path, bearer=bearer, body=body)
+    )
+    return status, data
+
+
+def _mint(gateway_pki: dict[str, Path]) -> Callable[[str], str]:
+    from relayd.auth import issue_token
+
+    secret = gateway_pki["secret"].read_bytes().strip()
+    return lambda sub: issue_token(secret, sub=sub, issuer=ISSUER, audience=AUDIENCE)
+
+
+async def test_two_gateways_one_owner_and_a_relayed_session_types_and_reads(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """One gateway holds the port; a console on the other is relayed to it, both ways."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        serving(cluster_config("gw-1", far_end.port)) as g1,
+        serving(cluster_config("gw-2", far_end.port)) as g2,
+    ):
+        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
+        _, other = _owner(g1, g2)
+        await until(
+            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
+        )
+        async with console(other, ctx, mint("alice")) as c:
+            assert c.hello["role"] == "writer"
+            await c.send(b"ping\r")
+            await far_end.wait_received(lambda got: b"ping\r" in got)
+            await far_end.send(b"pong from the vm\r\n")
+            await c.expect(b"pong from the vm")
+        assert "vm-a" not in other.hubs  # the relay never opened the port
+
+
+async def test_ticket_from_one_gateway_is_redeemed_once_on_the_other(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """Tickets are the region's: issued on one gateway, the first redemption anywhere wins."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        serving(cluster_config("gw-1", far_end.port)) as g1,
+        serving(cluster_config("gw-2", far_end.port)) as g2,
+    ):
+        await until(lambda: all(g.cluster and g.cluster.owner_of("vm-a") for g in (g1, g2)), g1, g2)
+        status, body = await api(g1, "POST", "/v1/vms/vm-a/console/tickets", ctx, mint("alice"))
+        assert status == 201
+        ticket = json.loads(body)["ticket"]
+        async with console(g2, ctx, "", f"ticket={ticket}") as c:
+            assert c.hello["vm"] == "vm-a"
+        with pytest.raises(InvalidStatus) as refused:
+            async with console(g1, ctx, "", f"ticket={ticket}"):
+                pass
+        assert refused.value.response.status_code == 401
+
+
+async def test_a_switch_set_on_one_gateway_closes_sessions_on_every_gateway(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """Disabling a console anywhere ends its sessions everywhere with 4009."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        serving(cluster_config("gw-1", far_end.port)) as g1,
+        serving(cluster_config("gw-2", far_end.port)) as g2,
+    ):
+        await until(lambda: all(g.cluster and g.cluster.owner_of("vm-a") for g in (g1, g2)), g1, g2)
+        async with (
+            console(g1, ctx, mint("alice"), "mode=spectate") as a,
+            console(g2, ctx, mint("bob"), "mode=spectate") as b,
+        ):
+            status, _ = await api(
+                g2, "PUT", "/v1/vms/vm-a/serial-console", ctx, mint("olga"), b'{"enabled": false}'
+            )
+            assert status == 200
+            assert (await a.closed())[0] == 4009
+            assert (await b.closed())[0] == 4009
+
+
+async def test_owner_stops_the_other_takes_over_and_a_client_resumes_by_offset(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """Failover: the survivor owns the VM, the log continues, `?from=` finds the bytes."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with contextlib.AsyncExitStack() as stack:
+        g1 = await stack.enter_async_context(serving(cluster_config("gw-1", far_end.port)))
+        g2 = await stack.enter_async_context(serving(cluster_config("gw-2", far_end.port)))
+        await until(lambda: all(g.cluster and g.cluster.owner_of("vm-a") for g in (g1, g2)), g1, g2)
+        owner, survivor = _owner(g1, g2)
+        async with console(owner, ctx, mint("alice")) as c:
+            await far_end.send(b"before failover\r\n")
+            await c.expect(b"before failover")
+            offset = c.hello["offset"] + len(c.output)
+        owner.stop()
+        await until(lambda: "vm-a" in survivor.hubs, survivor)
+        status, body = await api(
+            survivor, "GET", "/v1/vms/vm-a/console-log?from=0", ctx, mint("alice")
+        )
+        assert status == 200
+        assert b"before failover" in body
+        async with console(survivor, ctx, mint("alice"), f"from={offset}") as c:
+            assert c.hello["offset"] >= offset
+            await far_end.send(b"after failover\r\n")
+            await c.expect(b"after failover")
