@@ -26,7 +26,7 @@ from .errors import AuthError, ForbiddenError, NotFoundError, PeerError, RateLim
 from .http import Request
 from .ratelimit import KeyedLimiter
 from .rbac import Rbac
-from .switches import ConsoleSwitches
+from .switches import ConsoleSwitches, scale_set_key
 from .tickets import Ticket, TicketStore
 
 
@@ -52,6 +52,12 @@ class AccessPolicy:
         self.authenticator = authenticator
         self.rbac = Rbac(config.role_assignments)
         self.vms = {vm.id: vm for vm in config.vms}
+        self._adopt_legacy_switches(config)
+
+    def _adopt_legacy_switches(self, config: Config) -> None:
+        """Scale-set switches of the old form (no resource group) for the configured scale sets."""
+        refs = {vm.scale_set_ref for vm in config.vms}
+        self.switches.adopt_legacy_scale_sets(ref for ref in refs if ref is not None)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -205,16 +211,16 @@ class AccessPolicy:
             )
 
     def console_enabled(self, vm: VmConfig) -> bool:
-        """Whether the VM's console is on at every level: subscription, scale set, VM."""
+        """Whether the VM's console is on at every level: subscription, scale set, VM.
+
+        The scale set is the VM's own: named by subscription, resource group and name.
+        """
         sub = self.config.subscription(vm.subscription)
         sub_on = self.switches.get("subscriptions", vm.subscription)
         if sub_on is None:
             sub_on = sub is None or sub.serial_console
-        ss_on = (
-            True
-            if vm.scale_set is None
-            else self.switches.get("scale_sets", f"{vm.subscription}/{vm.scale_set}")
-        )
+        ss = vm.scale_set_ref
+        ss_on = True if ss is None else self.switches.get("scale_sets", scale_set_key(*ss))
         vm_on = self.switches.get("vms", vm.id)
         if vm_on is None:
             vm_on = vm.serial_console

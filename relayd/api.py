@@ -22,7 +22,7 @@ from . import webui
 from .access import AccessPolicy
 from .audit import audit
 from .auth import Principal
-from .config import VmConfig, vm_scopes
+from .config import VmConfig, scale_set_scopes, vm_scopes
 from .connection import ConsoleGrant, console_vm
 from .errors import (
     ConflictError,
@@ -35,7 +35,7 @@ from .http import HttpResponse, Request
 from .hub import ConsoleHub
 from .lease import Denied
 from .rbac import at_least
-from .switches import Level
+from .switches import Level, scale_set_key
 
 MAX_LOG_RESPONSE = 16 * 2**20  # one response; page with ?from= for more
 
@@ -44,7 +44,8 @@ _TICKETS = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console/tick
 _SWITCH_VM = re.compile(r"^/v1/vms/([^/]{1,128})/serial-console$")
 _SWITCH_SUB = re.compile(r"^/v1/subscriptions/([^/]{1,128})/serial-console$")
 _SWITCH_SS = re.compile(
-    r"^/v1/subscriptions/([^/]{1,128})/scale-sets/([^/]{1,128})/serial-console$"
+    r"^/v1/subscriptions/([^/]{1,128})/resourceGroups/([^/]{1,128})"
+    r"/virtualMachineScaleSets/([^/]{1,128})/serial-console$"
 )
 
 
@@ -194,13 +195,7 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
             raise NotFoundError(f"unknown subscription {key!r}", code="not_found")
         scopes = (f"/subscriptions/{key}",)
     else:
-        sub, _, ss = key.partition("/")
-        members = [
-            h.vm for h in gw.hubs.values() if (h.vm.subscription, h.vm.scale_set) == (sub, ss)
-        ]
-        if not members or not _sees_any(gw, principal, members):
-            raise NotFoundError(f"unknown scale set {ss!r} in {sub!r}", code="not_found")
-        scopes = vm_scopes(members[0])[:-2]  # subscription, resource group, scale set
+        scopes = _scale_set_scopes(gw, principal, key)
     if not at_least(gw.access.rbac.role_on(principal, scopes), "owner"):
         audit(
             "access_denied",
@@ -224,6 +219,25 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
         region=gw.region,
     )
     return _json(200, {"scope": scopes[-1], "enabled": enabled, "sessions_closed": closed})
+
+
+def _scale_set_scopes(gw: ApiOwner, principal: Principal, key: str) -> tuple[str, ...]:
+    """The scopes of the scale set `sub/rg/name` (its owner check), if the caller sees it.
+
+    A scale set is its subscription, resource group and name together: the same
+    name in another resource group is another scale set with other owners.
+
+    Raises:
+        NotFoundError: no such scale set, or the caller sees none of its instances.
+    """
+    sub, rg, name = key.split("/")
+    assert key == scale_set_key(sub, rg, name)  # the route's three segments, in this order
+    members = [h.vm for h in gw.hubs.values() if h.vm.scale_set_ref == (sub, rg, name)]
+    if not members or not _sees_any(gw, principal, members):
+        raise NotFoundError(
+            f"unknown scale set {name!r} in resource group {rg!r} of {sub!r}", code="not_found"
+        )
+    return scale_set_scopes(sub, rg, name)
 
 
 def _sees_any(gw: ApiOwner, principal: Principal, vms: list[VmConfig]) -> bool:

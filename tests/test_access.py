@@ -6,12 +6,16 @@ import asyncio
 import json
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage
+
+from relayd.access import AccessPolicy
 
 from .conftest import (
     TIMEOUT,
@@ -23,6 +27,14 @@ from .conftest import (
     running,
     wait_port_up,
 )
+
+SS_RG_WEB = "/v1/subscriptions/sub-1/resourceGroups/rg/virtualMachineScaleSets/web/serial-console"
+
+
+def _ss_path(rg: str, ss: str = "web") -> str:
+    return (
+        f"/v1/subscriptions/sub-1/resourceGroups/{rg}/virtualMachineScaleSets/{ss}/serial-console"
+    )
 
 
 async def _request(
@@ -202,7 +214,7 @@ async def test_scale_set_switch_covers_its_instances_only(
             gw,
             client_ssl,
             "PUT",
-            "/v1/subscriptions/sub-1/scale-sets/web/serial-console",
+            SS_RG_WEB,
             bearer=token("olga"),
             body={"enabled": False},
         )
@@ -215,11 +227,110 @@ async def test_scale_set_switch_covers_its_instances_only(
                 gw,
                 client_ssl,
                 "PUT",
-                "/v1/subscriptions/sub-1/scale-sets/web/serial-console",
+                SS_RG_WEB,
                 bearer=token("olga"),
                 body=bad,
             )
             assert (status, body["error"]) == (400, "bad_request")
+
+
+async def test_scale_set_switch_is_per_resource_group_and_needs_that_scale_sets_owner(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """Two scale sets named web in rg-a and rg-b: each owner switches only their own."""
+    serial = f"tcp://127.0.0.1:{far_end.port}"
+    config = write_config(
+        vms=[
+            {"id": "a-0", "serial": serial, "resource_group": "rg-a", "scale_set": "web"},
+            {"id": "b-0", "serial": serial, "resource_group": "rg-b", "scale_set": "web"},
+        ],
+        roles=[
+            ("user:olga", "owner", "/subscriptions/sub-1/resourceGroups/rg-a"),
+            ("user:olga", "reader", "/subscriptions/sub-1"),
+            ("user:rick", "owner", "/subscriptions/sub-1/resourceGroups/rg-b"),
+        ],
+    )
+    off, on = {"enabled": False}, {"enabled": True}
+    async with running(config) as gw:
+        a, b = gw.hubs["a-0"].vm, gw.hubs["b-0"].vm
+        status, _, body = await _request(
+            gw, client_ssl, "PUT", _ss_path("rg-a"), bearer=token("olga"), body=off
+        )
+        assert (status, body["scope"]) == (
+            200,
+            "/subscriptions/sub-1/resourceGroups/rg-a/virtualMachineScaleSets/web",
+        )
+        assert (gw.console_enabled(a), gw.console_enabled(b)) == (False, True)
+        # Owner of rg-a, reader of rg-b: she sees rg-b's web but may not switch it.
+        status, _, body = await _request(
+            gw, client_ssl, "PUT", _ss_path("rg-b"), bearer=token("olga"), body=off
+        )
+        assert (status, body["error"]) == (403, "forbidden")
+        status, _, _ = await _request(
+            gw, client_ssl, "PUT", _ss_path("rg-b"), bearer=token("rick"), body=off
+        )
+        assert status == 200
+        # Turning rg-a's back on leaves rg-b's off: two switches, not one.
+        status, _, _ = await _request(
+            gw, client_ssl, "PUT", _ss_path("rg-a"), bearer=token("olga"), body=on
+        )
+        assert status == 200
+        assert (gw.console_enabled(a), gw.console_enabled(b)) == (True, False)
+        status, _, _ = await _request(
+            gw, client_ssl, "PUT", _ss_path("rg-c"), bearer=token("olga"), body=off
+        )
+        assert status == 404
+        # The path without the resource group is gone.
+        status, _, body = await _request(
+            gw,
+            client_ssl,
+            "PUT",
+            "/v1/subscriptions/sub-1/scale-sets/web/serial-console",
+            bearer=token("rick"),
+            body=on,
+        )
+        assert (status, body["error"]) == (404, "not_found")
+        assert not gw.console_enabled(b)
+
+
+def test_legacy_scale_set_switch_keeps_disables_and_drops_enables(
+    write_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    """An old "sub/ss" disable applies to every scale set of that name; an enable is dropped."""
+    serial = "tcp://127.0.0.1:9"
+    config = write_config(
+        vms=[
+            {"id": "a-0", "serial": serial, "resource_group": "rg-a", "scale_set": "web"},
+            {"id": "b-0", "serial": serial, "resource_group": "rg-b", "scale_set": "web"},
+            {"id": "c-0", "serial": serial, "resource_group": "rg-a", "scale_set": "api"},
+            {"id": "d-0", "serial": serial, "resource_group": "rg-a", "scale_set": "db"},
+        ],
+    )
+    state = config.gateway.state_dir
+    state.mkdir(parents=True)
+    legacy = {"sub-1/web": False, "sub-1/api": True, "sub-1/gone": False, "sub-1/db": False}
+    (state / "serial-console.json").write_text(
+        json.dumps({"scale_sets": {**legacy, "sub-1/rg-a/db": True}})
+    )
+    with capture_logs() as events:
+        policy = AccessPolicy(config)
+    enabled = {vm.id: policy.console_enabled(vm) for vm in config.vms}
+    # Never re-enabled: both "web" scale sets stay off (ambiguous, so both keep the disable).
+    # A switch already in the new form wins over the old key (rg-a/db was turned on since).
+    assert enabled == {"a-0": False, "b-0": False, "c-0": True, "d-0": True}
+    saved = json.loads((state / "serial-console.json").read_text())["scale_sets"]
+    assert saved == {
+        "sub-1/rg-a/web": False,
+        "sub-1/rg-b/web": False,
+        "sub-1/rg-a/db": True,
+        "sub-1/gone": False,  # no such scale set configured now: kept until one is
+    }
+    warned = {e["key"]: e for e in events if e["log_level"] == "warning"}
+    assert warned["sub-1/web"]["scale_sets"] == ["sub-1/rg-a/web", "sub-1/rg-b/web"]
+    assert "sub-1/gone" in warned
 
 
 async def test_client_certificate_authenticates_as_cert_principal(
