@@ -162,18 +162,53 @@ class AccessPolicy:
         if vm is None or role is None:
             audit("access_denied", reason="no_role" if vm else "unknown_vm", **fields)
             raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
+        # MFA before the switch: a caller without it learns nothing more of the VM.
+        self.check_mfa(principal, vm.subscription, request, vm=vm_id)
         if not self.console_enabled(vm):
             audit("access_denied", reason="console_disabled", **fields)
             raise ForbiddenError(
                 f"the serial console of {vm_id} is disabled", code="console_disabled"
             )
-        sub = self.config.subscription(vm.subscription)
-        if (self.config.auth.require_mfa or (sub is not None and sub.require_mfa)) and (
-            "mfa" not in principal.amr
-        ):
-            audit("access_denied", reason="mfa_required", **fields)
-            raise ForbiddenError("multi-factor authentication is required", code="mfa_required")
         return vm, role
+
+    def mfa_required(self, subscription: str) -> bool:
+        """Whether `[auth] require_mfa` or the subscription's own asks for MFA."""
+        sub = self.config.subscription(subscription)
+        return self.config.auth.require_mfa or (sub is not None and sub.require_mfa)
+
+    def check_mfa(
+        self, principal: Principal, subscription: str, request: Request, **where: str
+    ) -> None:
+        """Refuse a principal without `mfa` in `amr` anything in an MFA-required subscription.
+
+        Every route that shows or changes a VM applies it, as the console does:
+        `where` (`vm=` or `scope=`) names what was refused in the audit event.
+
+        Raises:
+            ForbiddenError: MFA is required and the principal's token did not carry it.
+        """
+        if "mfa" in principal.amr or not self.mfa_required(subscription):
+            return
+        audit(
+            "access_denied",
+            reason="mfa_required",
+            principal=principal.id,
+            peer=request.peer,
+            region=self.region,
+            **where,
+        )
+        raise ForbiddenError("multi-factor authentication is required", code="mfa_required")
+
+    def visible_role(self, principal: Principal, vm: VmConfig) -> Role | None:
+        """The principal's role on the VM, None without one or without the MFA it needs.
+
+        What `GET /v1/vms` lists: a VM of an MFA-required subscription is not shown
+        to a caller without MFA.
+        """
+        role = self.rbac.role(principal, vm)
+        if role is None or ("mfa" not in principal.amr and self.mfa_required(vm.subscription)):
+            return None
+        return role
 
     def check_origin(self, request: Request) -> None:
         """Refuse cross-site WebSocket requests (browsers always send Origin).

@@ -87,7 +87,7 @@ async def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
     principal = gw.access.authenticate(request)
     vms = []
     for hub in gw.hubs.values():
-        role = gw.access.rbac.role(principal, hub.vm)
+        role = gw.access.visible_role(principal, hub.vm)
         if role is None:
             continue
         vms.append(
@@ -185,6 +185,7 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
         if hub is None or gw.access.rbac.role(principal, hub.vm) is None:
             raise NotFoundError(f"unknown vm {key!r}", code="unknown_vm")
         scopes = vm_scopes(hub.vm)
+        sub = hub.vm.subscription
     elif level == "subscriptions":
         members = [h.vm for h in gw.hubs.values() if h.vm.subscription == key]
         # Unknown and invisible read the same, as for VMs: no probing for what exists.
@@ -194,8 +195,11 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
         ):
             raise NotFoundError(f"unknown subscription {key!r}", code="not_found")
         scopes = (f"/subscriptions/{key}",)
+        sub = key
     else:
         scopes = _scale_set_scopes(gw, principal, key)
+        sub = key.split("/")[0]
+    gw.access.check_mfa(principal, sub, request, scope=scopes[-1])
     if not at_least(gw.access.rbac.role_on(principal, scopes), "owner"):
         audit(
             "access_denied",

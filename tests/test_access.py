@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidMessage
 
 from relayd.access import AccessPolicy
+from relayd.config import load_config
 
 from .conftest import (
     TIMEOUT,
@@ -468,3 +469,103 @@ async def test_session_cap_per_principal_is_429(
             assert refused == (429, "session_limit")
             async with open_console(gw, "vm-a", user="bob", mode="spectate") as bob:
                 assert bob.hello["role"] == "spectator"
+
+
+def _mfa_config(write_config: Callable[..., Any], serial: str, **kwargs: Any) -> Any:
+    """sub-1 without MFA (vm-a), sub-2 requiring it (vm-m, a scale-set instance)."""
+    return write_config(
+        subscriptions=[{"id": "sub-1"}, {"id": "sub-2", "require_mfa": True}],
+        vms=[
+            {"id": "vm-a", "serial": serial},
+            {
+                "id": "vm-m",
+                "serial": serial,
+                "subscription": "sub-2",
+                "resource_group": "rg",
+                "scale_set": "web",
+            },
+        ],
+        roles=[
+            ("user:olga", "owner", "/subscriptions/sub-1"),
+            ("user:olga", "owner", "/subscriptions/sub-2"),
+        ],
+        **kwargs,
+    )
+
+
+MFA_SS = "/v1/subscriptions/sub-2/resourceGroups/rg/virtualMachineScaleSets/web/serial-console"
+
+
+async def test_mfa_subscription_is_neither_listed_nor_read_nor_switched_without_mfa(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """Without mfa in amr: vm-m is not listed; its log, tickets and switches are 403."""
+    config = _mfa_config(write_config, f"tcp://127.0.0.1:{far_end.port}")
+    plain, strong = token("olga", amr=["pwd"]), token("olga", amr=["pwd", "mfa"])
+    off = {"enabled": False}
+    async with running(config) as gw:
+        with capture_logs() as events:
+            _, _, body = await _request(gw, client_ssl, "GET", "/v1/vms", bearer=plain)
+            assert [vm["id"] for vm in body["vms"]] == ["vm-a"]
+            for method, path, payload in (
+                ("GET", "/v1/vms/vm-m/console-log", None),
+                ("POST", "/v1/vms/vm-m/console/tickets", None),
+                ("PUT", "/v1/vms/vm-m/serial-console", off),
+                ("PUT", "/v1/subscriptions/sub-2/serial-console", off),
+                ("PUT", MFA_SS, off),
+            ):
+                status, _, body = await _request(
+                    gw, client_ssl, method, path, bearer=plain, body=payload
+                )
+                assert (path, status, body["error"]) == (path, 403, "mfa_required")
+        denied = [e for e in events if e.get("reason") == "mfa_required"]
+        assert len(denied) == 5
+        assert all(e["principal"] == "user:olga" for e in denied)
+        assert gw.console_enabled(gw.hubs["vm-m"].vm)
+        # The subscription without MFA is served as before.
+        status, _, _ = await _request(
+            gw, client_ssl, "GET", "/v1/vms/vm-a/console-log", bearer=plain
+        )
+        assert status == 200
+        # With MFA, everything.
+        _, _, body = await _request(gw, client_ssl, "GET", "/v1/vms", bearer=strong)
+        assert [vm["id"] for vm in body["vms"]] == ["vm-a", "vm-m"]
+        status, _, _ = await _request(
+            gw, client_ssl, "POST", "/v1/vms/vm-m/console/tickets", bearer=strong
+        )
+        assert status == 201
+        for path in ("/v1/vms/vm-m/serial-console", "/v1/subscriptions/sub-2/serial-console"):
+            status, _, _ = await _request(gw, client_ssl, "PUT", path, bearer=strong, body=off)
+            assert status == 200
+        status, _, _ = await _request(gw, client_ssl, "PUT", MFA_SS, bearer=strong, body=off)
+        assert status == 200
+
+
+async def test_global_require_mfa_hides_every_vm_and_refuses_every_switch(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """[auth] require_mfa: a token without mfa lists nothing and switches nothing."""
+    config = _mfa_config(write_config, f"tcp://127.0.0.1:{far_end.port}")
+    config.path.write_text(
+        config.path.read_text().replace("[auth]\n", "[auth]\nrequire_mfa = true\n")
+    )
+    async with running(load_config(config.path)) as gw:
+        plain = token("olga")
+        _, _, body = await _request(gw, client_ssl, "GET", "/v1/vms", bearer=plain)
+        assert body["vms"] == []
+        status, _, body = await _request(
+            gw,
+            client_ssl,
+            "PUT",
+            "/v1/subscriptions/sub-1/serial-console",
+            bearer=plain,
+            body={"enabled": False},
+        )
+        assert (status, body["error"]) == (403, "mfa_required")
+        assert gw.console_enabled(gw.hubs["vm-a"].vm)
