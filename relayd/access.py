@@ -119,7 +119,11 @@ class AccessPolicy:
         self._check_auth_rate(request)
         authorization = request.headers.get("authorization")
         if authorization is None and request.client_cert_cn is not None:
-            return Principal(f"cert:{request.client_cert_cn}", amr=("x509",))
+            return Principal(
+                f"cert:{request.client_cert_cn}",
+                amr=("x509",),
+                expires=request.client_cert_not_after,
+            )
         try:
             return self.authenticator.authenticate(authorization)
         except AuthError as exc:
@@ -199,11 +203,11 @@ class AccessPolicy:
         )
         raise ForbiddenError("multi-factor authentication is required", code="mfa_required")
 
-    def visible_role(self, principal: Principal, vm: VmConfig) -> Role | None:
-        """The principal's role on the VM, None without one or without the MFA it needs.
+    def effective_role(self, principal: Principal, vm: VmConfig) -> Role | None:
+        """The principal's role on the VM now, None without one or without the MFA it needs.
 
-        What `GET /v1/vms` lists: a VM of an MFA-required subscription is not shown
-        to a caller without MFA.
+        What `GET /v1/vms` lists (a VM of an MFA-required subscription is not shown to
+        a caller without MFA), and what a live session keeps after a reload.
         """
         role = self.rbac.role(principal, vm)
         if role is None or ("mfa" not in principal.amr and self.mfa_required(vm.subscription)):

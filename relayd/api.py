@@ -87,7 +87,7 @@ async def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
     principal = gw.access.authenticate(request)
     vms = []
     for hub in gw.hubs.values():
-        role = gw.access.visible_role(principal, hub.vm)
+        role = gw.access.effective_role(principal, hub.vm)
         if role is None:
             continue
         vms.append(

@@ -223,6 +223,9 @@ class AuthConfig(_Model):
     hs256_secret_file: Path | None = None
     require_mfa: bool = False
     leeway: PositiveDuration = 60.0
+    # Like Teleport's disconnect_expired_cert: a session ends (4003) when the token or
+    # client certificate that opened it expires. Off: a session outlives its credentials.
+    disconnect_expired: bool = False
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuthConfig:
@@ -245,7 +248,8 @@ class LimitsConfig(_Model):
     output_buffer_bytes: int = Field(1048576, ge=4096)
     keepalive_interval: PositiveDuration = 20.0
     max_sessions: int | None = Field(None, ge=1)
-    max_sessions_per_principal: int | None = Field(None, ge=1)
+    # Finite by default: one principal (a leaked token, a script) cannot take the gateway.
+    max_sessions_per_principal: int | None = Field(10, ge=1)
     # 0 turns a limit off (TOML has no null to write).
     auth_failures_per_minute: int = Field(10, ge=0)
     connections_per_second_per_ip: int = Field(20, ge=0)

@@ -30,6 +30,7 @@ class Request:
     body: bytes
     peer: str
     client_cert_cn: str | None = None
+    client_cert_not_after: float | None = None  # wall-clock seconds
 
 
 @dataclass

@@ -443,6 +443,31 @@ class ConsoleHub:
                 other.send_text(control.encode_notice("writer_changed", writer=client.principal.id))
         return decision
 
+    def demote(self, client: HubClient, reason: str) -> bool:
+        """Make the writer a spectator that stays attached; False if it was not the writer.
+
+        The takeover policy `demote` without a newcomer: used when the writer's own
+        role on the VM fell to reader (a reload). Its queued input is dropped and
+        `on_detach` runs, as when any writer leaves.
+        """
+        if not self.lease.release(client.session_id):
+            return False
+        self._writer_left()
+        client.set_role("spectator")
+        audit(
+            "writer_demoted",
+            vm=self.vm.id,
+            session_id=client.session_id,
+            principal=client.principal.id,
+            reason=reason,
+        )
+        client.send_text(control.encode_notice("demoted", by=None, writer=None, reason=reason))
+        for other in self.clients.values():
+            if other is not client:
+                other.send_text(control.encode_notice("writer_changed", writer=None))
+        self._changed()
+        return True
+
     def detach(self, client: HubClient) -> None:
         """Remove a session; a leaving writer releases the lease."""
         if self.clients.get(client.session_id) is client:

@@ -314,7 +314,10 @@ class Console:
 
 @pytest.fixture
 def open_console(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Callable[..., Any]:
-    """`async with open_console(gw, "vm", user="alice", mode="spectate") as c:`."""
+    """`async with open_console(gw, "vm", user="alice", mode="spectate") as c:`.
+
+    `bearer=` uses that token instead of a fresh one for `user`.
+    """
 
     @asynccontextmanager
     async def opener(
@@ -325,6 +328,7 @@ def open_console(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Calla
         mode: str | None = None,
         resume_from: int | None = None,
         headers: dict[str, str] | None = None,
+        bearer: str | None = None,
     ) -> AsyncIterator[Console]:
         query = []
         if mode:
@@ -334,7 +338,7 @@ def open_console(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Calla
         url = f"wss://localhost:{gateway.tls_port}/v1/vms/{vm}/console"
         if query:
             url += "?" + "&".join(query)
-        hdrs = {"Authorization": f"Bearer {token(user)}", **(headers or {})}
+        hdrs = {"Authorization": f"Bearer {bearer or token(user)}", **(headers or {})}
         async with connect(
             url,
             ssl=client_ssl,

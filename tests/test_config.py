@@ -284,6 +284,24 @@ def test_load_minimal_config_uses_defaults(tmp_path: Path) -> None:
     assert (cfg.subscriptions, cfg.vms, cfg.role_assignments) == ((), (), ())
 
 
+def test_load_minimal_config_caps_sessions_per_principal_and_keeps_expired_sessions(
+    tmp_path: Path,
+) -> None:
+    """Ten sessions per principal unless raised; disconnect_expired is off unless set."""
+    text = (
+        '[tls]\ncert = "c"\nkey = "k"\n[auth]\nissuer = "i"\naudience = "a"\n'
+        'hs256_secret_file = "/etc/relayd/dev.key"\n'
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.limits.max_sessions_per_principal == 10
+    assert cfg.auth.disconnect_expired is False
+    text = text.replace("[auth]\n", "[auth]\ndisconnect_expired = true\n")
+    text += "[limits]\nmax_sessions_per_principal = 500\n"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.auth.disconnect_expired is True
+    assert cfg.limits.max_sessions_per_principal == 500
+
+
 def test_load_config_accepts_str_path(tmp_path: Path) -> None:
     """load_config takes a str as well as a Path."""
     assert load_config(str(write(tmp_path, BASE))).vms[0].id == "vm-a"

@@ -587,9 +587,13 @@ function onNotice(notice) {
     case 'demoted':
       state.role = 'spectator';
       showRole();
-      showBanner('warning', `${notice.by} took over the console: you are now spectating (read-only).`, [
-        ['Take over again', switchMode],
-      ]);
+      if (notice.reason === 'role_revoked') {
+        showBanner('warning', 'Your role on this VM is now reader: you are now spectating (read-only).');
+      } else {
+        showBanner('warning', `${notice.by} took over the console: you are now spectating (read-only).`, [
+          ['Take over again', switchMode],
+        ]);
+      }
       break;
     case 'output_gap': {
       state.offset = notice.last + 1;
