@@ -92,31 +92,41 @@ class AccessPolicy:
 
     # -- authentication -------------------------------------------------------------------
 
-    def _check_auth_rate(self, request: Request) -> None:
-        if self.auth_limiter is None:
-            return
-        wait = self.auth_limiter.retry_after(request.peer, time.monotonic())
-        if wait > 0:
-            raise RateLimitedError(
-                "too many failed authentication attempts from this address",
-                code="too_many_auth_failures",
-                retry_after=wait,
-            )
+    def _auth_failed(self, request: Request, exc: AuthError) -> PeerError:
+        """Count and audit a failed credential; what to answer: 401, or 429 over the limit.
 
-    def _auth_failed(self, request: Request, exc: AuthError) -> None:
+        The limit is on failures only and is applied after the credential was checked,
+        so many clients behind one address (a NAT, a balancer without PROXY) keep
+        getting in with valid credentials while a guesser among them is refused.
+        """
         self.auth_failures[exc.code] += 1
+        refusal: PeerError = exc
         if self.auth_limiter is not None:
-            self.auth_limiter.hit(request.peer, time.monotonic())
-        audit("auth_failed", reason=exc.code, peer=request.peer, region=self.region)
+            now = time.monotonic()
+            wait = self.auth_limiter.retry_after(request.peer, now)
+            self.auth_limiter.hit(request.peer, now)
+            if wait > 0:
+                refusal = RateLimitedError(
+                    "too many failed authentication attempts from this address",
+                    code="too_many_auth_failures",
+                    retry_after=wait,
+                )
+        audit(
+            "auth_failed",
+            reason=exc.code,
+            status=refusal.http_status,
+            peer=request.peer,
+            region=self.region,
+        )
+        return refusal
 
     def authenticate(self, request: Request) -> Principal:
         """The request's principal: a bearer token, else a verified client certificate.
 
         Raises:
-            RateLimitedError: this address failed too often recently.
             AuthError: no or bad credentials (counted and audited).
+            RateLimitedError: bad credentials from an address over its failure limit.
         """
-        self._check_auth_rate(request)
         authorization = request.headers.get("authorization")
         if authorization is None and request.client_cert_cn is not None:
             return Principal(
@@ -127,22 +137,19 @@ class AccessPolicy:
         try:
             return self.authenticator.authenticate(authorization)
         except AuthError as exc:
-            self._auth_failed(request, exc)
-            raise
+            raise self._auth_failed(request, exc) from None
 
     def redeem_ticket(self, request: Request, vm_id: str) -> Ticket:
         """Use the request's one-time ticket for this VM.
 
         Raises:
-            RateLimitedError: this address failed too often recently.
             AuthError: unknown, reused, expired or foreign ticket.
+            RateLimitedError: such a ticket from an address over its failure limit.
         """
-        self._check_auth_rate(request)
         try:
             return self.tickets.redeem(request.query["ticket"], vm_id, time.monotonic())
         except AuthError as exc:
-            self._auth_failed(request, exc)
-            raise
+            raise self._auth_failed(request, exc) from None
 
     # -- authorization --------------------------------------------------------------------
 

@@ -372,13 +372,13 @@ async def test_client_certificate_authenticates_as_cert_principal(
                 pass
 
 
-async def test_repeated_auth_failures_from_one_address_get_429_with_retry_after(
+async def test_auth_failures_over_the_limit_get_429_yet_valid_credentials_pass(
     write_config: Callable[..., Any],
     far_end: FarEnd,
     client_ssl: ssl.SSLContext,
     token: Callable[..., str],
 ) -> None:
-    """After auth_failures_per_minute bad tokens, even a good token waits (429, Retry-After)."""
+    """Behind one NAT: after the limit, bad tokens get 429; a good token or ticket still works."""
     config = write_config(
         vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
         limits={"auth_failures_per_minute": 3},
@@ -387,11 +387,52 @@ async def test_repeated_auth_failures_from_one_address_get_429_with_retry_after(
         for _ in range(3):
             status, _, _ = await _request(gw, client_ssl, "GET", "/v1/vms", bearer="nonsense")
             assert status == 401
-        status, headers, body = await _request(
-            gw, client_ssl, "GET", "/v1/vms", bearer=token("alice")
-        )
+        status, _, body = await _request(gw, client_ssl, "GET", "/v1/vms", bearer=token("alice"))
+        assert (status, [vm["id"] for vm in body["vms"]]) == (200, ["vm-a"])
+        with capture_logs() as events:
+            status, headers, body = await _request(
+                gw, client_ssl, "GET", "/v1/vms", bearer="nonsense"
+            )
         assert (status, body["error"]) == (429, "too_many_auth_failures")
         assert int(headers["retry-after"]) >= 1
+        failed = [e for e in events if e["event"] == "auth_failed"]
+        assert [(e["reason"], e["status"]) for e in failed] == [("malformed_token", 429)]
+        assert gw.auth_failures["malformed_token"] == 4
+        # A ticket: a good one opens the console, a spent one is refused with 429.
+        _, _, body = await _request(
+            gw, client_ssl, "POST", "/v1/vms/vm-a/console/tickets", bearer=token("alice")
+        )
+        url = console_url(gw, "vm-a", f"ticket={body['ticket']}")
+        async with connect(
+            url,
+            ssl=client_ssl,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+        ) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"] == "hello"
+        assert await refused_upgrade(url, client_ssl) == (429, "too_many_auth_failures")
+
+
+async def test_client_certificate_passes_while_its_address_is_over_the_failure_limit(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    ca: trustme.CA,
+    pki: dict[str, Any],
+) -> None:
+    """A verified client certificate is a valid credential: the failure limit never blocks it."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        tls={"client_ca": pki["ca"]},
+        roles=[("cert:ops-laptop", "contributor", "/subscriptions/sub-1")],
+        limits={"auth_failures_per_minute": 1},
+    )
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ca.issue_cert("ops-laptop@example.com", common_name="ops-laptop").configure_cert(ctx)
+    async with running(config) as gw:
+        for expected in (401, 429):
+            status, _, _ = await _request(gw, ctx, "GET", "/v1/vms", bearer="nonsense")
+            assert status == expected
+        status, _, body = await _request(gw, ctx, "GET", "/v1/vms")
+        assert (status, [vm["id"] for vm in body["vms"]]) == (200, ["vm-a"])
 
 
 async def test_connection_flood_from_one_address_gets_429(
