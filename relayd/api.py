@@ -105,7 +105,15 @@ async def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
                 "can_break": hub.can_break,
             }
         )
+    _audit_access(gw, request, "vms_listed", principal, count=len(vms))
     return _json(200, {"vms": vms})
+
+
+def _audit_access(
+    gw: ApiOwner, request: Request, event: str, principal: Principal, **fields: object
+) -> None:
+    """An audit event for a served request: who, from where (never a credential)."""
+    audit(event, principal=principal.id, peer=request.peer, region=gw.region, **fields)
 
 
 async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
@@ -130,6 +138,7 @@ async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespons
             break
         parts.append(chunk)
         got += len(chunk)
+    _audit_access(gw, request, "console_log_read", principal, vm=vm.id, offset=first, bytes=got)
     return HttpResponse(
         200,
         b"".join(parts),
@@ -151,7 +160,12 @@ async def issue_ticket(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespon
     if mode not in ("interactive", "spectate"):
         raise PeerError("mode must be interactive or spectate", code="bad_request")
     ticket = gw.access.tickets.issue(principal, vm_id, mode, time.monotonic())
-    return _json(201, {"ticket": ticket, "expires_in": int(gw.access.tickets.ttl), "mode": mode})
+    expires_in = int(gw.access.tickets.ttl)
+    # The ticket is a credential: never in the event.
+    _audit_access(
+        gw, request, "ticket_issued", principal, vm=vm_id, mode=mode, expires_in=expires_in
+    )
+    return _json(201, {"ticket": ticket, "expires_in": expires_in, "mode": mode})
 
 
 def _json_body(request: Request, *, optional: bool = False) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class HubClient(Protocol):
     session_id: str
     principal: Principal
     role: str
+    peer: str  # the client's real address, for audit events
+    region: str
 
     def deliver(self, offset: int, data: bytes, frame: bytes) -> None:
         """Console output; must never block or await."""
@@ -425,8 +427,11 @@ class ConsoleHub:
                     vm=self.vm.id,
                     session_id=previous.session_id,
                     principal=previous.principal.id,
+                    peer=previous.peer,
+                    region=previous.region,
                     by=by,
                     by_session_id=client.session_id,
+                    by_peer=client.peer,
                 )
                 if isinstance(decision, Evicted):
                     # A spectator from now on: keys it still has in flight are refused.
@@ -459,6 +464,8 @@ class ConsoleHub:
             vm=self.vm.id,
             session_id=client.session_id,
             principal=client.principal.id,
+            peer=client.peer,
+            region=client.region,
             reason=reason,
         )
         client.send_text(control.encode_notice("demoted", by=None, writer=None, reason=reason))
