@@ -282,6 +282,9 @@ class Relayd(Peer):
             # Every bench client comes from 127.0.0.1: the per-IP connection rate limit
             # (meant for one abusive address) would refuse the load itself.
             "connections_per_second_per_ip": 1_000_000,
+            # Every bench client is one principal (user:bench): the per-principal session
+            # cap (10 by default) would refuse the load itself.
+            "max_sessions_per_principal": 1_000_000,
             **(limits or {}),
         }
         # Only keys this relayd knows (the config refuses unknown keys).

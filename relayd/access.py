@@ -37,7 +37,7 @@ from .errors import (
 from .http import Request
 from .ratelimit import KeyedLimiter
 from .rbac import Rbac
-from .switches import ConsoleSwitches, Level
+from .switches import ConsoleSwitches, Level, scale_set_key
 from .tickets import Ticket, TicketStore
 
 
@@ -97,6 +97,12 @@ class AccessPolicy:
         self.authenticator = authenticator
         self.rbac = Rbac(config.role_assignments)
         self.vms = {vm.id: vm for vm in config.vms}
+        self._adopt_legacy_switches(config)
+
+    def _adopt_legacy_switches(self, config: Config) -> None:
+        """Scale-set switches of the old form (no resource group) for the configured scale sets."""
+        refs = {vm.scale_set_ref for vm in config.vms}
+        self.switches.adopt_legacy_scale_sets(ref for ref in refs if ref is not None)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -131,39 +137,52 @@ class AccessPolicy:
 
     # -- authentication -------------------------------------------------------------------
 
-    def _check_auth_rate(self, request: Request) -> None:
-        if self.auth_limiter is None:
-            return
-        wait = self.auth_limiter.retry_after(request.peer, time.monotonic())
-        if wait > 0:
-            raise RateLimitedError(
-                "too many failed authentication attempts from this address",
-                code="too_many_auth_failures",
-                retry_after=wait,
-            )
+    def _auth_failed(self, request: Request, exc: AuthError) -> PeerError:
+        """Count and audit a failed credential; what to answer: 401, or 429 over the limit.
 
-    def _auth_failed(self, request: Request, exc: AuthError) -> None:
+        The limit is on failures only and is applied after the credential was checked,
+        so many clients behind one address (a NAT, a balancer without PROXY) keep
+        getting in with valid credentials while a guesser among them is refused.
+        """
         self.auth_failures[exc.code] += 1
+        refusal: PeerError = exc
         if self.auth_limiter is not None:
-            self.auth_limiter.hit(request.peer, time.monotonic())
-        audit("auth_failed", reason=exc.code, peer=request.peer, region=self.region)
+            now = time.monotonic()
+            wait = self.auth_limiter.retry_after(request.peer, now)
+            self.auth_limiter.hit(request.peer, now)
+            if wait > 0:
+                refusal = RateLimitedError(
+                    "too many failed authentication attempts from this address",
+                    code="too_many_auth_failures",
+                    retry_after=wait,
+                )
+        audit(
+            "auth_failed",
+            reason=exc.code,
+            status=refusal.http_status,
+            peer=request.peer,
+            region=self.region,
+        )
+        return refusal
 
     def authenticate(self, request: Request) -> Principal:
         """The request's principal: a bearer token, else a verified client certificate.
 
         Raises:
-            RateLimitedError: this address failed too often recently.
             AuthError: no or bad credentials (counted and audited).
+            RateLimitedError: bad credentials from an address over its failure limit.
         """
-        self._check_auth_rate(request)
         authorization = request.headers.get("authorization")
         if authorization is None and request.client_cert_cn is not None:
-            return Principal(f"cert:{request.client_cert_cn}", amr=("x509",))
+            return Principal(
+                f"cert:{request.client_cert_cn}",
+                amr=("x509",),
+                expires=request.client_cert_not_after,
+            )
         try:
             return self.authenticator.authenticate(authorization)
         except AuthError as exc:
-            self._auth_failed(request, exc)
-            raise
+            raise self._auth_failed(request, exc) from None
 
     async def issue_ticket(self, principal: Principal, vm_id: str, mode: str) -> str:
         """A new one-time ticket for this principal, VM and mode.
@@ -196,18 +215,16 @@ class AccessPolicy:
         """Use the request's one-time ticket for this VM (once, on any gateway of a region).
 
         Raises:
-            RateLimitedError: this address failed too often recently.
             AuthError: unknown, reused, expired or foreign ticket.
             SharedStateError: the region's ticket store did not answer.
+            RateLimitedError: such a ticket from an address over its failure limit.
         """
-        self._check_auth_rate(request)
         try:
             if self.shared_tickets is None:
                 return self.tickets.redeem(request.query["ticket"], vm_id, time.monotonic())
             return await self._redeem_shared(request.query["ticket"], vm_id)
         except AuthError as exc:
-            self._auth_failed(request, exc)
-            raise
+            raise self._auth_failed(request, exc) from None
 
     async def _redeem_shared(self, ticket: str, vm_id: str) -> Ticket:
         assert self.shared_tickets is not None
@@ -245,18 +262,53 @@ class AccessPolicy:
         if vm is None or role is None:
             audit("access_denied", reason="no_role" if vm else "unknown_vm", **fields)
             raise NotFoundError(f"unknown vm {vm_id!r}", code="unknown_vm")
+        # MFA before the switch: a caller without it learns nothing more of the VM.
+        self.check_mfa(principal, vm.subscription, request, vm=vm_id)
         if not self.console_enabled(vm):
             audit("access_denied", reason="console_disabled", **fields)
             raise ForbiddenError(
                 f"the serial console of {vm_id} is disabled", code="console_disabled"
             )
-        sub = self.config.subscription(vm.subscription)
-        if (self.config.auth.require_mfa or (sub is not None and sub.require_mfa)) and (
-            "mfa" not in principal.amr
-        ):
-            audit("access_denied", reason="mfa_required", **fields)
-            raise ForbiddenError("multi-factor authentication is required", code="mfa_required")
         return vm, role
+
+    def mfa_required(self, subscription: str) -> bool:
+        """Whether `[auth] require_mfa` or the subscription's own asks for MFA."""
+        sub = self.config.subscription(subscription)
+        return self.config.auth.require_mfa or (sub is not None and sub.require_mfa)
+
+    def check_mfa(
+        self, principal: Principal, subscription: str, request: Request, **where: str
+    ) -> None:
+        """Refuse a principal without `mfa` in `amr` anything in an MFA-required subscription.
+
+        Every route that shows or changes a VM applies it, as the console does:
+        `where` (`vm=` or `scope=`) names what was refused in the audit event.
+
+        Raises:
+            ForbiddenError: MFA is required and the principal's token did not carry it.
+        """
+        if "mfa" in principal.amr or not self.mfa_required(subscription):
+            return
+        audit(
+            "access_denied",
+            reason="mfa_required",
+            principal=principal.id,
+            peer=request.peer,
+            region=self.region,
+            **where,
+        )
+        raise ForbiddenError("multi-factor authentication is required", code="mfa_required")
+
+    def effective_role(self, principal: Principal, vm: VmConfig) -> Role | None:
+        """The principal's role on the VM now, None without one or without the MFA it needs.
+
+        What `GET /v1/vms` lists (a VM of an MFA-required subscription is not shown to
+        a caller without MFA), and what a live session keeps after a reload.
+        """
+        role = self.rbac.role(principal, vm)
+        if role is None or ("mfa" not in principal.amr and self.mfa_required(vm.subscription)):
+            return None
+        return role
 
     def check_origin(self, request: Request) -> None:
         """Refuse cross-site WebSocket requests (browsers always send Origin).
@@ -294,17 +346,17 @@ class AccessPolicy:
             )
 
     def console_enabled(self, vm: VmConfig) -> bool:
-        """Whether the VM's console is on at every level: subscription, scale set, VM."""
+        """Whether the VM's console is on at every level: subscription, scale set, VM.
+
+        The scale set is the VM's own: named by subscription, resource group and name.
+        """
         switches: SwitchSource = self.shared_switches or self.switches
         sub = self.config.subscription(vm.subscription)
         sub_on = switches.get("subscriptions", vm.subscription)
         if sub_on is None:
             sub_on = sub is None or sub.serial_console
-        ss_on = (
-            True
-            if vm.scale_set is None
-            else switches.get("scale_sets", f"{vm.subscription}/{vm.scale_set}")
-        )
+        ss = vm.scale_set_ref
+        ss_on = True if ss is None else switches.get("scale_sets", scale_set_key(*ss))
         vm_on = switches.get("vms", vm.id)
         if vm_on is None:
             vm_on = vm.serial_console

@@ -29,7 +29,7 @@ from .cluster.forwarding import (
     has_forwarded_headers,
     parse_forwarded_headers,
 )
-from .config import Role, VmConfig, vm_scopes
+from .config import Role, VmConfig, scale_set_scopes, vm_scopes
 from .connection import ConsoleGrant, ForwardGrant, OwnerUnavailableError, console_vm
 from .errors import (
     ConflictError,
@@ -46,7 +46,7 @@ from .http import HttpResponse, Request
 from .hub import ConsoleHub
 from .lease import Denied
 from .rbac import at_least
-from .switches import Level
+from .switches import Level, scale_set_key
 
 MAX_LOG_RESPONSE = 16 * 2**20  # one response; page with ?from= for more
 
@@ -55,7 +55,8 @@ _TICKETS = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console/tick
 _SWITCH_VM = re.compile(r"^/v1/vms/([^/]{1,128})/serial-console$")
 _SWITCH_SUB = re.compile(r"^/v1/subscriptions/([^/]{1,128})/serial-console$")
 _SWITCH_SS = re.compile(
-    r"^/v1/subscriptions/([^/]{1,128})/scale-sets/([^/]{1,128})/serial-console$"
+    r"^/v1/subscriptions/([^/]{1,128})/resourceGroups/([^/]{1,128})"
+    r"/virtualMachineScaleSets/([^/]{1,128})/serial-console$"
 )
 
 
@@ -158,7 +159,7 @@ async def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
     principal = gw.access.authenticate(request)
     vms = []
     for vm in gw.access.vms.values():
-        role = gw.access.rbac.role(principal, vm)
+        role = gw.access.effective_role(principal, vm)
         if role is None:
             continue
         entry: dict[str, object] = {
@@ -186,7 +187,15 @@ async def list_vms(gw: ApiOwner, request: Request) -> HttpResponse:
                 "can_break": bool(vm.break_command) or vm.serial.kind in ("tty", "telnet"),
             }
         vms.append(entry)
+    _audit_access(gw, request, "vms_listed", principal, count=len(vms))
     return _json(200, {"vms": vms})
+
+
+def _audit_access(
+    gw: ApiOwner, request: Request, event: str, principal: Principal, **fields: object
+) -> None:
+    """An audit event for a served request: who, from where (never a credential)."""
+    audit(event, principal=principal.id, peer=request.peer, region=gw.region, **fields)
 
 
 async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:
@@ -213,6 +222,7 @@ async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespons
             break
         parts.append(chunk)
         got += len(chunk)
+    _audit_access(gw, request, "console_log_read", principal, vm=vm.id, offset=first, bytes=got)
     return HttpResponse(
         200,
         b"".join(parts),
@@ -259,7 +269,12 @@ async def issue_ticket(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespon
     if mode not in ("interactive", "spectate"):
         raise PeerError("mode must be interactive or spectate", code="bad_request")
     ticket = await gw.access.issue_ticket(principal, vm_id, mode)
-    return _json(201, {"ticket": ticket, "expires_in": int(gw.access.tickets.ttl), "mode": mode})
+    expires_in = int(gw.access.tickets.ttl)
+    # The ticket is a credential: never in the event.
+    _audit_access(
+        gw, request, "ticket_issued", principal, vm=vm_id, mode=mode, expires_in=expires_in
+    )
+    return _json(201, {"ticket": ticket, "expires_in": expires_in, "mode": mode})
 
 
 def _json_body(request: Request, *, optional: bool = False) -> dict[str, Any]:
@@ -293,6 +308,7 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
         if vm is None or gw.access.rbac.role(principal, vm) is None:
             raise NotFoundError(f"unknown vm {key!r}", code="unknown_vm")
         scopes = vm_scopes(vm)
+        sub = vm.subscription
     elif level == "subscriptions":
         members = [vm for vm in gw.access.vms.values() if vm.subscription == key]
         # Unknown and invisible read the same, as for VMs: no probing for what exists.
@@ -302,14 +318,11 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
         ):
             raise NotFoundError(f"unknown subscription {key!r}", code="not_found")
         scopes = (f"/subscriptions/{key}",)
+        sub = key
     else:
-        sub, _, ss = key.partition("/")
-        members = [
-            vm for vm in gw.access.vms.values() if (vm.subscription, vm.scale_set) == (sub, ss)
-        ]
-        if not members or not _sees_any(gw, principal, members):
-            raise NotFoundError(f"unknown scale set {ss!r} in {sub!r}", code="not_found")
-        scopes = vm_scopes(members[0])[:-2]  # subscription, resource group, scale set
+        scopes = _scale_set_scopes(gw, principal, key)
+        sub = key.split("/")[0]
+    gw.access.check_mfa(principal, sub, request, scope=scopes[-1])
     if not at_least(gw.access.rbac.role_on(principal, scopes), "owner"):
         audit(
             "access_denied",
@@ -333,6 +346,25 @@ async def switch_console(gw: ApiOwner, request: Request, level: Level, key: str)
         region=gw.region,
     )
     return _json(200, {"scope": scopes[-1], "enabled": enabled, "sessions_closed": closed})
+
+
+def _scale_set_scopes(gw: ApiOwner, principal: Principal, key: str) -> tuple[str, ...]:
+    """The scopes of the scale set `sub/rg/name` (its owner check), if the caller sees it.
+
+    A scale set is its subscription, resource group and name together: the same
+    name in another resource group is another scale set with other owners.
+
+    Raises:
+        NotFoundError: no such scale set, or the caller sees none of its instances.
+    """
+    sub, rg, name = key.split("/")
+    assert key == scale_set_key(sub, rg, name)  # the route's three segments, in this order
+    members = [vm for vm in gw.access.vms.values() if vm.scale_set_ref == (sub, rg, name)]
+    if not members or not _sees_any(gw, principal, members):
+        raise NotFoundError(
+            f"unknown scale set {name!r} in resource group {rg!r} of {sub!r}", code="not_found"
+        )
+    return scale_set_scopes(sub, rg, name)
 
 
 def _sees_any(gw: ApiOwner, principal: Principal, vms: list[VmConfig]) -> bool:

@@ -223,6 +223,21 @@ class Gateway:
     def session_started(self, session: ConsoleSession) -> None:
         """Track a console session (caps, metrics, drain)."""
         self.sessions[session.session_id] = session
+        self._end_with_credentials(session)
+
+    def _end_with_credentials(self, session: ConsoleSession) -> None:
+        """`[auth] disconnect_expired`: the session ends (4003) when its token or cert does."""
+        expires = session.principal.expires
+        if not self.config.auth.disconnect_expired or expires is None:
+            session.end_by(None)
+            return
+        session.end_by(time.monotonic() + (expires - time.time()))
+
+    def _reauthorize_sessions(self) -> None:
+        """After a reload, every live session keeps only what the new policy grants it."""
+        for session in list(self.sessions.values()):
+            session.reauthorize(self.access.effective_role(session.principal, session.hub.vm))
+            self._end_with_credentials(session)
 
     async def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
         """Switch consoles at one level; disabling closes their live sessions with 4009.
@@ -470,6 +485,7 @@ class Gateway:
         for hub in self.hubs.values():
             if not self.console_enabled(hub.vm):
                 hub.close_all(control.CLOSE_DISABLED, "serial console disabled by configuration")
+        self._reauthorize_sessions()
         log.info("config_reloaded", vms=len(self.hubs))
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         return True

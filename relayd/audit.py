@@ -24,6 +24,9 @@ EVENTS = frozenset(
         "sysrq_sent",
         "hook_run",
         "console_switched",
+        "vms_listed",
+        "console_log_read",
+        "ticket_issued",
     }
 )
 

@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ class Principal:
     id: str
     groups: tuple[str, ...] = ()
     amr: tuple[str, ...] = ()
+    # Wall-clock time after which the credentials are no longer accepted (token exp plus
+    # leeway, certificate notAfter); None: no expiry known. Not part of who it is.
+    expires: float | None = field(default=None, compare=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -152,7 +155,7 @@ class Authenticator:
             expires = float(claims["exp"])
         except (TypeError, ValueError, OverflowError):  # PyJWT accepted it; a float cannot hold it
             raise AuthError("token has an unusable exp claim", code="malformed_token") from None
-        return _principal(claims), expires
+        return _principal(claims, expires + self._cfg.leeway), expires
 
     def _jwk_for(self, kid: object, alg: str) -> Any:
         assert self._jwks is not None
@@ -162,7 +165,7 @@ class Authenticator:
         raise AuthError("no key in the JWKS matches the token's kid", code="unknown_key")
 
 
-def _principal(claims: dict[str, Any]) -> Principal:
+def _principal(claims: dict[str, Any], expires: float) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise AuthError("token sub claim must be a non-empty string", code="malformed_token")
@@ -172,7 +175,7 @@ def _principal(claims: dict[str, Any]) -> Principal:
         raise AuthError("token groups claim must be a list of strings", code="malformed_token")
     if not isinstance(amr, list) or not all(isinstance(a, str) for a in amr):
         raise AuthError("token amr claim must be a list of strings", code="malformed_token")
-    return Principal(f"user:{sub}", tuple(f"group:{g}" for g in groups), tuple(amr))
+    return Principal(f"user:{sub}", tuple(f"group:{g}" for g in groups), tuple(amr), expires)
 
 
 def issue_token(

@@ -48,6 +48,8 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "redact_url",
+    "scale_set_scopes",
+    "vm_scopes",
 ]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -225,6 +227,9 @@ class AuthConfig(_Model):
     hs256_secret_file: Path | None = None
     require_mfa: bool = False
     leeway: PositiveDuration = 60.0
+    # Like Teleport's disconnect_expired_cert: a session ends (4003) when the token or
+    # client certificate that opened it expires. Off: a session outlives its credentials.
+    disconnect_expired: bool = False
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuthConfig:
@@ -247,7 +252,8 @@ class LimitsConfig(_Model):
     output_buffer_bytes: int = Field(1048576, ge=4096)
     keepalive_interval: PositiveDuration = 20.0
     max_sessions: int | None = Field(None, ge=1)
-    max_sessions_per_principal: int | None = Field(None, ge=1)
+    # Finite by default: one principal (a leaked token, a script) cannot take the gateway.
+    max_sessions_per_principal: int | None = Field(10, ge=1)
     # 0 turns a limit off (TOML has no null to write).
     auth_failures_per_minute: int = Field(10, ge=0)
     connections_per_second_per_ip: int = Field(20, ge=0)
@@ -262,10 +268,15 @@ class LimitsConfig(_Model):
         return self
 
 
+# A subscription, resource group or scale set name is one segment of a scope path and of
+# a switch route: a "/" in it would let two different resources spell the same scope.
+NAME_PATTERN = r"^[^/]+$"
+
+
 class SubscriptionConfig(_Model):
     """`[[subscriptions]]`: a tenant, with its console switch."""
 
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, pattern=NAME_PATTERN)
     serial_console: bool = True
     require_mfa: bool = False
 
@@ -294,8 +305,8 @@ class VmConfig(_Model):
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     subscription: str
-    resource_group: str | None = None
-    scale_set: str | None = None
+    resource_group: str | None = Field(None, pattern=NAME_PATTERN)
+    scale_set: str | None = Field(None, pattern=NAME_PATTERN)
     serial: Annotated[SerialUrl, BeforeValidator(_parse_serial)]
     baud: int = Field(115200, ge=50, le=4_000_000)
     parity: Literal["none", "even", "odd"] = "none"
@@ -318,6 +329,16 @@ class VmConfig(_Model):
     def input_rate(self) -> int:
         """Bytes per second the serial line takes: 10 bits per byte on the wire."""
         return self.input_bytes_per_s or max(1, self.baud // 10)
+
+    @property
+    def scale_set_ref(self) -> tuple[str, str, str] | None:
+        """(subscription, resource group, name) of the VM's scale set; None outside one.
+
+        All three name a scale set: two resource groups may each hold one called `web`.
+        """
+        if self.scale_set is None or self.resource_group is None:
+            return None  # the config refuses a scale set without a resource group
+        return (self.subscription, self.resource_group, self.scale_set)
 
     @property
     def scope(self) -> str:
@@ -499,6 +520,13 @@ def _scope_exists(cfg: Config, scope: str) -> bool:
         if scope in vm_scopes(vm):
             return True
     return len(parts) == 2 and cfg.subscription(parts[1]) is not None
+
+
+def scale_set_scopes(subscription: str, resource_group: str, name: str) -> tuple[str, ...]:
+    """Every scope that contains a scale set, widest first: the roles that govern it."""
+    sub = f"/subscriptions/{subscription}"
+    rg = f"{sub}/resourceGroups/{resource_group}"
+    return (sub, rg, f"{rg}/virtualMachineScaleSets/{name}")
 
 
 def vm_scopes(vm: VmConfig) -> tuple[str, ...]:

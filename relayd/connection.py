@@ -139,6 +139,7 @@ class HttpConnection(asyncio.Protocol):
         self._cert_cn: str | None = None
         self._gateway: str | None = None
         self._relay: Splice | None = None
+        self._cert_not_after: float | None = None
         self._refusal: PeerError | None = None
         self._http_paused = False
         # The request being answered (the owner may wait on Redis); the next one waits.
@@ -154,6 +155,7 @@ class HttpConnection(asyncio.Protocol):
         if self.peer == "-" and isinstance(peername, tuple):
             self.peer = str(peername[0])
         self._cert_cn, self._gateway = self.owner.peer_identity(self.transport)
+        _, self._cert_not_after = _client_cert(self.transport)
         self._refusal = self.owner.admit_connection(self.peer)
         self.owner.connection_opened(self)
         self._arm_deadline()
@@ -274,6 +276,7 @@ class HttpConnection(asyncio.Protocol):
             self.peer,
             self._cert_cn,
             self._gateway,
+            self._cert_not_after,
         )
         try:
             if self.owner.draining:
@@ -420,14 +423,21 @@ class OwnerUnavailableError(ServiceUnavailableError):
 
 def client_cert_cn(transport: asyncio.Transport) -> str | None:
     """The subject CN of a verified client certificate, if one was presented."""
+    return _client_cert(transport)[0]
+
+
+def _client_cert(transport: asyncio.Transport) -> tuple[str | None, float | None]:
+    """The subject CN and notAfter of a verified client certificate, if one was presented."""
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
-        return None
+        return None, None
     cert = ssl_object.getpeercert()
     if not cert:
-        return None
+        return None, None
+    not_after = cert.get("notAfter")
+    expires = ssl.cert_time_to_seconds(not_after) if isinstance(not_after, str) else None
     for rdn in cert.get("subject", ()):
         for key, value in rdn:
             if key == "commonName" and value:
-                return str(value)
-    return None
+                return str(value), expires
+    return None, None

@@ -31,6 +31,7 @@ class Request:
     peer: str
     client_cert_cn: str | None = None
     peer_gateway: str | None = None  # a verified gateway certificate's name (cluster)
+    client_cert_not_after: float | None = None  # wall-clock seconds
 
 
 @dataclass

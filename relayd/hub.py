@@ -61,6 +61,8 @@ class HubClient(Protocol):
     session_id: str
     principal: Principal
     role: str
+    peer: str  # the client's real address, for audit events
+    region: str
 
     def deliver(self, offset: int, data: bytes, frame: bytes) -> None:
         """Console output; must never block or await."""
@@ -430,8 +432,11 @@ class ConsoleHub:
                     vm=self.vm.id,
                     session_id=previous.session_id,
                     principal=previous.principal.id,
+                    peer=previous.peer,
+                    region=previous.region,
                     by=by,
                     by_session_id=client.session_id,
+                    by_peer=client.peer,
                 )
                 if isinstance(decision, Evicted):
                     # A spectator from now on: keys it still has in flight are refused.
@@ -447,6 +452,33 @@ class ConsoleHub:
             if other is not client and other.session_id != getattr(decision, "previous", None):
                 other.send_text(control.encode_notice("writer_changed", writer=client.principal.id))
         return decision
+
+    def demote(self, client: HubClient, reason: str) -> bool:
+        """Make the writer a spectator that stays attached; False if it was not the writer.
+
+        The takeover policy `demote` without a newcomer: used when the writer's own
+        role on the VM fell to reader (a reload). Its queued input is dropped and
+        `on_detach` runs, as when any writer leaves.
+        """
+        if not self.lease.release(client.session_id):
+            return False
+        self._writer_left()
+        client.set_role("spectator")
+        audit(
+            "writer_demoted",
+            vm=self.vm.id,
+            session_id=client.session_id,
+            principal=client.principal.id,
+            peer=client.peer,
+            region=client.region,
+            reason=reason,
+        )
+        client.send_text(control.encode_notice("demoted", by=None, writer=None, reason=reason))
+        for other in self.clients.values():
+            if other is not client:
+                other.send_text(control.encode_notice("writer_changed", writer=None))
+        self._changed()
+        return True
 
     def detach(self, client: HubClient) -> None:
         """Remove a session; a leaving writer releases the lease."""

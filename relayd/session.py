@@ -103,6 +103,9 @@ class ConsoleSession:
         # pong is unread, not missing, and must not cost it the session.
         self._reading_paused = False
         self._idle_warned = False
+        # Monotonic time when the credentials that opened the session expire, when the
+        # gateway ends sessions then (`[auth] disconnect_expired`); None: never.
+        self._credentials_end: float | None = None
         # First ping somewhere in the second half of the interval, by session id, so
         # sessions opened together do not all ping together.
         spread = 0.5 + int(session_id[:4], 16) / 0x20000
@@ -317,11 +320,37 @@ class ConsoleSession:
             on_lost, self.on_lost = self.on_lost, None
             on_lost()
 
+    # -- authorization after the upgrade ----------------------------------------------
+
+    def reauthorize(self, role: Role | None) -> None:
+        """Keep only what the principal's current role grants (after a reload).
+
+        No role (or no longer the MFA it needs): closed with 4003. A writer now only
+        a reader becomes a spectator. The role is read per message, so an owner who
+        is now a contributor loses NMI and reset at once.
+        """
+        if self._closed or self.ws.state is not State.OPEN:
+            return
+        if role is None:
+            self._info("access_revoked")
+            self.close(control.CLOSE_FORBIDDEN, "access revoked: no role on this vm")
+            return
+        self.rbac_role = role
+        if self.role == "writer" and not at_least(role, "contributor"):
+            self.hub.demote(self, "role_revoked")
+
+    def end_by(self, deadline: float | None) -> None:
+        """Close with 4003 at this monotonic time (the credentials expire); None: never."""
+        self._credentials_end = deadline
+
     # -- timers (driven by the gateway's sweeper) -------------------------------------
 
     def sweep(self, now: float) -> None:
-        """Keepalive, idle timeout (writers) and maximum session length, as of `now`."""
+        """Credentials expiry, session length, idle timeout and keepalive, as of `now`."""
         if self._closed:
+            return
+        if self._credentials_end is not None and now >= self._credentials_end:
+            self.close(control.CLOSE_FORBIDDEN, "credentials expired")
             return
         limits = self.hub.limits
         if (
@@ -333,7 +362,8 @@ class ConsoleSession:
                 f"maximum session length {limits.max_session_seconds:g}s reached",
             )
             return
-        if limits.idle_timeout is not None and self.role == "writer":
+        # Spectators too: a reader must not hold sessions nobody watches (see `_touch`).
+        if limits.idle_timeout is not None:
             idle = now - self.last_input
             if idle >= limits.idle_timeout:
                 self.hub.stats.idle_closes += 1
@@ -418,6 +448,7 @@ class ConsoleSession:
         if not data:
             return
         if self.role != "writer":
+            self._touch()  # refused, but someone is there: a spectator's activity
             self._error("read_only", "this session is read-only (spectator)")
             return
         if len(data) > self._max_paste:
@@ -436,6 +467,8 @@ class ConsoleSession:
         self.hub.submit(self, data)
 
     def _on_control(self, text: str) -> None:
+        if self.role != "writer":
+            self._touch()  # a spectator's every message counts; a writer's only when it acts
         try:
             message = control.decode_client_message(text)
         except BadMessageError as exc:
@@ -490,6 +523,11 @@ class ConsoleSession:
         self._audit("hook_run", hook=name)
 
     def _touch(self) -> None:
+        """Activity: the idle clock starts again.
+
+        A writer's accepted input or BREAK counts; a spectator's every message does
+        (it cannot act, but a refused key still shows someone is there).
+        """
         self.last_input = time.monotonic()
         self._idle_warned = False
 

@@ -2,7 +2,9 @@
 
 The config says what is enabled by default; `PUT .../serial-console` records
 an override per subscription, per scale set or per VM. A console is enabled
-only when every level above it is. The file is replaced atomically (write,
+only when every level above it is. A scale set is keyed by subscription,
+resource group and name (`scale_set_key`): the same name in two resource
+groups is two scale sets with two owners. The file is replaced atomically (write,
 fsync, rename, fsync the directory), so a crash leaves the old or the new
 state, never half of one; a file that cannot be parsed stops the daemon at
 start rather than silently re-enabling consoles someone turned off.
@@ -12,14 +14,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
+from .log import get_logger
+
+log = get_logger("relayd.switches")
 
 Level = Literal["subscriptions", "scale_sets", "vms"]
 LEVELS: tuple[Level, ...] = ("subscriptions", "scale_sets", "vms")
 FILENAME = "serial-console.json"
+
+
+def scale_set_key(subscription: str, resource_group: str, name: str) -> str:
+    """The switch key of a scale set (config names hold no "/", so the key is unambiguous)."""
+    return f"{subscription}/{resource_group}/{name}"
 
 
 class ConsoleSwitches:
@@ -57,6 +68,57 @@ class ConsoleSwitches:
     def set(self, level: Level, key: str, enabled: bool) -> None:
         """Record an override and persist it before returning."""
         self._state[level][key] = enabled
+        self._save()
+
+    def adopt_legacy_scale_sets(self, scale_sets: Iterable[tuple[str, str, str]]) -> None:
+        """Rewrite scale-set keys of the old form `sub/name` for the configured scale sets.
+
+        Before scale sets were keyed by resource group, one key covered every scale
+        set of that name in the subscription. Migrating must never turn on a console
+        an owner turned off, so:
+
+        - an old disable applies to every configured scale set of that name (all the
+          resource groups it may have meant; each owner can turn theirs back on);
+          a switch already written in the new form is left as it is;
+        - an old disable that matches no configured scale set is kept as it is and
+          adopted when one of that name appears (at a reload or restart);
+        - an old enable is dropped: a scale set has no default to override, so it
+          never had an effect.
+
+        The file is rewritten when anything changed; if that fails the change still
+        holds in memory (and is made again at the next start), with a warning.
+        """
+        table = self._state["scale_sets"]
+        legacy = {key: on for key, on in table.items() if key.count("/") == 1}
+        if not legacy:
+            return
+        by_name: dict[tuple[str, str], list[str]] = {}
+        for sub, rg, name in scale_sets:
+            by_name.setdefault((sub, name), []).append(scale_set_key(sub, rg, name))
+        changed = False
+        for key, enabled in legacy.items():
+            sub, _, name = key.partition("/")
+            targets = sorted(by_name.get((sub, name), ()))
+            if enabled:
+                del table[key]
+                changed = True
+                log.info("legacy_switch_dropped", key=key, enabled=True)
+            elif not targets:
+                log.warning("legacy_switch_pending", key=key, enabled=False)
+            else:
+                for target in targets:
+                    table.setdefault(target, False)
+                del table[key]
+                changed = True
+                log.warning("legacy_switch_adopted", key=key, enabled=False, scale_sets=targets)
+        if changed:
+            try:
+                self._save()
+            except OSError as exc:
+                log.warning("legacy_switch_not_saved", path=str(self.path), error=str(exc))
+
+    def _save(self) -> None:
+        """Replace the file atomically with the current state."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_suffix(".tmp")
         data = json.dumps(self._state, indent=1, sort_keys=True).encode() + b"\n"

@@ -89,7 +89,10 @@ def toml_value(value: Any) -> str:
 
 @pytest.fixture
 def write_config(tmp_path: Path, pki: dict[str, Path]) -> Callable[..., Config]:
-    """Write and load a config: `write_config(vms=[{...}], limits={...}, roles=[...])`."""
+    """Write and load a config: `write_config(vms=[{...}], limits={...}, roles=[...])`.
+
+    `subscriptions` defaults to one, `sub-1`; each VM is in `sub-1` unless it says otherwise.
+    """
 
     def write(
         *,
@@ -98,6 +101,7 @@ def write_config(tmp_path: Path, pki: dict[str, Path]) -> Callable[..., Config]:
         gateway: dict[str, Any] | None = None,
         roles: list[tuple[str, str, str]] | None = None,
         tls: dict[str, Any] | None = None,
+        subscriptions: list[dict[str, Any]] | None = None,
     ) -> Config:
         gw = {
             "region": "test",
@@ -116,7 +120,9 @@ def write_config(tmp_path: Path, pki: dict[str, Path]) -> Callable[..., Config]:
             f"hs256_secret_file = {toml_value(pki['secret'])}",
         ]
         lines += ["[limits]"] + [f"{k} = {toml_value(v)}" for k, v in (limits or {}).items()]
-        lines += ["[[subscriptions]]", 'id = "sub-1"']
+        for sub in subscriptions or [{"id": "sub-1"}]:
+            lines.append("[[subscriptions]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in sub.items()]
         for vm in vms:
             lines.append("[[vms]]")
             lines += [f"{k} = {toml_value(v)}" for k, v in {"subscription": "sub-1", **vm}.items()]
@@ -308,7 +314,10 @@ class Console:
 
 @pytest.fixture
 def open_console(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Callable[..., Any]:
-    """`async with open_console(gw, "vm", user="alice", mode="spectate") as c:`."""
+    """`async with open_console(gw, "vm", user="alice", mode="spectate") as c:`.
+
+    `bearer=` uses that token instead of a fresh one for `user`.
+    """
 
     @asynccontextmanager
     async def opener(
@@ -319,6 +328,7 @@ def open_console(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Calla
         mode: str | None = None,
         resume_from: int | None = None,
         headers: dict[str, str] | None = None,
+        bearer: str | None = None,
     ) -> AsyncIterator[Console]:
         query = []
         if mode:
@@ -328,7 +338,7 @@ def open_console(client_ssl: ssl.SSLContext, token: Callable[..., str]) -> Calla
         url = f"wss://localhost:{gateway.tls_port}/v1/vms/{vm}/console"
         if query:
             url += "?" + "&".join(query)
-        hdrs = {"Authorization": f"Bearer {token(user)}", **(headers or {})}
+        hdrs = {"Authorization": f"Bearer {bearer or token(user)}", **(headers or {})}
         async with connect(
             url,
             ssl=client_ssl,

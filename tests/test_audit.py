@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,10 +14,11 @@ from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from relayd.audit import EVENTS
 from relayd.auth import Principal
 from relayd.sim import SimulatedGuest
 
-from .conftest import running, wait_port_up
+from .conftest import FarEnd, http_request, https_exchange, running, wait_hub, wait_port_up
 
 PASSWORD = "Tr0ub4dor-and-3"
 SUB: Any = "relayd.console.v1"
@@ -89,3 +92,80 @@ async def test_full_session_logs_audit_events_and_never_a_secret(
     assert ended["duration"] >= 0
     failed = next(e for e in audit if e["event"] == "auth_failed")
     assert failed["reason"] == "invalid_audience"
+
+
+async def test_listing_log_reads_and_ticket_issuance_are_audited_without_the_ticket(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    token: Callable[..., str],
+    client_ssl: ssl.SSLContext,
+) -> None:
+    """GET /v1/vms, GET .../console-log and POST .../tickets each leave an audit event."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    bearer = token("rita")
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        await far_end.send(b"boot log\r\n")
+        await wait_hub(gw, "vm-a", lambda hub: hub.end >= 10)
+        with capture_logs() as events:
+            for method, path in (
+                ("GET", "/v1/vms"),
+                ("GET", "/v1/vms/vm-a/console-log?from=5"),
+                ("POST", "/v1/vms/vm-a/console/tickets"),
+            ):
+                status, _, body = await https_exchange(
+                    gw.tls_port, client_ssl, http_request(method, path, bearer=bearer)
+                )
+                assert status in (200, 201)
+    ticket = json.loads(body)["ticket"]
+    audit = {e["event"]: e for e in events if e.get("audit")}
+    common = {"principal": "user:rita", "peer": "127.0.0.1", "region": "test"}
+    assert audit["vms_listed"] == {**audit["vms_listed"], **common, "count": 1}
+    assert audit["console_log_read"] == {
+        **audit["console_log_read"],
+        **common,
+        "vm": "vm-a",
+        "offset": 5,
+        "bytes": 5,
+    }
+    assert audit["ticket_issued"] == {
+        **audit["ticket_issued"],
+        **common,
+        "vm": "vm-a",
+        "mode": "interactive",
+        "expires_in": 30,
+    }
+    assert ticket not in json.dumps(events, default=str)
+
+
+@pytest.mark.parametrize("policy", ["evict", "demote"])
+async def test_displaced_writer_events_carry_peer_and_region(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any], policy: str
+) -> None:
+    """writer_evicted and writer_demoted name the real address and region, like other events."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}", "takeover": policy}]
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="alice") as alice:
+            with capture_logs() as events:
+                async with open_console(gw, "vm-a", user="bob") as bob:
+                    assert bob.hello["role"] == "writer"
+            del alice
+    name = {"evict": "writer_evicted", "demote": "writer_demoted"}[policy]
+    event = next(e for e in events if e["event"] == name)
+    assert event["principal"] == "user:alice"
+    assert (event["by"], event["peer"], event["by_peer"]) == ("user:bob", "127.0.0.1", "127.0.0.1")
+    assert event["region"] == "test"
+
+
+def test_audit_doc_lists_every_event() -> None:
+    """docs/audit.md has a row for each name audit() accepts, and no other."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "audit.md").read_text()
+    documented = set()
+    for line in doc.splitlines():
+        if line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            documented |= set(re.findall(r"`([a-z_]+)`", first_cell))
+    assert documented == set(EVENTS)

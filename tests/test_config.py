@@ -284,6 +284,24 @@ def test_load_minimal_config_uses_defaults(tmp_path: Path) -> None:
     assert (cfg.subscriptions, cfg.vms, cfg.role_assignments) == ((), (), ())
 
 
+def test_load_minimal_config_caps_sessions_per_principal_and_keeps_expired_sessions(
+    tmp_path: Path,
+) -> None:
+    """Ten sessions per principal unless raised; disconnect_expired is off unless set."""
+    text = (
+        '[tls]\ncert = "c"\nkey = "k"\n[auth]\nissuer = "i"\naudience = "a"\n'
+        'hs256_secret_file = "/etc/relayd/dev.key"\n'
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.limits.max_sessions_per_principal == 10
+    assert cfg.auth.disconnect_expired is False
+    text = text.replace("[auth]\n", "[auth]\ndisconnect_expired = true\n")
+    text += "[limits]\nmax_sessions_per_principal = 500\n"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.auth.disconnect_expired is True
+    assert cfg.limits.max_sessions_per_principal == 500
+
+
 def test_load_config_accepts_str_path(tmp_path: Path) -> None:
     """load_config takes a str as well as a Path."""
     assert load_config(str(write(tmp_path, BASE))).vms[0].id == "vm-a"
@@ -492,6 +510,19 @@ BAD_CASES: list[tuple[str, str, str, str]] = [
     ("bad parity", 'takeover = "evict"', 'parity = "mark"', "vms[0].parity"),
     ("empty argv", 'takeover = "evict"', "nmi_command = []", "vms[0].nmi_command"),
     ("scale set without rg", 'takeover = "evict"', 'scale_set = "ss"', "vms[0].scale_set"),
+    (
+        "slash in resource group",
+        'takeover = "evict"',
+        'resource_group = "rg/virtualMachineScaleSets/web"',
+        "vms[0].resource_group",
+    ),
+    (
+        "slash in scale set",
+        'takeover = "evict"',
+        'resource_group = "rg"\nscale_set = "a/b"',
+        "vms[0].scale_set",
+    ),
+    ("slash in subscription id", 'id = "sub-1"', 'id = "sub/1"', "subscriptions[0].id"),
     ("tls 1.1", 'key = "server.key"', 'key = "server.key"\nmin_version = "1.1"', "tls.min_version"),
     ("paste too big", 'idle_timeout = "30m"', "max_paste_bytes = 0", "limits.max_paste_bytes"),
     ("table not array", "[[subscriptions]]", "[subscriptions]", "subscriptions"),

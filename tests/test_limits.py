@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import json
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
+import jwt
+import trustme
 from websockets.asyncio.client import connect
 
+from relayd.config import load_config
 from relayd.listener import plain_address
 
-from .conftest import FarEnd, console_url, refused_upgrade, running, wait_port_up
+from .conftest import Console, FarEnd, console_url, refused_upgrade, running, wait_port_up
 
 
 async def test_idle_writer_gets_warning_then_close_4008(
@@ -34,22 +41,121 @@ async def test_idle_writer_gets_warning_then_close_4008(
     assert "idle" in reason
 
 
-async def test_spectator_is_not_closed_for_idleness_but_max_session_length_applies(
+async def test_idle_spectator_gets_warning_then_close_4008(
     write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
 ) -> None:
-    """Idle rules are for writers; max_session_seconds ends any session."""
+    """Readers hold no idle sessions either: a silent spectator is warned, then closed 4008."""
     config = write_config(
         vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
-        limits={"idle_timeout": "400ms", "idle_warning": "200ms", "max_session_seconds": "1500ms"},
+        limits={"idle_timeout": "1200ms", "idle_warning": "600ms"},
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with open_console(gw, "vm-a", user="rita") as console:
+            assert console.hello["role"] == "spectator"
+            await console.control(type="notice", event="idle_warning")
+            await console.send(b"x")  # refused (read-only), yet someone is there
+            await console.control(type="error", code="read_only")
+            await console.control(type="notice", event="idle_warning")
+            code, reason = await console.closed()
+    assert code == 4008
+    assert reason is not None
+    assert "idle" in reason
+
+
+async def test_max_session_length_ends_any_session(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """max_session_seconds ends a session whatever it does (idle limit off here)."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"idle_timeout": "off", "max_session_seconds": "1500ms"},
     )
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
         async with open_console(gw, "vm-a", mode="spectate") as console:
             code, reason = await console.closed()
-            assert not [c for c in console.controls if c.get("event") == "idle_warning"]
     assert code == 4008
     assert reason is not None
     assert "maximum session length" in reason
+
+
+async def _wait_past(token: str) -> float:
+    """Wait until the token's exp has passed (the test configs allow 1 ms of leeway)."""
+    exp = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+    await asyncio.sleep(max(0.0, exp - time.time() + 0.05))
+    return exp
+
+
+def _with_auth(config: Any, extra: str) -> Any:
+    config.path.write_text(config.path.read_text().replace("[auth]\n", f"[auth]\n{extra}"))
+    return load_config(config.path)
+
+
+async def test_disconnect_expired_ends_sessions_with_4003_when_their_token_expires(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+    token: Callable[..., str],
+) -> None:
+    """Off (the default) a session outlives its token; on (even by reload) it ends at expiry."""
+    vms = [{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}]
+    config = _with_auth(write_config(vms=vms), 'leeway = "1ms"\n')
+    short = token("alice", ttl=2)
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with (
+            open_console(gw, "vm-a", bearer=short) as alice,
+            open_console(gw, "vm-a", user="bob", mode="spectate") as bob,
+        ):
+            await _wait_past(short)
+            await alice.send(b"after expiry\r")
+            await far_end.wait_received(lambda b: b"after expiry" in b)
+            _with_auth(write_config(vms=vms), 'leeway = "1ms"\ndisconnect_expired = true\n')
+            assert await gw.reload()
+            code, reason = await alice.closed()
+            assert (code, reason) == (4003, "credentials expired")
+            # A session opened with the flag on ends by itself when its token does.
+            late = token("alice", ttl=2)
+            async with open_console(gw, "vm-a", bearer=late) as again:
+                code, _ = await again.closed()
+                assert code == 4003
+                assert time.time() >= float(
+                    jwt.decode(late, options={"verify_signature": False})["exp"]
+                )
+            await far_end.send(b"bob still watches")
+            await bob.expect(b"bob still watches")
+
+
+async def test_disconnect_expired_ends_a_client_certificate_session_at_not_after(
+    write_config: Callable[..., Any], far_end: FarEnd, ca: trustme.CA, pki: dict[str, Any]
+) -> None:
+    """With disconnect_expired, a cert:<CN> session ends with 4003 once the certificate expires."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        tls={"client_ca": pki["ca"]},
+        roles=[("cert:ops-laptop", "contributor", "/subscriptions/sub-1")],
+    )
+    config = _with_auth(config, "disconnect_expired = true\n")
+    not_after = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(
+        seconds=3
+    )
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ca.issue_cert("ops@example.com", common_name="ops-laptop", not_after=not_after).configure_cert(
+        ctx
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        async with connect(
+            console_url(gw, "vm-a"),
+            ssl=ctx,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+        ) as ws:
+            console = Console(ws)
+            assert json.loads(await ws.recv())["role"] == "writer"
+            code, reason = await console.closed()
+    assert (code, reason) == (4003, "credentials expired")
+    assert datetime.datetime.now(datetime.UTC) >= not_after
 
 
 async def _status_and_code(
@@ -84,7 +190,6 @@ async def test_require_mfa_refuses_tokens_without_mfa_amr(
     config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
     text = config.path.read_text().replace("[auth]\n", "[auth]\nrequire_mfa = true\n")
     config.path.write_text(text)
-    from relayd.config import load_config
 
     async with running(load_config(config.path)) as gw:
         await wait_port_up(gw, "vm-a")

@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 
 from relayd import native
 
-from .conftest import TIMEOUT, FarEnd, running, wait_port_up
+from .conftest import TIMEOUT, FarEnd, running, wait_hub, wait_port_up
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,6 +188,56 @@ async def test_reload_adds_new_vm_and_removes_old_with_4004(
             assert "removed" in reason
         await wait_port_up(gw, "vm-new")
         assert set(gw.hubs) == {"vm-new"}
+
+
+async def test_reload_demotes_closes_and_strips_live_sessions_whose_roles_changed(
+    write_config: Callable[..., Any], far_end: FarEnd, open_console: Callable[..., Any]
+) -> None:
+    """After a reload: writer now reader is demoted; no role closes 4003; ex-owner loses NMI."""
+    serial = f"tcp://127.0.0.1:{far_end.port}"
+    vms = [
+        {"id": "vm-a", "serial": serial},
+        {"id": "vm-b", "serial": serial, "nmi_command": ["true"]},
+    ]
+    config = write_config(
+        vms=vms,
+        roles=[
+            ("user:alice", "contributor", "/subscriptions/sub-1"),
+            ("user:rita", "reader", "/subscriptions/sub-1"),
+            ("user:olga", "owner", "/subscriptions/sub-1"),
+        ],
+    )
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        await wait_port_up(gw, "vm-b")
+        async with (
+            open_console(gw, "vm-a", user="alice") as alice,
+            open_console(gw, "vm-a", user="rita") as rita,
+            open_console(gw, "vm-b", user="olga") as olga,
+        ):
+            assert (alice.hello["role"], olga.hello["role"]) == ("writer", "writer")
+            await olga.send({"type": "nmi"})
+            await olga.control(type="notice", event="hook_result")
+            write_config(
+                vms=vms,
+                roles=[
+                    ("user:alice", "reader", "/subscriptions/sub-1"),
+                    ("user:olga", "contributor", "/subscriptions/sub-1"),
+                ],
+            )
+            assert await gw.reload()
+            code, _ = await rita.closed()
+            assert code == 4003
+            notice = await alice.control(type="notice", event="demoted")
+            assert notice["reason"] == "role_revoked"
+            await wait_hub(gw, "vm-a", lambda hub: hub.lease.holder is None)
+            await alice.send(b"typed as a reader\r")
+            await alice.control(type="error", code="read_only")
+            await olga.send({"type": "nmi"})
+            await olga.control(type="error", code="forbidden")
+            await olga.send(b"contributor still types\r")
+            await far_end.wait_received(lambda b: b"contributor still types" in b)
+        assert b"typed as a reader" not in far_end.received
 
 
 async def test_drain_readyz_503_at_once_then_clients_closed_1001(

@@ -108,9 +108,17 @@ function renderVms(vms) {
     name.scope = 'row';
     name.textContent = vm.id;
     row.append(name);
-    cell(row, vm.scale_set ? `${vm.subscription} / ${vm.scale_set}` : vm.subscription);
+    // A scale set is named by its resource group too: two groups may each hold a "web".
+    cell(
+      row,
+      vm.scale_set
+        ? `${vm.subscription} / ${vm.resource_group} / ${vm.scale_set}`
+        : vm.subscription,
+    );
     cell(row, vm.enabled ? 'enabled' : 'disabled', vm.enabled ? 'state-on' : 'state-off');
-    cell(row, vm.port === 'up' ? 'up' : 'down', vm.port === 'up' ? 'state-up' : 'state-down');
+    // In a cluster a port held by another gateway is "remote": it is up there.
+    const portUp = vm.port === 'up' || vm.port === 'remote';
+    cell(row, portUp ? 'up' : 'down', portUp ? 'state-up' : 'state-down');
     cell(row, vm.writer_attached ? 'attached' : 'none');
     cell(row, vm.role);
     const actions = cell(row, '', 'actions');

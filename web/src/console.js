@@ -279,9 +279,13 @@ function onNotice(notice) {
       break;
     case 'demoted':
       showRole();
-      showBanner('warning', `${notice.by} took over the console: you are now spectating (read-only).`, [
-        ['Take over again', switchMode],
-      ]);
+      if (notice.reason === 'role_revoked') {
+        showBanner('warning', 'Your role on this VM is now reader: you are now spectating (read-only).');
+      } else {
+        showBanner('warning', `${notice.by} took over the console: you are now spectating (read-only).`, [
+          ['Take over again', switchMode],
+        ]);
+      }
       break;
     case 'output_gap': {
       const skipped = `${notice.bytes} bytes of output skipped (offsets ${notice.first}–${notice.last})`;
