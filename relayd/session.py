@@ -12,6 +12,17 @@ drains it continues from its cursor, reading the ring. Only a client that
 falls further behind than the ring holds skips ahead, with an `output_gap`
 notice naming the first and last offsets it missed. Input from the writer
 goes to the hub, which pauses this transport when the serial line is behind.
+
+While a client's output is over the high-water mark, it is read once per
+drain: after one read in that state, whatever it held, the client is not
+read again until its output falls below the low-water mark. Pings want
+pongs and bad messages want errors, and a client sending them without ever
+reading would otherwise grow our buffer without end; a slow client that does
+read still gets its keys (a Ctrl-C during a flood) and pongs through. What
+one connection can make the gateway hold is thus its high-water mark, the
+answers to a read or two (past `MAX_UNREAD_BYTES` more it is dropped) and
+websockets' bounded frame buffer. A client that never drains misses its
+keepalive and is dropped within two intervals.
 """
 
 from __future__ import annotations
@@ -49,6 +60,9 @@ WS_LOGGER.setLevel(logging.WARNING)
 
 CLOSE_TIMEOUT = 5.0
 PUMP_CHUNK = 65536
+# Past its high-water mark a client is not read, so only the answers to what one read
+# held (pongs, errors) and notices can pile up; over this much more, it is dropped.
+MAX_UNREAD_BYTES = 2**20
 
 
 class ConsoleSession:
@@ -101,6 +115,8 @@ class ConsoleSession:
         # Set while the hub holds this writer back (its paste waits for the line): its
         # pong is unread, not missing, and must not cost it the session.
         self._reading_paused = False
+        # Unread output that drops the client (see the module docstring).
+        self._max_buffered = output_queue_bytes + MAX_UNREAD_BYTES
         self._idle_warned = False
         # First ping somewhere in the second half of the interval, by session id, so
         # sessions opened together do not all ping together.
@@ -232,9 +248,18 @@ class ConsoleSession:
             self.transport.pause_reading()
 
     def resume_input(self) -> None:
-        """The serial line caught up."""
+        """The serial line caught up: read again, unless the client's output is too."""
         self._reading_paused = False
-        if not self._closed and not self.transport.is_closing():
+        self._read_again()
+
+    def _read_again(self) -> None:
+        """Read the client, unless the hub or its own unread output still holds it back."""
+        if (
+            not self._reading_paused
+            and not self._write_paused
+            and not self._closed
+            and not self.transport.is_closing()
+        ):
             self.transport.resume_reading()
 
     def close(self, code: int, reason: str) -> None:
@@ -253,8 +278,9 @@ class ConsoleSession:
         self._write_paused = True
 
     def resume_writing(self) -> None:
-        """The client caught up with its buffer; continue from the cursor."""
+        """The client caught up with its buffer: read it again, continue from the cursor."""
         self._write_paused = False
+        self._read_again()
         self._pump()
 
     def _send_gap(self, first: int, last: int) -> None:
@@ -275,6 +301,9 @@ class ConsoleSession:
                 self._on_frame(event)
         if self._reader.fed_protocol:
             self._settle()
+        if self._write_paused and not self._closed:
+            # Over its high-water mark and still sending: no more until it drains.
+            self.transport.pause_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Never called: the session takes over a transport that is already up."""
@@ -372,6 +401,13 @@ class ConsoleSession:
             else:
                 # SSL transports cannot half-close; end of stream means close.
                 self.transport.close()
+        if self.transport.get_write_buffer_size() > self._max_buffered:
+            self.end_reason = self.end_reason or (
+                f"unread output over {self._max_buffered} bytes (client not reading)"
+            )
+            self._info("client_not_reading", buffered=self.transport.get_write_buffer_size())
+            self.transport.abort()
+            return
         if self.ws.close_expected() and self._close_timer is None:
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
