@@ -233,6 +233,9 @@ class Relayd(Peer):
             # Every bench client comes from 127.0.0.1: the per-IP connection rate limit
             # (meant for one abusive address) would refuse the load itself.
             "connections_per_second_per_ip": 1_000_000,
+            # ...and so would the caps on handshakes in flight (0: no cap).
+            "max_handshakes": 0,
+            "max_handshakes_per_ip": 0,
             **(limits or {}),
         }
         # Only keys this relayd knows (the config refuses unknown keys).

@@ -121,7 +121,7 @@ class Gateway:
     # -- policy used by connections ------------------------------------------------------
 
     def admit_connection(self, peer: str) -> PeerError | None:
-        """Count a new connection; the refusal to answer its first request with, if over rate."""
+        """Count a new connection (the listener asks, before TLS); an error if over rate."""
         if self._conn_limiter is None:
             return None
         now = time.monotonic()

@@ -97,7 +97,6 @@ class ClientConnection(asyncio.Protocol):
         self._body = bytearray()
         self._deadline: asyncio.TimerHandle | None = None
         self._cert_cn: str | None = None
-        self._refusal: PeerError | None = None
         self._http_paused = False
 
     # -- asyncio.Protocol ---------------------------------------------------------
@@ -110,7 +109,6 @@ class ClientConnection(asyncio.Protocol):
         if self.peer == "-" and isinstance(peername, tuple):
             self.peer = str(peername[0])
         self._cert_cn = _client_cert_cn(self.transport)
-        self._refusal = self.gateway.admit_connection(self.peer)
         self.gateway.connections.add(self)
         self._arm_deadline()
 
@@ -225,8 +223,6 @@ class ClientConnection(asyncio.Protocol):
         try:
             if self.gateway.draining:
                 raise PeerError("the gateway is shutting down", code="draining")
-            if self._refusal is not None:
-                raise self._refusal
             self.gateway.check_client(self.peer)
             if api.is_console_path(request.path) and request.method == "GET":
                 self._upgrade(request, raw)
@@ -253,6 +249,10 @@ class ClientConnection(asyncio.Protocol):
             *response.headers,
         ]
         head_only = self._request is not None and self._request.method == b"HEAD"
+        if response.status == 429:
+            # A client told to slow down gets no more requests on this connection (h11 then
+            # leaves the connection in MUST_CLOSE, and it is closed below).
+            headers.append(("Connection", "close"))
         try:
             out = self._h11.send(h11.Response(status_code=response.status, headers=headers))
             if not head_only:
