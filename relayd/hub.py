@@ -402,44 +402,54 @@ class ConsoleHub:
         Returns the lease decision for writers, None for spectators. The caller
         has already refused `Denied` with HTTP 409, so it does not occur here
         unless the caller asked for it.
+
+        All or nothing: what can fail (the messages built from the newcomer's
+        name, the newcomer taking its role) is done before the lease, the
+        client table or the old writer change, so a failure leaves the old
+        writer writing and nobody told otherwise.
         """
+        decision = self.lease.check(client.session_id) if writer else None
+        if decision is None or isinstance(decision, Denied):
+            client.set_role("spectator")
+            self.clients[client.session_id] = client
+            self._changed()
+            return decision
+        by = client.principal.id
+        displaced = decision.previous if isinstance(decision, Evicted | Demoted) else None
+        to_others = control.encode_notice("writer_changed", writer=by)
+        to_previous = reason = ""
+        if isinstance(decision, Evicted):
+            to_previous = control.encode_notice("writer_changed", writer=by, by=by, you="evicted")
+            reason = control.close_reason(f"taken over by {by}")
+        elif isinstance(decision, Demoted):
+            to_previous = control.encode_notice("demoted", by=by, writer=by)
+        client.set_role("writer")
+        # Decided: from here on the lease, the table and the old writer change together.
+        self.lease.acquire(client.session_id)
         self.clients[client.session_id] = client
         self._changed()
-        if not writer:
-            client.set_role("spectator")
-            return None
-        decision = self.lease.acquire(client.session_id)
-        if isinstance(decision, Denied):
-            client.set_role("spectator")
-            return decision
-        client.set_role("writer")
-        if isinstance(decision, Evicted | Demoted):
+        previous = self.clients.get(displaced) if displaced is not None else None
+        if displaced is not None:
             self.stats.takeovers += 1
-            previous = self.clients.get(decision.previous)
             self._writer_left()
-            if previous is not None:
-                by = client.principal.id
-                audit(
-                    "writer_evicted" if isinstance(decision, Evicted) else "writer_demoted",
-                    vm=self.vm.id,
-                    session_id=previous.session_id,
-                    principal=previous.principal.id,
-                    by=by,
-                    by_session_id=client.session_id,
-                )
-                if isinstance(decision, Evicted):
-                    # A spectator from now on: keys it still has in flight are refused.
-                    previous.set_role("spectator")
-                    previous.send_text(
-                        control.encode_notice("writer_changed", writer=by, by=by, you="evicted")
-                    )
-                    previous.close(control.CLOSE_TAKEN_OVER, f"taken over by {by}")
-                else:
-                    previous.set_role("spectator")
-                    previous.send_text(control.encode_notice("demoted", by=by, writer=by))
+        if previous is not None:
+            # A spectator from now on: keys it still has in flight are refused.
+            previous.set_role("spectator")
+            previous.send_text(to_previous)
+            if isinstance(decision, Evicted):
+                previous.close(control.CLOSE_TAKEN_OVER, reason)
         for other in self.clients.values():
-            if other is not client and other.session_id != getattr(decision, "previous", None):
-                other.send_text(control.encode_notice("writer_changed", writer=client.principal.id))
+            if other is not client and other.session_id != displaced:
+                other.send_text(to_others)
+        if previous is not None:
+            audit(
+                "writer_evicted" if isinstance(decision, Evicted) else "writer_demoted",
+                vm=self.vm.id,
+                session_id=previous.session_id,
+                principal=previous.principal.id,
+                by=by,
+                by_session_id=client.session_id,
+            )
         return decision
 
     def detach(self, client: HubClient) -> None:

@@ -238,7 +238,9 @@ class ConsoleSession:
         """A control message, framed by the WebSocket protocol."""
         if self._closed or self.ws.state is not State.OPEN:
             return
-        self.ws.send_text(text.encode())
+        # "replace": a principal's name may hold a lone surrogate (from a JSON claim), which
+        # UTF-8 cannot encode; strict encoding raised in the middle of a takeover.
+        self.ws.send_text(text.encode("utf-8", "replace"))
         self._flush()
 
     def pause_input(self) -> None:
@@ -268,7 +270,7 @@ class ConsoleSession:
             return
         self.end_reason = self.end_reason or reason or f"closed with {code}"
         self._open = False
-        self.ws.send_close(code, reason[:120])
+        self.ws.send_close(code, control.close_reason(reason))
         self._flush()  # arms the close timer: websockets now expects the peer to close
 
     # -- transport events -------------------------------------------------------------
