@@ -277,6 +277,13 @@ class ConsoleHub:
         """Offset just after the newest console byte."""
         return self.ring.end
 
+    def next_held(self, offset: int) -> int:
+        """The first offset at or after `offset` whose output is held: past a hole in the
+        on-disk log (output a crash lost before it was written), else `offset` itself."""
+        if self.log is None or offset >= self.ring.start:
+            return offset
+        return min(self.log.next_held(offset), self.ring.start)
+
     def read(self, offset: int, max_bytes: int) -> bytes:
         """Held console output from `offset` (clamped to `start`), at most `max_bytes`.
 

@@ -206,9 +206,14 @@ class ConsoleSession:
             if not pieces:
                 if self.cursor >= live_floor:
                     return
-                # The on-disk log could not be read: skip to what memory holds, and say so.
-                self._send_gap(self.cursor, live_floor - 1)
-                self.cursor, self._replaying = live_floor, False
+                # Nothing at the cursor: a hole a crash left in the on-disk log (skip to what
+                # is held next), or a log that could not be read (skip to what memory holds).
+                # Either way the client is told exactly what it misses.
+                resume = hub.next_held(self.cursor)
+                if resume <= self.cursor:
+                    resume = live_floor
+                self._send_gap(self.cursor, resume - 1)
+                self.cursor = resume
                 continue
             n = sum(len(p) for p in pieces)
             self.transport.write(binary_frame_of(pieces, n))

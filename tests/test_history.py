@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .conftest import FarEnd, http_request, https_exchange, running, wait_hub, wait_port_up
+from websockets.asyncio.client import ClientConnection, connect
+
+from .conftest import (
+    TIMEOUT,
+    FarEnd,
+    gateway_process,
+    http_request,
+    https_exchange,
+    running,
+    wait_hub,
+    wait_port_up,
+)
 
 
 async def _get(
@@ -105,3 +119,67 @@ async def test_unreadable_log_on_resume_skips_to_memory_with_exact_gap(
             gap = await console.control(type="notice", event="output_gap")
             assert (gap["first"], gap["last"]) == (1000, ring_start - 1)
             assert await console.read_at_least(len(before) - ring_start) == before[ring_start:]
+
+
+async def _read_by_offset(
+    ws: ClientConnection, at: int, until: bytes
+) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    """Read a resumed console until `until` shows: each byte by its offset, and the gaps."""
+    got: dict[int, int] = {}
+    gaps: list[tuple[int, int]] = []
+    tail = b""
+    async with asyncio.timeout(TIMEOUT):
+        while until not in tail:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                for i, byte in enumerate(message):
+                    got[at + i] = byte
+                at += len(message)
+                tail = (tail + message)[-len(until) - 64 :]
+            elif (notice := json.loads(message)).get("event") == "output_gap":
+                assert notice["first"] == at
+                gaps.append((notice["first"], notice["last"]))
+                at = notice["last"] + 1
+    return got, gaps
+
+
+async def test_resume_across_a_kill_9_gets_a_gap_never_other_bytes_at_an_offset(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """A gateway killed before its log flush loses that output; a client that saw it and
+    resumes after the restart is told it is gone (output_gap), never shown new output there."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    bearer = {"Authorization": f"Bearer {token('rita')}"}
+    seen = b"printed just before the crash\r\n"
+
+    def console(port: int, query: str) -> Any:
+        return connect(
+            f"wss://localhost:{port}/v1/vms/vm-a/console?mode=spectate{query}",
+            ssl=client_ssl,
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            additional_headers=bearer,
+        )
+
+    async with gateway_process(config) as first, console(first.port, "") as ws:
+        start = json.loads(await ws.recv())["offset"]
+        await far_end.send(seen)
+        got, _ = await _read_by_offset(ws, start, seen)
+        # Killed at once: the log is written within 0.5-1 s of new output, not yet.
+        first.proc.send_signal(signal.SIGKILL)
+        await first.proc.wait()
+    await far_end.stop()
+    await far_end.start(far_end.port)
+    async with gateway_process(config) as second:
+        await far_end.connected()
+        async with console(second.port, f"&from={start}") as ws:
+            assert json.loads(await ws.recv())["type"] == "hello"
+            await far_end.send(b"after the restart|")
+            again, gaps = await _read_by_offset(ws, start, b"after the restart|")
+    for offset, byte in got.items():
+        if offset in again:
+            assert again[offset] == byte, f"offset {offset} now holds other output"
+        else:
+            assert any(lo <= offset <= hi for lo, hi in gaps)
