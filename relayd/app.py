@@ -84,6 +84,7 @@ class Gateway:
         self.ssl_context = server_context(config.tls)
         self.authenticator = Authenticator(config.auth)
         self.rbac = Rbac(config.role_assignments)
+        ConsoleHub.adopt_legacy_logs(config.gateway.state_dir / "consolelog", config.vms)
         self.hubs: dict[str, ConsoleHub] = {vm.id: self._new_hub(vm, config) for vm in config.vms}
         self.sessions: dict[str, ConsoleSession] = {}
         self.connections: set[ClientConnection] = set()

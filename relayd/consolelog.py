@@ -5,6 +5,18 @@ the VM ever printed, offsets never wrap, and they survive daemon restarts, so a
 client that remembers one can resume after a restart. It holds only what the
 VM printed, never client input.
 
+Identity: a log belongs to a VM's identity, not its id alone. Its directory is
+``<vm id>@<digest>``, the digest a hash of (subscription, resource group,
+scale set, vm id), and holds ``identity.json`` naming them; `open` refuses a
+directory whose identity file names another VM. Each part is a scope that
+grants roles, so a VM that reappears with another subscription, resource
+group or scale set (or a new VM reusing the id there) starts a new history
+instead of being shown output its new readers were never entitled to. Logs
+from before identities (``<vm id>`` alone) are adopted once, at the first
+start that finds them, by the configured VM with that id
+(`adopt_legacy_logs`); one whose VM is not configured then stays where it is
+and is never adopted later.
+
 Layout: one directory per VM holding up to ``segments`` (N) files named by the
 absolute offset of their first byte (``00000000000000001234.seg``: 20 decimal
 digits, so name order is offset order and the name alone fixes where an empty
@@ -65,12 +77,15 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import hashlib
+import json
 import os
 import re
 import struct
 import zlib
 from array import array
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,8 +111,100 @@ _RESERVED_HEAD = struct.Struct("<4sQ")
 _RESERVE_SHARE = 8
 
 
+_IDENTITY_NAME = "identity.json"
+# In the logs' root once logs named by VM id alone were adopted (or left): never again.
+_LAYOUT_NAME = "layout"
+_LAYOUT = b"2\n"
+_VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 class ConsoleLogError(RelaydError):
     """The console log could not be written, read or opened; the caller decides what next."""
+
+
+@dataclass(frozen=True)
+class LogIdentity:
+    """The VM a console log belongs to: every scope that decides who may read it.
+
+    Raises:
+        ValueError: `vm` is not a VM id (it becomes part of a path).
+    """
+
+    subscription: str
+    resource_group: str | None
+    scale_set: str | None
+    vm: str
+
+    def __post_init__(self) -> None:
+        if not _VM_ID.fullmatch(self.vm):
+            raise ValueError(f"{self.vm!r} is not a vm id")
+
+    def encode(self) -> bytes:
+        """The identity file's content (canonical JSON)."""
+        fields = {
+            "subscription": self.subscription,
+            "resource_group": self.resource_group,
+            "scale_set": self.scale_set,
+            "vm": self.vm,
+        }
+        return json.dumps(fields, sort_keys=True).encode() + b"\n"
+
+    def directory_name(self) -> str:
+        """``<vm id>@<digest>``: readable, and safe whatever the other parts hold."""
+        return f"{self.vm}@{hashlib.sha256(self.encode()).hexdigest()[:20]}"
+
+
+def adopt_legacy_logs(root: Path, identities: Iterable[LogIdentity]) -> list[str]:
+    """Give logs named by VM id alone (the old layout) to the VMs configured with that id.
+
+    Runs once per root: at the first start that finds it without the layout
+    marker. A log whose id no VM has then is left in place and never adopted
+    later: the VM it belonged to is unknown, so a VM that reuses the id (in
+    another subscription, say) must not inherit it. Returns the ids adopted.
+
+    Raises:
+        ConsoleLogError: a directory could not be renamed or the marker written.
+    """
+    marker = root / _LAYOUT_NAME
+    if marker.exists():
+        return []
+    wanted = {identity.vm: identity for identity in identities}
+    adopted: list[str] = []
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if "@" in entry.name or not entry.is_dir(follow_symlinks=False):
+                continue
+            identity = wanted.get(entry.name)
+            if identity is None:
+                log.warning(
+                    "console_log_not_adopted",
+                    path=entry.path,
+                    reason="no vm with this id is configured",
+                )
+                continue
+            target = root / identity.directory_name()
+            if target.exists():
+                log.warning(
+                    "console_log_not_adopted", path=entry.path, reason=f"{target} exists already"
+                )
+                continue
+            os.rename(entry.path, target)
+            log.info(
+                "console_log_adopted",
+                path=str(target),
+                vm=identity.vm,
+                subscription=identity.subscription,
+                resource_group=identity.resource_group,
+                scale_set=identity.scale_set,
+            )
+            adopted.append(identity.vm)
+        staging = root / f".{_LAYOUT_NAME}.new"
+        staging.write_bytes(_LAYOUT)
+        os.replace(staging, marker)
+    except OSError as exc:
+        raise ConsoleLogError(f"cannot adopt console logs in {root}: {exc}") from exc
+    return adopted
 
 
 def _crc(offset: int, data: bytes | memoryview) -> int:
@@ -204,11 +311,13 @@ class ConsoleLog:
     """One VM's console output on disk, addressed by absolute offsets.
 
     Args:
-        directory: the VM's own directory (``state_dir/consolelog/<vm>``), created 0700.
+        directory: the VM's own directory (``state_dir/consolelog/<vm>@<digest>``), created 0700.
         capacity: data bytes held at most (``console_log_bytes``), at least 4096.
         segments: files the capacity is split into; the oldest is deleted whole.
         flush_bytes: buffered bytes that make `append` write by itself; None: only
             `flush` writes (the owner flushes on a timer).
+        identity: the VM the log belongs to; recorded at the first `open`, checked
+            at every later one.
 
     Raises:
         ValueError: an argument is out of range.
@@ -221,6 +330,7 @@ class ConsoleLog:
         *,
         segments: int = 4,
         flush_bytes: int | None = 4096,
+        identity: LogIdentity | None = None,
     ) -> None:
         if capacity < MIN_CAPACITY:
             raise ValueError(f"capacity {capacity} is below the minimum {MIN_CAPACITY}")
@@ -229,6 +339,7 @@ class ConsoleLog:
         if flush_bytes is not None and flush_bytes < 1:
             raise ValueError(f"flush_bytes {flush_bytes} must be positive")
         self.directory = directory
+        self.identity = identity
         self.capacity = capacity
         self.segments = segments
         self.flush_bytes = flush_bytes
@@ -286,6 +397,7 @@ class ConsoleLog:
             ) from exc
         self._dir_fd = dir_fd
         try:
+            self._check_identity()
             self._recover()
         except OSError as exc:
             self._close_fds()
@@ -293,6 +405,39 @@ class ConsoleLog:
         except BaseException:
             self._close_fds()
             raise
+
+    def _check_identity(self) -> None:
+        """Record whose log this is, or refuse it if it is another VM's.
+
+        Raises:
+            ConsoleLogError: the directory belongs to another VM identity.
+        """
+        if self.identity is None:
+            return
+        path = self.directory / _IDENTITY_NAME
+        mine = self.identity.encode()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, mine)
+            finally:
+                os.close(fd)
+            return
+        try:
+            recorded = os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        try:
+            same = json.loads(recorded) == json.loads(mine)
+        except ValueError:
+            same = False
+        if not same:
+            raise ConsoleLogError(
+                f"console log {self.directory} belongs to "
+                f"{recorded.decode('utf-8', 'replace').strip()}, not {mine.decode().strip()}"
+            )
 
     def _recover(self) -> None:
         found = sorted(

@@ -20,6 +20,7 @@ import asyncio
 import random
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,7 +29,7 @@ from . import control
 from .audit import audit
 from .auth import Principal
 from .config import LimitsConfig, VmConfig
-from .consolelog import ConsoleLog, ConsoleLogError
+from .consolelog import ConsoleLog, ConsoleLogError, LogIdentity, adopt_legacy_logs
 from .frames import binary_frame
 from .lease import Decision, Demoted, Denied, Evicted, WriterLease
 from .log import get_logger
@@ -100,6 +101,11 @@ class QueuedHook:
     argv: tuple[str, ...]
 
 
+def log_identity(vm: VmConfig) -> LogIdentity:
+    """Whose console log a VM's is: its id in its subscription, resource group and scale set."""
+    return LogIdentity(vm.subscription, vm.resource_group, vm.scale_set, vm.id)
+
+
 @dataclass
 class HubStats:
     """Counters the metrics endpoint reads."""
@@ -121,16 +127,16 @@ class ConsoleHub:
     """Everything about one VM's console that outlives client sessions."""
 
     def __init__(self, vm: VmConfig, limits: LimitsConfig, *, log_dir: Path | None = None) -> None:
+        """Open the VM's console log under `log_dir` (the logs' root), if one is given.
+
+        Raises:
+            ConsoleLogError: the log cannot be opened.
+        """
         self.vm = vm
         self.limits = limits
-        self.log: ConsoleLog | None = None
-        if log_dir is not None:
-            # Timer-flushed: a flood writes at most console_log_bytes per flush to disk.
-            self.log = ConsoleLog(log_dir / vm.id, limits.console_log_bytes, flush_bytes=None)
-            self.log.open()
-        end = self.log.end if self.log is not None else 0
-        # Memory holds what live clients may lag by; never more than the log holds.
-        self.ring = OutputRing(min(limits.output_buffer_bytes, limits.console_log_bytes), end=end)
+        self._log_root = log_dir
+        self.log = self._open_log(vm, limits)
+        self.ring = self._new_ring(limits)
         self._flush_timer: asyncio.TimerHandle | None = None
         self._log_error_at = 0.0
         self.lease = WriterLease(vm.takeover)
@@ -211,12 +217,61 @@ class ConsoleHub:
         if self._watchers:
             self._changed()
 
+    @staticmethod
+    def adopt_legacy_logs(log_dir: Path, vms: Iterable[VmConfig]) -> None:
+        """At start, before any hub: logs kept by VM id alone go to the VMs with that id.
+
+        Raises:
+            ConsoleLogError: a log could not be moved.
+        """
+        adopt_legacy_logs(log_dir, [log_identity(vm) for vm in vms])
+
+    def _open_log(self, vm: VmConfig, limits: LimitsConfig) -> ConsoleLog | None:
+        if self._log_root is None:
+            return None
+        identity = log_identity(vm)
+        # Timer-flushed: a flood writes at most console_log_bytes per flush to disk.
+        log = ConsoleLog(
+            self._log_root / identity.directory_name(),
+            limits.console_log_bytes,
+            flush_bytes=None,
+            identity=identity,
+        )
+        log.open()
+        return log
+
+    def _new_ring(self, limits: LimitsConfig) -> OutputRing:
+        end = self.log.end if self.log is not None else 0
+        # Memory holds what live clients may lag by; never more than the log holds.
+        return OutputRing(min(limits.output_buffer_bytes, limits.console_log_bytes), end=end)
+
     def reconfigure(self, vm: VmConfig, limits: LimitsConfig) -> bool:
-        """Apply a reloaded VM entry; True when the port itself must be reopened."""
+        """Apply a reloaded VM entry; True when the port itself must be reopened.
+
+        A VM whose subscription, resource group or scale set changed is another
+        VM to its readers: its sessions are closed (4004) and it goes on with
+        that identity's log, its history (see consolelog.py).
+        """
         old, self.vm, self.limits = self.vm, vm, limits
         self.lease.policy = vm.takeover
         self._pace_input(vm.input_rate)
+        if log_identity(old) != log_identity(vm):
+            self._change_identity(vm, limits)
         return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
+
+    def _change_identity(self, vm: VmConfig, limits: LimitsConfig) -> None:
+        """Close the sessions and swap the log and ring for the new identity's."""
+        self.close_all(control.CLOSE_UNKNOWN_VM, "vm identity changed in the gateway configuration")
+        self.close_log()
+        try:
+            self.log = self._open_log(vm, limits)
+        except ConsoleLogError as exc:
+            # Never the old identity's history: run without a log until the next start.
+            self.log = None
+            self.stats.log_errors += 1
+            log.error("console_log_open_failed", vm=vm.id, error=str(exc))
+        self.ring = self._new_ring(limits)
+        log.info("vm_identity_changed", vm=vm.id, subscription=vm.subscription)
 
     def _pace_input(self, rate: int) -> None:
         """Input pacing for a line of `rate` bytes/s (at start and on reload)."""

@@ -101,6 +101,7 @@ def write_config(tmp_path: Path, pki: dict[str, Path]) -> Callable[..., Config]:
         gateway: dict[str, Any] | None = None,
         roles: list[tuple[str, str, str]] | None = None,
         tls: dict[str, Any] | None = None,
+        subscriptions: tuple[str, ...] = ("sub-1",),
     ) -> Config:
         gw = {
             "region": "test",
@@ -119,7 +120,8 @@ def write_config(tmp_path: Path, pki: dict[str, Path]) -> Callable[..., Config]:
             f"hs256_secret_file = {toml_value(pki['secret'])}",
         ]
         lines += ["[limits]"] + [f"{k} = {toml_value(v)}" for k, v in (limits or {}).items()]
-        lines += ["[[subscriptions]]", 'id = "sub-1"']
+        for sub in subscriptions:
+            lines += ["[[subscriptions]]", f"id = {toml_value(sub)}"]
         for vm in vms:
             lines.append("[[vms]]")
             lines += [f"{k} = {toml_value(v)}" for k, v in {"subscription": "sub-1", **vm}.items()]

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from relayd.config import LimitsConfig, VmConfig
-from relayd.consolelog import ConsoleLog, ConsoleLogError
+from relayd.consolelog import ConsoleLog, ConsoleLogError, LogIdentity
 from relayd.hub import LOG_FLUSH_MIN_SHARE, LOG_FLUSH_SECONDS, ConsoleHub
 
 CAPACITY = 16384
@@ -244,6 +244,49 @@ def test_consolelog_offsets_handed_out_before_a_crash_are_never_reused(
         assert after.read(new_at, 100) == b"C" * 10
     finally:
         after.close()
+
+
+def test_consolelog_of_another_vm_identity_is_refused(log_dir: Path) -> None:
+    """The directory records whose log it is; another identity is refused, the same one is not."""
+    alpha = LogIdentity("sub-1", "rg-a", None, "vm-1")
+    log = ConsoleLog(log_dir, CAPACITY, identity=alpha)
+    log.open()
+    log.append(b"alpha's output")
+    log.close()
+    for other in (
+        LogIdentity("sub-2", "rg-a", None, "vm-1"),
+        LogIdentity("sub-1", None, None, "vm-1"),
+        LogIdentity("sub-1", "rg-a", "ss-1", "vm-1"),
+    ):
+        with pytest.raises(ConsoleLogError, match="belongs to"):
+            ConsoleLog(log_dir, CAPACITY, identity=other).open()
+    again = ConsoleLog(log_dir, CAPACITY, identity=alpha)
+    again.open()
+    try:
+        assert again.read(0, 100) == b"alpha's output"
+    finally:
+        again.close()
+
+
+@given(st.text(min_size=1), st.text(min_size=1) | st.none(), st.text(min_size=1) | st.none())
+def test_log_identity_directory_name_is_one_safe_path_component_per_identity(
+    sub: str, rg: str | None, ss: str | None
+) -> None:
+    """Any subscription, group or scale set name: the directory stays `<vm>@<hex>`, no `/`,
+    and changing any part changes it."""
+    identity = LogIdentity(sub, rg, ss, "vm-1")
+    name = identity.directory_name()
+    assert name.startswith("vm-1@")
+    assert all(c in "0123456789abcdef" for c in name.split("@")[1])
+    assert name != LogIdentity(sub + "x", rg, ss, "vm-1").directory_name()
+    assert name != LogIdentity(sub, (rg or "") + "x", ss, "vm-1").directory_name()
+    assert name != LogIdentity(sub, rg, (ss or "") + "x", "vm-1").directory_name()
+
+
+def test_log_identity_refuses_a_vm_id_that_is_not_one() -> None:
+    """The vm id is part of a path: "../x" is not a vm id."""
+    with pytest.raises(ValueError, match="not a vm id"):
+        LogIdentity("sub-1", None, None, "../x")
 
 
 def write_two_records(log_dir: Path) -> None:
