@@ -285,6 +285,9 @@ class Relayd(Peer):
             # Every bench client is one principal (user:bench): the per-principal session
             # cap (10 by default) would refuse the load itself.
             "max_sessions_per_principal": 1_000_000,
+            # ...and so would the caps on handshakes in flight (0: no cap).
+            "max_handshakes": 0,
+            "max_handshakes_per_ip": 0,
             **(limits or {}),
         }
         # Only keys this relayd knows (the config refuses unknown keys).

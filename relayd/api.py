@@ -212,7 +212,7 @@ async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespons
         raise PeerError("from and max_bytes must be integers", code="bad_request") from None
     if start < 0 or max_bytes < 0:
         raise PeerError("from and max_bytes must not be negative", code="bad_request")
-    first = min(max(start, hub.start), hub.end)
+    first = hub.next_held(min(max(start, hub.start), hub.end))  # past a hole a crash left
     parts: list[bytes] = []
     want = min(max_bytes, MAX_LOG_RESPONSE)
     got = 0

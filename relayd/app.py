@@ -127,6 +127,7 @@ class Gateway:
             self.access.shared_tickets = self.cluster.store
             self.hubs: dict[str, ConsoleHub] = {}
         else:
+            ConsoleHub.adopt_legacy_logs(config.gateway.state_dir / "consolelog", config.vms)
             self.hubs = {vm.id: self._new_hub(vm, config) for vm in config.vms}
         self.sessions: dict[str, ConsoleSession] = {}
         self.connections: set[HttpConnection] = set()
@@ -196,7 +197,7 @@ class Gateway:
                 hub.close_all(control.CLOSE_DISABLED, "serial console disabled")
 
     def admit_connection(self, peer: str) -> PeerError | None:
-        """Count a new connection; the refusal to answer its first request with, if over rate."""
+        """Count a new connection (the listener asks, before TLS); an error if over rate."""
         return self.access.admit_connection(peer)
 
     def check_client(self, peer: str) -> None:

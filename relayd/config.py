@@ -257,6 +257,10 @@ class LimitsConfig(_Model):
     # 0 turns a limit off (TOML has no null to write).
     auth_failures_per_minute: int = Field(10, ge=0)
     connections_per_second_per_ip: int = Field(20, ge=0)
+    # Connections between accept and the end of their TLS handshake; past these, new
+    # ones are closed at accept, before any TLS work (per address: IPv4, or IPv6 /64).
+    max_handshakes: int = Field(1024, ge=0)
+    max_handshakes_per_ip: int = Field(32, ge=0)
 
     @model_validator(mode="after")
     def _replay_fits(self) -> LimitsConfig:

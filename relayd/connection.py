@@ -140,7 +140,6 @@ class HttpConnection(asyncio.Protocol):
         self._gateway: str | None = None
         self._relay: Splice | None = None
         self._cert_not_after: float | None = None
-        self._refusal: PeerError | None = None
         self._http_paused = False
         # The request being answered (the owner may wait on Redis); the next one waits.
         self._serving: asyncio.Task[None] | None = None
@@ -156,7 +155,6 @@ class HttpConnection(asyncio.Protocol):
             self.peer = str(peername[0])
         self._cert_cn, self._gateway = self.owner.peer_identity(self.transport)
         _, self._cert_not_after = _client_cert(self.transport)
-        self._refusal = self.owner.admit_connection(self.peer)
         self.owner.connection_opened(self)
         self._arm_deadline()
 
@@ -281,8 +279,6 @@ class HttpConnection(asyncio.Protocol):
         try:
             if self.owner.draining:
                 raise ServiceUnavailableError("the gateway is shutting down")
-            if self._refusal is not None:
-                raise self._refusal
             self.owner.check_client(self.peer)
         except PeerError as exc:
             self._send_response(HttpResponse.error(exc))
@@ -317,6 +313,10 @@ class HttpConnection(asyncio.Protocol):
     def _send_response(self, response: HttpResponse) -> None:
         assert self.transport is not None
         head_only = self._request is not None and self._request.method == b"HEAD"
+        if response.status == 429:
+            # A client told to slow down gets no more requests on this connection (h11 then
+            # leaves the connection in MUST_CLOSE, and it is closed below).
+            response.headers.append(("Connection", "close"))
         try:
             out = encode_response(
                 self._h11, response, head_only=head_only, defaults=DEFAULT_HEADERS

@@ -5,6 +5,18 @@ the VM ever printed, offsets never wrap, and they survive daemon restarts, so a
 client that remembers one can resume after a restart. It holds only what the
 VM printed, never client input.
 
+Identity: a log belongs to a VM's identity, not its id alone. Its directory is
+``<vm id>@<digest>``, the digest a hash of (subscription, resource group,
+scale set, vm id), and holds ``identity.json`` naming them; `open` refuses a
+directory whose identity file names another VM. Each part is a scope that
+grants roles, so a VM that reappears with another subscription, resource
+group or scale set (or a new VM reusing the id there) starts a new history
+instead of being shown output its new readers were never entitled to. Logs
+from before identities (``<vm id>`` alone) are adopted once, at the first
+start that finds them, by the configured VM with that id
+(`adopt_legacy_logs`); one whose VM is not configured then stays where it is
+and is never adopted later.
+
 Layout: one directory per VM holding up to ``segments`` (N) files named by the
 absolute offset of their first byte (``00000000000000001234.seg``: 20 decimal
 digits, so name order is offset order and the name alone fixes where an empty
@@ -32,16 +44,28 @@ per flush instead of every byte that would be rotated out at once. A ``kill -9``
 written record (the page cache survives the process) and loses at most the
 unflushed buffer; a record torn by the kill is found by its CRC at the next
 `open` and cut off. A power loss may also lose what the kernel had not yet
-written back; the same checks keep what survives consistent. Lost bytes are
-never served: their offsets are reused by the output that follows the
-restart, so a client that saw them before the crash gets newer output at
-those offsets (at most ``flush_bytes - 1`` bytes when the owner appends before
-fanning out, plus what a timer flush had not yet written).
+written back; the same checks keep what survives consistent.
+
+Offsets are never handed out twice. Bytes are handed to clients when they
+are appended, before they are written, so the offsets of lost bytes are
+known to someone. The file ``reserved`` (magic ``RCLR`` | offset u64 | crc32,
+16 bytes) holds an offset that ``end`` never passes: when an append would,
+the reservation is first moved ahead by an eighth of the capacity (one
+16-byte ``pwrite``, not a write per keystroke). After a crash `open` starts
+the log at the reservation, past every offset ever handed out: what was
+lost is a hole, not served and not reused, so a client that saw it resumes
+with a gap (`next_held`), never other bytes at the same offsets. A clean
+`close` moves the reservation back to ``end``, so a clean restart leaves no
+hole. The reservation is written to the page cache, like the segments: it
+survives a ``kill -9``; a power loss can lose it along with the output.
 
 Recovery (`open`) checks every record: a bad record in the newest segment is
-truncated away with everything after it; a bad record in an older segment, or
-a gap between segments, drops that segment and all older ones (``start`` moves
-forward). Both are logged as ``console_log_repaired`` with byte counts.
+truncated away with everything after it; a bad record in an older segment,
+or segments that overlap, drops that segment and all older ones (``start``
+moves forward). Both are logged as ``console_log_repaired`` with byte counts.
+A gap between segments (a crash's hole, or a segment file gone) is just
+offsets not held; so are the offsets below a reservation that the segments
+do not reach, logged once as ``console_log_repaired`` (``reserved_gap``).
 
 Everything here is blocking file I/O done in the caller's thread: the hub calls
 it from the event loop, where writes land in the page cache and are small. It
@@ -53,12 +77,15 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import hashlib
+import json
 import os
 import re
 import struct
 import zlib
 from array import array
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +102,105 @@ _MAX_RECORD = 1 << 30  # far below the u32 length field
 _INDEX_SPACING = 4096  # data bytes between index entries: tiny timer flushes share one
 _READ_AHEAD = 65536
 _SEGMENT_NAME = re.compile(r"(\d{20})\.seg")
+_RESERVED_NAME = "reserved"
+_RESERVED = struct.Struct("<4sQI")  # magic, offset, crc32(magic + offset)
+_RESERVED_MAGIC = b"RCLR"
+_RESERVED_HEAD = struct.Struct("<4sQ")
+# The reservation moves ahead by this share of the capacity: a crash then costs at most
+# that much of the log's window as a hole, and a flood one pwrite per share it prints.
+_RESERVE_SHARE = 8
+
+
+_IDENTITY_NAME = "identity.json"
+# In the logs' root once logs named by VM id alone were adopted (or left): never again.
+_LAYOUT_NAME = "layout"
+_LAYOUT = b"2\n"
+_VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class LogIdentity:
+    """The VM a console log belongs to: every scope that decides who may read it.
+
+    Raises:
+        ValueError: `vm` is not a VM id (it becomes part of a path).
+    """
+
+    subscription: str
+    resource_group: str | None
+    scale_set: str | None
+    vm: str
+
+    def __post_init__(self) -> None:
+        if not _VM_ID.fullmatch(self.vm):
+            raise ValueError(f"{self.vm!r} is not a vm id")
+
+    def encode(self) -> bytes:
+        """The identity file's content (canonical JSON)."""
+        fields = {
+            "subscription": self.subscription,
+            "resource_group": self.resource_group,
+            "scale_set": self.scale_set,
+            "vm": self.vm,
+        }
+        return json.dumps(fields, sort_keys=True).encode() + b"\n"
+
+    def directory_name(self) -> str:
+        """``<vm id>@<digest>``: readable, and safe whatever the other parts hold."""
+        return f"{self.vm}@{hashlib.sha256(self.encode()).hexdigest()[:20]}"
+
+
+def adopt_legacy_logs(root: Path, identities: Iterable[LogIdentity]) -> list[str]:
+    """Give logs named by VM id alone (the old layout) to the VMs configured with that id.
+
+    Runs once per root: at the first start that finds it without the layout
+    marker. A log whose id no VM has then is left in place and never adopted
+    later: the VM it belonged to is unknown, so a VM that reuses the id (in
+    another subscription, say) must not inherit it. Returns the ids adopted.
+
+    Raises:
+        ConsoleLogError: a directory could not be renamed or the marker written.
+    """
+    marker = root / _LAYOUT_NAME
+    if marker.exists():
+        return []
+    wanted = {identity.vm: identity for identity in identities}
+    adopted: list[str] = []
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if "@" in entry.name or not entry.is_dir(follow_symlinks=False):
+                continue
+            identity = wanted.get(entry.name)
+            if identity is None:
+                log.warning(
+                    "console_log_not_adopted",
+                    path=entry.path,
+                    reason="no vm with this id is configured",
+                )
+                continue
+            target = root / identity.directory_name()
+            if target.exists():
+                log.warning(
+                    "console_log_not_adopted", path=entry.path, reason=f"{target} exists already"
+                )
+                continue
+            os.rename(entry.path, target)
+            log.info(
+                "console_log_adopted",
+                path=str(target),
+                vm=identity.vm,
+                subscription=identity.subscription,
+                resource_group=identity.resource_group,
+                scale_set=identity.scale_set,
+            )
+            adopted.append(identity.vm)
+        staging = root / f".{_LAYOUT_NAME}.new"
+        staging.write_bytes(_LAYOUT)
+        os.replace(staging, marker)
+    except OSError as exc:
+        raise ConsoleLogError(f"cannot adopt console logs in {root}: {exc}") from exc
+    return adopted
 
 
 def _crc(offset: int, data: bytes | memoryview) -> int:
@@ -181,11 +307,13 @@ class ConsoleLog:
     """One VM's console output on disk, addressed by absolute offsets.
 
     Args:
-        directory: the VM's own directory (``state_dir/consolelog/<vm>``), created 0700.
+        directory: the VM's own directory (``state_dir/consolelog/<vm>@<digest>``), created 0700.
         capacity: data bytes held at most (``console_log_bytes``), at least 4096.
         segments: files the capacity is split into; the oldest is deleted whole.
         flush_bytes: buffered bytes that make `append` write by itself; None: only
             `flush` writes (the owner flushes on a timer).
+        identity: the VM the log belongs to; recorded at the first `open`, checked
+            at every later one.
 
     Raises:
         ValueError: an argument is out of range.
@@ -198,6 +326,7 @@ class ConsoleLog:
         *,
         segments: int = 4,
         flush_bytes: int | None = 4096,
+        identity: LogIdentity | None = None,
     ) -> None:
         if capacity < MIN_CAPACITY:
             raise ValueError(f"capacity {capacity} is below the minimum {MIN_CAPACITY}")
@@ -206,6 +335,7 @@ class ConsoleLog:
         if flush_bytes is not None and flush_bytes < 1:
             raise ValueError(f"flush_bytes {flush_bytes} must be positive")
         self.directory = directory
+        self.identity = identity
         self.capacity = capacity
         self.segments = segments
         self.flush_bytes = flush_bytes
@@ -216,6 +346,9 @@ class ConsoleLog:
         self._buf = _Pending()
         self._buf_start = 0  # offset of _buf[0]; past _flushed_end only after a huge append
         self._flushed_end = 0
+        self._reserve_step = max(1, capacity // _RESERVE_SHARE)
+        self._reserved = 0  # no offset at or past this was handed out (see the docstring)
+        self._reserved_fd: int | None = None
 
     # -- state ---------------------------------------------------------------
 
@@ -260,6 +393,7 @@ class ConsoleLog:
             ) from exc
         self._dir_fd = dir_fd
         try:
+            self._check_identity()
             self._recover()
         except OSError as exc:
             self._close_fds()
@@ -267,6 +401,39 @@ class ConsoleLog:
         except BaseException:
             self._close_fds()
             raise
+
+    def _check_identity(self) -> None:
+        """Record whose log this is, or refuse it if it is another VM's.
+
+        Raises:
+            ConsoleLogError: the directory belongs to another VM identity.
+        """
+        if self.identity is None:
+            return
+        path = self.directory / _IDENTITY_NAME
+        mine = self.identity.encode()
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, mine)
+            finally:
+                os.close(fd)
+            return
+        try:
+            recorded = os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        try:
+            same = json.loads(recorded) == json.loads(mine)
+        except ValueError:
+            same = False
+        if not same:
+            raise ConsoleLogError(
+                f"console log {self.directory} belongs to "
+                f"{recorded.decode('utf-8', 'replace').strip()}, not {mine.decode().strip()}"
+            )
 
     def _recover(self) -> None:
         found = sorted(
@@ -282,15 +449,15 @@ class ConsoleLog:
         if self._segments and problems[-1] is not None:
             self._repair_tail(self._segments[-1], problems[-1])
             problems[-1] = None
-        # Walk back from the newest: a damaged segment, or one that does not end where the
-        # next begins, cannot be trusted, and nothing older can then be contiguous.
+        # Walk back from the newest: a damaged segment, or one that runs into the next, cannot
+        # be trusted, nor can anything older. A gap before the next is only a hole.
         keep = len(self._segments)
         while keep > 1:
             older, newer = self._segments[keep - 2], self._segments[keep - 1]
             if problems[keep - 2] is not None:
                 reason = problems[keep - 2]
-            elif older.end != newer.start:
-                reason = f"gap: segment ends at {older.end}, next starts at {newer.start}"
+            elif older.end > newer.start:
+                reason = f"overlap: segment ends at {older.end}, next starts at {newer.start}"
             else:
                 keep -= 1
                 continue
@@ -306,10 +473,68 @@ class ConsoleLog:
             )
             self._unlink_oldest(len(dropped))
             break
+        on_disk = self._segments[-1].end if self._segments else 0
+        end = self._open_reservation(on_disk)
         if not self._segments:
-            self._segments.append(self._create_segment(0))
+            self._segments.append(self._create_segment(end))
+        self._buf_start = self._flushed_end = end
         self._prune()
-        self._buf_start = self._flushed_end = self._segments[-1].end
+
+    def _open_reservation(self, on_disk: int) -> int:
+        """Read (or create) the reservation; where the log goes on: past it, after a crash."""
+        path = self.directory / _RESERVED_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise ConsoleLogError(f"cannot open console log reservation {path}: {exc}") from exc
+        self._reserved_fd = fd
+        os.fchmod(fd, 0o600)
+        data = os.pread(fd, _RESERVED.size, 0)
+        if not data:  # a new log, or one from before reservations: nothing to go on
+            self._reserved = on_disk
+            return on_disk
+        magic, reserved, crc = _RESERVED.unpack(data.ljust(_RESERVED.size, b"\0"))
+        if len(data) != _RESERVED.size or magic != _RESERVED_MAGIC or crc != zlib.crc32(data[:12]):
+            # Unknown, so assume the worst: a whole buffer was handed out past the last
+            # write, and a reservation step past that.
+            reserved = on_disk + self._held_max + self._reserve_step
+            reason = "unreadable reservation"
+        else:
+            reason = "reserved before an unclean stop"
+        self._reserved = max(reserved, on_disk)
+        if self._reserved > on_disk:
+            log.warning(
+                "console_log_repaired",
+                path=str(self.directory),
+                action="reserved_gap",
+                reason=reason,
+                written_end=on_disk,
+                end=self._reserved,
+                lost_bytes=self._reserved - on_disk,
+            )
+        return self._reserved
+
+    def _reserve(self, offset: int) -> None:
+        """Record that offsets below `offset` may be handed out (before any is).
+
+        Raises:
+            ConsoleLogError: it could not be written (it is tried again at the next append).
+        """
+        assert self._reserved_fd is not None
+        head = _RESERVED_HEAD.pack(_RESERVED_MAGIC, offset)
+        record = _RESERVED.pack(_RESERVED_MAGIC, offset, zlib.crc32(head))
+        try:
+            written = os.pwrite(self._reserved_fd, record, 0)
+        except OSError as exc:
+            raise ConsoleLogError(
+                f"cannot write console log reservation in {self.directory}: {exc.strerror or exc}"
+            ) from exc
+        if written != len(record):
+            raise ConsoleLogError(
+                f"short write of console log reservation in {self.directory}: "
+                f"{written} of {len(record)} bytes"
+            )
+        self._reserved = offset
 
     def _scan(self, path: Path, offset: int) -> tuple[_Segment, str | None]:
         """Index a segment's valid records; returns it and what is wrong past them, if anything."""
@@ -399,10 +624,13 @@ class ConsoleLog:
         buf.append(data)
         if buf.size > self._held_max:
             # Older bytes could not be kept anyway: the next flush starts afresh at the new
-            # _buf_start and deletes every older segment (they are no longer contiguous).
+            # _buf_start, and every older segment falls out of the window.
             excess = buf.size - self._held_max
             buf.drop_front(excess)
             self._buf_start += excess
+        end = self._buf_start + buf.size
+        if end > self._reserved:  # before the caller hands these offsets to anyone
+            self._reserve(end + self._reserve_step)
         if self.flush_bytes is not None and buf.size >= self.flush_bytes:
             self.flush()
         return offset
@@ -459,17 +687,15 @@ class ConsoleLog:
         return _Segment(path, fd, offset, dirty=True)
 
     def _prune(self) -> None:
-        """Delete the oldest segments beyond N, over capacity, or cut off by a gap."""
+        """Delete the oldest segments beyond N, or that start more than capacity before the end.
+
+        The span counts holes too, so ``start`` never goes below ``end - capacity``.
+        """
         drop = 0
-        held = sum(s.data_bytes for s in self._segments)
-        for older, newer in zip(self._segments, self._segments[1:], strict=False):
-            if (
-                len(self._segments) - drop > self.segments
-                or older.end != newer.start
-                or held > self._held_max
-            ):
+        newest = self._segments[-1].end
+        for older in self._segments[:-1]:
+            if len(self._segments) - drop > self.segments or newest - older.start > self._held_max:
                 drop += 1
-                held -= older.data_bytes
             else:
                 break
         self._unlink_oldest(drop)
@@ -510,17 +736,30 @@ class ConsoleLog:
         if first >= stop:
             return b""
         out = bytearray()
-        if first < self._flushed_end:
+        pos = first
+        if pos < self._flushed_end:
             starts = [s.start for s in self._segments]
-            i = max(0, bisect.bisect_right(starts, first) - 1)
+            i = max(0, bisect.bisect_right(starts, pos) - 1)
             for segment in self._segments[i:]:
-                if segment.start >= stop or first + len(out) >= min(stop, self._flushed_end):
+                if pos >= stop or segment.start > pos:  # done, or a hole at pos
                     break
-                self._read_segment(segment, first + len(out), min(stop, segment.end), out)
-        if stop > self._buf_start:
-            lo = max(first, self._buf_start) - self._buf_start
-            out += self._buf.slice(lo, stop - self._buf_start)
+                if segment.end > pos:
+                    self._read_segment(segment, pos, min(stop, segment.end), out)
+                    pos = first + len(out)
+        if self._buf_start <= pos < stop:
+            out += self._buf.slice(pos - self._buf_start, stop - self._buf_start)
         return bytes(out)
+
+    def next_held(self, offset: int) -> int:
+        """The first offset at or after `offset` (and ``start``) that is held; ``end`` if none.
+
+        It is past `offset` only in a hole: output lost in a crash, or a segment gone.
+        """
+        offset = max(offset, self.start)
+        for segment in self._segments:
+            if segment.end > offset and segment.end > segment.start:
+                return max(offset, segment.start)
+        return min(max(offset, self._buf_start), self.end)
 
     def _read_segment(self, segment: _Segment, first: int, stop: int, out: bytearray) -> None:
         """Append the data of [first, stop) from one segment, verifying each record used."""
@@ -574,10 +813,15 @@ class ConsoleLog:
             return
         try:
             self.flush()
+            # Everything handed out is written: a clean restart goes on at end, no hole.
+            if self._reserved != self.end:
+                self._reserve(self.end)
             for segment in self._segments:
                 if segment.dirty:
                     os.fsync(segment.fd)
                     segment.dirty = False
+            if self._reserved_fd is not None:
+                os.fsync(self._reserved_fd)
             os.fsync(self._dir_fd)
         except OSError as exc:
             raise ConsoleLogError(f"cannot sync console log {self.directory}: {exc}") from exc
@@ -589,6 +833,9 @@ class ConsoleLog:
             os.close(segment.fd)
         self._segments = []
         self._buf.clear()
+        if self._reserved_fd is not None:
+            os.close(self._reserved_fd)
+            self._reserved_fd = None
         if self._dir_fd is not None:
             os.close(self._dir_fd)  # releases the flock
             self._dir_fd = None

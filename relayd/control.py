@@ -35,6 +35,23 @@ CLOSE_IDLE = 4008
 CLOSE_DISABLED = 4009
 CLOSE_SESSION_LIMIT = 4029
 
+# RFC 6455 5.5: a control frame carries at most 125 bytes; a Close spends 2 on its code.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(text: str) -> str:
+    """`text` as a Close frame can carry it: at most 123 bytes of UTF-8, cut between characters.
+
+    Every close reason goes through here (it is often built from a principal's
+    name, which may be long, wide, or not text at all: a JSON claim can carry a
+    lone surrogate, which UTF-8 cannot encode and which becomes "?").
+    """
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return data.decode("utf-8")
+    # The cut may split the last character; "ignore" drops its incomplete bytes.
+    return data[:MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
+
 
 @dataclass(frozen=True)
 class Break:

@@ -21,6 +21,7 @@ import asyncio
 import random
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +30,7 @@ from . import control
 from .audit import audit
 from .auth import Principal
 from .config import LimitsConfig, VmConfig
-from .consolelog import ConsoleLog
+from .consolelog import ConsoleLog, LogIdentity, adopt_legacy_logs
 from .errors import ConsoleLogError
 from .frames import binary_frame
 from .inputqueue import Break, Hangup, InputQueue
@@ -91,6 +92,11 @@ class QueuedHook:
     argv: tuple[str, ...]
 
 
+def log_identity(vm: VmConfig) -> LogIdentity:
+    """Whose console log a VM's is: its id in its subscription, resource group and scale set."""
+    return LogIdentity(vm.subscription, vm.resource_group, vm.scale_set, vm.id)
+
+
 @dataclass
 class HubStats:
     """Counters the metrics endpoint reads."""
@@ -139,26 +145,20 @@ class ConsoleHub:
         """A hub for `vm`.
 
         Args:
-            log_dir: keep the console log on disk here (single gateway).
+            log_dir: keep the console log on disk under this root (single gateway).
             sink: hand output to a shared log instead (cluster owner).
             history: (offset, bytes) the ring starts from: the shared log's tail,
                 so offsets continue across owners and a resume finds its bytes.
+
+        Raises:
+            ConsoleLogError: the log cannot be opened.
         """
         self.vm = vm
         self.limits = limits
-        self.log: ConsoleLog | None = None
         self.sink = sink
-        if log_dir is not None:
-            # Timer-flushed: a flood writes at most console_log_bytes per flush to disk.
-            self.log = ConsoleLog(log_dir / vm.id, limits.console_log_bytes, flush_bytes=None)
-            self.log.open()
-        end = self.log.end if self.log is not None else 0
-        if history is not None:
-            end = history[0]
-        # Memory holds what live clients may lag by; never more than the log holds.
-        self.ring = OutputRing(min(limits.output_buffer_bytes, limits.console_log_bytes), end=end)
-        if history is not None and history[1]:
-            self.ring.append(history[1])
+        self._log_root = log_dir
+        self.log = self._open_log(vm, limits)
+        self.ring = self._new_ring(limits, history)
         self._flush_timer: asyncio.TimerHandle | None = None
         self._log_error_at = 0.0
         self.lease = WriterLease(vm.takeover)
@@ -237,12 +237,68 @@ class ConsoleHub:
         if self._watchers:
             self._changed()
 
+    @staticmethod
+    def adopt_legacy_logs(log_dir: Path, vms: Iterable[VmConfig]) -> None:
+        """At start, before any hub: logs kept by VM id alone go to the VMs with that id.
+
+        Raises:
+            ConsoleLogError: a log could not be moved.
+        """
+        adopt_legacy_logs(log_dir, [log_identity(vm) for vm in vms])
+
+    def _open_log(self, vm: VmConfig, limits: LimitsConfig) -> ConsoleLog | None:
+        if self._log_root is None:
+            return None
+        identity = log_identity(vm)
+        # Timer-flushed: a flood writes at most console_log_bytes per flush to disk.
+        log = ConsoleLog(
+            self._log_root / identity.directory_name(),
+            limits.console_log_bytes,
+            flush_bytes=None,
+            identity=identity,
+        )
+        log.open()
+        return log
+
+    def _new_ring(
+        self, limits: LimitsConfig, history: tuple[int, bytes] | None = None
+    ) -> OutputRing:
+        end = self.log.end if self.log is not None else 0
+        if history is not None:
+            end = history[0]
+        # Memory holds what live clients may lag by; never more than the log holds.
+        ring = OutputRing(min(limits.output_buffer_bytes, limits.console_log_bytes), end=end)
+        if history is not None and history[1]:
+            ring.append(history[1])
+        return ring
+
     def reconfigure(self, vm: VmConfig, limits: LimitsConfig) -> bool:
-        """Apply a reloaded VM entry; True when the port itself must be reopened."""
+        """Apply a reloaded VM entry; True when the port itself must be reopened.
+
+        A VM whose subscription, resource group or scale set changed is another
+        VM to its readers: its sessions are closed (4004) and it goes on with
+        that identity's log, its history (see consolelog.py).
+        """
         old, self.vm, self.limits = self.vm, vm, limits
         self.lease.policy = vm.takeover
         self.input.pace(vm.input_rate)
+        if log_identity(old) != log_identity(vm):
+            self._change_identity(vm, limits)
         return (old.serial, old.baud, old.parity) != (vm.serial, vm.baud, vm.parity)
+
+    def _change_identity(self, vm: VmConfig, limits: LimitsConfig) -> None:
+        """Close the sessions and swap the log and ring for the new identity's."""
+        self.close_all(control.CLOSE_UNKNOWN_VM, "vm identity changed in the gateway configuration")
+        self.close_log()
+        try:
+            self.log = self._open_log(vm, limits)
+        except ConsoleLogError as exc:
+            # Never the old identity's history: run without a log until the next start.
+            self.log = None
+            self.stats.log_errors += 1
+            log.error("console_log_open_failed", vm=vm.id, error=str(exc))
+        self.ring = self._new_ring(limits)
+        log.info("vm_identity_changed", vm=vm.id, subscription=vm.subscription)
 
     def _log_append(self, data: bytes) -> None:
         """Append to the on-disk log; a disk problem is logged (rate-limited), never fatal."""
@@ -296,6 +352,13 @@ class ConsoleHub:
     def end(self) -> int:
         """Offset just after the newest console byte."""
         return self.ring.end
+
+    def next_held(self, offset: int) -> int:
+        """The first offset at or after `offset` whose output is held: past a hole in the
+        on-disk log (output a crash lost before it was written), else `offset` itself."""
+        if self.log is None or offset >= self.ring.start:
+            return offset
+        return min(self.log.next_held(offset), self.ring.start)
 
     def read(self, offset: int, max_bytes: int) -> bytes:
         """Held console output from `offset` (clamped to `start`), at most `max_bytes`.
@@ -410,47 +473,57 @@ class ConsoleHub:
         Returns the lease decision for writers, None for spectators. The caller
         has already refused `Denied` with HTTP 409, so it does not occur here
         unless the caller asked for it.
+
+        All or nothing: what can fail (the messages built from the newcomer's
+        name, the newcomer taking its role) is done before the lease, the
+        client table or the old writer change, so a failure leaves the old
+        writer writing and nobody told otherwise.
         """
+        decision = self.lease.check(client.session_id) if writer else None
+        if decision is None or isinstance(decision, Denied):
+            client.set_role("spectator")
+            self.clients[client.session_id] = client
+            self._changed()
+            return decision
+        by = client.principal.id
+        displaced = decision.previous if isinstance(decision, Evicted | Demoted) else None
+        to_others = control.encode_notice("writer_changed", writer=by)
+        to_previous = reason = ""
+        if isinstance(decision, Evicted):
+            to_previous = control.encode_notice("writer_changed", writer=by, by=by, you="evicted")
+            reason = control.close_reason(f"taken over by {by}")
+        elif isinstance(decision, Demoted):
+            to_previous = control.encode_notice("demoted", by=by, writer=by)
+        client.set_role("writer")
+        # Decided: from here on the lease, the table and the old writer change together.
+        self.lease.acquire(client.session_id)
         self.clients[client.session_id] = client
         self._changed()
-        if not writer:
-            client.set_role("spectator")
-            return None
-        decision = self.lease.acquire(client.session_id)
-        if isinstance(decision, Denied):
-            client.set_role("spectator")
-            return decision
-        client.set_role("writer")
-        if isinstance(decision, Evicted | Demoted):
+        previous = self.clients.get(displaced) if displaced is not None else None
+        if displaced is not None:
             self.stats.takeovers += 1
-            previous = self.clients.get(decision.previous)
             self._writer_left()
-            if previous is not None:
-                by = client.principal.id
-                audit(
-                    "writer_evicted" if isinstance(decision, Evicted) else "writer_demoted",
-                    vm=self.vm.id,
-                    session_id=previous.session_id,
-                    principal=previous.principal.id,
-                    peer=previous.peer,
-                    region=previous.region,
-                    by=by,
-                    by_session_id=client.session_id,
-                    by_peer=client.peer,
-                )
-                if isinstance(decision, Evicted):
-                    # A spectator from now on: keys it still has in flight are refused.
-                    previous.set_role("spectator")
-                    previous.send_text(
-                        control.encode_notice("writer_changed", writer=by, by=by, you="evicted")
-                    )
-                    previous.close(control.CLOSE_TAKEN_OVER, f"taken over by {by}")
-                else:
-                    previous.set_role("spectator")
-                    previous.send_text(control.encode_notice("demoted", by=by, writer=by))
+        if previous is not None:
+            # A spectator from now on: keys it still has in flight are refused.
+            previous.set_role("spectator")
+            previous.send_text(to_previous)
+            if isinstance(decision, Evicted):
+                previous.close(control.CLOSE_TAKEN_OVER, reason)
         for other in self.clients.values():
-            if other is not client and other.session_id != getattr(decision, "previous", None):
-                other.send_text(control.encode_notice("writer_changed", writer=client.principal.id))
+            if other is not client and other.session_id != displaced:
+                other.send_text(to_others)
+        if previous is not None:
+            audit(
+                "writer_evicted" if isinstance(decision, Evicted) else "writer_demoted",
+                vm=self.vm.id,
+                session_id=previous.session_id,
+                principal=previous.principal.id,
+                peer=previous.peer,
+                region=previous.region,
+                by=by,
+                by_session_id=client.session_id,
+                by_peer=client.peer,
+            )
         return decision
 
     def demote(self, client: HubClient, reason: str) -> bool:

@@ -10,6 +10,15 @@ connection is callback-driven and costs no task.
 A PROXY header from an untrusted source is not looked for (its bytes fail
 the TLS handshake); a connection from a trusted proxy without a valid
 header is closed and counted. `X-Forwarded-For` is never read.
+
+Before any TLS work, a new connection must pass the per-address connection
+rate and find a handshake slot: at most `max_handshakes` connections are
+between accept and the end of their handshake, `max_handshakes_per_ip` of
+them from one address (IPv4, or IPv6 /64: `ratelimit.address_key`). One that
+does not is reset at once, so idle connections from one address cost the
+gateway a few dozen handshakes, never a task, TLS state and a descriptor
+each. Behind a trusted proxy the address is the one in the PROXY header,
+read first (it is a few bytes, under the same deadline).
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ import contextlib
 import ipaddress
 import socket
 import ssl
+import struct
 from collections import Counter
 from typing import Protocol
 
 from . import proxy_protocol
 from .config import Config
 from .log import get_logger
+from .ratelimit import HandshakeSlots, address_key
 
 log = get_logger("relayd.listener")
 
@@ -43,8 +54,17 @@ class ListenerOwner(Protocol):
     def new_connection(self, peer: str) -> asyncio.Protocol:
         """The protocol that serves a connection from `peer` after its handshake."""
 
+    def admit_connection(self, peer: str) -> object | None:
+        """Count a new connection from `peer`; not None when it is over the rate."""
+
 
 BACKLOG = 4096
+# Accepts between two yields to the loop: a flood of connections waiting in the backlog
+# must not hold up the handshakes and sessions already running.
+ACCEPT_BATCH = 64
+# SO_LINGER on, zero seconds: close() resets the connection and frees it at once (no
+# FIN_WAIT or TIME_WAIT left behind for each refused connection of a flood).
+_RESET = struct.pack("ii", 1, 0)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -76,6 +96,13 @@ def plain_address(text: str) -> str:
     return str(address)
 
 
+def _reset(conn: socket.socket) -> None:
+    """Close a refused connection with a reset: nothing is sent, nothing lingers."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    conn.close()
+
+
 def _reason(exc: BaseException) -> str:
     """A short, bounded label for a failed handshake (a metric label, not a message)."""
     if isinstance(exc, TimeoutError):
@@ -97,12 +124,20 @@ class Listener:
         self.gateway = gateway
         self.sock = sock
         self.port: int = sock.getsockname()[1]
+        # Refused connections count here too ("rate_limited", "too_many_handshakes").
         self.handshake_failures: Counter[str] = Counter()
         self.handshakes = 0
+        self.slots = HandshakeSlots()
+
+    @property
+    def in_handshake(self) -> int:
+        """Connections accepted whose TLS handshake has not ended yet."""
+        return self.slots.total
 
     async def serve(self) -> None:
-        """Accept until cancelled; each handshake is a child task with a deadline."""
+        """Accept until cancelled; each admitted handshake is a child task with a deadline."""
         loop = asyncio.get_running_loop()
+        accepted = 0
         try:
             async with asyncio.TaskGroup() as tg:
                 while True:
@@ -112,19 +147,45 @@ class Listener:
                         log.warning("accept_failed", error=str(exc))
                         await asyncio.sleep(0.1)
                         continue
-                    tg.create_task(self._handshake(conn, plain_address(addr[0])))
+                    peer = plain_address(addr[0])
+                    # A trusted proxy's connection is keyed once its header names the client.
+                    key = None if self._trusted(peer) else address_key(peer)
+                    if self._admit(peer, key):
+                        tg.create_task(self._handshake(conn, peer, key))
+                    else:
+                        _reset(conn)
+                    accepted += 1
+                    if accepted % ACCEPT_BATCH == 0:
+                        await asyncio.sleep(0)
         finally:
             self.sock.close()
 
-    async def _handshake(self, conn: socket.socket, peer: str) -> None:
+    def _admit(self, peer: str, key: str | None) -> bool:
+        """Count a new connection against its address's rate and take a handshake slot."""
+        limits = self.gateway.config.limits
+        if key is not None and self.gateway.admit_connection(peer) is not None:
+            self.handshake_failures["rate_limited"] += 1
+            return False
+        if not self.slots.enter(
+            key, max_total=limits.max_handshakes, max_per_key=limits.max_handshakes_per_ip
+        ):
+            self.handshake_failures["too_many_handshakes"] += 1
+            return False
+        return True
+
+    async def _handshake(self, conn: socket.socket, peer: str, key: str | None) -> None:
         gw = self.gateway
         loop = asyncio.get_running_loop()
         timeout = gw.config.gateway.handshake_timeout
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with asyncio.timeout(timeout):
-                if self._trusted(peer):
+                if key is None:
                     peer = await self._read_proxy_header(conn, peer)
+                    key = self._admit_behind_proxy(peer)
+                    if key is None:
+                        _reset(conn)
+                        return
                 await loop.connect_accepted_socket(
                     lambda: gw.new_connection(peer),
                     conn,
@@ -137,6 +198,19 @@ class Listener:
             self.handshake_failures[reason] += 1
             log.info("handshake_failed", peer=peer, reason=reason)
             conn.close()
+        finally:
+            self.slots.leave(key)
+
+    def _admit_behind_proxy(self, peer: str) -> str | None:
+        """The real client's key once its header is read; None when it is refused."""
+        if self.gateway.admit_connection(peer) is not None:
+            self.handshake_failures["rate_limited"] += 1
+            return None
+        key = address_key(peer)
+        if not self.slots.assign(key, max_per_key=self.gateway.config.limits.max_handshakes_per_ip):
+            self.handshake_failures["too_many_handshakes"] += 1
+            return None
+        return key
 
     def _trusted(self, peer: str) -> bool:
         proxies = self.gateway.config.gateway.trusted_proxies

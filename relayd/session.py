@@ -12,6 +12,17 @@ drains it continues from its cursor, reading the ring. Only a client that
 falls further behind than the ring holds skips ahead, with an `output_gap`
 notice naming the first and last offsets it missed. Input from the writer
 goes to the hub, which pauses this transport when the serial line is behind.
+
+While a client's output is over the high-water mark, it is read once per
+drain: after one read in that state, whatever it held, the client is not
+read again until its output falls below the low-water mark. Pings want
+pongs and bad messages want errors, and a client sending them without ever
+reading would otherwise grow our buffer without end; a slow client that does
+read still gets its keys (a Ctrl-C during a flood) and pongs through. What
+one connection can make the gateway hold is thus its high-water mark, the
+answers to a read or two (past `MAX_UNREAD_BYTES` more it is dropped) and
+websockets' bounded frame buffer. A client that never drains misses its
+keepalive and is dropped within two intervals.
 """
 
 from __future__ import annotations
@@ -50,6 +61,9 @@ WS_LOGGER.setLevel(logging.WARNING)
 
 CLOSE_TIMEOUT = 5.0
 PUMP_CHUNK = 65536
+# Past its high-water mark a client is not read, so only the answers to what one read
+# held (pongs, errors) and notices can pile up; over this much more, it is dropped.
+MAX_UNREAD_BYTES = 2**20
 
 
 class ConsoleSession:
@@ -102,6 +116,8 @@ class ConsoleSession:
         # Set while the hub holds this writer back (its paste waits for the line): its
         # pong is unread, not missing, and must not cost it the session.
         self._reading_paused = False
+        # Unread output that drops the client (see the module docstring).
+        self._max_buffered = output_queue_bytes + MAX_UNREAD_BYTES
         self._idle_warned = False
         # Monotonic time when the credentials that opened the session expire, when the
         # gateway ends sessions then (`[auth] disconnect_expired`); None: never.
@@ -194,9 +210,14 @@ class ConsoleSession:
             if not pieces:
                 if self.cursor >= live_floor:
                     return
-                # The on-disk log could not be read: skip to what memory holds, and say so.
-                self._send_gap(self.cursor, live_floor - 1)
-                self.cursor, self._replaying = live_floor, False
+                # Nothing at the cursor: a hole a crash left in the on-disk log (skip to what
+                # is held next), or a log that could not be read (skip to what memory holds).
+                # Either way the client is told exactly what it misses.
+                resume = hub.next_held(self.cursor)
+                if resume <= self.cursor:
+                    resume = live_floor
+                self._send_gap(self.cursor, resume - 1)
+                self.cursor = resume
                 continue
             n = sum(len(p) for p in pieces)
             self.transport.write(binary_frame_of(pieces, n))
@@ -226,7 +247,9 @@ class ConsoleSession:
         """A control message, framed by the WebSocket protocol."""
         if self._closed or self.ws.state is not State.OPEN:
             return
-        self.ws.send_text(text.encode())
+        # "replace": a principal's name may hold a lone surrogate (from a JSON claim), which
+        # UTF-8 cannot encode; strict encoding raised in the middle of a takeover.
+        self.ws.send_text(text.encode("utf-8", "replace"))
         self._flush()
 
     def pause_input(self) -> None:
@@ -236,9 +259,18 @@ class ConsoleSession:
             self.transport.pause_reading()
 
     def resume_input(self) -> None:
-        """The serial line caught up."""
+        """The serial line caught up: read again, unless the client's output is too."""
         self._reading_paused = False
-        if not self._closed and not self.transport.is_closing():
+        self._read_again()
+
+    def _read_again(self) -> None:
+        """Read the client, unless the hub or its own unread output still holds it back."""
+        if (
+            not self._reading_paused
+            and not self._write_paused
+            and not self._closed
+            and not self.transport.is_closing()
+        ):
             self.transport.resume_reading()
 
     def close(self, code: int, reason: str) -> None:
@@ -247,7 +279,7 @@ class ConsoleSession:
             return
         self.end_reason = self.end_reason or reason or f"closed with {code}"
         self._open = False
-        self.ws.send_close(code, reason[:120])
+        self.ws.send_close(code, control.close_reason(reason))
         self._flush()  # arms the close timer: websockets now expects the peer to close
 
     # -- transport events -------------------------------------------------------------
@@ -257,8 +289,9 @@ class ConsoleSession:
         self._write_paused = True
 
     def resume_writing(self) -> None:
-        """The client caught up with its buffer; continue from the cursor."""
+        """The client caught up with its buffer: read it again, continue from the cursor."""
         self._write_paused = False
+        self._read_again()
         self._pump()
 
     def _send_gap(self, first: int, last: int) -> None:
@@ -279,6 +312,9 @@ class ConsoleSession:
                 self._on_frame(event)
         if self._reader.fed_protocol:
             self._settle()
+        if self._write_paused and not self._closed:
+            # Over its high-water mark and still sending: no more until it drains.
+            self.transport.pause_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Never called: the session takes over a transport that is already up."""
@@ -403,6 +439,13 @@ class ConsoleSession:
             else:
                 # SSL transports cannot half-close; end of stream means close.
                 self.transport.close()
+        if self.transport.get_write_buffer_size() > self._max_buffered:
+            self.end_reason = self.end_reason or (
+                f"unread output over {self._max_buffered} bytes (client not reading)"
+            )
+            self._info("client_not_reading", buffered=self.transport.get_write_buffer_size())
+            self.transport.abort()
+            return
         if self.ws.close_expected() and self._close_timer is None:
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)

@@ -11,10 +11,13 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterator
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +104,7 @@ def write_config(tmp_path: Path, pki: dict[str, Path]) -> Callable[..., Config]:
         gateway: dict[str, Any] | None = None,
         roles: list[tuple[str, str, str]] | None = None,
         tls: dict[str, Any] | None = None,
-        subscriptions: list[dict[str, Any]] | None = None,
+        subscriptions: Sequence[str | dict[str, Any]] = ("sub-1",),
     ) -> Config:
         gw = {
             "region": "test",
@@ -120,9 +123,10 @@ def write_config(tmp_path: Path, pki: dict[str, Path]) -> Callable[..., Config]:
             f"hs256_secret_file = {toml_value(pki['secret'])}",
         ]
         lines += ["[limits]"] + [f"{k} = {toml_value(v)}" for k, v in (limits or {}).items()]
-        for sub in subscriptions or [{"id": "sub-1"}]:
+        for sub in subscriptions:
+            entry = {"id": sub} if isinstance(sub, str) else sub
             lines.append("[[subscriptions]]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in sub.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
         for vm in vms:
             lines.append("[[vms]]")
             lines += [f"{k} = {toml_value(v)}" for k, v in {"subscription": "sub-1", **vm}.items()]
@@ -216,12 +220,28 @@ async def https_exchange(
 
 
 async def raw_console(
-    gateway: Gateway, ctx: ssl.SSLContext, bearer: str, vm: str = "vm-a", query: str = ""
+    gateway: Gateway | int,
+    ctx: ssl.SSLContext,
+    bearer: str,
+    vm: str = "vm-a",
+    query: str = "",
+    *,
+    sock: socket.socket | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A console upgraded by hand, for tests that speak (or withhold) frames themselves."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", gateway.tls_port, ssl=ctx, server_hostname="localhost"
-    )
+    """A console upgraded by hand, for tests that speak (or withhold) frames themselves.
+
+    `gateway` is an in-process gateway or the TLS port of one in a subprocess; `sock`
+    an already connected socket to use (to set its buffer sizes first).
+    """
+    port = gateway if isinstance(gateway, int) else gateway.tls_port
+    if sock is None:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+        )
+    else:
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=ctx, server_hostname="localhost"
+        )
     writer.write(
         (
             f"GET /v1/vms/{vm}/console{'?' + query if query else ''} HTTP/1.1\r\n"
@@ -489,3 +509,68 @@ def pty_pair(tmp_path: Path) -> Callable[[], tuple[int, Path]]:
     for fd in masters:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+@dataclass
+class GatewayProcess:
+    """A `relayd serve` subprocess: its process, TLS port and every log event it printed."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def peak_rss(self) -> int:
+        """The process's peak resident set so far, in bytes (VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM in /proc status")
+
+
+@asynccontextmanager
+async def gateway_process(config: Config) -> AsyncIterator[GatewayProcess]:
+    """`relayd serve` in a subprocess until the block ends (SIGTERM, or SIGKILL if it hangs).
+
+    The block may kill it itself (`proc.send_signal(signal.SIGKILL)`) to test a crash.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relayd.cli",
+        "serve",
+        "--config",
+        str(config.path),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    events: list[dict[str, Any]] = []
+
+    async def read_log() -> None:
+        # Read to the end, so a chatty gateway never blocks on a full pipe.
+        while line := await stdout.readline():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                events.append(event)
+                if event.get("event") == "gateway_ready" and not ready.done():
+                    ready.set_result(int(event["port"]))
+        if not ready.done():
+            ready.set_exception(AssertionError("relayd exited before it was ready"))
+
+    reading = asyncio.create_task(read_log())
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            port = await ready
+        yield GatewayProcess(proc, port, events)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        async with asyncio.timeout(TIMEOUT):
+            await reading

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -435,24 +436,52 @@ async def test_client_certificate_passes_while_its_address_is_over_the_failure_l
         assert (status, [vm["id"] for vm in body["vms"]]) == (200, ["vm-a"])
 
 
-async def test_connection_flood_from_one_address_gets_429(
+async def test_connection_flood_from_one_address_is_reset_before_tls(
     write_config: Callable[..., Any],
     far_end: FarEnd,
     client_ssl: ssl.SSLContext,
     token: Callable[..., str],
 ) -> None:
-    """More new connections per second than allowed are answered 429 rate_limited."""
+    """More new connections per second than allowed are reset at accept: no TLS, no 429."""
     config = write_config(
         vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
         limits={"connections_per_second_per_ip": 1},
     )
+    outcomes: list[int | str] = []
     async with running(config) as gw:
-        statuses = [
-            (await _request(gw, client_ssl, "GET", "/v1/vms", bearer=token("alice")))[0]
-            for _ in range(4)
-        ]
-    assert statuses[:2] == [200, 200]
-    assert 429 in statuses[2:]
+        assert gw.listener is not None
+        for _ in range(4):
+            try:
+                outcomes.append(
+                    (await _request(gw, client_ssl, "GET", "/v1/vms", bearer=token("alice")))[0]
+                )
+            except (ConnectionError, ssl.SSLError):
+                outcomes.append("reset")
+        assert outcomes.count("reset") == gw.listener.handshake_failures["rate_limited"]
+    assert outcomes[:2] == [200, 200]
+    assert "reset" in outcomes[2:]
+
+
+async def test_an_answer_429_closes_the_connection(
+    write_config: Callable[..., Any], far_end: FarEnd, client_ssl: ssl.SSLContext
+) -> None:
+    """Pipelined behind a 429, further requests are not answered: the connection ends."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"auth_failures_per_minute": 1},
+    )
+    bad = "GET /v1/vms HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer nonsense\r\n\r\n"
+    async with running(config) as gw:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.tls_port, ssl=client_ssl, server_hostname="localhost"
+        )
+        writer.write((bad * 2 + "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").encode())
+        async with asyncio.timeout(TIMEOUT):
+            data = await reader.read()  # to the end of the connection
+        writer.close()
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+    assert statuses == [401, 429]
+    assert b"connection: close" in data.lower()
 
 
 async def test_cross_site_origin_is_refused_and_own_origin_allowed(

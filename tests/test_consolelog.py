@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from relayd.config import LimitsConfig, VmConfig
-from relayd.consolelog import ConsoleLog
+from relayd.consolelog import ConsoleLog, LogIdentity
 from relayd.errors import ConsoleLogError
 from relayd.hub import LOG_FLUSH_MIN_SHARE, LOG_FLUSH_SECONDS, ConsoleHub
 
@@ -36,7 +37,10 @@ BLOCK = 4096
 CHILD = """
 import hashlib, random, sys
 from pathlib import Path
+import structlog
 from relayd.consolelog import ConsoleLog
+
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: offsets
 
 def expected(offset, n):
     first, last = offset // 4096, (offset + n + 4095) // 4096
@@ -66,12 +70,24 @@ def segment_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.seg"))
 
 
+def held_runs(log: ConsoleLog) -> list[tuple[int, int]]:
+    """The runs of offsets the log holds, [first, stop), between the holes a crash leaves."""
+    runs = []
+    at = log.next_held(log.start)
+    while at < log.end:
+        n = len(log.read(at, log.end - at))  # a read stops at a hole
+        assert n > 0, f"next_held said {at} is held, but nothing is read there"
+        runs.append((at, at + n))
+        at = log.next_held(at + n)
+    return runs
+
+
 def assert_serves_expected(log: ConsoleLog) -> None:
     """Every offset held, whole and in pieces, serves exactly what was written there."""
-    held = log.end - log.start
-    assert log.read(log.start, held) == expected(log.start, held)
-    for offset in range(log.start, log.end, 997):
-        assert log.read(offset, 3000) == expected(offset, min(3000, log.end - offset))
+    for first, stop in held_runs(log):
+        assert log.read(first, stop - first) == expected(first, stop - first)
+        for offset in range(first, stop, 997):
+            assert log.read(offset, 3000) == expected(offset, min(3000, stop - offset))
 
 
 @pytest.fixture
@@ -202,6 +218,78 @@ def test_consolelog_killed_writer_recovers_exact_bytes(log_dir: Path) -> None:
             log.close()
 
 
+def crash_copy(log: ConsoleLog, to: Path) -> Path:
+    """What a kill -9 of `log`'s process leaves on disk now: its files as they are."""
+    shutil.copytree(log.directory, to)
+    return to
+
+
+def test_consolelog_offsets_handed_out_before_a_crash_are_never_reused(
+    open_log: Callable[..., ConsoleLog], tmp_path: Path
+) -> None:
+    """Output appended (so handed to clients) but not yet written when the process dies is
+    lost; its offsets stay lost, a hole, and new output starts after them."""
+    log = open_log(flush_bytes=None)
+    log.append(b"A" * 1000)
+    log.flush()
+    lost_at = log.append(b"B" * 500)  # a client saw these at [1000, 1500)
+    after = ConsoleLog(crash_copy(log, tmp_path / "crashed"), CAPACITY, segments=SEGMENTS)
+    after.open()
+    try:
+        assert after.end >= lost_at + 500
+        new_at = after.append(b"C" * 10)
+        assert new_at >= lost_at + 500
+        assert after.read(0, 5000) == b"A" * 1000  # the history before the hole is kept
+        assert after.read(lost_at, 500) == b""  # nothing is served where B was
+        assert after.next_held(lost_at) == new_at
+        assert after.read(new_at, 100) == b"C" * 10
+    finally:
+        after.close()
+
+
+def test_consolelog_of_another_vm_identity_is_refused(log_dir: Path) -> None:
+    """The directory records whose log it is; another identity is refused, the same one is not."""
+    alpha = LogIdentity("sub-1", "rg-a", None, "vm-1")
+    log = ConsoleLog(log_dir, CAPACITY, identity=alpha)
+    log.open()
+    log.append(b"alpha's output")
+    log.close()
+    for other in (
+        LogIdentity("sub-2", "rg-a", None, "vm-1"),
+        LogIdentity("sub-1", None, None, "vm-1"),
+        LogIdentity("sub-1", "rg-a", "ss-1", "vm-1"),
+    ):
+        with pytest.raises(ConsoleLogError, match="belongs to"):
+            ConsoleLog(log_dir, CAPACITY, identity=other).open()
+    again = ConsoleLog(log_dir, CAPACITY, identity=alpha)
+    again.open()
+    try:
+        assert again.read(0, 100) == b"alpha's output"
+    finally:
+        again.close()
+
+
+@given(st.text(min_size=1), st.text(min_size=1) | st.none(), st.text(min_size=1) | st.none())
+def test_log_identity_directory_name_is_one_safe_path_component_per_identity(
+    sub: str, rg: str | None, ss: str | None
+) -> None:
+    """Any subscription, group or scale set name: the directory stays `<vm>@<hex>`, no `/`,
+    and changing any part changes it."""
+    identity = LogIdentity(sub, rg, ss, "vm-1")
+    name = identity.directory_name()
+    assert name.startswith("vm-1@")
+    assert all(c in "0123456789abcdef" for c in name.split("@")[1])
+    assert name != LogIdentity(sub + "x", rg, ss, "vm-1").directory_name()
+    assert name != LogIdentity(sub, (rg or "") + "x", ss, "vm-1").directory_name()
+    assert name != LogIdentity(sub, rg, (ss or "") + "x", "vm-1").directory_name()
+
+
+def test_log_identity_refuses_a_vm_id_that_is_not_one() -> None:
+    """The vm id is part of a path: "../x" is not a vm id."""
+    with pytest.raises(ValueError, match="not a vm id"):
+        LogIdentity("sub-1", None, None, "../x")
+
+
 def write_two_records(log_dir: Path) -> None:
     """One segment holding two 1000-byte records: [0, 1000) then [1000, 2000)."""
     log = ConsoleLog(log_dir, CAPACITY)
@@ -236,7 +324,8 @@ def flip(at: int) -> Callable[[Path], None]:
 def test_consolelog_damaged_last_record_is_truncated_and_not_served(
     log_dir: Path, damage: Callable[[Path], None]
 ) -> None:
-    """A torn or corrupt newest record is cut off at open, logged, and never read back."""
+    """A torn or corrupt newest record is cut off at open, logged, and never read back; its
+    offsets were handed out, so they stay a hole and new output goes after them."""
     write_two_records(log_dir)
     (path,) = segment_files(log_dir)
     damage(path)
@@ -245,17 +334,17 @@ def test_consolelog_damaged_last_record_is_truncated_and_not_served(
     with capture_logs() as events:
         log.open()
     try:
-        assert (log.start, log.end) == (0, 1000)
+        assert (log.start, log.end) == (0, 2000)
         assert log.read(0, 5000) == expected(0, 1000)
+        assert log.next_held(1000) == 2000
         assert path.stat().st_size == HEADER + 1000
         repairs = [e for e in events if e["event"] == "console_log_repaired"]
-        if size == HEADER + 1000:
-            assert repairs == []
-        else:
-            assert [(e["action"], e["kept_bytes"], e["dropped_bytes"]) for e in repairs] == [
-                ("truncated_tail", HEADER + 1000, size - HEADER - 1000)
-            ]
-        assert log.append(expected(1000, 50)) == 1000
+        truncated = [("truncated_tail", HEADER + 1000, size - HEADER - 1000)]
+        assert [(e["action"], e["kept_bytes"], e["dropped_bytes"]) for e in repairs[:-1]] == (
+            [] if size == HEADER + 1000 else truncated
+        )
+        assert (repairs[-1]["action"], repairs[-1]["lost_bytes"]) == ("reserved_gap", 1000)
+        assert log.append(expected(2000, 50)) == 2000
         assert_serves_expected(log)
     finally:
         log.close()
@@ -280,14 +369,12 @@ def flip_in_middle(path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("damage", "dropped"),
-    [(flip_in_middle, 2), (lambda p: os.truncate(p, 100), 2), (Path.unlink, 1)],
-    ids=["flipped", "truncated", "missing"],
+    "damage", [flip_in_middle, lambda p: os.truncate(p, 100)], ids=["flipped", "truncated"]
 )
 def test_consolelog_damaged_older_segment_drops_it_and_all_older(
-    log_dir: Path, damage: Callable[[Path], None], dropped: int
+    log_dir: Path, damage: Callable[[Path], None]
 ) -> None:
-    """Damage to (or loss of) the second segment moves start to the third; nothing wrong is read."""
+    """Damage to the second segment moves start to the third; nothing wrong is read."""
     files = fill_four_segments(log_dir)
     damage(files[1])
     log = ConsoleLog(log_dir, CAPACITY)
@@ -300,9 +387,25 @@ def test_consolelog_damaged_older_segment_drops_it_and_all_older(
         (repair,) = [e for e in events if e["event"] == "console_log_repaired"]
         assert (repair["action"], repair["segments"], repair["start"]) == (
             "dropped_segments",
-            dropped,
+            2,
             8192,
         )
+    finally:
+        log.close()
+
+
+def test_consolelog_missing_older_segment_is_a_hole_the_rest_is_served(log_dir: Path) -> None:
+    """A segment file gone is offsets not held, like a crash's hole: older ones still verify."""
+    files = fill_four_segments(log_dir)
+    files[1].unlink()
+    log = ConsoleLog(log_dir, CAPACITY)
+    with capture_logs() as events:
+        log.open()
+    try:
+        assert (log.start, log.end) == (0, CAPACITY)
+        assert held_runs(log) == [(0, 4096), (8192, CAPACITY)]
+        assert_serves_expected(log)
+        assert [e for e in events if e["event"] == "console_log_repaired"] == []
     finally:
         log.close()
 
@@ -447,6 +550,64 @@ def test_consolelog_any_operations_match_bytes_model(
                     )
                     log.open()
                 check_against_model(log, bytes(history), capacity, segments, data)
+        finally:
+            log.close()
+
+
+@given(
+    capacity=st.sampled_from([4096, 5000]),
+    flush_bytes=st.sampled_from([None, 512, 4096]),
+    data=st.data(),
+)
+@settings(max_examples=60, deadline=None)
+def test_consolelog_crashes_anywhere_never_serve_other_bytes_at_a_handed_out_offset(
+    capacity: int, flush_bytes: int | None, data: st.DataObject
+) -> None:
+    """Appends, flushes, clean reopens and crashes (the files as a kill -9 leaves them) in any
+    order: every append gets offsets no earlier append got, every byte served is the byte first
+    handed out at its offset, whatever was written before a crash is still served, and only a
+    crash leaves a hole."""
+    sizes = st.sampled_from([1, 100, 1000, 4096]) | st.integers(0, 2 * capacity)
+    model = bytearray()  # what was handed out, by offset; holes are zeros
+    handed = bytearray()  # 1 where an offset was handed out
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "vm-0"
+        log = ConsoleLog(directory, capacity, segments=4, flush_bytes=flush_bytes)
+        log.open()
+        try:
+            for step in range(data.draw(st.integers(1, 25), label="steps")):
+                op = data.draw(st.sampled_from(["append"] * 4 + ["flush", "reopen", "crash"]))
+                if op == "append":
+                    # Bytes depend on the step: output at a reused offset would differ.
+                    size = data.draw(sizes)
+                    chunk = hashlib.shake_128(step.to_bytes(8, "little")).digest(size)
+                    offset = log.append(chunk)
+                    assert offset >= len(model), "an offset was handed out twice"
+                    model += bytes(offset - len(model)) + chunk
+                    handed += bytes(offset - len(handed)) + b"\1" * len(chunk)
+                elif op == "flush":
+                    log.flush()
+                else:
+                    end, written = log.end, log.flushed_end
+                    durable = [(a, min(b, written)) for a, b in held_runs(log) if a < written]
+                    if op == "crash":
+                        copy = crash_copy(log, Path(tmp) / f"vm-{step + 1}")
+                        log.close()
+                        directory = copy
+                    else:
+                        log.close()
+                    log = ConsoleLog(directory, capacity, segments=4, flush_bytes=flush_bytes)
+                    log.open()
+                    assert log.end >= end
+                    if op == "reopen":
+                        assert log.end == end  # a clean stop leaves no hole
+                    for first, stop in durable:  # what was written survives a crash
+                        first = max(first, log.start)
+                        if first < stop:
+                            assert log.read(first, stop - first) == model[first:stop]
+                for first, stop in held_runs(log):
+                    assert all(handed[first:stop])
+                    assert log.read(first, stop - first) == model[first:stop]
         finally:
             log.close()
 

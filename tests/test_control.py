@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayd.control import (
+    MAX_CLOSE_REASON_BYTES,
     MAX_CONTROL_BYTES,
     Break,
     ClientMessage,
@@ -18,6 +19,7 @@ from relayd.control import (
     Reset,
     Resize,
     Sysrq,
+    close_reason,
     decode_client_message,
     encode_error,
     encode_hello,
@@ -464,3 +466,22 @@ def test_encode_notice_any_fields_round_trip(event: str, value: object) -> None:
     assert obj["event"] == event
     # NaN is not equal to itself; compare through a second encoding instead.
     assert json.dumps(obj["detail"]) == json.dumps(value)
+
+
+@given(st.text())
+def test_close_reason_is_the_longest_prefix_that_fits_in_123_utf8_bytes(text: str) -> None:
+    """Any text, surrogates included: valid UTF-8, at most 123 bytes, cut at a character."""
+    reason = close_reason(text)
+    data = reason.encode("utf-8")  # strict: the result is always encodable
+    assert len(data) <= MAX_CLOSE_REASON_BYTES
+    clean = text.encode("utf-8", "replace").decode("utf-8")
+    assert clean.startswith(reason)
+    rest = clean[len(reason) :]
+    assert not rest or len(data) + len(rest[0].encode()) > MAX_CLOSE_REASON_BYTES
+
+
+def test_close_reason_of_forty_wide_characters_keeps_whole_characters() -> None:
+    """The name from the review: 40 "界", 3 bytes each, after a 19-byte prefix."""
+    reason = close_reason("taken over by user:" + "界" * 40)
+    assert reason == "taken over by user:" + "界" * 34
+    assert len(reason.encode()) == 121

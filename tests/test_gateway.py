@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Frame, Opcode
@@ -225,6 +226,51 @@ async def test_takeover_evict_closes_old_writer_with_4001_naming_newcomer(
             await bob.send(b"bob types\r")
             await far_end.wait_received(lambda b: b"bob types" in b)
         assert gw.hubs["vm-a"].stats.takeovers == 1
+
+
+@pytest.mark.parametrize("name", ["界" * 40, "\ud800-lone-surrogate"], ids=["wide", "surrogate"])
+async def test_takeover_by_a_name_too_long_for_a_close_reason_or_not_text_still_evicts(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+    token: Callable[..., str],
+    name: str,
+) -> None:
+    """The 4001 reason is cut to 123 UTF-8 bytes at a character boundary, never raised on.
+
+    40 "界" make a reason of 59 characters but 139 bytes: cut at 120 characters it
+    raised inside attach once the newcomer held the lease, and the old writer stayed
+    connected but dead. A lone surrogate (a JSON `sub` can carry one) cannot be UTF-8
+    at all: it is sent as "?".
+    """
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        roles=[
+            ("user:alice", "contributor", "/subscriptions/sub-1"),
+            ("group:ops", "contributor", "/subscriptions/sub-1"),
+        ],
+    )
+    newcomer_token = {"Authorization": f"Bearer {token(name, groups=['ops'])}"}
+    # The test's console log renderer cannot print a lone surrogate (production logs JSON).
+    with capture_logs() as events:
+        async with running(config) as gw:
+            await wait_port_up(gw, "vm-a")
+            async with (
+                open_console(gw, "vm-a", user="alice") as alice,
+                open_console(gw, "vm-a", headers=newcomer_token) as newcomer,
+            ):
+                assert newcomer.hello["role"] == "writer"
+                notice = await alice.control(type="notice", event="writer_changed")
+                assert notice["by"].startswith("user:")
+                code, reason = await alice.closed()
+                assert code == 4001
+                assert reason is not None
+                assert reason.startswith("taken over by user:")
+                assert len(reason.encode()) <= 123
+                await newcomer.send(b"typed\r")
+                await far_end.wait_received(lambda b: b"typed\r" in b)
+            assert gw.hubs["vm-a"].stats.takeovers == 1
+    assert [e["by"] for e in events if e["event"] == "writer_evicted"] == [f"user:{name}"]
 
 
 async def test_evicted_writer_keys_in_flight_never_reach_the_port(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import struct
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from relayd.keeper import wait_until
 from .conftest import (
     TIMEOUT,
     FarEnd,
+    gateway_process,
     http_request,
     https_exchange,
     raw_console,
@@ -337,3 +339,46 @@ async def test_a_loop_of_breaks_and_resets_is_refused_past_a_bounded_queue(
             assert MAX_QUEUED_HOOKS - 1 <= len(hub.hook_queue) <= MAX_QUEUED_HOOKS
             audited = [e for e in logs if e.get("event") == "break_sent"]
             assert len(audited) <= MAX_QUEUED_BREAKS + 1
+
+
+def _masked(opcode: int, payload: bytes) -> bytes:
+    """A final client frame with a zero mask key (the payload goes as it is)."""
+    assert len(payload) <= 125
+    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + b"\0\0\0\0" + payload
+
+
+async def test_client_that_floods_pings_and_reads_nothing_costs_the_gateway_a_few_mb(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """50 MB of pings (and unasked pongs, to look alive) from a reader that never reads.
+
+    Every ping wants a pong back; a gateway that kept reading queued ~48 MB of
+    them. It must stop reading the client once its output is over the
+    high-water mark, whatever the frame kind, and drop it when its keepalive
+    goes unanswered. Measured as the peak RSS of a real gateway process.
+    """
+    config = write_config(vms=_serial(far_end), limits={"keepalive_interval": "1s"})
+    unit = _masked(0x9, b"p" * 125) * 7 + _masked(0xA, b"relayd")
+    chunk = unit * (2**20 // len(unit))
+    total = 50 * 2**20
+    async with gateway_process(config) as gateway:
+        sock = socket.create_connection(("127.0.0.1", gateway.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        _, writer = await raw_console(
+            gateway.port, client_ssl, token("rita"), query="mode=spectate", sock=sock
+        )
+        baseline = gateway.peak_rss()
+        sent = 0
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            async with asyncio.timeout(TIMEOUT * 6):
+                while sent < total:
+                    writer.write(chunk)
+                    await writer.drain()  # blocks once the gateway stops reading us
+                    sent += len(chunk)
+        grown = gateway.peak_rss() - baseline
+        writer.close()
+    assert grown < 8 * 2**20, f"the gateway grew by {grown} bytes for {sent} bytes of pings"

@@ -14,6 +14,9 @@ from hypothesis.stateful import (
     rule,
 )
 
+from relayd.auth import Principal
+from relayd.config import LimitsConfig, VmConfig
+from relayd.hub import ConsoleHub
 from relayd.lease import (
     Decision,
     Demoted,
@@ -227,3 +230,55 @@ class LeaseMachine(RuleBasedStateMachine):
 
 LeaseMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 test_lease_state_machine_keeps_single_writer_invariants = LeaseMachine.TestCase
+
+
+class RecordingClient:
+    """A `HubClient` that records what the hub did to it; it may refuse to take a role."""
+
+    def __init__(self, session_id: str, name: str, *, refuse: str | None = None) -> None:
+        self.session_id = session_id
+        self.principal = Principal(f"user:{name}")
+        self.role = ""
+        self.texts: list[str] = []
+        self.closed: tuple[int, str] | None = None
+        self._refuse = refuse
+
+    def deliver(self, offset: int, data: bytes, frame: bytes) -> None:
+        """Output is not looked at here."""
+
+    def send_text(self, text: str) -> None:
+        self.texts.append(text)
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def set_role(self, role: str) -> None:
+        if role == self._refuse:
+            raise RuntimeError(f"{self.session_id} cannot become {role}")
+        self.role = role
+
+    def pause_input(self) -> None:
+        """Input pacing is not looked at here."""
+
+    def resume_input(self) -> None:
+        """Input pacing is not looked at here."""
+
+
+@pytest.mark.parametrize("policy", ["evict", "demote"])
+def test_hub_attach_that_fails_leaves_the_old_writer_writing(policy: TakeoverPolicy) -> None:
+    """All or nothing: a newcomer whose attach raises changes no lease, role, table or client."""
+    vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1", takeover=policy)
+    hub = ConsoleHub(vm, LimitsConfig())
+    writer = RecordingClient("a", "alice")
+    watcher = RecordingClient("w", "rita")
+    hub.attach(writer, writer=True)
+    hub.attach(watcher, writer=False)
+    watcher.texts.clear()
+    newcomer = RecordingClient("b", "bob", refuse="writer")
+    with pytest.raises(RuntimeError):
+        hub.attach(newcomer, writer=True)
+    assert hub.lease.holder == "a"
+    assert set(hub.clients) == {"a", "w"}
+    assert (writer.role, writer.texts, writer.closed) == ("writer", [], None)
+    assert watcher.texts == []
+    assert hub.stats.takeovers == 0

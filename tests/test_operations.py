@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 
 from relayd import native
+from relayd.hub import log_identity
 
 from .conftest import TIMEOUT, FarEnd, running, wait_hub, wait_port_up
 
@@ -156,8 +157,13 @@ async def test_reload_with_an_unusable_console_log_fails_the_reload_not_the_daem
     config = write_config(vms=[{"id": "vm-a", "serial": serial}])
     async with running(config) as gw:
         await wait_port_up(gw, "vm-a")
-        (config.gateway.state_dir / "consolelog" / "vm-new").write_text("not a directory")
-        write_config(vms=[{"id": "vm-a", "serial": serial}, {"id": "vm-new", "serial": serial}])
+        new = write_config(
+            vms=[{"id": "vm-a", "serial": serial}, {"id": "vm-new", "serial": serial}]
+        )
+        new_vm = new.vm("vm-new")
+        assert new_vm is not None
+        name = log_identity(new_vm).directory_name()
+        (config.gateway.state_dir / "consolelog" / name).write_text("not a directory")
         with capture_logs() as events:
             assert not await gw.reload()
         failed = [e for e in events if e["event"] == "config_reload_failed"]
