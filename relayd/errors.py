@@ -8,7 +8,8 @@ RelaydError
 │   ├── NotFoundError     404 / close 4004 (unknown VM or route)
 │   ├── ConflictError     409 (takeover policy `deny` and a writer exists)
 │   ├── RateLimitedError  429 / close 4029
-│   └── BadMessageError   a malformed control message: `bad_message`, session continues
+│   ├── BadMessageError   a malformed control message: `bad_message`, session continues
+│   └── StateWriteError   500: a change could not be persisted (disk full); it was not applied
 ├── PortUnavailableError  a serial backend could not be opened or went away
 └── HookError             an operator-configured command (break/nmi/reset) failed
 """
@@ -94,6 +95,18 @@ class BadMessageError(PeerError):
     """A control message that does not parse or is not known."""
 
     code = "bad_message"
+
+
+class StateWriteError(PeerError):
+    """A change asked for could not be saved in the state directory, so it was not made.
+
+    Not the peer's fault, but it ends that peer's request with a status and a
+    JSON body like the errors above (500, `state_write_failed`).
+    """
+
+    http_status = 500
+    close_code = 1011
+    code = "state_write_failed"
 
 
 class PortUnavailableError(RelaydError):
