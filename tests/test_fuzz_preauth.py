@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import socket
 import ssl
+import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from structlog.testing import capture_logs
 from relayd.app import Gateway
 from relayd.config import Config
 
-from .conftest import TIMEOUT
+from .conftest import TIMEOUT, FarEnd, raw_console, running
 
 TRUSTED = "127.0.0.1"  # the gateway's trusted proxy: it must send a PROXY header
 
@@ -170,3 +173,35 @@ async def _close_behind_a_request(port: int, ctx: ssl.SSLContext) -> None:
         await _drain_until_closed(sock)
     finally:
         sock.close()
+
+
+async def test_a_session_closed_after_a_sweep_is_freed_before_the_next(
+    write_config: Callable[..., Config],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    token: Callable[..., str],
+) -> None:
+    """The sweeper, sleeping between rounds, held the last session it swept (and its buffers)."""
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        limits={"keepalive_interval": "1s"},  # a round a second; the first ping within it
+    )
+    async with running(config) as gw:
+        reader, writer = await raw_console(gw, client_ssl, token("alice"))
+        (session,) = gw.sessions.values()
+        swept = weakref.ref(session)
+        del session
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # a ping: the sweeper has just been through this session
+                head = await reader.readexactly(2)
+                size = head[1] & 0x7F
+                if size == 126:
+                    size = struct.unpack("!H", await reader.readexactly(2))[0]
+                await reader.readexactly(size)
+                if head[0] & 0x0F == 0x9:
+                    break
+        writer.close()
+        async with asyncio.timeout(TIMEOUT):
+            await gw._until(lambda: not gw.sessions and not gw.connections)
+        gc.collect()
+        assert swept() is None, "a closed session outlived its connection"
