@@ -531,16 +531,24 @@ class Gateway:
         next_housekeeping = loop.time() + limits.keepalive_interval
         while True:
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            for i, session in enumerate(list(self.sessions.values()), 1):
-                session.sweep(now)
-                if i % SWEEP_BATCH == 0:
-                    await asyncio.sleep(0)
+            await self._sweep_sessions(time.monotonic())
             if loop.time() >= next_housekeeping:
                 next_housekeeping = loop.time() + limits.keepalive_interval
                 if self.notifier.enabled:
                     self.notifier.notify(f"STATUS={self.status_line()}")
                 self.access.prune(time.monotonic())
+
+    async def _sweep_sessions(self, now: float) -> None:
+        """One round over the sessions, yielding every `SWEEP_BATCH`.
+
+        Its own coroutine so that its locals end with it: the sweeper sleeping between
+        rounds must not keep the last session it swept (closed since, with its TLS
+        buffers) alive until the next round.
+        """
+        for i, session in enumerate(list(self.sessions.values()), 1):
+            session.sweep(now)
+            if i % SWEEP_BATCH == 0:
+                await asyncio.sleep(0)
 
 
 def run_forever(config: Config, *, on_ready: Callable[[Gateway], None] | None = None) -> int:

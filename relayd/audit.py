@@ -23,6 +23,7 @@ EVENTS = frozenset(
         "break_sent",
         "sysrq_sent",
         "hook_run",
+        "hook_finished",
         "console_switched",
         "vms_listed",
         "console_log_read",

@@ -22,6 +22,9 @@ import jwt
 
 from .config import AuthConfig
 from .errors import AuthError, ConfigError
+from .log import get_logger
+
+log = get_logger("relayd.auth")
 
 _ASYMMETRIC = ("ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA")
 MAX_TOKEN_BYTES = 8192
@@ -74,6 +77,14 @@ class Authenticator:
         self._secret = _read_secret(cfg.hs256_secret_file) if cfg.hs256_secret_file else None
         self._jwks = _read_jwks(cfg.jwks_file) if cfg.jwks_file else None
         self._cache: dict[bytes, tuple[Principal, float]] = {}
+        if cfg.allow_dev_tokens:
+            # At every start and reload: an opt-in made for a test must not go unnoticed.
+            log.warning(
+                "dev_tokens_allowed",
+                hs256_secret_file=str(cfg.hs256_secret_file),
+                jwks_file=str(cfg.jwks_file),
+                message="anyone holding the HS256 development secret can mint tokens",
+            )
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal named by an `Authorization: Bearer` header value.
@@ -151,6 +162,9 @@ class Authenticator:
             raise AuthError(f"token lacks the {exc.claim} claim", code="malformed_token") from None
         except jwt.InvalidTokenError:
             raise AuthError("token is invalid", code="invalid_token") from None
+        if claims.get("iss") != self._cfg.issuer:
+            # PyJWT checks this too, but 2.10.0 matched a substring of the issuer: never again.
+            raise AuthError("token is from another issuer", code="invalid_issuer")
         try:
             expires = float(claims["exp"])
         except (TypeError, ValueError, OverflowError):  # PyJWT accepted it; a float cannot hold it

@@ -17,6 +17,11 @@ from .config import Config, load_config, parse_duration
 from .errors import ConfigError, RelaydError
 from .log import configure_logging
 
+DEV_TOKENS_WARNING = (
+    "auth.allow_dev_tokens = true: HS256 tokens from the development secret are accepted "
+    "(anyone holding that file can mint a token for any principal); not for production"
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relayd", description="Serial-console gateway.")
@@ -78,6 +83,8 @@ def _explain(cfg: Config) -> str:
         f"  {len(cfg.subscriptions)} subscription(s), {len(cfg.vms)} vm(s), "
         f"{len(cfg.role_assignments)} role assignment(s)",
     ]
+    if cfg.auth.allow_dev_tokens:
+        lines.insert(3, f"  WARNING: {DEV_TOKENS_WARNING}")
     for vm in cfg.vms:
         lines.append(
             f"  vm {vm.id}: {vm.serial} at {vm.baud} baud (input {vm.input_rate} B/s), "
@@ -93,8 +100,12 @@ def _check_config(path: Path) -> int:
     from .auth import Authenticator
     from .tls import server_context
 
+    # The daemon's own start-up log lines would repeat the warnings below on stdout.
+    configure_logging("error", stream=sys.stderr)
     server_context(cfg.tls)
     Authenticator(cfg.auth)
+    if cfg.auth.allow_dev_tokens:
+        print(f"relayd: warning: {cfg.path}: {DEV_TOKENS_WARNING}", file=sys.stderr)
     print(_explain(cfg))
     return 0
 

@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -218,18 +219,53 @@ class TlsConfig(_Model):
     client_ca: Path | None = None
 
 
+# Clock skew tolerated on `exp`/`nbf`: more keeps an expired (or revoked) token usable.
+MAX_LEEWAY_SECONDS = 300.0
+
+
 class AuthConfig(_Model):
-    """`[auth]`: which tokens are accepted."""
+    """`[auth]`: which tokens are accepted.
+
+    The HS256 secret is a development key: anyone who reads it (a laptop, a CI
+    log) mints tokens for any principal. Beside a production JWKS it would be a
+    second, weaker way in, so both at once need `allow_dev_tokens = true`.
+    """
 
     issuer: str
     audience: str
     jwks_file: Path | None = None
+    # Declared before hs256_secret_file: its validator reads both (pydantic's field order).
+    allow_dev_tokens: bool = False
     hs256_secret_file: Path | None = None
     require_mfa: bool = False
     leeway: PositiveDuration = 60.0
     # Like Teleport's disconnect_expired_cert: a session ends (4003) when the token or
     # client certificate that opened it expires. Off: a session outlives its credentials.
     disconnect_expired: bool = False
+
+    @field_validator("hs256_secret_file")
+    @classmethod
+    def _no_dev_secret_beside_jwks(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (
+            value is not None
+            and info.data.get("jwks_file") is not None
+            and not info.data.get("allow_dev_tokens")
+        ):
+            raise ValueError(
+                "the HS256 development secret is refused beside a production jwks_file "
+                "(anyone holding it can mint tokens); remove it, or set "
+                "allow_dev_tokens = true to accept both on purpose"
+            )
+        return value
+
+    @field_validator("leeway")
+    @classmethod
+    def _bounded_leeway(cls, value: float) -> float:
+        if value > MAX_LEEWAY_SECONDS:
+            raise ValueError(
+                f"leeway {value:g}s exceeds the maximum of {MAX_LEEWAY_SECONDS:g}s (5 minutes)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuthConfig:

@@ -248,7 +248,7 @@ class HttpConnection(asyncio.Protocol):
             elif isinstance(event, h11.EndOfMessage):
                 self._dispatch()
             elif isinstance(event, h11.ConnectionClosed):
-                self.transport.close()
+                self._close()
                 return
 
     def _dispatch(self) -> None:
@@ -322,20 +322,28 @@ class HttpConnection(asyncio.Protocol):
                 self._h11, response, head_only=head_only, defaults=DEFAULT_HEADERS
             )
         except h11.LocalProtocolError:
-            self.transport.close()
+            self._close()
             return
         self.transport.write(out)
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()  # _process's loop goes on with a pipelined request
             self._arm_deadline()
         else:
-            self.transport.close()
+            self._close()
 
     def _send_raw_error(self, status: int, code: str, message: str) -> None:
         """An error when h11 cannot frame a response (the request itself was broken)."""
         assert self.transport is not None
+        if self.transport.is_closing():
+            return
         self.transport.write(raw_error(status, code, message))
-        self.transport.close()
+        self._close()
+
+    def _close(self) -> None:
+        """Close once. asyncio's TLS transport forgets its protocol on a second close(), and
+        every later call on it raises: the listener's own, in debug mode, took it down."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     # -- the console upgrade ------------------------------------------------------------
 

@@ -11,7 +11,8 @@ RelaydError
 │   ├── ConflictError        409 (takeover policy `deny` and a writer exists)
 │   ├── RateLimitedError     429 / close 4029, with `Retry-After`
 │   ├── ServiceUnavailableError 503 (the gateway is draining)
-│   └── BadMessageError      a malformed control message: `bad_message`, session continues
+│   ├── BadMessageError      a malformed control message: `bad_message`, session continues
+│   └── StateWriteError      500: a change could not be persisted (disk full); it was not applied
 ├── ProxyProtocolError       the bytes before TLS are not a valid PROXY header (counted, closed)
 ├── ConsoleLogError          the console log could not be written, read or opened
 ├── PortUnavailableError     a serial backend could not be opened or went away
@@ -149,6 +150,18 @@ class ProxyProtocolError(RelaydError):
 
 class ConsoleLogError(RelaydError):
     """The console log could not be written, read or opened; the caller decides what next."""
+
+
+class StateWriteError(PeerError):
+    """A change asked for could not be saved in the state directory, so it was not made.
+
+    Not the peer's fault, but it ends that peer's request with a status and a
+    JSON body like the errors above (500, `state_write_failed`).
+    """
+
+    http_status = 500
+    close_code = 1011
+    code = "state_write_failed"
 
 
 class PortUnavailableError(RelaydError):

@@ -86,10 +86,14 @@ class HubClient(Protocol):
 
 @dataclass(frozen=True)
 class QueuedHook:
-    """An owner's NMI or reset: run the configured command, report its exit status."""
+    """An owner's NMI or reset: run the configured command, report its outcome to who asked."""
 
     name: str
     argv: tuple[str, ...]
+    session_id: str  # the session that asked, and the fields of its audit event
+    principal: str
+    peer: str
+    region: str
 
 
 def log_identity(vm: VmConfig) -> LogIdentity:
@@ -208,13 +212,45 @@ class ConsoleHub:
             self._resume_paused()
 
     def break_failed(self, message: str) -> None:
-        """A BREAK could not be sent: clients are told, the session goes on."""
-        log.warning("break_failed", vm=self.vm.id, error=message)
-        self.broadcast(control.encode_notice("break_failed", message=message))
+        """A BREAK could not be sent: the writer, who sent it, is told why; the session goes on.
 
-    def hook_done(self, hook: str, **outcome: object) -> None:
-        """Report an NMI/reset command's outcome (`ok`, then `status` or `message`) to clients."""
-        self.broadcast(control.encode_notice("hook_result", hook=hook, **outcome))
+        The message may quote `break_command`'s stderr, which is for who asked, not for
+        every spectator (only the writer's BREAKs are queued, and a new writer's drop
+        the old one's).
+        """
+        log.warning("break_failed", vm=self.vm.id, error=message)
+        writer = self.clients.get(self.lease.holder) if self.lease.holder is not None else None
+        if writer is not None:
+            writer.send_text(control.encode_notice("break_failed", message=message))
+
+    def hook_done(
+        self, hook: QueuedHook, *, ok: bool, status: int | None = None, message: str = ""
+    ) -> None:
+        """Report an NMI/reset outcome: whole to the session that asked and the audit log.
+
+        A failure's message quotes the command's stderr (hypervisor hosts, paths, what an
+        operator's script prints for operators): every other session, readers included,
+        learns only that the hook ran and who ran it.
+        """
+        result: dict[str, object] = {"status": status} if ok else {"message": message}
+        audit(
+            "hook_finished",
+            hook=hook.name,
+            ok=ok,
+            session_id=hook.session_id,
+            vm=self.vm.id,
+            principal=hook.principal,
+            peer=hook.peer,
+            region=hook.region,
+            **({"status": status} if ok else {"error": message}),
+        )
+        asker = self.clients.get(hook.session_id)
+        if asker is not None:  # gone meanwhile: the audit event is its only record
+            asker.send_text(control.encode_notice("hook_result", hook=hook.name, ok=ok, **result))
+        ran = control.encode_notice("hook_ran", hook=hook.name, by=hook.principal)
+        for client in list(self.clients.values()):
+            if client is not asker:
+                client.send_text(ran)
 
     def _set_port_state(self, up: bool) -> None:
         self.port_up = up
@@ -424,14 +460,23 @@ class ConsoleHub:
         self.input_ready.set()
         return True
 
-    def submit_hook(self, name: str) -> str | None:
-        """Queue `nmi_command`/`reset_command`; else why not: `unsupported` or `busy`."""
+    def submit_hook(self, name: str, client: HubClient) -> str | None:
+        """Queue `nmi_command`/`reset_command` for `client`; else why not: `unsupported`, `busy`."""
         argv = self.vm.nmi_command if name == "nmi" else self.vm.reset_command
         if argv is None:
             return "unsupported"
         if len(self.hook_queue) >= MAX_QUEUED_HOOKS:
             return "busy"
-        self.hook_queue.append(QueuedHook(f"{name}_command", argv))
+        self.hook_queue.append(
+            QueuedHook(
+                f"{name}_command",
+                argv,
+                client.session_id,
+                client.principal.id,
+                client.peer,
+                client.region,
+            )
+        )
         self.hooks_ready.set()
         return None
 

@@ -144,9 +144,9 @@ async def _run_hook(hub: ConsoleHub, hook: QueuedHook) -> None:
     try:
         status = await run_hook(hook.argv, vm=hub.vm.id, what=hook.name)
     except HookError as exc:
-        hub.hook_done(hook.name, ok=False, message=str(exc))
+        hub.hook_done(hook, ok=False, message=str(exc))
         return
-    hub.hook_done(hook.name, ok=True, status=status)
+    hub.hook_done(hook, ok=True, status=status)
 
 
 async def _write_or_stall(hub: ConsoleHub, link: SerialLink, data: bytes) -> None:

@@ -198,6 +198,12 @@ class Listener:
             self.handshake_failures[reason] += 1
             log.info("handshake_failed", peer=peer, reason=reason)
             conn.close()
+        except Exception:
+            # A bug, not the peer: this connection ends; the listener (a task group of every
+            # handshake) must not end with it, or one client would stop the gateway.
+            self.handshake_failures["internal_error"] += 1
+            log.exception("handshake_crashed", peer=peer)
+            conn.close()
         finally:
             self.slots.leave(key)
 

@@ -554,7 +554,7 @@ class ConsoleSession:
         if not self.hub.port_up:
             self._error("port_down", f"the serial port is down; {name} was not run")
             return
-        refused = self.hub.submit_hook(name)
+        refused = self.hub.submit_hook(name, self)
         if refused == "unsupported":
             self._error("unsupported", f"no {name}_command is configured for this vm")
             return

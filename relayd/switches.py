@@ -4,10 +4,12 @@ The config says what is enabled by default; `PUT .../serial-console` records
 an override per subscription, per scale set or per VM. A console is enabled
 only when every level above it is. A scale set is keyed by subscription,
 resource group and name (`scale_set_key`): the same name in two resource
-groups is two scale sets with two owners. The file is replaced atomically (write,
-fsync, rename, fsync the directory), so a crash leaves the old or the new
-state, never half of one; a file that cannot be parsed stops the daemon at
-start rather than silently re-enabling consoles someone turned off.
+groups is two scale sets with two owners. A change is written before it is
+applied, and the file is replaced atomically (write, fsync, rename, fsync the
+directory), so a crash leaves the old or the new state, never half of one,
+and a write that fails (disk full) changes nothing and is answered 500; a
+file that cannot be parsed stops the daemon at start rather than silently
+re-enabling consoles someone turned off.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, StateWriteError
 from .log import get_logger
 
 log = get_logger("relayd.switches")
@@ -38,6 +40,7 @@ class ConsoleSwitches:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / FILENAME
+        self.temp_path = self.path.with_suffix(".tmp")
         self._state: dict[str, dict[str, bool]] = {level: {} for level in LEVELS}
 
     def load(self) -> None:
@@ -66,9 +69,23 @@ class ConsoleSwitches:
         return self._state[level].get(key)
 
     def set(self, level: Level, key: str, enabled: bool) -> None:
-        """Record an override and persist it before returning."""
-        self._state[level][key] = enabled
-        self._save()
+        """Persist an override, then apply it: what the API answers is what a restart reads.
+
+        Raises:
+            StateWriteError: the file could not be written (disk full, read-only);
+                nothing changed, in memory or on disk.
+        """
+        state = {name: dict(overrides) for name, overrides in self._state.items()}
+        state[level][key] = enabled
+        try:
+            self._write(json.dumps(state, indent=1, sort_keys=True).encode() + b"\n")
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            log.error("state_write_failed", path=str(self.path), error=reason)
+            raise StateWriteError(
+                f"the console switch could not be saved ({reason}); the console was not changed"
+            ) from None
+        self._state = state
 
     def adopt_legacy_scale_sets(self, scale_sets: Iterable[tuple[str, str, str]]) -> None:
         """Rewrite scale-set keys of the old form `sub/name` for the configured scale sets.
@@ -113,24 +130,38 @@ class ConsoleSwitches:
                 log.warning("legacy_switch_adopted", key=key, enabled=False, scale_sets=targets)
         if changed:
             try:
-                self._save()
+                self._write(json.dumps(self._state, indent=1, sort_keys=True).encode() + b"\n")
             except OSError as exc:
                 log.warning("legacy_switch_not_saved", path=str(self.path), error=str(exc))
 
-    def _save(self) -> None:
-        """Replace the file atomically with the current state."""
+    def _write(self, data: bytes) -> None:
+        """Replace the file atomically: temp file, fsync, rename (the commit), fsync the directory.
+
+        Raises:
+            OSError: the new file is not in place; the old one is untouched.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        data = json.dumps(self._state, indent=1, sort_keys=True).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                view = memoryview(data)
+                while view:  # os.write may write less than asked
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.temp_path, self.path)
+        except OSError:
+            # A half-written temp file holds space on a full disk and is never read.
+            self.temp_path.unlink(missing_ok=True)
+            raise
+        # Renamed: the new state is what the file says and what a restart reads. A failed
+        # directory fsync only leaves a power cut able to undo it; the change stands.
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            log.error("state_fsync_failed", path=str(self.path.parent), error=exc.strerror)

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from structlog.testing import capture_logs
 
 from relayd.auth import MAX_TOKEN_BYTES, Authenticator, Principal, issue_token, read_secret_file
 from relayd.config import AuthConfig, RoleAssignment, VmConfig, parse_config
@@ -85,6 +87,7 @@ def any_auth(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Authentica
             audience=AUDIENCE,
             hs256_secret_file=directory / "dev.key",
             jwks_file=directory / "jwks.json",
+            allow_dev_tokens=True,
         )
     )
 
@@ -181,10 +184,14 @@ def test_verify_es256_without_kid_uses_key_of_that_algorithm(
 def test_verify_both_sources_configured_accepts_both_kinds(
     secret_file: Path, jwks_file: Path, keys: Keys
 ) -> None:
-    """With a secret and a JWKS, HS256 and ES256 tokens are both accepted."""
+    """With a secret, a JWKS and allow_dev_tokens, HS256 and ES256 tokens are both accepted."""
     auth = Authenticator(
         AuthConfig(
-            issuer=ISSUER, audience=AUDIENCE, hs256_secret_file=secret_file, jwks_file=jwks_file
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            hs256_secret_file=secret_file,
+            jwks_file=jwks_file,
+            allow_dev_tokens=True,
         )
     )
     assert auth.verify(hs_token()).id == "user:alice"
@@ -703,3 +710,59 @@ def test_authenticate_refuses_non_ascii_around_the_token(hs_auth: Authenticator)
         hs_auth.authenticate(f"Bearer {hs_token()}\xa0")
     assert info.value.code == "malformed_token"
     assert hs_auth.authenticate(f"Bearer {hs_token()} ").id == "user:alice"
+
+
+# --- development tokens, leeway and the PyJWT floor (issue 15, item 9) -------------------
+
+
+def test_auth_config_secret_beside_jwks_without_opt_in_is_refused(
+    secret_file: Path, jwks_file: Path
+) -> None:
+    """Built directly too, an AuthConfig with both key sources needs allow_dev_tokens."""
+    with pytest.raises(ValueError, match="allow_dev_tokens"):
+        AuthConfig(
+            issuer=ISSUER, audience=AUDIENCE, hs256_secret_file=secret_file, jwks_file=jwks_file
+        )
+
+
+def test_authenticator_with_dev_tokens_allowed_logs_a_warning(
+    secret_file: Path, jwks_file: Path
+) -> None:
+    """Starting (or reloading) with allow_dev_tokens logs `dev_tokens_allowed` at warning."""
+    cfg = AuthConfig(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        hs256_secret_file=secret_file,
+        jwks_file=jwks_file,
+        allow_dev_tokens=True,
+    )
+    with capture_logs() as events:
+        Authenticator(cfg)
+    warned = [e for e in events if e["event"] == "dev_tokens_allowed"]
+    assert len(warned) == 1
+    assert warned[0]["log_level"] == "warning"
+    assert warned[0]["hs256_secret_file"] == str(secret_file)
+
+
+def test_authenticator_without_dev_tokens_logs_no_warning(hs_auth: Authenticator) -> None:
+    """A secret alone (the demo) or a JWKS alone starts without the warning."""
+    with capture_logs() as events:
+        Authenticator(hs_auth._cfg)
+    assert not [e for e in events if e["event"] == "dev_tokens_allowed"]
+
+
+def test_verify_issuer_that_is_a_substring_of_ours_raises_invalid_issuer(
+    hs_auth: Authenticator,
+) -> None:
+    """`iss` must equal the configured issuer: a prefix of it is another issuer (PyJWT 2.10.0)."""
+    assert auth_code(hs_auth, hs_token(iss=ISSUER[:20])) == "invalid_issuer"
+    assert auth_code(hs_auth, hs_token(iss="login")) == "invalid_issuer"
+
+
+def test_setup_cfg_requires_pyjwt_2_10_1_or_later() -> None:
+    """PyJWT 2.10.0 matched `iss` by substring; the dependency floor excludes it."""
+    setup_cfg = Path(__file__).resolve().parent.parent / "setup.cfg"
+    match = re.search(r"^\s*PyJWT(?:\[[^\]]*\])?\s*>=\s*([\d.]+)", setup_cfg.read_text(), re.M)
+    assert match is not None, "setup.cfg does not require PyJWT with a floor"
+    floor = tuple(int(part) for part in match.group(1).split("."))
+    assert floor >= (2, 10, 1), f"PyJWT floor {match.group(1)} admits 2.10.0"

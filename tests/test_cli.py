@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -237,3 +239,45 @@ async def test_token_issue_mints_a_token_the_gateway_accepts(
     ):
         hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
         assert hello["role"] == "writer"
+
+
+def _jwks_file(directory: Path) -> Path:
+    """A production-style JWKS (one EC P-256 public key) on disk."""
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    jwk = {**ECAlgorithm.to_jwk(key, as_dict=True), "kid": "ec-1", "alg": "ES256"}
+    path = directory / "jwks.json"
+    path.write_text(json.dumps({"keys": [jwk]}))
+    return path
+
+
+async def test_check_config_with_dev_tokens_allowed_warns(
+    write_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    """check-config accepts allow_dev_tokens but says, on stderr and in the explanation, why not."""
+    config = write_config(vms=[{"id": "vm-a", "serial": "tcp://127.0.0.1:7001"}])
+    jwks = _jwks_file(tmp_path)
+    text = config.path.read_text().replace(
+        "[auth]\n", f"[auth]\njwks_file = {json.dumps(str(jwks))}\nallow_dev_tokens = true\n"
+    )
+    config.path.write_text(text)
+    code, out, err = await _run("check-config", str(config.path))
+    assert code == 0, err
+    assert "warning" in err
+    assert "allow_dev_tokens" in err
+    assert "allow_dev_tokens" in out
+
+
+async def test_check_config_secret_beside_jwks_is_refused(
+    write_config: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Without the opt-in, the dev secret beside a JWKS is a config error naming the key."""
+    config = write_config(vms=[{"id": "vm-a", "serial": "tcp://127.0.0.1:7001"}])
+    jwks = _jwks_file(tmp_path)
+    text = config.path.read_text().replace(
+        "[auth]\n", f"[auth]\njwks_file = {json.dumps(str(jwks))}\n"
+    )
+    config.path.write_text(text)
+    code, _, err = await _run("check-config", str(config.path))
+    assert code == 2
+    assert str(config.path) in err
+    assert "auth.hs256_secret_file" in err

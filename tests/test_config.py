@@ -721,3 +721,62 @@ def test_load_config_huge_integer_duration_raises_config_error(tmp_path: Path) -
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.key == "limits.idle_timeout"
+
+
+# --- development tokens and leeway (issue 15, item 9) ------------------------------------
+
+JWKS_BESIDE_SECRET = 'hs256_secret_file = "dev.key"\njwks_file = "jwks.json"'
+
+
+def test_load_config_dev_secret_beside_jwks_raises_config_error_naming_key(
+    tmp_path: Path,
+) -> None:
+    """The HS256 development secret next to a production JWKS is refused by default."""
+    path = write(tmp_path, edited('hs256_secret_file = "dev.key"', JWKS_BESIDE_SECRET))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.path == str(path.resolve())
+    assert info.value.key == "auth.hs256_secret_file"
+    assert "allow_dev_tokens" in info.value.message
+
+
+def test_load_config_dev_secret_beside_jwks_with_allow_dev_tokens_loads(tmp_path: Path) -> None:
+    """`allow_dev_tokens = true` is the explicit opt-in to both key sources at once."""
+    text = edited('hs256_secret_file = "dev.key"', JWKS_BESIDE_SECRET + "\nallow_dev_tokens = true")
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.auth.allow_dev_tokens is True
+    assert cfg.auth.jwks_file is not None
+    assert cfg.auth.hs256_secret_file is not None
+
+
+def test_load_config_dev_secret_alone_needs_no_opt_in(tmp_path: Path) -> None:
+    """A development config with only the HS256 secret loads as before (the demo's)."""
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.auth.allow_dev_tokens is False
+    assert cfg.auth.hs256_secret_file is not None
+
+
+@pytest.mark.parametrize("leeway", ['"5m"', "300", '"90s"', '"0.5s"'])
+def test_load_config_leeway_up_to_five_minutes_loads(tmp_path: Path, leeway: str) -> None:
+    """A clock-skew allowance up to 300 s is accepted."""
+    text = edited(
+        'hs256_secret_file = "dev.key"', f'hs256_secret_file = "dev.key"\nleeway = {leeway}'
+    )
+    assert load_config(write(tmp_path, text)).auth.leeway <= 300
+
+
+@pytest.mark.parametrize(
+    ("leeway", "seconds"), [('"6m"', "360"), ("301", "301"), ('"1d"', "86400")]
+)
+def test_load_config_leeway_over_five_minutes_raises_config_error_with_numbers(
+    tmp_path: Path, leeway: str, seconds: str
+) -> None:
+    """A leeway above 5 minutes would keep expired tokens alive: refused, with the numbers."""
+    text = edited(
+        'hs256_secret_file = "dev.key"', f'hs256_secret_file = "dev.key"\nleeway = {leeway}'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.key == "auth.leeway"
+    assert seconds in info.value.message
+    assert "300" in info.value.message

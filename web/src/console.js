@@ -306,6 +306,9 @@ function onNotice(notice) {
     case 'hook_result':
       setStatus('st-gap', `${notice.hook}: ${notice.ok ? 'done' : `failed (${notice.message || notice.status})`}`);
       break;
+    case 'hook_ran':
+      setStatus('st-gap', `${notice.hook} was run by ${notice.by}`);
+      break;
     default:
       break;
   }
