@@ -39,6 +39,7 @@ SANS_IO = (
     "relayd.errors",
     "relayd.frames",
     "relayd.lease",
+    "relayd.principal",
     "relayd.proxy_protocol",
     "relayd.ratelimit",
     "relayd.ring",
@@ -94,8 +95,9 @@ class Edge:
 
 
 def _path(module: str) -> str:
-    """The file of a relayd module, relative to the repository."""
-    return str(MODULES[module].relative_to(PACKAGE_DIR.parent))
+    """The file of a relayd module, relative to the repository (the name, if not a file)."""
+    path = MODULES.get(module)
+    return module if path is None else str(path.relative_to(PACKAGE_DIR.parent))
 
 
 def _modules() -> dict[str, Path]:
