@@ -13,6 +13,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
+from relayd.keeper import BACKOFF_FIRST
+
 from .conftest import TIMEOUT, FarEnd
 from .hubclient import RecordingClient, keeping, make_hub
 from .logevents import LogWaiter
@@ -28,7 +30,7 @@ def closed_port() -> int:
 async def test_keeper_reconnects_with_doubling_backoff_when_far_end_returns(
     far_end: FarEnd,
 ) -> None:
-    """A lost port is retried at 0.1, 0.2, 0.4 s...; once back, output flows and backoff resets."""
+    """A lost port is retried after 0.1, 0.2, 0.4 s...; back, output flows and backoff resets."""
     hub = make_hub(f"tcp://127.0.0.1:{far_end.port}")
     rita = RecordingClient("s1", "user:rita")
     hub.attach(rita, writer=False)
@@ -39,7 +41,7 @@ async def test_keeper_reconnects_with_doubling_backoff_when_far_end_returns(
             await rita.notice("port_down")
             await logs.wait_for(lambda: len(logs.named("port_open_failed")) >= 3)
             retries = [e["retry_in"] for e in logs.named("port_open_failed")[:3]]
-            assert retries == [0.1, 0.2, 0.4]
+            assert retries == [BACKOFF_FIRST, 2 * BACKOFF_FIRST, 4 * BACKOFF_FIRST]
             assert hub.stats.port_errors >= 3
             assert str(far_end.port) in hub.stats.last_error
 
@@ -51,7 +53,7 @@ async def test_keeper_reconnects_with_doubling_backoff_when_far_end_returns(
 
             await far_end.stop()
             await logs.wait_for(lambda: len(logs.named("port_down")) == 2)
-            assert [e["retry_in"] for e in logs.named("port_down")] == [0.1, 0.1]
+            assert [e["retry_in"] for e in logs.named("port_down")] == [BACKOFF_FIRST] * 2
 
 
 async def test_keeper_unreachable_port_is_counted_and_first_attempt_set() -> None:
