@@ -87,6 +87,7 @@ class GatewayCluster:
             lease_ttl=cluster.lease_ttl,
             ring_bytes=min(limits.output_buffer_bytes, limits.console_log_bytes),
             log_bytes=limits.console_log_bytes,
+            backup=gateway.access.switches,
         )
 
     @property

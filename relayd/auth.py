@@ -14,7 +14,6 @@ import hashlib
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +22,13 @@ import jwt
 from .config import AuthConfig
 from .errors import AuthError, ConfigError
 from .log import get_logger
+from .principal import Principal as Principal  # re-exported: callers import it from here
 
 log = get_logger("relayd.auth")
 
 _ASYMMETRIC = ("ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA")
 MAX_TOKEN_BYTES = 8192
 CACHE_SIZE = 4096
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated caller and the names role assignments can refer to."""
-
-    id: str
-    groups: tuple[str, ...] = ()
-    amr: tuple[str, ...] = ()
-    # Wall-clock time after which the credentials are no longer accepted (token exp plus
-    # leeway, certificate notAfter); None: no expiry known. Not part of who it is.
-    expires: float | None = field(default=None, compare=False)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The principal itself and each of its groups, as assignment principals."""
-        return (self.id, *self.groups)
 
 
 def _read_secret(path: Path) -> bytes:

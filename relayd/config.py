@@ -13,8 +13,8 @@ from __future__ import annotations
 import codecs
 import ipaddress
 import math
+import platform
 import re
-import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,7 +448,7 @@ class ClusterConfig(_Model):
     """`[cluster]`: this gateway is one of several serving the region, coordinated in Redis."""
 
     redis: Annotated[str, BeforeValidator(_check_redis_url)] = Field(repr=False)  # password
-    gateway_id: str = Field(default_factory=lambda: socket.gethostname(), validate_default=True)
+    gateway_id: str = Field(default_factory=lambda: platform.node(), validate_default=True)
     advertise: ListenAddress
     peer_ca: Path
     lease_ttl: PositiveDuration = 3.0

@@ -87,6 +87,19 @@ class ConsoleSwitches:
             ) from None
         self._state = state
 
+    def snapshot(self) -> dict[str, dict[str, bool]]:
+        """Every override, per level (a copy)."""
+        return {level: dict(overrides) for level, overrides in self._state.items()}
+
+    def replace(self, state: dict[str, dict[str, bool]]) -> None:
+        """Keep `state` as the whole set of overrides (a cluster's local copy of the region's).
+
+        Raises:
+            OSError: the file could not be written; memory keeps the new state anyway.
+        """
+        self._state = {level: dict(state.get(level, {})) for level in LEVELS}
+        self._write(json.dumps(self._state, indent=1, sort_keys=True).encode() + b"\n")
+
     def adopt_legacy_scale_sets(self, scale_sets: Iterable[tuple[str, str, str]]) -> None:
         """Rewrite scale-set keys of the old form `sub/name` for the configured scale sets.
 

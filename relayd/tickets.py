@@ -12,8 +12,8 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from .auth import Principal
 from .errors import AuthError, RateLimitedError
+from .principal import Principal
 
 TICKET_TTL = 30.0
 MAX_OUTSTANDING = 10_000

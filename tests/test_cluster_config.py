@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import platform
 from pathlib import Path
 
 import pytest
@@ -65,7 +65,7 @@ def test_cluster_defaults_gateway_id_is_host_name_and_ttl_3s(tmp_path: Path) -> 
     """gateway_id defaults to the host name and lease_ttl to 3 seconds."""
     cfg = load_config(write(tmp_path, edited('gateway_id = "gw-1"\n', "")))
     assert cfg.cluster is not None
-    assert cfg.cluster.gateway_id == socket.gethostname()
+    assert cfg.cluster.gateway_id == platform.node()
     assert cfg.cluster.lease_ttl == 3.0
 
 
@@ -161,7 +161,7 @@ def test_cluster_bad_host_name_default_says_set_gateway_id(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A host name that is no safe token is refused with advice to set gateway_id."""
-    monkeypatch.setattr(socket, "gethostname", lambda: "bad host")
+    monkeypatch.setattr(platform, "node", lambda: "bad host")
     path = write(tmp_path, edited('gateway_id = "gw-1"\n', ""))
     with pytest.raises(ConfigError, match=r"cluster\.gateway_id: .*set gateway_id"):
         load_config(path)

@@ -43,7 +43,8 @@ async def read_exactly(sock: socket.socket, n: int) -> bytes:
     return out
 
 
-async def test_output_before_start_is_kept_and_unframed_once_started() -> None:
+async def test_link_protocol_output_before_start_is_kept_and_unframed_once_started() -> None:
+    """Output that comes before the consumer is set is handed over first, unframed."""
     async with linked() as (protocol, port):
         protocol.codec = TelnetCodec()
         # What the transport hands over before the hub starts reading the link.
@@ -55,7 +56,8 @@ async def test_output_before_start_is_kept_and_unframed_once_started() -> None:
         assert await read_exactly(port, 3) == bytes([IAC, DO, BINARY])
 
 
-async def test_typing_is_escaped_on_telnet_and_raw_commands_are_not() -> None:
+async def test_link_protocol_typing_is_escaped_on_telnet_and_raw_commands_are_not() -> None:
+    """write_now escapes 0xFF on telnet ports; write_raw sends commands as they are."""
     async with linked() as (protocol, port):
         protocol.codec = TelnetCodec()
         assert protocol.writable
@@ -64,7 +66,8 @@ async def test_typing_is_escaped_on_telnet_and_raw_commands_are_not() -> None:
         assert await read_exactly(port, 6) == b"a\xff\xffb" + bytes([IAC, BRK])
 
 
-async def test_a_closed_link_refuses_writes_and_wakes_a_drain() -> None:
+async def test_link_protocol_closed_link_refuses_writes_and_wakes_a_drain() -> None:
+    """A drain waits while paused and ends on resume; a lost link fails it and refuses writes."""
     async with linked() as (protocol, port):
         assert protocol.drain_waiter() is None
         protocol.pause_writing()
@@ -86,3 +89,22 @@ async def test_a_closed_link_refuses_writes_and_wakes_a_drain() -> None:
             protocol.drain_waiter()
         with pytest.raises(ConnectionResetError):
             protocol.write_now(b"late")
+
+
+async def test_link_protocol_link_lost_with_an_error_hands_it_to_the_waiter() -> None:
+    """A transport error ends `closed` with that error, for the hub to report it."""
+    async with linked() as (protocol, _):
+        error = OSError(5, "Input/output error")
+        protocol.connection_lost(error)
+        assert protocol.closed.exception() is error
+        protocol.connection_lost(None)  # a second report changes nothing
+        assert protocol.closed.exception() is error
+
+
+async def test_link_protocol_raw_port_hands_output_over_unchanged() -> None:
+    """Without a codec, every byte (0xFF included) goes to the consumer as it came."""
+    async with linked() as (protocol, _):
+        got: list[bytes] = []
+        protocol.set_consumer(got.append)
+        protocol.data_received(bytes([IAC, IAC, WILL]))
+        assert got == [bytes([IAC, IAC, WILL])]

@@ -30,7 +30,7 @@ from typing import Protocol
 from ..config import VmConfig
 from ..hub import ConsoleHub
 from ..log import get_logger
-from ..switches import Level
+from ..switches import LEVELS, ConsoleSwitches, Level
 from .ownership import Claim, Decision, Lease, Lost, Nothing, OwnershipPolicy, Release, Renew
 from .store import (
     ClusterStore,
@@ -156,8 +156,15 @@ class ClusterNode:
         lease_ttl: float,
         ring_bytes: int,
         log_bytes: int,
+        backup: ConsoleSwitches | None = None,
     ) -> None:
+        """Args:
+        backup: a local copy of the region's switch overrides (the state file), kept
+            up to date and written back to Redis if Redis comes back without them,
+            so a console an owner turned off never comes back on by itself.
+        """
         self.owner = owner
+        self.backup = backup
         self.store = store
         self.gateway_id = gateway_id
         self.advertise = advertise
@@ -199,8 +206,32 @@ class ClusterNode:
             ClusterUnavailableError: Redis did not answer.
         """
         switches = await self.store.all_switches()
-        self.switches = {level: dict(values) for level, values in switches.items()}
+        region: dict[str, dict[str, bool]] = {
+            level: dict(values) for level, values in switches.items()
+        }
+        known = self.switches if self.switches_loaded else self._backed_up()
+        if not any(region.values()) and any(known.values()):
+            # Redis lost its data (or was replaced) while overrides existed: put them back.
+            log.warning("cluster_switches_restored", count=sum(map(len, known.values())))
+            for level in LEVELS:
+                for key, enabled in known.get(level, {}).items():
+                    await self.store.set_switch(level, key, enabled)
+            region = {level: dict(values) for level, values in known.items()}
+        self.switches = region
         self.switches_loaded = True
+        self._back_up()
+
+    def _backed_up(self) -> dict[str, dict[str, bool]]:
+        return self.backup.snapshot() if self.backup is not None else {}
+
+    def _back_up(self) -> None:
+        """Keep the local copy of the overrides (best effort: Redis holds the truth)."""
+        if self.backup is None:
+            return
+        try:
+            self.backup.replace(self.switches)
+        except OSError as exc:
+            log.warning("cluster_switch_backup_failed", error=str(exc))
 
     async def set_switch(self, level: Level, key: str, enabled: bool) -> None:
         """Persist an override in Redis, announce it, and apply it here at once.
@@ -210,6 +241,7 @@ class ClusterNode:
         """
         await self.store.set_switch(level, key, enabled)
         self.switches.setdefault(level, {})[key] = enabled
+        self._back_up()
 
     # -- the tasks --------------------------------------------------------------------------
 
@@ -271,6 +303,7 @@ class ClusterNode:
             data_lost = self._dataset is not None and state.dataset != self._dataset
             if data_lost:
                 log.warning("cluster_redis_data_lost")
+                self._resync.set()  # the switch overrides are written back if they are gone
             self._dataset = state.dataset
             self._redis_answered(now)
             decisions = self.policy.decide(
@@ -425,6 +458,7 @@ class ClusterNode:
     def _on_switch(self, event: SwitchEvent) -> None:
         if isinstance(event, SwitchChange):
             self.switches.setdefault(event.level, {})[event.key] = event.enabled
+            self._back_up()
             self.owner.switches_changed()
         elif isinstance(event, SwitchesResync):
             self._resync.set()

@@ -15,6 +15,9 @@ from typing import Protocol
 from ..config import VmConfig
 from ..errors import PortUnavailableError
 from .protocol import LinkProtocol
+from .stream import open_tcp, open_unix
+from .telnet import open_telnet
+from .tty import open_tty
 
 
 class SerialLink(Protocol):
@@ -62,19 +65,11 @@ async def open_link(vm: VmConfig) -> SerialLink:
     url = vm.serial
     try:
         if url.kind == "tty":
-            from .tty import open_tty
-
             return await open_tty(url.target, baud=vm.baud, parity=vm.parity)
         if url.kind == "unix":
-            from .stream import open_unix
-
             return await open_unix(url.target)
         if url.kind == "telnet":
-            from .telnet import open_telnet
-
             return await open_telnet(url.target, url.port)
-        from .stream import open_tcp
-
         return await open_tcp(url.target, url.port)
     except OSError as exc:
         raise PortUnavailableError(f"{url}: {exc.strerror or exc}") from exc

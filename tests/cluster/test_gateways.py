@@ -24,6 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from relayd.app import Gateway
+from relayd.cluster.store import ClusterUnavailableError
 from relayd.config import Config, load_config
 
 from ..conftest import (
@@ -297,3 +298,40 @@ async def test_owner_stops_the_other_takes_over_and_a_client_resumes_by_offset(
             assert c.hello["offset"] >= offset
             await far_end.send(b"after failover\r\n")
             await c.expect(b"after failover")
+
+
+async def test_switches_survive_a_redis_restart_with_an_empty_dataset(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """A console turned off stays off when Redis comes back empty: the gateways write it back."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        serving(cluster_config("gw-1", far_end.port)) as g1,
+        serving(cluster_config("gw-2", far_end.port)) as g2,
+    ):
+        await until(lambda: all(g.cluster and g.cluster.owner_of("vm-a") for g in (g1, g2)), g1, g2)
+        status, _ = await api(
+            g1, "PUT", "/v1/vms/vm-a/serial-console", ctx, mint("olga"), b'{"enabled": false}'
+        )
+        assert status == 200
+        await redis_server.restart_empty()
+        assert g1.cluster is not None
+        store = g1.cluster.store
+
+        async def restored() -> bool:
+            try:
+                return (await store.all_switches())["vms"].get("vm-a") is False
+            except ClusterUnavailableError:  # Redis may still be coming back
+                return False
+
+        async with asyncio.timeout(TIMEOUT):
+            while not await restored():
+                await g1.cluster.node.next_round()
+        with pytest.raises(InvalidStatus) as refused:
+            async with console(g2, ctx, mint("alice")):
+                pass
+        assert refused.value.response.status_code == 403
