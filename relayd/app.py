@@ -35,7 +35,7 @@ from .cluster.store import ClusterStore, ClusterUnavailableError
 from .config import Config, VmConfig, load_config
 from .connection import ConsoleGrant, ForwardGrant, HttpConnection, client_cert_cn
 from .errors import ConfigError, ConsoleLogError, PeerError
-from .health import HealthConnection, make_registry
+from .health import ClusterHealth, HealthConnection, make_registry
 from .http import HttpResponse, Request
 from .hub import ConsoleHub
 from .keeper import keep_port
@@ -264,6 +264,23 @@ class Gateway:
                     control.CLOSE_DISABLED, f"serial console disabled for {level[:-1]} {key}"
                 )
         return closed
+
+    def cluster_health(self) -> ClusterHealth | None:
+        """The cluster member's state for /healthz and /metrics; None for a single gateway."""
+        if self.cluster is None:
+            return None
+        node = self.cluster.node
+        stats = node.stats
+        return ClusterHealth(
+            redis_up=node.redis_up,
+            owned_vms=len(node.held),
+            forwarded_sessions=sum(1 for conn in self.connections if conn.relaying),
+            round_seconds=stats.renew_seconds,
+            redis_errors=dict(stats.errors_by_call),
+            appended_bytes=stats.appended_bytes,
+            fenced_appends=stats.fenced_appends,
+            owner_changes=stats.owner_changes,
+        )
 
     def console_enabled(self, vm: VmConfig) -> bool:
         """Whether the VM's console is on at every level (see `AccessPolicy`)."""

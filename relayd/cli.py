@@ -107,7 +107,37 @@ def _check_config(path: Path) -> int:
     if cfg.auth.allow_dev_tokens:
         print(f"relayd: warning: {cfg.path}: {DEV_TOKENS_WARNING}", file=sys.stderr)
     print(_explain(cfg))
+    if cfg.cluster is not None:
+        print(asyncio.run(_check_cluster(cfg)))
     return 0
+
+
+async def _check_cluster(cfg: Config) -> str:
+    """Load the peer-link material and reach Redis, as the daemon would at start.
+
+    Raises:
+        ConfigError: a file does not load, or Redis does not answer (naming the key).
+    """
+    from .cluster.peerlink import PeerTrust, peer_client_context
+    from .cluster.store import ClusterStore, ClusterUnavailableError
+
+    cluster = cfg.cluster
+    assert cluster is not None
+    peer_client_context(cfg.tls.cert, cfg.tls.key, cluster.peer_ca)
+    PeerTrust.load(cluster.peer_ca, cfg.tls.client_ca)
+    store = ClusterStore.from_config(cfg)
+    try:
+        live = await store.live_gateways()
+    except ClusterUnavailableError as exc:
+        raise ConfigError(str(cfg.path), "cluster.redis", f"cannot reach Redis: {exc}") from None
+    finally:
+        await store.close()
+    others = ", ".join(sorted(gw for gw in live if gw != cluster.gateway_id)) or "none yet"
+    return (
+        f"cluster: gateway {cluster.gateway_id} advertised at {cluster.advertise}, "
+        f"lease {cluster.lease_ttl:g} s; Redis {cluster.redis_display} answers; "
+        f"other live gateways: {others}"
+    )
 
 
 def _issue(args: argparse.Namespace) -> int:

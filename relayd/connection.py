@@ -414,6 +414,11 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_deadline()
         self._relay = splice(transport, peer, client_data=bytes(leftover), on_done=self._relayed)
 
+    @property
+    def relaying(self) -> bool:
+        """Whether this connection is a session relayed to the VM's owner."""
+        return self._relay is not None
+
     def _relayed(self, relay: Splice) -> None:
         """Both ends of a relayed session are gone."""
         self._forget()

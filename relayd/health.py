@@ -12,6 +12,7 @@ import asyncio
 import datetime
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 import h11
@@ -48,6 +49,20 @@ class HandshakeCounts(Protocol):
         """Failed handshakes by reason."""
 
 
+@dataclass(frozen=True)
+class ClusterHealth:
+    """A cluster member's state, for /healthz and /metrics."""
+
+    redis_up: bool
+    owned_vms: int
+    forwarded_sessions: int
+    round_seconds: float  # the last ownership round's round trip to Redis
+    redis_errors: Mapping[str, int]  # failed calls, by kind
+    appended_bytes: int
+    fenced_appends: int
+    owner_changes: int
+
+
 class HealthSource(Protocol):
     """What the health listener needs of the gateway."""
 
@@ -77,6 +92,9 @@ class HealthSource(Protocol):
 
     def unready_reasons(self) -> list[str]:
         """Why /readyz is not 200 (empty when ready)."""
+
+    def cluster_health(self) -> ClusterHealth | None:
+        """The cluster member's state; None for a single gateway."""
 
 
 class GatewayCollector(Collector):
@@ -131,6 +149,9 @@ class GatewayCollector(Collector):
         for module, state in native.module_states().items():
             modules.add_metric([module, state], 1)
         yield modules
+        cluster = gw.cluster_health()
+        if cluster is not None:
+            yield from _cluster_metrics(cluster)
 
     def _per_vm(self) -> Iterator[Metric]:
         port_up = GaugeMetricFamily("relayd_port_up", "Serial port connected", labels=["vm"])
@@ -209,7 +230,7 @@ class HealthConnection(asyncio.Protocol):
                 Allow="GET, HEAD",
             )
         elif path == "/healthz":
-            response = HttpResponse.json(200, {"status": "ok"})
+            response = HttpResponse.json(200, _liveness(self.gateway.cluster_health()))
         elif path == "/readyz":
             reasons = self.gateway.unready_reasons()
             response = HttpResponse.json(
@@ -224,6 +245,51 @@ class HealthConnection(asyncio.Protocol):
         response.headers.append(("Connection", "close"))
         self.transport.write(encode_response(self._h11, response, head_only=method == b"HEAD"))
         self.transport.close()
+
+
+def _liveness(cluster: ClusterHealth | None) -> dict[str, object]:
+    """/healthz: the loop answers. A cluster member also says whether Redis does: still 200,
+    since every gateway shares an outage and restarting them all would end every session."""
+    if cluster is None:
+        return {"status": "ok"}
+    return {"status": "ok" if cluster.redis_up else "degraded", "redis": _up(cluster.redis_up)}
+
+
+def _up(flag: bool) -> str:
+    return "up" if flag else "down"
+
+
+def _cluster_metrics(cluster: ClusterHealth) -> Iterator[Metric]:
+    gauges = (
+        ("relayd_cluster_redis_up", "1 while this gateway's last Redis call succeeded",
+         float(cluster.redis_up)),
+        ("relayd_cluster_owned_vms", "VMs whose serial port this gateway owns", cluster.owned_vms),
+        ("relayd_cluster_forwarded_sessions", "Client sessions relayed to another gateway",
+         cluster.forwarded_sessions),
+        ("relayd_cluster_lease_round_seconds", "Round trip of the last ownership round",
+         cluster.round_seconds),
+    )  # fmt: skip
+    for name, doc, value in gauges:
+        family = GaugeMetricFamily(name, doc)
+        family.add_metric([], value)
+        yield family
+    counters = (
+        ("relayd_cluster_log_appended_bytes", "Console output stored in the shared log",
+         cluster.appended_bytes),
+        ("relayd_cluster_fenced_appends", "Appends refused: this gateway no longer owned the VM",
+         cluster.fenced_appends),
+        ("relayd_cluster_vms_claimed", "VMs this gateway took ownership of", cluster.owner_changes),
+    )  # fmt: skip
+    for name, doc, total in counters:
+        counter = CounterMetricFamily(name, doc)
+        counter.add_metric([], total)
+        yield counter
+    errors = CounterMetricFamily(
+        "relayd_cluster_redis_errors", "Redis calls that failed, by kind", labels=["call"]
+    )
+    for call, n in sorted(cluster.redis_errors.items()):
+        errors.add_metric([call], n)
+    yield errors
 
 
 def make_registry(gateway: HealthSource) -> CollectorRegistry:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,62 @@ async def test_switches_survive_a_redis_restart_with_an_empty_dataset(
             async with console(g2, ctx, mint("alice")):
                 pass
         assert refused.value.response.status_code == 403
+
+
+async def _health(gateway: Gateway, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.health_port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    async with asyncio.timeout(TIMEOUT):
+        data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_health_and_metrics_say_redis_is_down_and_readyz_stays_up(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """A Redis outage shows in /healthz and /metrics; /readyz stays 200; the port stays open."""
+    async with serving(cluster_config("gw-1", far_end.port)) as g1:
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        _, metrics = await _health(g1, "/metrics")
+        assert b"relayd_cluster_owned_vms 1.0" in metrics
+        assert b"relayd_cluster_redis_up 1.0" in metrics
+        assert json.loads((await _health(g1, "/healthz"))[1])["redis"] == "up"
+        await redis_server.stop()
+        assert g1.cluster is not None
+        await until(lambda: g1.cluster is not None and not g1.cluster.node.redis_up, g1)
+        status, body = await _health(g1, "/healthz")
+        assert (status, json.loads(body)) == (200, {"status": "degraded", "redis": "down"})
+        assert (await _health(g1, "/readyz"))[0] == 200
+        _, metrics = await _health(g1, "/metrics")
+        assert b"relayd_cluster_redis_up 0.0" in metrics
+        assert b'relayd_cluster_redis_errors_total{call="round"}' in metrics
+        assert "vm-a" in g1.hubs  # no VM changes owner during an outage
+        assert g1.hubs["vm-a"].port_up
+
+
+async def test_check_config_reaches_redis_or_names_the_key(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """`relayd check-config` validates [cluster] and says when Redis does not answer."""
+    config = cluster_config("gw-1", far_end.port)
+    relayd = Path(sys.executable).parent / "relayd"
+
+    async def check() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            str(relayd), "check-config", str(config.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+        return proc.returncode or 0, out.decode()
+
+    code, out = await check()
+    assert code == 0, out
+    assert "cluster: gateway gw-1" in out
+    assert "answers" in out
+    await redis_server.stop()
+    code, out = await check()
+    assert code != 0
+    assert "cluster.redis" in out
+    assert "cannot reach Redis" in out
