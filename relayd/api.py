@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import secrets
 import ssl
@@ -472,6 +473,8 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
             groups=principal.groups,
             amr=principal.amr,
             resume_from=resume_from,
+            # Rounded up: the owner never ends a session before its credentials do.
+            expires=None if principal.expires is None else math.ceil(principal.expires),
         )
         return _forward_grant(gw, request, vm.id, fwd)
     want_writer = mode == "interactive" and at_least(role, "contributor")
@@ -535,7 +538,7 @@ def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant
     if request.peer_gateway is None:
         raise _Forbidden("forwarded sessions come only from gateways", code="forbidden")
     fwd = parse_forwarded_headers(request.headers)
-    principal = Principal(fwd.principal, fwd.groups, fwd.amr)
+    principal = Principal(fwd.principal, fwd.groups, fwd.amr, expires=fwd.expires)
     client = dataclasses.replace(request, peer=fwd.client_peer)
     vm, role = gw.access.authorize(principal, vm_id, client)
     hub = gw.hubs.get(vm.id)

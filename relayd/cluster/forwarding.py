@@ -117,8 +117,9 @@ _MODE = "Relayd-Forwarded-Mode"
 _FROM = "Relayd-Forwarded-From"
 _FOR = "Relayd-Forwarded-For"
 _SESSION = "Relayd-Forwarded-Session"
+_EXPIRES = "Relayd-Forwarded-Expires"
 _KNOWN = {name.lower(): name for name in (_VERSION, _PRINCIPAL, _GROUPS, _AMR, _ROLE, _MODE)}
-_KNOWN |= {name.lower(): name for name in (_FROM, _FOR, _SESSION)}
+_KNOWN |= {name.lower(): name for name in (_FROM, _FOR, _SESSION, _EXPIRES)}
 
 _ENCODED = re.compile(r"(?:[A-Za-z0-9_.~-]|%[0-9A-F]{2})*")
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -180,6 +181,7 @@ class ForwardedSession:
     groups: tuple[str, ...] = ()
     amr: tuple[str, ...] = ()
     resume_from: int | None = None
+    expires: int | None = None  # wall-clock seconds when the credentials stop being valid
 
     def __post_init__(self) -> None:
         if not isinstance(self.principal, str) or not self.principal:
@@ -205,6 +207,10 @@ class ForwardedSession:
         for name, items in (("groups", self.groups), ("amr", self.amr)):
             if not isinstance(items, tuple) or not all(isinstance(i, str) for i in items):
                 raise ValueError(f"{name} must be a tuple of strings")
+        if self.expires is not None and (
+            isinstance(self.expires, bool) or not isinstance(self.expires, int) or self.expires < 0
+        ):
+            raise ValueError("expires must be whole seconds since the epoch, or None")
         if self.resume_from is not None and (
             isinstance(self.resume_from, bool)
             or not isinstance(self.resume_from, int)
@@ -303,6 +309,8 @@ def _forwarded_values(fwd: ForwardedSession) -> list[tuple[str, str]]:
     if fwd.resume_from is not None:
         values.append((_FROM, str(fwd.resume_from)))
     values += [(_FOR, fwd.client_peer), (_SESSION, fwd.session_id)]
+    if fwd.expires is not None:
+        values.append((_EXPIRES, str(fwd.expires)))
     return values
 
 
@@ -349,6 +357,11 @@ def parse_forwarded_headers(
         if not _OFFSET.fullmatch(found[_FROM]):
             raise ForwardedRequestError(f"{_FROM} must be a decimal offset of at most 19 digits")
         resume_from = int(found[_FROM])
+    expires: int | None = None
+    if _EXPIRES in found:
+        if not _OFFSET.fullmatch(found[_EXPIRES]):
+            raise ForwardedRequestError(f"{_EXPIRES} must be whole seconds since the epoch")
+        expires = int(found[_EXPIRES])
     try:
         return ForwardedSession(
             principal=_decode(_PRINCIPAL, found[_PRINCIPAL]),
@@ -359,6 +372,7 @@ def parse_forwarded_headers(
             groups=_decode_list(_GROUPS, found.get(_GROUPS)),
             amr=_decode_list(_AMR, found.get(_AMR)),
             resume_from=resume_from,
+            expires=expires,
         )
     except ValueError as exc:
         raise ForwardedRequestError(f"forwarded session: {exc}") from None

@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from relayd.app import Gateway
+from relayd.auth import issue_token
 from relayd.cluster.store import ClusterUnavailableError
 from relayd.config import Config, load_config
 
@@ -74,7 +75,9 @@ def cluster_config(
 ) -> Callable[..., Config]:
     """`cluster_config("gw-1", far_end_port)`: a gateway of the test region."""
 
-    def write(gateway_id: str, serial_port: int, **vm: Any) -> Config:
+    def write(
+        gateway_id: str, serial_port: int, auth: dict[str, Any] | None = None, **vm: Any
+    ) -> Config:
         port = _free_port()
         d = tmp_path / gateway_id
         d.mkdir(exist_ok=True)
@@ -91,6 +94,7 @@ def cluster_config(
                 "issuer": ISSUER,
                 "audience": AUDIENCE,
                 "hs256_secret_file": gateway_pki["secret"],
+                **(auth or {}),
             },
             "[cluster]": {
                 "redis": redis_server.url,
@@ -197,11 +201,9 @@ async def api(
     return status, data
 
 
-def _mint(gateway_pki: dict[str, Path]) -> Callable[[str], str]:
-    from relayd.auth import issue_token
-
+def _mint(gateway_pki: dict[str, Path]) -> Callable[..., str]:
     secret = gateway_pki["secret"].read_bytes().strip()
-    return lambda sub: issue_token(secret, sub=sub, issuer=ISSUER, audience=AUDIENCE)
+    return lambda sub, **kw: issue_token(secret, sub=sub, issuer=ISSUER, audience=AUDIENCE, **kw)
 
 
 async def test_two_gateways_one_owner_and_a_relayed_session_types_and_reads(
@@ -395,3 +397,24 @@ async def test_check_config_reaches_redis_or_names_the_key(
     assert code != 0
     assert "cluster.redis" in out
     assert "cannot reach Redis" in out
+
+
+async def test_relayed_session_ends_when_its_token_expires_with_disconnect_expired(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """The owner learns the token's expiry from the relaying gateway and ends the session (4003)."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    strict = {"disconnect_expired": True, "leeway": "1s"}
+    async with (
+        serving(cluster_config("gw-1", far_end.port, auth=strict)) as g1,
+        serving(cluster_config("gw-2", far_end.port, auth=strict)) as g2,
+    ):
+        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
+        _, other = _owner(g1, g2)
+        await until(
+            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
+        )
+        async with console(other, ctx, mint("alice", ttl=2.0)) as c:
+            code, _ = await c.closed()
+        assert code == 4003
