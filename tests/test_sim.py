@@ -333,6 +333,30 @@ async def test_guest_new_connection_replaces_old_and_keeps_session(tmp_path: Pat
     assert not Path(path).exists()  # noqa: ASYNC240 - one stat in a test
 
 
+async def test_guest_exclusive_newcomer_waits_unserved_until_first_hangs_up() -> None:
+    """Like QEMU: with exclusive=True a second client gets nothing until the first leaves."""
+    async with SimulatedGuest("vm1", telnet=False, exclusive=True) as guest:
+        port = await guest.start()
+        reader1, writer1 = await asyncio.open_connection("127.0.0.1", port)
+        await read_until(reader1, None, b"vm1 login: ")
+        writer1.write(b"operator\rrelayd\r")
+        await read_until(reader1, None, PROMPT)
+        reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+        writer2.write(b"whoami\r")
+        # The first client still has the console, and its echo proves the machine saw
+        # nothing from the second (whose keys would have come before this line's).
+        writer1.write(b"echo first\r")
+        assert b"\r\nfirst\r\n" + PROMPT in await read_until(reader1, None, b"first\r\n" + PROMPT)
+        writer1.close()
+        await writer1.wait_closed()
+        # Now the second is served, from its first byte: its queued keys reach the
+        # still logged-in shell, and nothing was sent to it while it waited.
+        out = await read_until(reader2, None, b"operator\r\n" + PROMPT)
+        assert out == b"whoami\r\noperator\r\n" + PROMPT
+        writer2.close()
+        await writer2.wait_closed()
+
+
 async def test_guest_flood_is_backpressured_and_interruptible(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

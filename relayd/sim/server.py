@@ -1,9 +1,12 @@
 """The simulated guest's serial chardev: one machine behind a socket, as QEMU serves it.
 
-One console client at a time (a newcomer replaces the old one); output the
-machine produces while nobody is connected is dropped; the machine's state
-survives reconnects. Over TCP it speaks telnet as QEMU's telnet chardev does;
-over a unix socket it is raw.
+One console client at a time: by default a newcomer replaces the old one;
+with `exclusive=True` a newcomer waits, connected but unserved, until the
+current client hangs up, which is what QEMU's socket chardev does (it stops
+accepting while a client is attached, so later connections sit in the
+listen backlog). Output the machine produces while nobody is connected is
+dropped; the machine's state survives reconnects. Over TCP it speaks telnet
+as QEMU's telnet chardev does; over a unix socket it is raw.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class SimulatedGuest:
         user: the login name.
         password: its password.
         telnet: speak telnet on TCP (QEMU's `telnet` chardev) rather than raw bytes.
+        exclusive: a newcomer waits for the current client to hang up (as QEMU
+            does) instead of replacing it; what a cluster demo needs, where a
+            second gateway opening the port must not steal it.
     """
 
     def __init__(
@@ -42,10 +48,12 @@ class SimulatedGuest:
         user: str = "operator",
         password: str = "relayd",  # noqa: S107 - the demo guests' published login
         telnet: bool = True,
+        exclusive: bool = False,
     ) -> None:
         self.name = name
         self.machine = GuestMachine(name, user=user, password=password)
         self._telnet = telnet
+        self._exclusive = exclusive
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[str] = []
         self._port: int | None = None
@@ -132,7 +140,7 @@ class SimulatedGuest:
         self._console = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if previous is not None:
+        if previous is not None and not self._exclusive:
             previous.cancel()  # one console client at a time: the newcomer wins
 
     async def _serve(
@@ -146,7 +154,9 @@ class SimulatedGuest:
         wake = asyncio.Event()
         try:
             if previous is not None:
-                await asyncio.wait({previous})  # it must let go of the machine first
+                # Replaced: it must let go of the machine first. Exclusive: wait our
+                # turn, unserved, until every earlier client has hung up.
+                await asyncio.wait({previous})
             self._wake = wake
             codec = TelnetCodec(server_side=True) if telnet else None
             if codec is not None:
