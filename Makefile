@@ -9,7 +9,7 @@ CERTS  := certs/dev
 NATIVE     := build/native.stamp
 NATIVE_SRC := $(shell $(PYTHON) -c 'import relayd.native as n; print(*(m.replace(".", "/") + ".py" for m in n.NATIVE_MODULES))')
 
-.PHONY: native wheel run run-vm test test-guest guest-image lint types pytest webtest coverage bench certs clean web
+.PHONY: native wheel run run-cluster run-vm test test-guest guest-image lint types pytest webtest coverage bench certs clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ web:
 
 run: $(STAMP) $(NATIVE) $(CERTS)/server.crt web
 	$(VENV)/bin/relayd demo --certs $(CERTS)
+
+# `make run` as a region: Redis, three gateways (cluster mode) and HAProxy in front of the
+# simulated VMs; the same lines plus one `gateway:` line each (scripts/run-cluster.py).
+run-cluster: $(STAMP) $(NATIVE) $(CERTS)/server.crt web
+	scripts/ensure-system-packages.sh haproxy redis-server
+	$(PY) scripts/run-cluster.py --certs $(CERTS)
 
 # Real-guest image in tests/guest/out/ (git-ignored). The script installs qemu-system-x86,
 # busybox-static, cpio, linux-image-amd64 and openssl when missing, and rebuilds only
@@ -100,4 +106,4 @@ bench: $(STAMP) $(NATIVE)
 	$(PY) -m bench.pacing
 
 clean:
-	rm -rf $(VENV) $(CERTS) .relayd-demo build dist *.egg-info relayd/*.so relayd/ports/*.so relayd/_native_manifest.json relayd/web/assets web/node_modules tests/artifacts tests/guest/out
+	rm -rf $(VENV) $(CERTS) .relayd-demo .relayd-demo-cluster build dist *.egg-info relayd/*.so relayd/ports/*.so relayd/_native_manifest.json relayd/web/assets web/node_modules tests/artifacts tests/guest/out
