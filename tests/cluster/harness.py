@@ -28,10 +28,22 @@ import re
 import shutil
 import signal
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import ssl
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
+import pytest_asyncio
+import trustme
+from websockets.asyncio.client import connect
+
+from relayd.auth import issue_token
+
+from ..conftest import AUDIENCE, ISSUER, TIMEOUT, Console, http_request
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 HAPROXY_CFG = ROOT / "docs" / "haproxy-relayd.cfg"
@@ -168,6 +180,10 @@ class SerialEnd:
             return False
         self._writer.write(data)
         return True
+
+    def reset_max_connections(self) -> None:
+        """Start counting the most connections at once again, from now."""
+        self.max_connections = self.connections
 
     async def wait_for(self, predicate: Callable[[SerialEnd], bool], timeout: float) -> None:  # noqa: ASYNC109 - a timeout error that names what was awaited
         """Wait until `predicate(self)` holds; every change of state re-checks it."""
@@ -715,3 +731,202 @@ class Cluster:
 
         await end.wait_for(owned, timeout)
         return found[-1]
+
+
+# Fixtures: one region per test module, driven from outside.
+
+LB = "lb"
+"""The `target` that means: through HAProxy."""
+Target = GatewayProcess | str
+
+
+class Region:
+    """A running cluster plus a client's view of it: tokens, consoles, HTTP, owners."""
+
+    def __init__(
+        self, cluster: Cluster, ends: Mapping[str, SerialEnd], ctx: ssl.SSLContext, secret: bytes
+    ) -> None:
+        self.cluster = cluster
+        self.ends = dict(ends)
+        self.ctx = ctx
+        self._secret = secret
+
+    @property
+    def gateways(self) -> list[GatewayProcess]:
+        """All gateways, running or not."""
+        return self.cluster.gateways
+
+    def token(self, user: str) -> str:
+        """A bearer token for `user:<user>`."""
+        return issue_token(self._secret, issuer=ISSUER, audience=AUDIENCE, sub=user)
+
+    def address(self, target: Target) -> tuple[str, int]:
+        """Where a client connects for `target` (a gateway, or LB for HAProxy)."""
+        if isinstance(target, GatewayProcess):
+            return target.host, target.tls_port
+        return self.cluster.frontend
+
+    @asynccontextmanager
+    async def console(
+        self,
+        target: Target,
+        vm: str,
+        *,
+        user: str | None = "alice",
+        query: str = "",
+    ) -> AsyncIterator[Console]:
+        """A console session through `target`, its hello already read."""
+        host, port = self.address(target)
+        headers = {"Authorization": f"Bearer {self.token(user)}"} if user else {}
+        async with connect(
+            f"wss://{host}:{port}/v1/vms/{vm}/console" + (f"?{query}" if query else ""),
+            ssl=self.ctx,
+            server_hostname="localhost",
+            subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+            additional_headers=headers,
+            open_timeout=TIMEOUT,
+            max_size=None,
+        ) as ws:
+            console = Console(ws)
+            hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            assert hello["type"] == "hello", hello
+            console.hello = hello
+            yield console
+
+    async def request(
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        *,
+        user: str | None = None,
+        body: object | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One HTTPS request; returns status, lower-cased headers and the raw body."""
+        host, port = self.address(target)
+        raw = json.dumps(body).encode() if body is not None else b""
+        request = http_request(method, path, bearer=self.token(user) if user else None, body=raw)
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=self.ctx, server_hostname="localhost"
+        )
+        try:
+            writer.write(request)
+            async with asyncio.timeout(TIMEOUT):
+                data = await reader.read()
+        finally:
+            writer.close()
+        head, _, payload = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, payload
+
+    def owner(self, vm: str) -> GatewayProcess | None:
+        """The gateway holding the VM's port right now (seen from the hypervisor side)."""
+        return self.cluster.owner_of(self.ends[vm])
+
+    async def wait_owner(self, vm: str, *, not_on: GatewayProcess | None = None) -> GatewayProcess:
+        """Wait until some gateway (not `not_on`) holds and is served the VM's port."""
+        return await self.cluster.wait_owner(self.ends[vm], START_TIMEOUT, not_on=not_on)
+
+    def others(self, *excluded: GatewayProcess) -> list[GatewayProcess]:
+        """The running gateways except `excluded`."""
+        return [g for g in self.gateways if g not in excluded and g.running()]
+
+
+VM_IDS = tuple(f"vm-{i}" for i in range(6))
+ROLES = (
+    ("user:alice", "contributor", "/subscriptions/sub-1"),
+    ("user:bob", "contributor", "/subscriptions/sub-1"),
+    ("user:carol", "contributor", "/subscriptions/sub-1"),
+    ("user:rita", "reader", "/subscriptions/sub-1"),
+    ("user:olga", "owner", "/subscriptions/sub-1"),
+)
+LEASE_TTL = "3s"
+
+
+def gateway_config(
+    gateway: GatewayProcess,
+    *,
+    cluster: Cluster,
+    ends: Mapping[str, SerialEnd],
+    cert: Path,
+    key: Path,
+    ca: Path,
+    secret: Path,
+) -> str:
+    """One test gateway's TOML: the shared VM list and roles, its own addresses and id."""
+    sections: list[tuple[str, Mapping[str, object]]] = [
+        (
+            "gateway",
+            {
+                "region": "test",
+                "listen": gateway.advertise,
+                "health_listen": f"{gateway.host}:{gateway.health_port}",
+                "state_dir": cluster.state_dir(gateway),
+                "trusted_proxies": [f"{LB_SOURCE}/32"],
+                "drain_seconds": "500ms",
+            },
+        ),
+        ("tls", {"cert": cert, "key": key}),
+        ("auth", {"issuer": ISSUER, "audience": AUDIENCE, "hs256_secret_file": secret}),
+        (
+            "cluster",
+            {
+                "redis": cluster.redis.url,
+                "gateway_id": gateway.gateway_id,
+                "advertise": gateway.advertise,
+                "peer_ca": ca,
+                "lease_ttl": LEASE_TTL,
+            },
+        ),
+        ("[[subscriptions]]", {"id": "sub-1"}),
+    ]
+    sections += [
+        ("[[vms]]", {"id": vm, "subscription": "sub-1", "serial": end.url})
+        for vm, end in ends.items()
+    ]
+    sections += [
+        ("[[role_assignments]]", {"principal": p, "role": r, "scope": s}) for p, r, s in ROLES
+    ]
+    return toml_document(sections)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def region(
+    ca: trustme.CA, pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Region]:
+    """Redis, three gateways (gw-1..3 on 127.0.0.2..4) and HAProxy, over six serial ends."""
+    directory = tmp_path_factory.mktemp("region")
+    ends = {vm: SerialEnd(vm) for vm in VM_IDS}
+    cluster = Cluster(directory, python=sys.executable)
+    for end in ends.values():
+        await end.start()
+    try:
+        certs: dict[str, tuple[Path, Path]] = {}
+        for gateway in cluster.gateways:
+            issued = ca.issue_cert(
+                "localhost", "127.0.0.1", gateway.host, common_name=gateway.gateway_id
+            )
+            where = directory / "pki" / gateway.gateway_id
+            where.mkdir(parents=True)
+            issued.private_key_pem.write_to_path(str(where / "server.key"))
+            issued.cert_chain_pems[0].write_to_path(str(where / "server.crt"))
+            certs[gateway.gateway_id] = (where / "server.crt", where / "server.key")
+        cluster.write_configs(
+            lambda g: gateway_config(
+                g,
+                cluster=cluster,
+                ends=ends,
+                cert=certs[g.gateway_id][0],
+                key=certs[g.gateway_id][1],
+                ca=pki["ca"],
+                secret=pki["secret"],
+            )
+        )
+        await cluster.start()
+        ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+        yield Region(cluster, ends, ctx, pki["secret"].read_bytes().strip())
+    finally:
+        await cluster.close()
+        for end in ends.values():
+            await end.close()
