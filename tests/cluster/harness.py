@@ -42,6 +42,7 @@ import trustme
 from websockets.asyncio.client import connect
 
 from relayd.auth import issue_token
+from relayd.cluster.ownership import preferred_owner
 
 from ..conftest import AUDIENCE, ISSUER, TIMEOUT, Console, http_request
 
@@ -827,6 +828,24 @@ class Region:
     async def wait_owner(self, vm: str, *, not_on: GatewayProcess | None = None) -> GatewayProcess:
         """Wait until some gateway (not `not_on`) holds and is served the VM's port."""
         return await self.cluster.wait_owner(self.ends[vm], START_TIMEOUT, not_on=not_on)
+
+    async def wait_settled(self) -> dict[str, GatewayProcess]:
+        """Wait until every VM is held by its preferred live gateway (rendezvous hashing).
+
+        That is where ownership comes to rest after gateways start, die or
+        rejoin (relayd/cluster/ownership.py); returns VM -> owner.
+        """
+        for vm, end in self.ends.items():
+
+            def preferred(e: SerialEnd, vm: str = vm) -> bool:
+                live = [g.gateway_id for g in self.gateways if g.running()]
+                owner = self.cluster.owner_of(e)
+                return owner is not None and owner.gateway_id == preferred_owner(vm, live)
+
+            await end.wait_for(preferred, START_TIMEOUT)
+        owners = {vm: self.owner(vm) for vm in self.ends}
+        assert None not in owners.values(), owners
+        return owners  # type: ignore[return-value]
 
     def others(self, *excluded: GatewayProcess) -> list[GatewayProcess]:
         """The running gateways except `excluded`."""
