@@ -40,6 +40,7 @@ import pytest
 import pytest_asyncio
 import trustme
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from relayd.auth import issue_token
 from relayd.cluster.ownership import preferred_owner
@@ -158,6 +159,10 @@ class SerialEnd:
         self.received = bytearray()
         """Every byte any served client sent, in order."""
         self.served_peer: tuple[str, int] | None = None
+        self.holders: list[str] = []
+        """Who each served client was, in order (`identify`'s answers)."""
+        self.identify: Callable[[tuple[str, int]], str] = lambda peer: f"{peer[0]}:{peer[1]}"
+        """Names a client by its address, at the moment it is served."""
         self._writer: asyncio.StreamWriter | None = None
         self._server: asyncio.Server | None = None
         self._turn = asyncio.Lock()  # FIFO: waiters are served in the order they came
@@ -233,6 +238,7 @@ class SerialEnd:
             async with self._turn:
                 self._writer = writer
                 self.served_peer = writer.get_extra_info("peername")[:2]
+                self.holders.append(self.identify(self.served_peer))
                 self.serves += 1
                 self._notify()
                 with contextlib.suppress(ConnectionError):
@@ -707,10 +713,15 @@ class Cluster:
     def owner_of(self, end: SerialEnd) -> GatewayProcess | None:
         """The gateway whose process holds the connection `end` is serving, if any."""
         peer = end.served_peer
-        if peer is None:
-            return None
+        return None if peer is None else self._holder(peer, end.port)
+
+    def track(self, end: SerialEnd) -> None:
+        """Make `end` name the gateway of each client it serves (in `end.holders`)."""
+        end.identify = lambda peer: getattr(self._holder(peer, end.port), "gateway_id", "?")
+
+    def _holder(self, peer: tuple[str, int], port: int) -> GatewayProcess | None:
         live = {g.pid: g for g in self.gateways if g.running()}
-        pid = pid_holding_connection(peer[1], end.port, live)
+        pid = pid_holding_connection(peer[1], port, live)
         return live.get(pid) if pid is not None else None
 
     async def wait_owner(
@@ -779,7 +790,7 @@ class Region:
         """A console session through `target`, its hello already read."""
         host, port = self.address(target)
         headers = {"Authorization": f"Bearer {self.token(user)}"} if user else {}
-        async with connect(
+        opening = connect(
             f"wss://{host}:{port}/v1/vms/{vm}/console" + (f"?{query}" if query else ""),
             ssl=self.ctx,
             server_hostname="localhost",
@@ -787,7 +798,14 @@ class Region:
             additional_headers=headers,
             open_timeout=TIMEOUT,
             max_size=None,
-        ) as ws:
+        )
+        try:
+            ws = await opening.__aenter__()
+        except InvalidStatus as exc:
+            name = target.gateway_id if isinstance(target, GatewayProcess) else target
+            exc.add_note(f"{vm} through {name}: {exc.response.body!r}")
+            raise
+        async with ws:
             console = Console(ws)
             hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
             assert hello["type"] == "hello", hello
@@ -829,11 +847,26 @@ class Region:
         """Wait until some gateway (not `not_on`) holds and is served the VM's port."""
         return await self.cluster.wait_owner(self.ends[vm], START_TIMEOUT, not_on=not_on)
 
-    async def wait_settled(self) -> dict[str, GatewayProcess]:
-        """Wait until every VM is held by its preferred live gateway (rendezvous hashing).
+    async def routes(self, gateway: GatewayProcess) -> dict[str, str | None]:
+        """VM -> the gateway `gateway` would serve it from (itself, when it holds the port).
 
-        That is where ownership comes to rest after gateways start, die or
-        rejoin (relayd/cluster/ownership.py); returns VM -> owner.
+        From `GET /v1/vms`: `"port": "up"` or `"down"` with a hub here, `"remote"`
+        with the `owner` it forwards to.
+        """
+        status, _, body = await self.request(gateway, "GET", "/v1/vms", user="rita")
+        assert status == 200, body
+        return {
+            vm["id"]: gateway.gateway_id if "writer_attached" in vm else vm.get("owner")
+            for vm in json.loads(body)["vms"]
+        }
+
+    async def wait_settled(self) -> dict[str, GatewayProcess]:
+        """Wait until ownership is at rest, seen from the ports and from every gateway.
+
+        At rest: every VM is held by its preferred live gateway (rendezvous
+        hashing, relayd/cluster/ownership.py), and every running gateway routes
+        each VM there (each learns the owners in its own round, a third of a
+        lease after a change). Returns VM -> owner.
         """
         for vm, end in self.ends.items():
 
@@ -843,9 +876,29 @@ class Region:
                 return owner is not None and owner.gateway_id == preferred_owner(vm, live)
 
             await end.wait_for(preferred, START_TIMEOUT)
-        owners = {vm: self.owner(vm) for vm in self.ends}
-        assert None not in owners.values(), owners
-        return owners  # type: ignore[return-value]
+        owners: dict[str, GatewayProcess] = {}
+        for vm in self.ends:
+            owner = self.owner(vm)
+            assert owner is not None, vm
+            owners[vm] = owner
+        expected = {vm: owner.gateway_id for vm, owner in owners.items()}
+        seen: dict[str, str | None] = {}
+        for gateway in self.gateways:
+            if not gateway.running():
+                continue
+
+            async def agrees(gateway: GatewayProcess = gateway) -> bool:
+                seen.clear()
+                seen.update(await self.routes(gateway))
+                return seen == expected
+
+            try:
+                await _poll(agrees, gateway.gateway_id, START_TIMEOUT, gateway.running)
+            except TimeoutError:
+                raise AssertionError(
+                    f"{gateway.gateway_id} routes {seen}, the ports say {expected}"
+                ) from None
+        return owners
 
     def others(self, *excluded: GatewayProcess) -> list[GatewayProcess]:
         """The running gateways except `excluded`."""
@@ -919,6 +972,7 @@ async def region(
     ends = {vm: SerialEnd(vm) for vm in VM_IDS}
     cluster = Cluster(directory, python=sys.executable)
     for end in ends.values():
+        cluster.track(end)
         await end.start()
     try:
         certs: dict[str, tuple[Path, Path]] = {}

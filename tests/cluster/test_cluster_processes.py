@@ -75,7 +75,7 @@ async def test_session_through_any_gateway_or_the_balancer_gets_hello_and_echo(
     region: Region,
 ) -> None:
     """Direct to each gateway (owner or forwarded) and three times through HAProxy: it works."""
-    owner = await region.wait_owner("vm-0")
+    owner = (await region.wait_settled())["vm-0"]
     targets: list[GatewayProcess | str] = [*region.gateways, LB, LB, LB]
     for i, target in enumerate(targets):
         async with region.console(target, "vm-0") as console:
@@ -91,7 +91,7 @@ async def test_session_through_any_gateway_or_the_balancer_gets_hello_and_echo(
 
 async def test_takeover_from_another_gateway_closes_old_writer_4001(region: Region) -> None:
     """A writer on one gateway is evicted by a newcomer on another: 4001, new input lands."""
-    owner = await region.wait_owner("vm-1")
+    owner = (await region.wait_settled())["vm-1"]
     forwarded_a, forwarded_b = region.others(owner)[:2]
     async with region.console(forwarded_a, "vm-1", user="alice") as alice:
         await typed(alice, b"alice-was-here")
@@ -109,7 +109,7 @@ async def test_takeover_from_another_gateway_closes_old_writer_4001(region: Regi
 
 async def test_takeovers_from_three_gateways_at_once_leave_one_writer(region: Region) -> None:
     """Three writers arrive together through three gateways: two get 4001, the last one writes."""
-    await region.wait_owner("vm-1")
+    await region.wait_settled()
     users = ("alice", "bob", "carol")
     async with AsyncExitStack() as stack:
         consoles = await asyncio.gather(
@@ -206,7 +206,7 @@ async def test_owner_killed_vm_moves_and_client_resumes_from_offset_through_bala
 ) -> None:
     """kill -9 the owner: a survivor holds the port, a client resumes with ?from= and types."""
     end = region.ends["vm-4"]
-    owner = await region.wait_owner("vm-4")
+    owner = (await region.wait_settled())["vm-4"]
     survivor = region.others(owner)[0]
     async with (
         region.console(owner, "vm-4", user="rita") as local,
@@ -223,9 +223,10 @@ async def test_owner_killed_vm_moves_and_client_resumes_from_offset_through_bala
         assert await closed_with(local) is None
         # Clients of other gateways are told, and stay.
         await remote.control(type="notice", event="port_down")
-        new_owner = await region.wait_owner("vm-4", not_on=owner)
+        await region.wait_owner("vm-4", not_on=owner)
         await remote.control(type="notice", event="port_up")
-        assert new_owner is not owner
+        await typed(remote, b"still-here")
+    await region.wait_settled()
     async with region.console(LB, "vm-4", query=f"from={last}") as resumed:
         assert resumed.hello["offset"] >= last
         await typed(resumed, b"typing-again")
@@ -255,7 +256,7 @@ async def test_killed_gateway_rejoins_and_takes_back_only_its_share(region: Regi
 
 async def test_redis_stop_and_start_keeps_sessions_ports_and_owners(region: Region) -> None:
     """Redis down: sessions go on, output flows, no VM moves; Redis back: all as before."""
-    owners = {vm: await region.wait_owner(vm) for vm in VM_IDS}
+    owners = await region.wait_settled()
     serves = {vm: end.serves for vm, end in region.ends.items()}
     owner = owners["vm-0"]
     forwarder = region.others(owner)[0]
@@ -284,12 +285,13 @@ async def test_redis_stop_and_start_keeps_sessions_ports_and_owners(region: Regi
 
 async def test_redis_restart_with_empty_dataset_is_survived(region: Region) -> None:
     """Redis loses everything: sessions go on, and then everything works on every gateway."""
-    owners = {vm: await region.wait_owner(vm) for vm in VM_IDS}
+    owners = await region.wait_settled()
     owner = owners["vm-2"]
     async with region.console(region.others(owner)[0], "vm-2") as writer:
         await region.cluster.redis.restart_empty()
         await typed(writer, b"typed-after-redis-lost-everything")
-    # The holders re-create their leases; forwarded sessions, tickets work again.
+    # The holders re-create their leases (no VM moves); forwarding, tickets work again.
+    assert await region.wait_settled() == owners
     for i, gateway in enumerate(region.gateways):
         async with region.console(gateway, "vm-2") as console:
             await typed(console, f"after-empty-{i}".encode())
@@ -302,31 +304,41 @@ async def test_redis_restart_with_empty_dataset_is_survived(region: Region) -> N
 
 
 async def test_frozen_owner_is_fenced_and_lets_go_when_it_wakes(region: Region) -> None:
-    """SIGSTOP the owner: a survivor claims its VMs; on SIGCONT the old owner closes its ports."""
-    owner = await region.wait_owner("vm-3")
-    held = [vm for vm in VM_IDS if region.owner(vm) is owner]
+    """SIGSTOP the owner: a survivor claims, the frozen one's late output is refused, it lets go."""
+    before = await region.wait_settled()
+    owner = before["vm-3"]
     end = region.ends["vm-3"]
+    served_before = len(end.holders)
     owner.freeze()
     try:
         # The survivor's claim shows at the port: a second connection, waiting its
-        # turn as QEMU would make it wait, while the frozen one still holds it.
+        # turn (as QEMU makes it wait) while the frozen process still holds the port.
         await end.wait_for(lambda e: e.connections == 2, FAILOVER_TIMEOUT)
+        # Printed now, it waits in the frozen owner's socket: a deposed owner's output.
+        assert end.emit(b"\r\nprinted-to-the-frozen-owner\r\n")
     finally:
         owner.thaw()
-    for vm in held:
-        await region.wait_owner(vm, not_on=owner)
-        await region.ends[vm].wait_for(lambda e: e.connections == 1, START_TIMEOUT)
-        # Two at once was the frozen gateway's doing (it could not let go), by design.
-        region.ends[vm].reset_max_connections()
-    new_owner = region.owner("vm-3")
-    async with region.console(owner, "vm-3") as console:  # forwarded to the new owner now
+    # Awake, it sees its lease gone, closes the port; the survivor gets it.
+    await end.wait_for(
+        lambda e: any(h != owner.gateway_id for h in e.holders[served_before:]), START_TIMEOUT
+    )
+    # Then ownership comes back to rest: the thawed gateway takes back its share.
+    assert await region.wait_settled() == before
+    status, _, log = await region.request(owner, "GET", "/v1/vms/vm-3/console-log", user="rita")
+    assert status == 200, log
+    assert b"printed-to-the-frozen-owner" not in log  # its late append was refused
+    async with region.console(LB, "vm-3") as console:
         await typed(console, b"after-the-freeze")
-    assert region.owner("vm-3") is new_owner
+    for vm, owned in before.items():
+        if owned is owner:
+            # Two at once was the frozen process holding on, as it must: reset the count.
+            region.ends[vm].reset_max_connections()
+    assert single_holder(region) == dict.fromkeys(VM_IDS, 1)
 
 
 async def test_last_offsets_and_console_log_agree_on_every_gateway(region: Region) -> None:
     """/console-log of a VM reads the same bytes, with the same offsets, on every gateway."""
-    await region.wait_owner("vm-1")
+    await region.wait_settled()
     region_end = region.ends["vm-1"]
     async with region.console(LB, "vm-1") as console:
         region_end.emit(b"\r\nfor-the-log\r\n")
