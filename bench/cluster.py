@@ -53,6 +53,7 @@ from tests.cluster.harness import (  # noqa: E402
     Cluster,
     Region,
     SerialEnd,
+    gateway_certificates,
     gateway_config,
 )
 from tests.conftest import Console  # noqa: E402
@@ -91,14 +92,7 @@ async def start_region(directory: Path) -> Region:
     for end in ends.values():
         await end.start()
     cluster = Cluster(directory, python=sys.executable)
-    certs = {}
-    for gateway in cluster.gateways:
-        issued = ca.issue_cert("localhost", "127.0.0.1", gateway.host)
-        where = pki / gateway.gateway_id
-        where.mkdir()
-        issued.private_key_pem.write_to_path(str(where / "server.key"))
-        issued.cert_chain_pems[0].write_to_path(str(where / "server.crt"))
-        certs[gateway.gateway_id] = (where / "server.crt", where / "server.key")
+    certs = gateway_certificates(ca, cluster, pki)
     cluster.write_configs(
         lambda g: gateway_config(
             g,
@@ -140,7 +134,7 @@ async def one_takeover(region: Region, vm: str, first: Any, second: Any, n: int)
 async def bench_takeovers(region: Region, count: int) -> list[float]:
     """`count` takeovers across every ordered pair of gateways, on one VM."""
     vm = "vm-0"
-    await region.wait_owner(vm)
+    await region.wait_settled()
     pairs = itertools.cycle(itertools.permutations(region.gateways, 2))
     times = []
     for n in range(count):
@@ -166,7 +160,7 @@ async def resume_typing(region: Region, vm: str, offset: int, marker: bytes) -> 
 
 async def one_failover(region: Region, vm: str, n: int) -> float:
     """Seconds from SIGKILL of the VM's owner to the resumed writer's keystroke at the port."""
-    owner = await region.wait_owner(vm)
+    owner = (await region.wait_settled())[vm]
     console: Console
     async with region.console(owner, vm, user="alice") as console:
         await console.send(f"before-{n}\r".encode())

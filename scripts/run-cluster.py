@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -106,6 +107,8 @@ async def run(certs: Path, state: Path, listen: tuple[str, int]) -> None:
         cluster.write_configs(render)
         await cluster.start()
         token, token_file = write_demo_token(pki, state)
+        # Ready for a person: every VM owned, and every gateway knows by whom.
+        await cluster.wait_routed(ssl.create_default_context(cafile=pki.ca_cert), token)
         first = cluster.gateways[0]
         lines = summary_lines(
             base=f"https://{listen[0]}:{listen[1]}",
@@ -146,13 +149,14 @@ def main() -> int:
     parser.add_argument("--listen", type=_address, default=("127.0.0.1", 8443))
     args = parser.parse_args()
     args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    failed: list[BaseException] = []
     try:
         asyncio.run(run(args.certs, args.state_dir.resolve(), args.listen))
     except* (ProcessGoneError, TimeoutError) as group:
-        for exc in _leaves(group):
-            print(f"run-cluster: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        failed += _leaves(group)
+    for exc in failed:
+        print(f"run-cluster: {exc}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -96,6 +96,20 @@ async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
+async def https_get(
+    host: str, port: int, ctx: ssl.SSLContext, path: str, bearer: str
+) -> tuple[int, bytes]:
+    """One HTTPS GET with a bearer token (the gateways' API); returns status and body."""
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost")
+    try:
+        writer.write(http_request("GET", path, bearer=bearer))
+        data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
 async def _poll(
     probe: Callable[[], Any],
     what: str,
@@ -710,6 +724,36 @@ class Cluster:
                 tg.create_task(gateway.stop())
         await self.redis.stop(keep_data=False)
 
+    async def routes(
+        self, gateway: GatewayProcess, ctx: ssl.SSLContext, token: str
+    ) -> dict[str, str | None]:
+        """VM -> the gateway `gateway` would serve it from (itself, when it holds the port).
+
+        From `GET /v1/vms`: a VM with a hub here has `writer_attached`; one held
+        elsewhere says `"port": "remote"` and its `owner`; None: nobody, as far as
+        this gateway knows.
+        """
+        status, body = await https_get(gateway.host, gateway.tls_port, ctx, "/v1/vms", token)
+        assert status == 200, body
+        return {
+            vm["id"]: gateway.gateway_id if "writer_attached" in vm else vm.get("owner")
+            for vm in json.loads(body)["vms"]
+        }
+
+    async def wait_routed(self, ctx: ssl.SSLContext, token: str) -> dict[str, str | None]:
+        """Wait until every VM has an owner and every running gateway routes it there."""
+        agreed: dict[str, str | None] = {}
+
+        async def routed() -> bool:
+            running = [g for g in self.gateways if g.running()]
+            views = [await self.routes(g, ctx, token) for g in running]
+            agreed.clear()
+            agreed.update(views[0])
+            return None not in agreed.values() and all(v == views[0] for v in views)
+
+        await _poll(routed, "every gateway's routes", START_TIMEOUT, lambda: True)
+        return agreed
+
     def owner_of(self, end: SerialEnd) -> GatewayProcess | None:
         """The gateway whose process holds the connection `end` is serving, if any."""
         peer = end.served_peer
@@ -848,17 +892,8 @@ class Region:
         return await self.cluster.wait_owner(self.ends[vm], START_TIMEOUT, not_on=not_on)
 
     async def routes(self, gateway: GatewayProcess) -> dict[str, str | None]:
-        """VM -> the gateway `gateway` would serve it from (itself, when it holds the port).
-
-        From `GET /v1/vms`: `"port": "up"` or `"down"` with a hub here, `"remote"`
-        with the `owner` it forwards to.
-        """
-        status, _, body = await self.request(gateway, "GET", "/v1/vms", user="rita")
-        assert status == 200, body
-        return {
-            vm["id"]: gateway.gateway_id if "writer_attached" in vm else vm.get("owner")
-            for vm in json.loads(body)["vms"]
-        }
+        """VM -> the gateway `gateway` would serve it from (`Cluster.routes`)."""
+        return await self.cluster.routes(gateway, self.ctx, self.token("rita"))
 
     async def wait_settled(self) -> dict[str, GatewayProcess]:
         """Wait until ownership is at rest, seen from the ports and from every gateway.
@@ -963,6 +998,28 @@ def gateway_config(
     return toml_document(sections)
 
 
+def gateway_certificates(
+    ca: trustme.CA, cluster: Cluster, directory: Path
+) -> dict[str, tuple[Path, Path]]:
+    """Gateway id -> (certificate, key) files: serverAuth and clientAuth, CN = the gateway id.
+
+    A peer link accepts a certificate as a gateway's only with a subject CN
+    (its name) and serverAuth, issued directly by `peer_ca` (relayd/cluster/peerlink.py);
+    trustme's leaf certificates carry serverAuth and clientAuth.
+    """
+    certs = {}
+    for gateway in cluster.gateways:
+        issued = ca.issue_cert(
+            "localhost", "127.0.0.1", gateway.host, common_name=gateway.gateway_id
+        )
+        where = directory / gateway.gateway_id
+        where.mkdir(parents=True)
+        issued.private_key_pem.write_to_path(str(where / "server.key"))
+        issued.cert_chain_pems[0].write_to_path(str(where / "server.crt"))
+        certs[gateway.gateway_id] = (where / "server.crt", where / "server.key")
+    return certs
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def region(
     ca: trustme.CA, pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
@@ -975,16 +1032,7 @@ async def region(
         cluster.track(end)
         await end.start()
     try:
-        certs: dict[str, tuple[Path, Path]] = {}
-        for gateway in cluster.gateways:
-            issued = ca.issue_cert(
-                "localhost", "127.0.0.1", gateway.host, common_name=gateway.gateway_id
-            )
-            where = directory / "pki" / gateway.gateway_id
-            where.mkdir(parents=True)
-            issued.private_key_pem.write_to_path(str(where / "server.key"))
-            issued.cert_chain_pems[0].write_to_path(str(where / "server.crt"))
-            certs[gateway.gateway_id] = (where / "server.crt", where / "server.key")
+        certs = gateway_certificates(ca, cluster, directory / "pki")
         cluster.write_configs(
             lambda g: gateway_config(
                 g,
