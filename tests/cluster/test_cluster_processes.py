@@ -15,13 +15,25 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import trustme
 from websockets.exceptions import InvalidStatus
 
 from ..conftest import TIMEOUT, Console
-from .harness import LB, START_TIMEOUT, VM_IDS, GatewayProcess, Region, region
+from .harness import (
+    LB,
+    START_TIMEOUT,
+    VM_IDS,
+    GatewayProcess,
+    Haproxy,
+    Region,
+    free_port,
+    hashed_haproxy_config,
+    region,
+)
 
 __all__ = ["region"]  # the fixture, imported so pytest finds it
 
@@ -87,6 +99,35 @@ async def test_session_through_any_gateway_or_the_balancer_gets_hello_and_echo(
             assert marker in region.ends["vm-0"].received
     assert region.owner("vm-0") is owner  # sessions never move the port
     assert single_holder(region)["vm-0"] == 1
+
+
+async def test_hashed_balancer_in_http_mode_serves_every_vm(
+    region: Region, ca: trustme.CA, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """HAProxy hashing by path (TLS ended at HAProxy): every VM answers, hashed or forwarded."""
+    await region.wait_settled()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    pem = tmp_path / "lb.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    front = ("127.0.0.1", free_port("127.0.0.1"))
+    hashed = Haproxy(
+        tmp_path / "hashed",
+        hashed_haproxy_config(
+            frontend=f"{front[0]}:{front[1]}",
+            pem=pem,
+            ca=pki["ca"],
+            servers={g.gateway_id: (g.host, g.tls_port, g.health_port) for g in region.gateways},
+        ),
+    )
+    await hashed.start()
+    try:
+        for vm in VM_IDS:
+            async with region.console(front, vm, user="rita") as console:
+                assert console.hello["vm"] == vm
+                region.ends[vm].emit(f"\r\nhashed-{vm}\r\n".encode())
+                await console.expect(f"hashed-{vm}".encode())
+    finally:
+        await hashed.stop()
 
 
 async def test_takeover_from_another_gateway_closes_old_writer_4001(region: Region) -> None:
