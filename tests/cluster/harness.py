@@ -366,6 +366,7 @@ class RedisServer:
         """Shut down (saving the dataset to disk first when `keep_data`) and reap."""
         if self.proc is None:
             return
+        self.thaw()
         if self.proc.returncode is None:
             with contextlib.suppress(OSError):
                 await self.command("SHUTDOWN", "SAVE" if keep_data else "NOSAVE")
@@ -373,6 +374,14 @@ class RedisServer:
         self.proc = None
         if not keep_data:
             (self.directory / "dump.rdb").unlink(missing_ok=True)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections are accepted, nothing is answered (a hung server)."""
+        _signal(self.proc, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after `freeze`."""
+        _signal(self.proc, signal.SIGCONT)
 
     async def restart_empty(self) -> None:
         """Stop without saving and start again on the same port with nothing in it."""

@@ -54,6 +54,19 @@ async def typed(console: Console, marker: bytes) -> None:
     await console.expect(marker)
 
 
+async def wait_logged(region: Region, gateway: GatewayProcess, vm: str, offset: int) -> None:
+    """Wait until the shared console log, read through `gateway`, reaches `offset`."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            status, headers, body = await region.request(
+                gateway, "GET", f"/v1/vms/{vm}/console-log", user="rita"
+            )
+            assert status == 200, body
+            if int(headers["relayd-log-end"]) >= offset:
+                return
+            await asyncio.sleep(0.05)  # polling another process's state: no event to wait on
+
+
 async def closed_with(console: Console) -> int | None:
     """The close code the server sent (None: the connection just ended)."""
     code, _ = await console.closed()
@@ -249,31 +262,80 @@ async def test_owner_killed_vm_moves_and_client_resumes_from_offset_through_bala
     end = region.ends["vm-4"]
     owner = (await region.wait_settled())["vm-4"]
     survivor = region.others(owner)[0]
-    async with (
-        region.console(owner, "vm-4", user="rita") as local,
-        region.console(survivor, "vm-4", user="alice") as remote,
-    ):
-        await typed(remote, b"before-the-kill")
+    async with region.console(owner, "vm-4", user="alice") as local:
+        await typed(local, b"before-the-kill")
         end.emit(b"\r\nprinted-before-the-kill\r\n")
         await local.expect(b"printed-before-the-kill")
-        await remote.expect(b"printed-before-the-kill")
         last = local.hello["offset"] - local.hello["replay"] + len(local.output)
+        # Once the output is in the shared log (any gateway reads it there), kill.
+        await wait_logged(region, survivor, "vm-4", last)
         owner.kill()
         await owner.wait_exit()
         # The dead gateway's own clients see the TCP connection end, no close frame.
         assert await closed_with(local) is None
-        # Clients of other gateways are told, and stay.
+    await region.wait_owner("vm-4", not_on=owner)
+    await region.wait_settled()
+    async with region.console(LB, "vm-4", query=f"from={last}") as resumed:
+        # No gap, no duplicate: it goes on exactly where the client was.
+        assert resumed.hello["offset"] - resumed.hello["replay"] == last
+        assert resumed.hello["replay"] == 0
+        await typed(resumed, b"typing-again")
+    assert single_holder(region)["vm-4"] == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not done on main (f6924bc): output a client got from an owner that died before "
+    "appending it to Redis is lost (expected), but the new owner then numbers new output "
+    "from the log's end again, so the client's last offset is ahead of the log and the "
+    "same offsets name other bytes (issue 16 point 5: no gap or duplicate unannounced)",
+)
+async def test_owner_killed_before_its_output_reached_redis_offsets_are_not_reused(
+    region: Region,
+) -> None:
+    """Output seen by a client but never logged: after failover its offsets are not reused."""
+    end = region.ends["vm-4"]
+    owner = (await region.wait_settled())["vm-4"]
+    redis = region.cluster.redis
+    async with region.console(owner, "vm-4", user="alice") as local:
+        redis.freeze()  # the owner cannot append: the output reaches the client only
+        try:
+            end.emit(b"\r\nnever-logged\r\n")
+            await local.expect(b"never-logged")
+            last = local.hello["offset"] - local.hello["replay"] + len(local.output)
+            owner.kill()
+            await owner.wait_exit()
+        finally:
+            redis.thaw()
+    await region.wait_owner("vm-4", not_on=owner)
+    await region.wait_settled()
+    async with region.console(LB, "vm-4", query=f"from={last}") as resumed:
+        await typed(resumed, b"after-the-loss")
+        # The new bytes must not take offsets the client already holds: the log
+        # goes on past `last` (a gap is allowed, and announced), never below it.
+        assert resumed.hello["offset"] >= last
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16 point 6, not done on main (f6924bc): a forwarded session is a byte "
+    "splice to the owner's session, so when the owner dies the receiving gateway drops "
+    "the client's connection (no close frame) instead of port_down, port_up, staying",
+)
+async def test_owner_killed_clients_through_other_gateways_get_port_down_up_and_stay(
+    region: Region,
+) -> None:
+    """kill -9 the owner: a client attached through another gateway is told, and stays."""
+    owner = (await region.wait_settled())["vm-4"]
+    survivor = region.others(owner)[0]
+    async with region.console(survivor, "vm-4", user="alice") as remote:
+        await typed(remote, b"before-the-kill")
+        owner.kill()
+        await owner.wait_exit()
         await remote.control(type="notice", event="port_down")
         await region.wait_owner("vm-4", not_on=owner)
         await remote.control(type="notice", event="port_up")
         await typed(remote, b"still-here")
-    await region.wait_settled()
-    async with region.console(LB, "vm-4", query=f"from={last}") as resumed:
-        assert resumed.hello["offset"] >= last
-        await typed(resumed, b"typing-again")
-        replayed = bytes(resumed.output)
-    assert b"printed-before-the-kill" not in replayed  # no duplicate of what it had seen
-    assert single_holder(region)["vm-4"] == 1
 
 
 async def test_killed_gateway_rejoins_and_takes_back_only_its_share(region: Region) -> None:
