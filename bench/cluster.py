@@ -29,6 +29,7 @@ import asyncio
 import datetime
 import itertools
 import json
+import math
 import secrets
 import ssl
 import statistics
@@ -65,7 +66,7 @@ RETRY_S = 0.05
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
