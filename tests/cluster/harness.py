@@ -4,9 +4,10 @@ Nothing here is a fake. Each class owns one child process (or one asyncio
 server), starts it, knows when it is ready and stops it, killing and reaping
 whatever it started. Children run in a session of their own, so a Ctrl-C at
 the terminal reaches only their owner, which stops them in order (HAProxy,
-then the gateways, then Redis). Processes are ready when they answer: redis-server a
-PING, a gateway `/readyz`, HAProxy its monitor URI. Those three are polled
-with a deadline, since another process has no event to wait on.
+then the gateways, then Redis); and they are killed if their owner dies.
+Processes are ready when they answer: redis-server a PING, a gateway
+`/readyz`, HAProxy its monitor URI. Those three are polled with a deadline,
+since another process has no event to wait on.
 
 The serial end (`SerialEnd`) behaves like QEMU's socket chardev: it serves
 one client at a time, and a second connection waits, accepted by the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -57,6 +59,7 @@ START_TIMEOUT = 30.0
 """Seconds a process may take to become ready (two cores shared by several runs)."""
 STOP_TIMEOUT = 15.0
 """Seconds a process may take to exit after SIGTERM before it is killed."""
+PR_SET_PDEATHSIG = 1
 POLL_INTERVAL = 0.05
 """Seconds between readiness probes of another process."""
 
@@ -143,6 +146,17 @@ async def _reap(proc: asyncio.subprocess.Process, timeout: float = STOP_TIMEOUT)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         return await proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux PR_SET_PDEATHSIG).
+
+    Children run in sessions of their own (a Ctrl-C reaches only their owner,
+    which stops them in order); this is the net for an owner killed outright.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def _signal(proc: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
@@ -334,6 +348,7 @@ class RedisServer:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         await _poll(self._pong, f"redis-server on {self.port}", START_TIMEOUT, self.running)
 
@@ -439,6 +454,7 @@ class GatewayProcess:
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=ROOT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         try:
             await _poll(self.ready, f"gateway {self.gateway_id}", timeout, self.running)
@@ -657,6 +673,7 @@ class Haproxy:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         await _poll(self._up, "haproxy", START_TIMEOUT, self.running)
 

@@ -77,5 +77,12 @@ async def test_run_cluster_prints_demo_lines_serves_through_haproxy_and_stops_ev
         assert all(_gone(pid) for pid in pids)
     finally:
         if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+            # SIGTERM first: its children run in sessions of their own, so only the
+            # script can stop them; SIGKILL would leave them running.
+            proc.terminate()
+            try:
+                async with asyncio.timeout(START_TIMEOUT):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
