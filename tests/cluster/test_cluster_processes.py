@@ -382,6 +382,9 @@ async def test_redis_stop_and_start_keeps_sessions_ports_and_owners(region: Regi
             # A new session to a VM the gateway holds itself needs no Redis.
             async with region.console(owner, "vm-0", user="rita") as fresh:
                 await fresh.expect(b"printed-while-redis-is-down")
+            # Nor does one relayed to the owner: the route is known from before.
+            async with region.console(forwarder, "vm-0", user="rita") as relayed:
+                await relayed.expect(b"printed-while-redis-is-down")
         finally:
             await redis.start()
         await typed(writer, b"typed-after-redis-is-back")
