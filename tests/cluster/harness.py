@@ -133,6 +133,11 @@ async def _poll(
         raise TimeoutError(f"{what} not ready after {timeout:.0f} s") from None
 
 
+async def _true(value: bool) -> bool:
+    """`value`, awaitable (for `_poll` on a local condition, such as a log file's content)."""
+    return value
+
+
 class ProcessGoneError(RuntimeError):
     """A child process exited while it was expected to start or run."""
 
@@ -503,6 +508,15 @@ class GatewayProcess:
         except FileNotFoundError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+    async def wait_event(self, name: str, count: int) -> None:
+        """Wait until the log holds `count` events called `name` (all runs together)."""
+        await _poll(
+            lambda: _true(len(self.events(name)) >= count),
+            f"{self.gateway_id}'s event {name} #{count}",
+            START_TIMEOUT,
+            self.running,
+        )
 
     def events(self, name: str) -> list[dict[str, Any]]:
         """Every log event called `name` this gateway wrote so far (all its runs)."""

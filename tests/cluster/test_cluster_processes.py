@@ -415,10 +415,14 @@ async def test_redis_restart_with_empty_dataset_is_survived(region: Region) -> N
     """Redis loses everything: sessions go on, and then everything works on every gateway."""
     owners = await region.wait_settled()
     owner = owners["vm-2"]
+    noticed = {g.gateway_id: len(g.events("cluster_redis_data_lost")) for g in region.gateways}
     async with region.console(region.others(owner)[0], "vm-2") as writer:
         await region.cluster.redis.restart_empty()
         await typed(writer, b"typed-after-redis-lost-everything")
-    # The holders re-create their leases (no VM moves); forwarding, tickets work again.
+    # Each gateway notices the new dataset in its next round (until then its routes
+    # are the old ones, right by luck); holders re-create their leases, no VM moves.
+    for gateway in region.gateways:
+        await gateway.wait_event("cluster_redis_data_lost", noticed[gateway.gateway_id] + 1)
     assert await region.wait_settled() == owners
     for i, gateway in enumerate(region.gateways):
         async with region.console(gateway, "vm-2") as console:
