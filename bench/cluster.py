@@ -49,14 +49,12 @@ if str(ROOT) not in sys.path:
 from tests.cluster.harness import (  # noqa: E402
     LB,
     LEASE_TTL,
-    START_TIMEOUT,
     VM_IDS,
-    Cluster,
     Region,
-    SerialEnd,
     gateway_certificates,
     gateway_config,
 )
+from tests.cluster.processes import START_TIMEOUT, Cluster, SerialEnd  # noqa: E402
 from tests.conftest import Console  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

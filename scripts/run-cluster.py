@@ -36,7 +36,7 @@ from relayd.demo import (  # noqa: E402
     write_demo_token,
 )
 from relayd.sim import SimulatedGuest  # noqa: E402
-from tests.cluster.harness import (  # noqa: E402
+from tests.cluster.processes import (  # noqa: E402
     LB_SOURCE,
     Cluster,
     GatewayProcess,

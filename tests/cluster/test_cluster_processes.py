@@ -23,17 +23,14 @@ import trustme
 from websockets.exceptions import InvalidStatus
 
 from ..conftest import TIMEOUT, Console
-from .harness import (
-    LB,
+from .harness import LB, VM_IDS, Region, region
+from .processes import (
     START_TIMEOUT,
-    VM_IDS,
     GatewayProcess,
     Haproxy,
-    Region,
     free_port,
     hashed_haproxy_config,
     http_get,
-    region,
 )
 
 __all__ = ["region"]  # the fixture, imported so pytest finds it

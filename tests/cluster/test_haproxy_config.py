@@ -16,7 +16,7 @@ import pytest
 
 from relayd.config import LimitsConfig, parse_duration
 
-from .harness import HAPROXY_CFG, ROOT
+from .processes import HAPROXY_CFG, ROOT
 
 TEXT = HAPROXY_CFG.read_text()
 

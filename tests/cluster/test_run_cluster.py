@@ -12,7 +12,7 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from .harness import ROOT, START_TIMEOUT, free_port
+from .processes import ROOT, START_TIMEOUT, free_port
 
 WORDS = ("web", "token", "ca", "config", "guest-login", "connect", "health")
 
