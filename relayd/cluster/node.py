@@ -274,10 +274,9 @@ class ClusterNode:
     async def _leave(self) -> None:
         """A clean stop: ship what output is left, release our leases, drop the heartbeat."""
         try:
-            async with asyncio.timeout(2 * self.store.timeout + 0.5):
-                await self._append_once()
+            async with asyncio.timeout(3 * self.store.timeout + 0.5):
                 if self.held:
-                    await self.store.release_many(dict(self.held))
+                    await self._hand_over(dict(self.held), "gateway shutting down")
                 await self.store.leave()
         except (ClusterUnavailableError, TimeoutError) as exc:
             log.warning("cluster_leave_incomplete", error=str(exc))
@@ -367,9 +366,7 @@ class ClusterNode:
                 log.warning("cluster_lease_lost", vm=d.vm, token=d.token)
                 self._drop(d.vm, "this gateway no longer owns the console")
         if release:
-            for vm_id in release:
-                self._drop(vm_id, "the console moved to another gateway")
-            await self.store.release_many(release)
+            await self._hand_over(release, "the console moved to another gateway")
         if renew:
             kept = await self.store.renew_many(renew)
             for vm_id, ok in kept.items():
@@ -389,11 +386,17 @@ class ClusterNode:
             await self.store.release(vm_id, token)
             return
         start, end = await self.store.bounds(vm_id)
-        history: tuple[int, bytes] = (end, b"")
-        if end > start:
+        # Past anything a previous owner may have handed out unstored (see resume_point).
+        point = await self.store.resume_point(vm_id)
+        if not await self.store.reserve(vm_id, token, point + self.store.reserve_ahead):
+            return  # taken from us already: the next round says so
+        history: tuple[int, bytes] = (point, b"")
+        if point == end and end > start:
             tail = await self.store.read(vm_id, max(start, end - self.ring_bytes), self.ring_bytes)
             if tail.offset + len(tail.data) == end:  # contiguous to the end: prefill the ring
                 history = (tail.offset, tail.data)
+        elif point > end:
+            log.warning("cluster_vm_offsets_skipped", vm=vm_id, stored_end=end, resume_at=point)
         self.policy.claimed(vm_id, token)
         self.held[vm_id] = token
         self.stats.owner_changes += 1
@@ -401,6 +404,35 @@ class ClusterNode:
         self.outboxes[vm_id] = outbox
         log.info("cluster_vm_claimed", vm=vm_id, token=token, offset=end)
         self.owner.open_hub(vm, history, outbox)
+
+    async def _hand_over(self, vms: dict[str, int], reason: str) -> None:
+        """Release VMs cleanly: stop their ports, ship their last output, settle, release.
+
+        Settling tells the next owner that every offset handed out is stored, so it
+        continues right at the log's end instead of past this owner's reservation.
+
+        Raises:
+            ClusterUnavailableError: Redis did not answer (the leases then lapse).
+        """
+        boxes = {vm_id: self.outboxes.get(vm_id) for vm_id in vms}
+        for vm_id in vms:
+            self._drop(vm_id, reason)
+        batches: list[tuple[str, int, int, list[bytes]]] = []
+        for pending in boxes.values():
+            batch = pending.batch() if pending is not None else None
+            if pending is not None and batch is not None:
+                batches.append((pending.vm, pending.token, batch[0], batch[1]))
+        if batches:
+            results = await self.store.append_many(batches)
+            for (vm_id, _, _, _), result in zip(batches, results, strict=True):
+                shipped = boxes[vm_id]
+                if result.ok and shipped is not None:
+                    shipped.stored(result.end)
+        for vm_id, token in vms.items():
+            left = boxes[vm_id]
+            if left is None or not left.chunks:
+                await self.store.settle(vm_id, token)
+        await self.store.release_many(vms)
 
     def _drop(self, vm_id: str, reason: str) -> None:
         """Stop owning a VM here: port closed, sessions ended, output not shipped any more."""

@@ -91,6 +91,11 @@ log = get_logger(__name__)
 Level = Literal["subscriptions", "scale_sets", "vms"]
 LEVELS: tuple[Level, ...] = ("subscriptions", "scale_sets", "vms")
 DEFAULT_ENTRY_BYTES = 4096
+# How far past the stored end an owner's offsets are reserved (each append moves the mark):
+# a successor after a crash starts past it. Output an owner handed out beyond it without
+# storing it (only while Redis was away) could have its offsets reused; below it, the
+# successor announces a gap of at most this many offsets instead.
+DEFAULT_RESERVE_AHEAD = 65536
 _RECONNECT_MIN = 0.1
 _RECONNECT_MAX = 2.0
 
@@ -194,7 +199,7 @@ return 1
 
 _APPEND = _Script("""
 -- KEYS: lease, fence, log, logmeta
--- ARGV: gateway, token, start offset, capacity, entry bytes, data chunks...
+-- ARGV: gateway, token, start offset, capacity, entry bytes, reserve ahead, data chunks...
 -- -> {'ok', start, end, written, skipped, gap_from, gap_to} | {'fenced'} | {'lapsed'}
 local mine = ARGV[1] .. ':' .. ARGV[2]
 local holder = redis.call('GET', KEYS[1])
@@ -208,7 +213,8 @@ end
 local at = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
 local piece = tonumber(ARGV[5])
-local data = table.concat(ARGV, '', 6)
+local ahead = tonumber(ARGV[6])
+local data = table.concat(ARGV, '', 7)
 local meta = redis.call('HMGET', KEYS[4], 'start', 'end', 'bytes')
 local first, last, total = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
 local gap_from, gap_to, skipped = -1, -1, 0
@@ -260,7 +266,39 @@ elseif written > 0 and total == written then
 end
 redis.call('HSET', KEYS[4], 'start', string.format('%d', first),
            'end', string.format('%d', last), 'bytes', string.format('%d', total))
+-- Offsets a little past what is stored are this owner's: a successor starts after them,
+-- so output handed to clients but never stored is a gap, never a reused offset.
+local reserved = tonumber(redis.call('HGET', KEYS[4], 'reserved') or '0')
+if last + ahead > reserved then
+  redis.call('HSET', KEYS[4], 'reserved', string.format('%d', last + ahead))
+end
 return {'ok', first, last, written, skipped, gap_from, gap_to}
+""")
+
+_RESERVE = _Script("""
+-- KEYS: lease, fence, logmeta
+-- ARGV: gateway, token, offset
+-- -> {'ok', reserved} | {'fenced'} | {'lapsed'}
+local mine = ARGV[1] .. ':' .. ARGV[2]
+local holder = redis.call('GET', KEYS[1])
+local fence = redis.call('GET', KEYS[2])
+if holder ~= mine or fence ~= ARGV[2] then
+  if (holder and holder ~= mine) or (fence and tonumber(fence) > tonumber(ARGV[2])) then
+    return {'fenced'}
+  end
+  return {'lapsed'}
+end
+local reserved = tonumber(redis.call('HGET', KEYS[3], 'reserved') or '0')
+local want = tonumber(ARGV[3])
+if want < 0 then
+  -- Settle: everything handed out is stored; the next owner starts at the end.
+  reserved = tonumber(redis.call('HGET', KEYS[3], 'end') or '0')
+  redis.call('HSET', KEYS[3], 'reserved', string.format('%d', reserved))
+elseif want > reserved then
+  reserved = want
+  redis.call('HSET', KEYS[3], 'reserved', string.format('%d', reserved))
+end
+return {'ok', reserved}
 """)
 
 _READ = _Script("""
@@ -400,6 +438,7 @@ class ClusterStore:
         console_log_bytes: int = 1 << 20,
         timeout: float | None = None,
         entry_bytes: int = DEFAULT_ENTRY_BYTES,
+        reserve_ahead: int = DEFAULT_RESERVE_AHEAD,
     ) -> None:
         """Args:
         url: redis://, rediss:// or unix:// URL (validated by the config).
@@ -417,6 +456,7 @@ class ClusterStore:
         self.console_log_bytes = console_log_bytes
         self.timeout = min(1.0, lease_ttl / 3) if timeout is None else timeout
         self.entry_bytes = max(1, min(entry_bytes, console_log_bytes))
+        self.reserve_ahead = reserve_ahead
         self._redis: Redis = Redis.from_url(
             url,
             socket_timeout=self.timeout,
@@ -747,7 +787,9 @@ class ClusterStore:
             self._key("log", vm),
             self._key("logmeta", vm),
         )
-        args = (self.gateway_id, token, start_offset, cap, self.entry_bytes, *chunks)
+        args = (
+            self.gateway_id, token, start_offset, cap, self.entry_bytes, self.reserve_ahead, *chunks
+        )  # fmt: skip
         return _Call(_APPEND, keys, args)
 
     async def append(
@@ -780,6 +822,31 @@ class ClusterStore:
         async with self._deadline("read"):
             ((start, end, offset, data),) = await self._pipeline([call])
         return LogSlice(int(start), int(end), int(offset), bytes(data))
+
+    async def resume_point(self, vm: str) -> int:
+        """Where a new owner's offsets start: past everything stored or reserved by anyone.
+
+        An owner reserves offsets a log's worth ahead of what it stored (each append
+        moves the mark), so output its clients saw but Redis never got (it died, or
+        Redis was away) is skipped by its successor: a gap, never an offset reused.
+        """
+        async with self._deadline("resume_point"):
+            end, reserved = await self._command(
+                "HMGET", self._key("logmeta", vm), "end", "reserved"
+            )
+        return max(int(end or 0), int(reserved or 0))
+
+    async def reserve(self, vm: str, token: int, offset: int) -> bool:
+        """Reserve offsets up to `offset` for our lease (fenced); False if it is not ours."""
+        keys = (self._key("lease", vm), self._key("fence", vm), self._key("logmeta", vm))
+        call = _Call(_RESERVE, keys, (self.gateway_id, token, offset))
+        async with self._deadline("reserve"):
+            (result,) = await self._pipeline([call])
+        return bytes(result[0]) == b"ok"
+
+    async def settle(self, vm: str, token: int) -> bool:
+        """Our output is all stored: the next owner may start right at the log's end."""
+        return await self.reserve(vm, token, -1)
 
     async def bounds(self, vm: str) -> tuple[int, int]:
         """The log's (start, end) offsets; (0, 0) when nothing was ever stored."""

@@ -495,3 +495,23 @@ async def test_store_redis_frozen_times_out_at_deadline_then_recovers(
     again = await a.append("vm-1", token, 0, [b"xyz"])
     assert (again.ok, again.end, again.written + again.skipped) == (True, 3, 3)
     assert (await a.read("vm-1", 0, 10)).data == b"xyz"
+
+
+async def test_store_offsets_reserved_ahead_so_a_successor_never_reuses_them(
+    make_store: StoreFactory,
+) -> None:
+    """A crashed owner's unstored offsets are skipped by its successor; a settled one's are not."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    token = await a.claim("vm-1")
+    assert token is not None
+    assert (await a.append("vm-1", token, 0, [b"stored\n"])).ok
+    # The owner may have handed out more than it stored: its successor starts past the mark.
+    assert await b.resume_point("vm-1") == 7 + a.reserve_ahead
+    assert await a.settle("vm-1", token)  # everything handed out is stored
+    assert await b.resume_point("vm-1") == 7
+    assert await a.reserve("vm-1", token, 100)
+    assert await a.release("vm-1", token)
+    new = await b.claim("vm-1")
+    assert new is not None
+    assert not await a.reserve("vm-1", token, 10_000)  # fenced: the lease is b's
+    assert await b.resume_point("vm-1") == 100
