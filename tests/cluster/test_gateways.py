@@ -461,3 +461,33 @@ async def test_relayed_client_stays_attached_when_the_owner_is_killed(
             )  # fmt: skip
             assert status == 200
             assert (await c.closed())[0] == 4009
+
+
+async def test_relayed_client_is_closed_with_1001_when_no_gateway_takes_over(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """The owner dies while Redis is away (no VM changes owner): port_down, then 1001."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    async with contextlib.AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(
+            gateway_process(cluster_config(owner_id, far_end.port))
+        )
+        relaying = await stack.enter_async_context(serving(cluster_config(relay_id, far_end.port)))
+        assert relaying.cluster is not None
+        cluster = relaying.cluster
+        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
+        async with console(relaying, ctx, mint("alice")) as c:
+            await redis_server.stop()
+            victim.proc.send_signal(signal.SIGKILL)
+            await victim.proc.wait()
+            assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+            code, reason = await c.closed()
+            assert code == 1001
+            assert reason is not None
+            assert "no gateway took over within 5 s" in reason
