@@ -103,6 +103,26 @@ def test_client_stream_stopped_mid_frame_is_not_at_a_boundary(
     assert walker.at_boundary == (cut == 0 or cut in ends)
 
 
+@given(_client_frames(), st.lists(st.integers(0, 1 << 20), max_size=12), st.integers(1, 300))
+def test_client_stream_keeps_the_unfinished_frame_for_a_new_owner(
+    frames: list[Spec], points: list[int], max_unfinished: int
+) -> None:
+    """After any chunk, `unfinished` is the start of the frame in progress (unless too long)."""
+    data, ends = _encode(frames, mask=True)
+    walker = ClientStream(max_unfinished)
+    consumed = 0
+    for chunk in _cuts(data, points):
+        walker.track(chunk)
+        consumed += len(chunk)
+        start = max([0, *(e for e in ends if e <= consumed)])
+        expected = data[start:consumed]
+        if len(expected) <= max_unfinished:
+            assert walker.unfinished_whole
+            assert bytes(walker.unfinished) == expected
+        else:
+            assert not walker.unfinished_whole
+
+
 def _hello(offset: int, replay: int, port: str = "up") -> Spec:
     text = control.encode_hello(
         vm="vm-a", session="s", role="writer", offset=offset, replay=replay, limits={}, port=port

@@ -214,9 +214,7 @@ class Relay:
         self._client = _Client(self, client)
         self._owner: _Owner | None = _Owner(self, peer.transport, live=True)
         self._server = ServerStream()
-        self._frames = ClientStream()
-        self._partial = bytearray()  # the client's unfinished frame, sent to the owner
-        self._partial_whole = True  # `_partial` holds all of it (not too long to keep)
+        self._frames = ClientStream(MAX_PARTIAL_BYTES)
         self._held: bytearray | None = None  # client input while no owner is attached
         self._moving: asyncio.Task[None] | None = None
 
@@ -229,29 +227,11 @@ class Relay:
             if len(held) > self._high_water:
                 self._client.transport.pause_reading()
             return
-        self._track_client(data)
+        self._frames.track(data)
         owner = self._owner
         if owner is not None and not owner.transport.is_closing():
             owner.transport.write(data)
             self.bytes_to_peer += len(data)
-
-    def _track_client(self, data: bytes | bytearray) -> None:
-        """Keep the start of an unfinished client frame, to replay it to a new owner."""
-        frames = self._frames
-        done = frames.feed(data)
-        if frames.at_boundary:
-            if self._partial:
-                self._partial.clear()
-            self._partial_whole = True
-        elif not self._partial_whole:
-            return
-        elif done:
-            self._partial[:] = data[done:]
-        else:
-            self._partial += data
-        if len(self._partial) > MAX_PARTIAL_BYTES:
-            self._partial.clear()
-            self._partial_whole = False
 
     def _from_owner(self, data: bytes) -> None:
         server = self._server
@@ -344,7 +324,7 @@ class Relay:
             self._client.transport.abort()
             return
         self._owner = None
-        if not self._partial_whole:  # a client frame too long to keep was in flight
+        if not self._frames.unfinished_whole:  # a client frame too long to keep was in flight
             self._give_up(self._reattach, "a long message was in flight")
             return
         self._held = bytearray()
@@ -503,8 +483,8 @@ class Relay:
     def _flush_held(self, owner: _Owner) -> None:
         """Send the new owner the start of a frame the old one never finished, then the rest."""
         held, self._held = self._held or bytearray(), None
-        replay = bytes(self._partial) + bytes(held)
-        self._track_client(held)
+        replay = bytes(self._frames.unfinished) + bytes(held)
+        self._frames.track(held)
         if replay and not owner.transport.is_closing():
             owner.transport.write(replay)
             self.bytes_to_peer += len(replay)

@@ -157,9 +157,43 @@ class _FrameWalker:
 
 
 class ClientStream(_FrameWalker):
-    """The client's frames to the owner (masked): only where they begin and end."""
+    """The client's frames to the owner (masked): where they end, and the unfinished one.
+
+    Attributes:
+        unfinished: the bytes of the frame in progress (empty at a boundary),
+            which an owner that dies now never acted on: a new owner must get
+            them again. Copied only when a chunk ends inside a frame.
+        unfinished_whole: `unfinished` holds the whole start of that frame
+            (false once it grew past `max_unfinished`).
+    """
 
     _masked = True
+
+    def __init__(self, max_unfinished: int = 1 << 20) -> None:
+        super().__init__()
+        self.max_unfinished = max_unfinished
+        self.unfinished = bytearray()
+        self.unfinished_whole = True
+
+    def track(self, data: bytes | bytearray) -> None:
+        """`feed`, keeping `unfinished` up to date."""
+        done = self.feed(data)
+        if self.at_boundary:
+            if self.unfinished:
+                self.unfinished.clear()
+            self.unfinished_whole = True
+            return
+        if not self.unfinished_whole:
+            if not done:
+                return
+            self.unfinished_whole = True  # a new frame began in this chunk
+        if done:
+            self.unfinished[:] = data[done:]
+        else:
+            self.unfinished += data
+        if len(self.unfinished) > self.max_unfinished:
+            self.unfinished.clear()
+            self.unfinished_whole = False
 
 
 class ServerStream(_FrameWalker):
