@@ -30,6 +30,7 @@ from .cluster.forwarding import (
     has_forwarded_headers,
     parse_forwarded_headers,
 )
+from .cluster.relay import Reattach
 from .config import Role, VmConfig, scale_set_scopes, vm_scopes
 from .connection import ConsoleGrant, ForwardGrant, OwnerUnavailableError, console_vm
 from .errors import (
@@ -112,6 +113,13 @@ class ClusterView(Protocol):
 
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """(gateway id, advertise host:port) of the VM's owner."""
+
+    async def next_round(self) -> None:
+        """Wait until the next ownership round has run."""
+
+    @property
+    def reattach_wait(self) -> float:
+        """How long a relay waits for a new owner when the owner dies."""
 
 
 class ApiOwner(Protocol):
@@ -522,9 +530,24 @@ def _forward_grant(
             f"no gateway holds the console of {vm_id} right now (failover); try again"
         )
     host, _, port = owner[1].rpartition(":")
-    head = encode_forwarded_request(request.path, request.headers.items(), fwd)
+    path, headers = request.path, list(request.headers.items())
+    head = encode_forwarded_request(path, headers, fwd)
+
+    def resuming(offset: int) -> bytes:
+        """The same session (id, principal, role, mode), resuming at `offset`, for a new owner."""
+        return encode_forwarded_request(path, headers, dataclasses.replace(fwd, resume_from=offset))
+
+    reattach = Reattach(
+        vm=vm_id,
+        owner=owner[0],
+        owners=cluster,
+        request=resuming,
+        ssl_context=cluster.peer_ssl,
+        timeout=cluster.forward_timeout,
+        wait=cluster.reattach_wait,
+    )
     return ForwardGrant(
-        host.strip("[]"), int(port), head, cluster.peer_ssl, cluster.forward_timeout
+        host.strip("[]"), int(port), head, cluster.peer_ssl, cluster.forward_timeout, reattach
     )
 
 

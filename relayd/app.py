@@ -78,6 +78,9 @@ class GatewayCluster:
         )
         self.trust = PeerTrust.load(cluster.peer_ca, config.tls.client_ca)
         self.forward_timeout = max(2.0, config.gateway.handshake_timeout)
+        # A dead owner's lease lapses after lease_ttl and a survivor claims the VM within
+        # a round or two; a relay waits three leases (and a margin) before giving up.
+        self.reattach_wait = 3 * cluster.lease_ttl + 2.0
         limits = config.limits
         self.node = ClusterNode(
             gateway,
@@ -98,6 +101,10 @@ class GatewayCluster:
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """(gateway id, advertise address) of the VM's owner, as of the last round."""
         return self.node.owner_of(vm_id)
+
+    async def next_round(self) -> None:
+        """Wait until the next ownership round has run (a relay waits for a new owner)."""
+        await self.node.next_round()
 
 
 def _cert_not_after(config: Config) -> datetime.datetime:

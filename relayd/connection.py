@@ -31,7 +31,8 @@ from websockets.typing import Subprotocol
 from . import control
 from .auth import Principal
 from .cluster.forwarding import PeerLinkError
-from .cluster.peerlink import Splice, open_peer, splice
+from .cluster.peerlink import open_peer
+from .cluster.relay import Reattach, Relay, relay
 from .config import Config, Role
 from .errors import PeerError, ServiceUnavailableError
 from .http import HttpResponse, Request, encode_response, raw_error
@@ -86,6 +87,7 @@ class ForwardGrant:
     head: bytes
     ssl_context: ssl.SSLContext
     timeout: float
+    reattach: Reattach | None = None  # how to follow the session to the VM's next owner
 
 
 class ConnectionOwner(Protocol):
@@ -138,7 +140,7 @@ class HttpConnection(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._cert_cn: str | None = None
         self._gateway: str | None = None
-        self._relay: Splice | None = None
+        self._relay: Relay | None = None
         self._cert_not_after: float | None = None
         self._http_paused = False
         # The request being answered (the owner may wait on Redis); the next one waits.
@@ -412,14 +414,16 @@ class HttpConnection(asyncio.Protocol):
             return
         leftover, _ = self._h11.trailing_data
         self._cancel_deadline()
-        self._relay = splice(transport, peer, client_data=bytes(leftover), on_done=self._relayed)
+        self._relay = relay(
+            transport, peer, grant.reattach, client_data=bytes(leftover), on_done=self._relayed
+        )
 
     @property
     def relaying(self) -> bool:
         """Whether this connection is a session relayed to the VM's owner."""
         return self._relay is not None
 
-    def _relayed(self, relay: Splice) -> None:
+    def _relayed(self, relay: Relay) -> None:
         """Both ends of a relayed session are gone."""
         self._forget()
 

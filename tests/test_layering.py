@@ -52,6 +52,7 @@ SANS_IO_WHEN_PRESENT = (
     "relayd.inputqueue",
     "relayd.cluster.ownership",
     "relayd.cluster.forwarding",
+    "relayd.cluster.wsframes",
 )
 # What a sans-I/O module may not import, directly or through any relayd module it imports.
 IO_MODULES = frozenset({"asyncio", "socket", "ssl", "time", "logging", "structlog"})

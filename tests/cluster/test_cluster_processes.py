@@ -338,12 +338,6 @@ async def test_owner_killed_before_its_output_reached_redis_offsets_are_not_reus
         assert resumed.hello["offset"] >= last
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 point 6, not done on main (f6924bc): a forwarded session is a byte "
-    "splice to the owner's session, so when the owner dies the receiving gateway drops "
-    "the client's connection (no close frame) instead of port_down, port_up, staying",
-)
 async def test_owner_killed_clients_through_other_gateways_get_port_down_up_and_stay(
     region: Region,
 ) -> None:

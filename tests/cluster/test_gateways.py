@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import ssl
 import sys
@@ -26,6 +27,7 @@ from websockets.exceptions import InvalidStatus
 
 from relayd.app import Gateway
 from relayd.auth import issue_token
+from relayd.cluster.ownership import preferred_owner
 from relayd.cluster.store import ClusterUnavailableError
 from relayd.config import Config, load_config
 
@@ -35,6 +37,7 @@ from ..conftest import (
     TIMEOUT,
     Console,
     FarEnd,
+    gateway_process,
     http_request,
     https_exchange,
     toml_value,
@@ -418,3 +421,96 @@ async def test_relayed_session_ends_when_its_token_expires_with_disconnect_expir
         async with console(other, ctx, mint("alice", ttl=2.0)) as c:
             code, _ = await c.closed()
         assert code == 4003
+
+
+async def test_relayed_client_stays_attached_when_the_owner_is_killed(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """kill -9 of the owner: a client relayed through the other gateway gets port_down, then
+    port_up, types on (keys it sent in between too), and resumes with no byte twice or lost;
+    the new owner's close frames still reach it unchanged."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    async with contextlib.AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(
+            gateway_process(cluster_config(owner_id, far_end.port))
+        )
+        relaying = await stack.enter_async_context(serving(cluster_config(relay_id, far_end.port)))
+        assert relaying.cluster is not None
+        cluster = relaying.cluster
+        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
+        await far_end.connected()
+        async with console(relaying, ctx, mint("alice")) as c:
+            assert c.hello["role"] == "writer"
+            await c.send(b"before\r")
+            await far_end.wait_received(lambda got: b"before\r" in got)
+            await far_end.send(b"output before\r\n")
+            await c.expect(b"output before\r\n")
+            # The new owner resumes from the shared log: wait until the line is in it.
+            async with asyncio.timeout(TIMEOUT):
+                while (
+                    b"output before"
+                    not in (
+                        await api(relaying, "GET", "/v1/vms/vm-a/console-log", ctx, mint("alice"))
+                    )[1]
+                ):
+                    await cluster.next_round()
+            position = c.hello["offset"] - c.hello["replay"] + len(c.output)
+
+            killed_at = asyncio.get_running_loop().time()
+            victim.proc.send_signal(signal.SIGKILL)
+            await victim.proc.wait()
+            assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+            await c.send(b"during\r")  # held until the new owner's port is up
+            assert (await c.control(type="notice", event="port_up"))["vm"] == "vm-a"
+            assert asyncio.get_running_loop().time() - killed_at < 5.0
+            await far_end.wait_received(lambda got: b"during\r" in got)
+            await c.send(b"after\r")
+            await far_end.wait_received(lambda got: b"after\r" in got)
+            await far_end.send(b"output after\r\n")
+            await c.expect(b"output after\r\n")
+            assert bytes(c.output[position - c.hello["offset"] + c.hello["replay"] :]) == (
+                b"output after\r\n"
+            )
+            assert c.output.count(b"output before") == 1
+            assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
+            assert "vm-a" in relaying.hubs  # the survivor owns the VM now
+
+            status, _ = await api(
+                relaying, "PUT", "/v1/vms/vm-a/serial-console", ctx, mint("olga"),
+                b'{"enabled": false}',
+            )  # fmt: skip
+            assert status == 200
+            assert (await c.closed())[0] == 4009
+
+
+async def test_relayed_client_is_closed_with_1001_when_no_gateway_takes_over(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """The owner dies while Redis is away (no VM changes owner): port_down, then 1001."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    async with contextlib.AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(
+            gateway_process(cluster_config(owner_id, far_end.port))
+        )
+        relaying = await stack.enter_async_context(serving(cluster_config(relay_id, far_end.port)))
+        assert relaying.cluster is not None
+        cluster = relaying.cluster
+        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
+        async with console(relaying, ctx, mint("alice")) as c:
+            await redis_server.stop()
+            victim.proc.send_signal(signal.SIGKILL)
+            await victim.proc.wait()
+            assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+            code, reason = await c.closed()
+            assert code == 1001
+            assert reason is not None
+            assert "no gateway took over within 5 s" in reason

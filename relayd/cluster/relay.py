@@ -1,0 +1,528 @@
+"""A relayed console session that outlives its owner: the splice, plus re-attachment.
+
+Like `peerlink.splice`, a `Relay` writes the owner's answer to the client and
+then passes bytes both ways with the transports' own flow control; it also
+walks both streams' frame headers (wsframes.py: no payload is copied or
+decoded, except the owner's small text messages) so that it always knows
+whether each direction is between frames and where the client's console
+position is. That lets it move the session when the owner dies:
+
+1. The owner's link ends without a Close frame from it (its gateway died, or
+   the link broke) while its stream is between frames: the client gets a
+   `port_down` notice, and its input is held (up to the high-water mark, then
+   its socket is not read).
+2. The relay waits for the region to name a new owner (`OwnerDirectory`:
+   the gateway's view after each ownership round), for at most `wait`
+   seconds, and sends it the same forwarded upgrade (same session id,
+   principal, role and mode) resuming at the client's position.
+3. The new owner's 101 and its hello are swallowed (the client already has
+   a session); the client gets `port_up` (unless the new owner's port is not
+   up yet: it says `port_up` itself when it is), then the new owner's stream,
+   which starts exactly at the client's position (an `output_gap` notice
+   first if the new owner no longer holds those bytes). The held input follows,
+   including the start of a frame the dead owner got only part of (it never
+   acted on it), and the relay goes on.
+
+When the owner closes on purpose (a Close frame: 4001, 4009, 1001...) the
+frame reaches the client unchanged and the relay ends, as a splice does. When
+no new owner comes in time, or it refuses the session, the client gets a
+Close 1001 with the reason; when the owner died in the middle of a frame, the
+client's connection is dropped (no well-formed frame can finish it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from websockets.frames import Close, Frame, Opcode
+
+from .. import control
+from ..log import get_logger
+from .forwarding import PeerLinkError
+from .peerlink import CLOSE_TIMEOUT, HIGH_WATER, PeerConnection, open_peer
+from .wsframes import ClientStream, ServerStream, first_frame
+
+__all__ = ["OwnerDirectory", "Reattach", "Relay", "relay"]
+
+log = get_logger("relayd.relay")
+
+#: The start of a client frame kept for a new owner, at most (a larger frame in
+#: flight when the owner dies ends the session).
+MAX_PARTIAL_BYTES = 1 << 20
+
+
+class OwnerDirectory(Protocol):
+    """Who owns which VM, as the gateway last saw it (`ClusterNode`)."""
+
+    def owner_of(self, vm_id: str) -> tuple[str, str] | None:
+        """(gateway id, advertise host:port) of the VM's owner, None while nobody owns it."""
+
+    async def next_round(self) -> None:
+        """Wait until the gateway's next ownership round has run."""
+
+
+@dataclass(frozen=True)
+class Reattach:
+    """What a relay needs to move its session to a new owner.
+
+    Attributes:
+        vm: the VM.
+        owner: the gateway id of the owner the session is relayed to first.
+        owners: the gateway's view of ownership.
+        request: the forwarded upgrade for this session, resuming at an offset.
+        ssl_context: the peer-link client context.
+        timeout: deadline of each peer link (connection, TLS, answer, hello).
+        wait: how long to wait for a new owner before closing the client.
+    """
+
+    vm: str
+    owner: str
+    owners: OwnerDirectory
+    request: Callable[[int], bytes]
+    ssl_context: ssl.SSLContext
+    timeout: float
+    wait: float
+
+
+class _Refused(Exception):
+    """The new owner answered with a refusal (its status is in the message)."""
+
+
+class _Client(asyncio.Protocol):
+    def __init__(self, relay: Relay, transport: asyncio.Transport) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.lost = False
+        self.close_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.relay._from_client(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        """The client is slow: stop reading the owner until it drains."""
+        owner = self.relay._owner
+        if owner is not None and not owner.transport.is_closing():
+            owner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """See `pause_writing`."""
+        owner = self.relay._owner
+        if owner is not None and not owner.transport.is_closing():
+            owner.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.relay._client_lost()
+
+
+class _Owner(asyncio.Protocol):
+    def __init__(self, relay: Relay, transport: asyncio.Transport, *, live: bool) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.lost = False
+        self.live = live  # False while a new owner's hello is awaited
+        self.pending = bytearray()
+        self.changed = asyncio.Event()
+        self.close_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.live:
+            self.relay._from_owner(data)
+        else:
+            self.pending += data
+            self.changed.set()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        """The owner is slow to read: stop reading the client until it drains."""
+        client = self.relay._client.transport
+        if self.live and not client.is_closing():
+            client.pause_reading()
+
+    def resume_writing(self) -> None:
+        """See `pause_writing`."""
+        if self.live:
+            self.relay._read_client()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.changed.set()
+        if self.live:
+            self.relay._owner_lost(self)
+
+
+def _close_later(end: _Client | _Owner, close_timeout: float) -> None:
+    """Flush, then close; abort if the flush takes longer than `close_timeout`."""
+    if end.lost or end.close_timer is not None:
+        return
+    if not end.transport.is_closing():  # never close twice (see peerlink._End.close)
+        end.transport.close()
+    end.close_timer = asyncio.get_running_loop().call_later(close_timeout, end.transport.abort)
+
+
+def _text_frame(text: str) -> bytes:
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+def _close_frame(code: int, reason: str) -> bytes:
+    payload = Close(code, control.close_reason(reason)).serialize()
+    return Frame(Opcode.CLOSE, payload).serialize(mask=False)
+
+
+class Relay:
+    """A client relayed to a VM's owner, re-attached to the next owner when one dies.
+
+    Attributes:
+        bytes_to_peer: bytes relayed from the client to the owners.
+        bytes_to_client: bytes relayed from the owners to the client.
+        reattached: how many times the session moved to a new owner.
+        closed: done when the client and every owner link are gone.
+    """
+
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        peer: PeerConnection,
+        reattach: Reattach | None,
+        *,
+        on_done: Callable[[Relay], None] | None,
+        high_water: int,
+        close_timeout: float,
+    ) -> None:
+        self.bytes_to_peer = 0
+        self.bytes_to_client = 0
+        self.reattached = 0
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reattach = reattach
+        self._owner_id = None if reattach is None else reattach.owner
+        self._on_done = on_done
+        self._high_water = high_water
+        self._close_timeout = close_timeout
+        self._client = _Client(self, client)
+        self._owner: _Owner | None = _Owner(self, peer.transport, live=True)
+        self._server = ServerStream()
+        self._frames = ClientStream(MAX_PARTIAL_BYTES)
+        self._held: bytearray | None = None  # client input while no owner is attached
+        self._moving: asyncio.Task[None] | None = None
+
+    # -- normal relaying --------------------------------------------------------------------
+
+    def _from_client(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            held += data
+            if len(held) > self._high_water:
+                self._client.transport.pause_reading()
+            return
+        self._frames.track(data)
+        owner = self._owner
+        if owner is not None and not owner.transport.is_closing():
+            owner.transport.write(data)
+            self.bytes_to_peer += len(data)
+
+    def _from_owner(self, data: bytes) -> None:
+        server = self._server
+        server.feed(data)
+        client = self._client.transport
+        if not client.is_closing():
+            client.write(data)
+            self.bytes_to_client += len(data)
+        if self._held is not None and server.port_up and self._owner is not None:
+            self._flush_held(self._owner)  # a new owner's port came up: the keys may go
+
+    def _read_client(self) -> None:
+        client = self._client.transport
+        if self._held is None and not client.is_closing():
+            client.resume_reading()
+
+    def _start(self, peer: PeerConnection, client_data: bytes) -> None:
+        client = self._client.transport
+        client.set_write_buffer_limits(high=self._high_water)
+        client.set_protocol(self._client)
+        owner = self._owner
+        assert owner is not None
+        client.write(peer.head)
+        self.bytes_to_client += len(peer.head)
+        reader = peer._reader
+        self._from_owner(peer.rest + bytes(reader.buf))
+        reader.buf.clear()
+        owner.transport.set_write_buffer_limits(high=self._high_water)
+        if reader.lost:  # the owner hung up between its answer and now
+            owner.lost = True
+            self._owner_lost(owner)
+            return
+        owner.transport.set_protocol(owner)
+        if client_data:
+            self._from_client(client_data)
+        if client.get_write_buffer_size() <= self._high_water:
+            owner.transport.resume_reading()
+        if owner.transport.get_write_buffer_size() <= self._high_water:
+            client.resume_reading()
+
+    # -- ends -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the relay: flush and close both sides (aborted after `close_timeout`)."""
+        if self._moving is not None:
+            self._moving.cancel()
+        _close_later(self._client, self._close_timeout)
+        if self._owner is not None:
+            _close_later(self._owner, self._close_timeout)
+
+    def abort(self) -> None:
+        """End the relay at once, dropping whatever is buffered."""
+        if self._moving is not None:
+            self._moving.cancel()
+        if not self._client.lost:
+            self._client.transport.abort()
+        if self._owner is not None and not self._owner.lost:
+            self._owner.transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until the client and the owner link are gone."""
+        await asyncio.shield(self.closed)
+
+    def _client_lost(self) -> None:
+        if self._moving is not None:
+            self._moving.cancel()  # its cleanup drops a link being opened
+        owner = self._owner
+        if owner is not None and not owner.lost:
+            _close_later(owner, self._close_timeout)  # flush what the client sent last
+            return
+        self._done()
+
+    def _owner_lost(self, owner: _Owner) -> None:
+        if owner is not self._owner:
+            return
+        if self._client.lost:
+            self._done()
+            return
+        server = self._server
+        if self._reattach is None or server.closing or self._client.transport.is_closing():
+            _close_later(self._client, self._close_timeout)  # the owner's Close reaches it
+            return
+        if not server.at_boundary or server.position is None or server.broken:
+            log.warning(
+                "relay_owner_lost",
+                vm=self._reattach.vm,
+                owner=self._owner_id,
+                outcome="dropped mid-frame",
+            )
+            self._client.transport.abort()
+            return
+        self._owner = None
+        if not self._frames.unfinished_whole:  # a client frame too long to keep was in flight
+            self._give_up(self._reattach, "a long message was in flight")
+            return
+        self._held = bytearray()
+        log.info("relay_owner_lost", vm=self._reattach.vm, owner=self._owner_id, outcome="moving")
+        self._send_client(_text_frame(control.encode_notice("port_down", vm=self._reattach.vm)))
+        self._moving = asyncio.get_running_loop().create_task(self._move(self._reattach))
+
+    def _done(self) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+            if self._on_done is not None:
+                self._on_done(self)
+
+    def _send_client(self, data: bytes) -> None:
+        client = self._client.transport
+        if not client.is_closing():
+            client.write(data)
+            self.bytes_to_client += len(data)
+
+    # -- re-attachment ----------------------------------------------------------------------
+
+    async def _move(self, reattach: Reattach) -> None:
+        """Find the next owner and splice it in; close the client if none comes."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            async with asyncio.timeout(reattach.wait):
+                owner, hello_end, link = await self._next_owner(reattach)
+        except TimeoutError:
+            self._give_up(reattach, f"no gateway took over within {reattach.wait:g} s")
+            return
+        except _Refused as exc:
+            self._give_up(reattach, str(exc))
+            return
+        self._moving = None
+        self._attach(owner, hello_end, link)
+        log.info(
+            "relay_reattached",
+            vm=reattach.vm,
+            owner=self._owner_id,
+            resumed_at=self._server.position,
+            seconds=round(loop.time() - began, 3),
+        )
+
+    def _give_up(self, reattach: Reattach, why: str) -> None:
+        self._moving = None
+        log.warning("relay_reattach_failed", vm=reattach.vm, reason=why)
+        self._send_client(
+            _close_frame(control.CLOSE_GOING_AWAY, f"console moved: {why}; reconnect")
+        )
+        _close_later(self._client, self._close_timeout)
+
+    async def _next_owner(self, reattach: Reattach) -> tuple[_Owner, int, PeerConnection]:
+        """Wait for a live owner and open the session on it, resuming at the client's position.
+
+        The gateway that died stays in the view until its lease lapses: it is
+        tried again only once the view has named someone else (or no one),
+        as when it restarts and takes its share back.
+        """
+        dead = self._owner_id
+        moved = False
+        while True:
+            owner = reattach.owners.owner_of(reattach.vm)
+            if owner is None or owner[0] != dead:
+                moved = True
+            if owner is not None and moved:
+                attached = await self._try_owner(reattach, owner)
+                if attached is not None:
+                    self._owner_id = owner[0]
+                    return attached
+            await reattach.owners.next_round()
+
+    async def _try_owner(
+        self, reattach: Reattach, owner: tuple[str, str]
+    ) -> tuple[_Owner, int, PeerConnection] | None:
+        """Open the session on `owner` and read its hello; None to try again next round.
+
+        Raises:
+            _Refused: the owner refused the session (not for "no owner here yet").
+        """
+        host, _, port = owner[1].rpartition(":")
+        position = self._server.position
+        assert position is not None
+        try:
+            link = await open_peer(
+                host.strip("[]"),
+                int(port),
+                reattach.ssl_context,
+                reattach.request(position),
+                reattach.timeout,
+            )
+        except PeerLinkError as exc:
+            log.info("relay_owner_unreachable", vm=reattach.vm, owner=owner[0], error=str(exc))
+            return None
+        if link.status == 503:  # it does not hold the port (yet): the next round will say
+            return None
+        if link.status != 101:
+            raise _Refused(f"gateway {owner[0]} refused the session with {link.status}")
+        side = _Owner(self, link.transport, live=False)
+        reader = link._reader
+        side.pending += link.rest + bytes(reader.buf)
+        reader.buf.clear()
+        if reader.lost:
+            return None
+        link.transport.set_protocol(side)
+        link.transport.resume_reading()
+        try:
+            async with asyncio.timeout(reattach.timeout):
+                while (found := first_frame(side.pending)) is None:
+                    if side.lost:
+                        return None
+                    side.changed.clear()
+                    await side.changed.wait()
+        except TimeoutError:
+            link.transport.abort()
+            return None
+        except BaseException:
+            link.transport.abort()
+            raise
+        end, first, payload = found
+        stream = ServerStream()
+        if first == 0x81:  # a final text frame: the hello
+            stream.message(payload)
+        if stream.hello is None or stream.position is None or stream.position < position:
+            # Not a resumption at the client's position: it would repeat bytes. (A later
+            # position is the owner's to explain: an output_gap notice comes next.)
+            link.transport.abort()
+            raise _Refused(f"gateway {owner[0]} resumed the session at the wrong offset")
+        self._server = stream
+        return side, end, link
+
+    def _attach(self, owner: _Owner, hello_end: int, link: PeerConnection) -> None:
+        """Splice in the new owner: port_up, its stream after the hello, the held input."""
+        reattach = self._reattach
+        assert reattach is not None
+        self.reattached += 1
+        if self._server.port_up:
+            self._send_client(_text_frame(control.encode_notice("port_up", vm=reattach.vm)))
+        rest = bytes(owner.pending[hello_end:])
+        owner.pending.clear()
+        owner.live = True
+        self._owner = owner
+        owner.transport.set_write_buffer_limits(high=self._high_water)
+        if rest:
+            self._from_owner(rest)
+        if owner.lost:  # it went while we were attaching
+            self._owner_lost(owner)
+            return
+        if self._client.transport.get_write_buffer_size() > self._high_water:
+            owner.transport.pause_reading()
+        if self._server.port_up and self._held is not None:
+            self._flush_held(owner)
+        # Else the input waits for the new owner's port_up: sent now, it would be refused
+        # (`port_down` errors) and lost.
+
+    def _flush_held(self, owner: _Owner) -> None:
+        """Send the new owner the start of a frame the old one never finished, then the rest."""
+        held, self._held = self._held or bytearray(), None
+        replay = bytes(self._frames.unfinished) + bytes(held)
+        self._frames.track(held)
+        if replay and not owner.transport.is_closing():
+            owner.transport.write(replay)
+            self.bytes_to_peer += len(replay)
+        self._read_client()
+
+
+def relay(
+    client: asyncio.Transport,
+    peer: PeerConnection,
+    reattach: Reattach | None,
+    *,
+    client_data: bytes = b"",
+    on_done: Callable[[Relay], None] | None = None,
+    high_water: int = HIGH_WATER,
+    close_timeout: float = CLOSE_TIMEOUT,
+) -> Relay:
+    """Relay a client to the owner (as `peerlink.splice`), re-attaching it when the owner dies.
+
+    Args:
+        client: the client's TLS transport, open.
+        peer: a 101 answer from `open_peer`.
+        reattach: how to find and reach the next owner; None: end with the owner.
+        client_data: bytes the client sent after its upgrade request.
+        on_done: called once, with the relay, when the client and the owner link are gone.
+        high_water: each transport's write-buffer mark, and the most client input held
+            while no owner is attached.
+        close_timeout: how long a side may take to flush after the other ended.
+
+    Raises:
+        ValueError: `peer` is not a 101, or `client` is closing (the link is aborted).
+    """
+    if peer.status != 101:
+        raise ValueError(f"only a 101 answer can be relayed, not {peer.status}")
+    if client.is_closing():
+        peer.abort()
+        raise ValueError("the client transport is closing")
+    r = Relay(
+        client, peer, reattach, on_done=on_done, high_water=high_water, close_timeout=close_timeout
+    )
+    r._start(peer, client_data)
+    return r
