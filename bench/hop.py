@@ -99,6 +99,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flood-vms", type=int, default=50, help="0: no flood")
     p.add_argument("--flood-seconds", type=float, default=20.0)
     p.add_argument("--no-pin", action="store_true", help="let every process use both CPUs")
+    p.add_argument(
+        "--relayd", type=Path, default=ROOT / "relayd", help="the relayd package to run (a copy)"
+    )
     return p.parse_args(argv)
 
 
@@ -475,7 +478,7 @@ async def main(args: argparse.Namespace) -> int:
         os.setpriority(os.PRIO_PROCESS, 0, NICE)
     procfs.raise_nofile(200_000)
     work = Path(tempfile.mkdtemp(prefix="relayd-hop-"))
-    src = snapshot_relayd(work / "src")
+    src = snapshot_relayd(work / "src", args.relayd)
     peers_mod.RELAYD_SRC = src
     sys.path.insert(0, str(src))
     from relayd.auth import issue_token
