@@ -37,6 +37,7 @@ import datetime
 import json
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -99,6 +100,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flood-vms", type=int, default=50, help="0: no flood")
     p.add_argument("--flood-seconds", type=float, default=20.0)
     p.add_argument("--no-pin", action="store_true", help="let every process use both CPUs")
+    p.add_argument("--keep", action="store_true", help="keep the gateways' logs and configs")
     p.add_argument(
         "--relayd", type=Path, default=ROOT / "relayd", help="the relayd package to run (a copy)"
     )
@@ -581,6 +583,10 @@ async def main(args: argparse.Namespace) -> int:
         await terminate(redis_proc)
         kill_all()
         await backend.close()
+        if args.keep:
+            print(f"logs and configs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"hop-{stamp}.json"
