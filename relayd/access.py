@@ -32,7 +32,7 @@ from .errors import (
     PeerError,
     RateLimitedError,
     RelaydError,
-    ServiceUnavailableError,
+    SharedStateError,
 )
 from .http import Request
 from .ratelimit import KeyedLimiter
@@ -56,16 +56,6 @@ class SharedTickets(Protocol):
 
     async def take_ticket(self, ticket_id: str) -> str | None:
         """Take a ticket once: its payload, or None when unknown, used or expired."""
-
-
-class SharedStateError(ServiceUnavailableError):
-    """The region's shared state (Redis) did not answer: try again, maybe elsewhere."""
-
-    code = "cluster_unavailable"
-
-    def response_headers(self) -> list[tuple[str, str]]:
-        """Worth retrying soon."""
-        return [("Retry-After", "1")]
 
 
 class AccessPolicy:

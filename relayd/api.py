@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from . import webui
-from .access import AccessPolicy, SharedStateError
+from .access import AccessPolicy
 from .audit import audit
 from .auth import Principal
 from .cluster.forwarding import (
@@ -32,17 +32,16 @@ from .cluster.forwarding import (
 )
 from .cluster.relay import Reattach
 from .config import Role, VmConfig, scale_set_scopes, vm_scopes
-from .connection import ConsoleGrant, ForwardGrant, OwnerUnavailableError, console_vm
+from .connection import ConsoleGrant, ForwardGrant, console_vm
 from .errors import (
     ConflictError,
     ForbiddenError,
     MethodNotAllowedError,
     NotFoundError,
+    OwnerUnavailableError,
     PeerError,
     RelaydError,
-)
-from .errors import (
-    ForbiddenError as _Forbidden,
+    SharedStateError,
 )
 from .http import HttpResponse, Request
 from .hub import ConsoleHub
@@ -559,7 +558,7 @@ def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant
         OwnerUnavailableError: this gateway does not own the VM (any more): no second hop.
     """
     if request.peer_gateway is None:
-        raise _Forbidden("forwarded sessions come only from gateways", code="forbidden")
+        raise ForbiddenError("forwarded sessions come only from gateways", code="forbidden")
     fwd = parse_forwarded_headers(request.headers)
     principal = Principal(fwd.principal, fwd.groups, fwd.amr, expires=fwd.expires)
     client = dataclasses.replace(request, peer=fwd.client_peer)

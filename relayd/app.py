@@ -26,15 +26,21 @@ from collections import Counter
 from collections.abc import Callable
 
 from . import api, control, native
-from .access import AccessPolicy, SharedStateError
+from .access import AccessPolicy
 from .auth import Authenticator, Principal
 from .certs import certificate_not_after
 from .cluster.node import ClusterNode, Outbox
 from .cluster.peerlink import PeerTrust, peer_client_context, trust_peer_ca
-from .cluster.store import ClusterStore, ClusterUnavailableError
+from .cluster.store import ClusterStore
 from .config import Config, VmConfig, load_config
 from .connection import ConsoleGrant, ForwardGrant, HttpConnection, client_cert_cn
-from .errors import ConfigError, ConsoleLogError, PeerError
+from .errors import (
+    ClusterUnavailableError,
+    ConfigError,
+    ConsoleLogError,
+    PeerError,
+    SharedStateError,
+)
 from .health import ClusterHealth, HealthConnection, make_registry
 from .http import HttpResponse, Request
 from .hub import ConsoleHub

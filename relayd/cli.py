@@ -119,7 +119,8 @@ async def _check_cluster(cfg: Config) -> str:
         ConfigError: a file does not load, or Redis does not answer (naming the key).
     """
     from .cluster.peerlink import PeerTrust, peer_client_context
-    from .cluster.store import ClusterStore, ClusterUnavailableError
+    from .cluster.store import ClusterStore
+    from .errors import ClusterUnavailableError
 
     cluster = cfg.cluster
     assert cluster is not None

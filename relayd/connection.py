@@ -30,11 +30,10 @@ from websockets.typing import Subprotocol
 
 from . import control
 from .auth import Principal
-from .cluster.forwarding import PeerLinkError
 from .cluster.peerlink import open_peer
 from .cluster.relay import Reattach, Relay, relay
 from .config import Config, Role
-from .errors import PeerError, ServiceUnavailableError
+from .errors import OwnerUnavailableError, PeerError, PeerLinkError, ServiceUnavailableError
 from .http import HttpResponse, Request, encode_response, raw_error
 from .hub import ConsoleHub
 from .log import get_logger
@@ -426,16 +425,6 @@ class HttpConnection(asyncio.Protocol):
     def _relayed(self, relay: Relay) -> None:
         """Both ends of a relayed session are gone."""
         self._forget()
-
-
-class OwnerUnavailableError(ServiceUnavailableError):
-    """The VM's owner is not reachable right now (failover in progress, or a network fault)."""
-
-    code = "owner_unavailable"
-
-    def response_headers(self) -> list[tuple[str, str]]:
-        """A new owner takes over within seconds."""
-        return [("Retry-After", "1")]
 
 
 def client_cert_cn(transport: asyncio.Transport) -> str | None:

@@ -10,10 +10,15 @@ RelaydError
 │   ├── MethodNotAllowedError 405, with the `Allow` header
 │   ├── ConflictError        409 (takeover policy `deny` and a writer exists)
 │   ├── RateLimitedError     429 / close 4029, with `Retry-After`
+│   ├── ForwardedRequestError 400 / 431: a forwarded upgrade breaks the format or is too large
 │   ├── ServiceUnavailableError 503 (the gateway is draining)
+│   │   ├── OwnerUnavailableError  503 `owner_unavailable`: no gateway holds the VM's port now
+│   │   └── SharedStateError       503 `cluster_unavailable`: Redis did not answer
 │   ├── BadMessageError      a malformed control message: `bad_message`, session continues
 │   └── StateWriteError      500: a change could not be persisted (disk full); it was not applied
 ├── ProxyProtocolError       the bytes before TLS are not a valid PROXY header (counted, closed)
+├── ClusterUnavailableError  Redis could not be reached, did not answer in time, or refused
+├── PeerLinkError            the VM's owner cannot be reached over a peer link (then 503)
 ├── ConsoleLogError          the console log could not be written, read or opened
 ├── PortUnavailableError     a serial backend could not be opened or went away
 └── HookError                an operator-configured command (break/nmi/reset) failed
@@ -138,6 +143,39 @@ class ServiceUnavailableError(PeerError):
     code = "draining"
 
 
+class OwnerUnavailableError(ServiceUnavailableError):
+    """The VM's owner is not reachable right now (failover in progress, or a network fault)."""
+
+    code = "owner_unavailable"
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """A new owner takes over within seconds."""
+        return [("Retry-After", "1")]
+
+
+class SharedStateError(ServiceUnavailableError):
+    """The region's shared state (Redis) did not answer: try again, maybe elsewhere."""
+
+    code = "cluster_unavailable"
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """Worth retrying soon."""
+        return [("Retry-After", "1")]
+
+
+class ForwardedRequestError(PeerError):
+    """A forwarded upgrade breaks the format (from a peer)."""
+
+    code = "bad_forwarded_request"
+
+
+class ForwardedRequestTooLargeError(ForwardedRequestError):
+    """A forwarded upgrade cannot be built within the owner's head limits."""
+
+    http_status = 431
+    code = "too_large"
+
+
 class BadMessageError(PeerError):
     """A control message that does not parse or is not known."""
 
@@ -162,6 +200,14 @@ class StateWriteError(PeerError):
     http_status = 500
     close_code = 1011
     code = "state_write_failed"
+
+
+class ClusterUnavailableError(RelaydError):
+    """Redis could not be reached, did not answer within the deadline, or refused a command."""
+
+
+class PeerLinkError(RelaydError):
+    """The VM's owner cannot be reached, or answered outside the format (the client gets 503)."""
 
 
 class PortUnavailableError(RelaydError):

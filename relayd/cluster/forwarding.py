@@ -57,7 +57,11 @@ from typing import Literal, get_args
 from urllib.parse import quote, unquote
 
 from ..config import Role
-from ..errors import PeerError, RelaydError
+from ..errors import (
+    ForwardedRequestError,
+    ForwardedRequestTooLargeError,
+    PeerLinkError,
+)
 
 __all__ = [
     "FORWARDED_PREFIX",
@@ -128,28 +132,6 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _PATH = re.compile(r"/[\x21-\x7e]*")
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9]{2})(?: [\t\x20-\x7e\x80-\xff]*)?")
-
-
-class ForwardedRequestError(PeerError):
-    """A forwarded request breaks the format (from a peer) or cannot be built (too large)."""
-
-    http_status = 400
-    code = "bad_forwarded_request"
-
-    def __init__(self, message: str, *, code: str | None = None, http_status: int = 400) -> None:
-        super().__init__(message, code=code)
-        self.http_status = http_status
-
-
-class PeerLinkError(RelaydError):
-    """The owner cannot be reached, or answered outside the format.
-
-    The receiving gateway tells its client 503 (`http_status`, `code`): the
-    VM may have a new owner by the time the client retries.
-    """
-
-    http_status = 503
-    code = "owner_unavailable"
 
 
 @dataclass(frozen=True)
@@ -283,18 +265,14 @@ def encode_forwarded_request(
         raise ValueError("the client request has no Host header")
     for name, value in _forwarded_values(fwd):
         if len(value) > MAX_VALUE_BYTES:
-            raise ForwardedRequestError(
-                f"{name} would be {len(value)} bytes, over {MAX_VALUE_BYTES}",
-                code="too_large",
-                http_status=431,
+            raise ForwardedRequestTooLargeError(
+                f"{name} would be {len(value)} bytes, over {MAX_VALUE_BYTES}"
             )
         lines.append(f"{name}: {value}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     if len(head) > MAX_HEAD_BYTES:
-        raise ForwardedRequestError(
-            f"forwarded request head would be {len(head)} bytes, over {MAX_HEAD_BYTES}",
-            code="too_large",
-            http_status=431,
+        raise ForwardedRequestTooLargeError(
+            f"forwarded request head would be {len(head)} bytes, over {MAX_HEAD_BYTES}"
         )
     return head
 

@@ -46,9 +46,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PeerLinkError
 from ..tls import CIPHERS_TLS12
-from .forwarding import PeerLinkError, parse_response_head
+from .forwarding import parse_response_head
 
 __all__ = [
     "CLOSE_TIMEOUT",

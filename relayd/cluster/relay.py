@@ -41,8 +41,8 @@ from typing import Protocol
 from websockets.frames import Close, Frame, Opcode
 
 from .. import control
+from ..errors import PeerLinkError
 from ..log import get_logger
-from .forwarding import PeerLinkError
 from .peerlink import CLOSE_TIMEOUT, HIGH_WATER, PeerConnection, open_peer
 from .wsframes import ClientStream, ServerStream, first_frame
 

@@ -69,7 +69,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from ..config import Config
-from ..errors import RelaydError
+from ..errors import ClusterUnavailableError
 from ..log import get_logger
 from .ownership import Lease
 
@@ -98,10 +98,6 @@ DEFAULT_ENTRY_BYTES = 4096
 DEFAULT_RESERVE_AHEAD = 65536
 _RECONNECT_MIN = 0.1
 _RECONNECT_MAX = 2.0
-
-
-class ClusterUnavailableError(RelaydError):
-    """Redis could not be reached, did not answer within the deadline, or refused a command."""
 
 
 def key_prefix(region: str) -> str:
