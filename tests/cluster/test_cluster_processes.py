@@ -487,6 +487,9 @@ async def test_last_offsets_and_console_log_agree_on_every_gateway(region: Regio
     async with region.console(LB, "vm-1") as console:
         region_end.emit(b"\r\nfor-the-log\r\n")
         await console.expect(b"for-the-log")
+        last = console.hello["offset"] - console.hello["replay"] + len(console.output)
+    # The owner ships output to Redis within 100 ms (it gathers for 25 ms first).
+    await wait_logged(region, region.gateways[0], "vm-1", last)
     logs = []
     for gateway in region.gateways:
         status, headers, body = await region.request(
