@@ -535,6 +535,8 @@ class Gateway:
                 await self._until(lambda: not self.sessions)
         for session in list(self.sessions.values()):
             session.close(control.CLOSE_GOING_AWAY, "gateway shutting down")
+        for conn in list(self.connections):
+            conn.going_away("gateway shutting down")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT):
                 await self._until(lambda: not self.connections)

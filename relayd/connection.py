@@ -417,6 +417,11 @@ class HttpConnection(asyncio.Protocol):
             transport, peer, grant.reattach, client_data=bytes(leftover), on_done=self._relayed
         )
 
+    def going_away(self, reason: str) -> None:
+        """The gateway stops: a relayed session is closed with 1001 (others end with it)."""
+        if self._relay is not None:
+            self._relay.going_away(reason)
+
     @property
     def relaying(self) -> bool:
         """Whether this connection is a session relayed to the VM's owner."""

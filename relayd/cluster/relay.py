@@ -282,6 +282,18 @@ class Relay:
         if self._owner is not None:
             _close_later(self._owner, self._close_timeout)
 
+    def going_away(self, reason: str) -> None:
+        """This gateway stops: tell the client with a 1001 close (between frames), then end.
+
+        The owner's session ends as its link closes; the client reconnects with
+        `?from=` through another gateway.
+        """
+        if self._moving is not None:
+            self._moving.cancel()
+        if self._server.at_boundary and not self._server.closing and not self._server.broken:
+            self._send_client(_close_frame(control.CLOSE_GOING_AWAY, reason))
+        self.close()
+
     def abort(self) -> None:
         """End the relay at once, dropping whatever is buffered."""
         if self._moving is not None:

@@ -514,3 +514,25 @@ async def test_relayed_client_is_closed_with_1001_when_no_gateway_takes_over(
             assert code == 1001
             assert reason is not None
             assert "no gateway took over within 5 s" in reason
+
+
+async def test_relaying_gateway_that_stops_closes_its_relayed_clients_with_1001(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A draining gateway ends the sessions it relays with 1001, as it does its own."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        serving(cluster_config("gw-1", far_end.port)) as g1,
+        serving(cluster_config("gw-2", far_end.port)) as g2,
+    ):
+        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
+        _, other = _owner(g1, g2)
+        await until(
+            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
+        )
+        async with console(other, ctx, mint("alice")) as c:
+            other.stop()
+            code, reason = await c.closed()
+        assert code == 1001
+        assert reason == "gateway shutting down"
