@@ -193,10 +193,10 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """)
 
-_APPEND = _Script("""
--- KEYS: lease, fence, log, logmeta
--- ARGV: gateway, token, start offset, capacity, entry bytes, reserve ahead, data chunks...
--- -> {'ok', start, end, written, skipped, gap_from, gap_to} | {'fenced'} | {'lapsed'}
+# The fence every write of an owner passes, inside its script: KEYS[1] lease, KEYS[2] fence
+# counter, ARGV[1] gateway, ARGV[2] token. A newer holder or token: fenced; ours lapsed
+# and nobody else's: lapsed (renew re-creates it).
+_FENCED = """
 local mine = ARGV[1] .. ':' .. ARGV[2]
 local holder = redis.call('GET', KEYS[1])
 local fence = redis.call('GET', KEYS[2])
@@ -206,7 +206,16 @@ if holder ~= mine or fence ~= ARGV[2] then
   end
   return {'lapsed'}
 end
-local at = tonumber(ARGV[3])
+"""
+
+_APPEND = _Script(
+    """
+-- KEYS: lease, fence, log, logmeta
+-- ARGV: gateway, token, start offset, capacity, entry bytes, reserve ahead, data chunks...
+-- -> {'ok', start, end, written, skipped, gap_from, gap_to} | {'fenced'} | {'lapsed'}
+"""
+    + _FENCED
+    + """local at = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4])
 local piece = tonumber(ARGV[5])
 local ahead = tonumber(ARGV[6])
@@ -269,22 +278,17 @@ if last + ahead > reserved then
   redis.call('HSET', KEYS[4], 'reserved', string.format('%d', last + ahead))
 end
 return {'ok', first, last, written, skipped, gap_from, gap_to}
-""")
+"""
+)
 
-_RESERVE = _Script("""
+_RESERVE = _Script(
+    """
 -- KEYS: lease, fence, logmeta
 -- ARGV: gateway, token, offset
 -- -> {'ok', reserved} | {'fenced'} | {'lapsed'}
-local mine = ARGV[1] .. ':' .. ARGV[2]
-local holder = redis.call('GET', KEYS[1])
-local fence = redis.call('GET', KEYS[2])
-if holder ~= mine or fence ~= ARGV[2] then
-  if (holder and holder ~= mine) or (fence and tonumber(fence) > tonumber(ARGV[2])) then
-    return {'fenced'}
-  end
-  return {'lapsed'}
-end
-local reserved = tonumber(redis.call('HGET', KEYS[3], 'reserved') or '0')
+"""
+    + _FENCED
+    + """local reserved = tonumber(redis.call('HGET', KEYS[3], 'reserved') or '0')
 local want = tonumber(ARGV[3])
 if want < 0 then
   -- Settle: everything handed out is stored; the next owner starts at the end.
@@ -295,7 +299,8 @@ elseif want > reserved then
   redis.call('HSET', KEYS[3], 'reserved', string.format('%d', reserved))
 end
 return {'ok', reserved}
-""")
+"""
+)
 
 _READ = _Script("""
 -- KEYS: log, logmeta   ARGV: from offset, max bytes   -> {start, end, data offset, data}
