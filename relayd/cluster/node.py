@@ -21,9 +21,10 @@ port it held without touching Redis: by then another gateway may own them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,6 +34,7 @@ from ..log import get_logger
 from ..switches import LEVELS, ConsoleSwitches, Level
 from .ownership import Claim, Decision, Lease, Lost, Nothing, OwnershipPolicy, Release, Renew
 from .store import (
+    AppendResult,
     ClusterStore,
     ClusterUnavailableError,
     SwitchChange,
@@ -109,7 +111,7 @@ class Outbox:
             return None
         start, first = self.chunks[0]
         out, end = [first], start + len(first)
-        for offset, data in list(self.chunks)[1:]:
+        for offset, data in itertools.islice(self.chunks, 1, None):
             if offset != end:
                 break  # a hole (dropped while Redis was away): the next batch starts after it
             out.append(data)
@@ -418,17 +420,7 @@ class ClusterNode:
         boxes = {vm_id: self.outboxes.get(vm_id) for vm_id in vms}
         for vm_id in vms:
             self._drop(vm_id, reason)
-        batches: list[tuple[str, int, int, list[bytes]]] = []
-        for pending in boxes.values():
-            batch = pending.batch() if pending is not None else None
-            if pending is not None and batch is not None:
-                batches.append((pending.vm, pending.token, batch[0], batch[1]))
-        if batches:
-            results = await self.store.append_many(batches)
-            for (vm_id, _, _, _), result in zip(batches, results, strict=True):
-                shipped = boxes[vm_id]
-                if result.ok and shipped is not None:
-                    shipped.stored(result.end)
+        await self._ship(box for box in boxes.values() if box is not None)
         for vm_id, token in vms.items():
             left = boxes[vm_id]
             if left is None or not left.chunks:
@@ -466,28 +458,35 @@ class ClusterNode:
                 delay = min(APPEND_RETRY_MAX, delay * 2)
                 self._wake.set()
 
-    async def _append_once(self) -> None:
+    async def _ship(self, boxes: Iterable[Outbox]) -> list[tuple[Outbox, AppendResult]]:
+        """Send each outbox's next contiguous run in one round trip; forget what was stored."""
+        sent: list[Outbox] = []
         batches: list[tuple[str, int, int, list[bytes]]] = []
-        for outbox in list(self.outboxes.values()):
-            batch = outbox.batch()
+        for box in boxes:
+            batch = box.batch()
             if batch is not None:
-                batches.append((outbox.vm, outbox.token, batch[0], batch[1]))
+                sent.append(box)
+                batches.append((box.vm, box.token, batch[0], batch[1]))
         if not batches:
-            return
+            return []
         results = await self.store.append_many(batches)
-        for (vm_id, token, _, _sent), result in zip(batches, results, strict=True):
-            box = self.outboxes.get(vm_id)
-            if box is None or box.token != token:
-                continue
+        for box, result in zip(sent, results, strict=True):
             if result.ok:
                 box.stored(result.end)
                 self.stats.appended_bytes += result.written
+        return list(zip(sent, results, strict=True))
+
+    async def _append_once(self) -> None:
+        for box, result in await self._ship(list(self.outboxes.values())):
+            if self.outboxes.get(box.vm) is not box:
+                continue  # dropped meanwhile
+            if result.ok:
                 if box.chunks:
                     self._wake.set()
             elif result.status == "fenced":
                 self.stats.fenced_appends += 1
-                log.warning("cluster_append_fenced", vm=vm_id, token=token)
-                self._drop(vm_id, "this gateway no longer owns the console")
+                log.warning("cluster_append_fenced", vm=box.vm, token=box.token)
+                self._drop(box.vm, "this gateway no longer owns the console")
             # "lapsed": the next round re-creates the lease; the output waits for it.
 
     # -- switches -----------------------------------------------------------------------------

@@ -176,6 +176,23 @@ def _owner(*gateways: Gateway) -> tuple[Gateway, Gateway]:
 
 
 @contextlib.asynccontextmanager
+async def relaying_pair(
+    cluster_config: Callable[..., Config], far_end: FarEnd, **config: Any
+) -> AsyncIterator[Gateway]:
+    """Two gateways of a region; yields the one that does NOT own vm-a, once it routes there."""
+    async with (
+        serving(cluster_config("gw-1", far_end.port, **config)) as g1,
+        serving(cluster_config("gw-2", far_end.port, **config)) as g2,
+    ):
+        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
+        _, other = _owner(g1, g2)
+        await until(
+            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
+        )
+        yield other
+
+
+@contextlib.asynccontextmanager
 async def console(
     gateway: Gateway, ctx: ssl.SSLContext, token: str, query: str = ""
 ) -> AsyncIterator[Console]:
@@ -215,15 +232,7 @@ async def test_two_gateways_one_owner_and_a_relayed_session_types_and_reads(
     """One gateway holds the port; a console on the other is relayed to it, both ways."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
-    async with (
-        serving(cluster_config("gw-1", far_end.port)) as g1,
-        serving(cluster_config("gw-2", far_end.port)) as g2,
-    ):
-        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
-        _, other = _owner(g1, g2)
-        await until(
-            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
-        )
+    async with relaying_pair(cluster_config, far_end) as other:
         async with console(other, ctx, mint("alice")) as c:
             assert c.hello["role"] == "writer"
             await c.send(b"ping\r")
@@ -409,15 +418,7 @@ async def test_relayed_session_ends_when_its_token_expires_with_disconnect_expir
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
     strict = {"disconnect_expired": True, "leeway": "1s"}
-    async with (
-        serving(cluster_config("gw-1", far_end.port, auth=strict)) as g1,
-        serving(cluster_config("gw-2", far_end.port, auth=strict)) as g2,
-    ):
-        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
-        _, other = _owner(g1, g2)
-        await until(
-            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
-        )
+    async with relaying_pair(cluster_config, far_end, auth=strict) as other:
         async with console(other, ctx, mint("alice", ttl=2.0)) as c:
             code, _ = await c.closed()
         assert code == 4003
@@ -522,15 +523,7 @@ async def test_relaying_gateway_that_stops_closes_its_relayed_clients_with_1001(
     """A draining gateway ends the sessions it relays with 1001, as it does its own."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
-    async with (
-        serving(cluster_config("gw-1", far_end.port)) as g1,
-        serving(cluster_config("gw-2", far_end.port)) as g2,
-    ):
-        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
-        _, other = _owner(g1, g2)
-        await until(
-            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
-        )
+    async with relaying_pair(cluster_config, far_end) as other:
         async with console(other, ctx, mint("alice")) as c:
             other.stop()
             code, reason = await c.closed()
