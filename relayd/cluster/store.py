@@ -96,6 +96,10 @@ DEFAULT_ENTRY_BYTES = 4096
 # storing it (only while Redis was away) could have its offsets reused; below it, the
 # successor announces a gap of at most this many offsets instead.
 DEFAULT_RESERVE_AHEAD = 65536
+# One script call renews or appends for up to SCRIPT_VMS VMs, an append call until it
+# holds about SCRIPT_BYTES of output: few calls per round trip, none holding Redis long.
+SCRIPT_VMS = 256
+SCRIPT_BYTES = 1 << 20
 _RECONNECT_MIN = 0.1
 _RECONNECT_MAX = 2.0
 
@@ -162,19 +166,30 @@ return token
 """)
 
 _RENEW = _Script("""
--- KEYS: lease, fence   ARGV: gateway, token, ttl_ms   -> 1 renewed, 2 re-created, 0 lost
-local mine = ARGV[1] .. ':' .. ARGV[2]
-local holder = redis.call('GET', KEYS[1])
-if holder == mine then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return 1
+-- KEYS: lease, fence per VM   ARGV: gateway, ttl_ms, one token per VM
+-- -> per VM: 1 renewed, 2 re-created, 0 lost
+local out = {}
+for i = 1, #KEYS / 2 do
+  local lease, fence, token = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 2]
+  local mine = ARGV[1] .. ':' .. token
+  local holder = redis.call('GET', lease)
+  if holder == mine then
+    redis.call('PEXPIRE', lease, ARGV[2])
+    out[i] = 1
+  elseif holder then
+    out[i] = 0
+  else
+    local counter = tonumber(redis.call('GET', fence))
+    if counter ~= nil and counter > tonumber(token) then
+      out[i] = 0
+    else
+      redis.call('SET', fence, token)
+      redis.call('SET', lease, mine, 'PX', ARGV[2])
+      out[i] = 2
+    end
+  end
 end
-if holder then return 0 end
-local counter = tonumber(redis.call('GET', KEYS[2]))
-if counter ~= nil and counter > tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('SET', KEYS[1], mine, 'PX', ARGV[3])
-return 2
+return out
 """)
 
 _RELEASE = _Script("""
@@ -193,91 +208,102 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """)
 
-# The fence every write of an owner passes, inside its script: KEYS[1] lease, KEYS[2] fence
-# counter, ARGV[1] gateway, ARGV[2] token. A newer holder or token: fenced; ours lapsed
-# and nobody else's: lapsed (renew re-creates it).
+# The fence every write of an owner passes, inside its script. A newer holder or token:
+# 'fenced'; ours lapsed and nobody else's: 'lapsed' (renew re-creates it); ours: nil.
 _FENCED = """
-local mine = ARGV[1] .. ':' .. ARGV[2]
-local holder = redis.call('GET', KEYS[1])
-local fence = redis.call('GET', KEYS[2])
-if holder ~= mine or fence ~= ARGV[2] then
-  if (holder and holder ~= mine) or (fence and tonumber(fence) > tonumber(ARGV[2])) then
-    return {'fenced'}
+local function fenced(lease, fence, gateway, token)
+  local mine = gateway .. ':' .. token
+  local holder = redis.call('GET', lease)
+  local counter = redis.call('GET', fence)
+  if holder == mine and counter == token then return nil end
+  if (holder and holder ~= mine) or (counter and tonumber(counter) > tonumber(token)) then
+    return 'fenced'
   end
-  return {'lapsed'}
+  return 'lapsed'
 end
 """
 
+# Many VMs' output in one call: typing echoes a byte at a time on hundreds of consoles,
+# and a script call per VM cost the owner more CPU than relaying the keys.
 _APPEND = _Script(
     """
--- KEYS: lease, fence, log, logmeta
--- ARGV: gateway, token, start offset, capacity, entry bytes, reserve ahead, data chunks...
--- -> {'ok', start, end, written, skipped, gap_from, gap_to} | {'fenced'} | {'lapsed'}
+-- KEYS: lease, fence, log, logmeta per VM
+-- ARGV: gateway, capacity, entry bytes, reserve ahead, then token, start offset, data per VM
+-- -> per VM: {'ok', start, end, written, skipped, gap_from, gap_to} | {'fenced'} | {'lapsed'}
 """
     + _FENCED
-    + """local at = tonumber(ARGV[3])
-local cap = tonumber(ARGV[4])
-local piece = tonumber(ARGV[5])
-local ahead = tonumber(ARGV[6])
-local data = table.concat(ARGV, '', 7)
-local meta = redis.call('HMGET', KEYS[4], 'start', 'end', 'bytes')
-local first, last, total = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
-local gap_from, gap_to, skipped = -1, -1, 0
-if last == nil then
-  redis.call('DEL', KEYS[3])
-  first, last, total = at, at, 0
-elseif at > last then
-  gap_from, gap_to = last, at
-  last = at
-  redis.call('HINCRBY', KEYS[4], 'gaps', 1)
-elseif at < last then
-  skipped = math.min(#data, last - at)
-  data = string.sub(data, skipped + 1)
-end
-if #data > cap then
-  last = last + #data - cap
-  data = string.sub(data, #data - cap + 1)
-end
-local written = #data
-local pos = 1
-while pos <= written do
-  local part = string.sub(data, pos, pos + piece - 1)
-  redis.call('XADD', KEYS[3], string.format('%d-1', last), 'd', part)
-  last = last + #part
-  pos = pos + piece
-end
-total = total + written
-local cursor = nil
-while total > cap do
-  local batch = redis.call('XRANGE', KEYS[3], cursor or '-', '+', 'COUNT', 64)
-  if #batch == 0 then break end
-  for _, entry in ipairs(batch) do
-    if total <= cap then break end
-    total = total - #entry[2][2]
-    cursor = '(' .. entry[1]
+    + """local gateway, cap = ARGV[1], tonumber(ARGV[2])
+local piece, ahead = tonumber(ARGV[3]), tonumber(ARGV[4])
+
+local function append(lease, fence, log, logmeta, token, at, data)
+  local status = fenced(lease, fence, gateway, token)
+  if status then return {status} end
+  local meta = redis.call('HMGET', logmeta, 'start', 'end', 'bytes', 'reserved')
+  local first, last, total = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
+  local reserved = tonumber(meta[4] or '0')
+  local gap_from, gap_to, skipped = -1, -1, 0
+  if last == nil then
+    redis.call('DEL', log)
+    first, last, total = at, at, 0
+  elseif at > last then
+    gap_from, gap_to = last, at
+    last = at
+    redis.call('HINCRBY', logmeta, 'gaps', 1)
+  elseif at < last then
+    skipped = math.min(#data, last - at)
+    data = string.sub(data, skipped + 1)
   end
-end
-if cursor then
-  local kept = redis.call('XRANGE', KEYS[3], cursor, '+', 'COUNT', 1)
-  if kept[1] then
-    first = tonumber(string.match(kept[1][1], '^(%d+)-'))
-    redis.call('XTRIM', KEYS[3], 'MINID', kept[1][1])
-  else
-    first = last
-    redis.call('XTRIM', KEYS[3], 'MAXLEN', 0)
+  if #data > cap then
+    last = last + #data - cap
+    data = string.sub(data, #data - cap + 1)
   end
-elseif written > 0 and total == written then
-  first = last - written
+  local written = #data
+  local pos = 1
+  while pos <= written do
+    local part = string.sub(data, pos, pos + piece - 1)
+    redis.call('XADD', log, string.format('%d-1', last), 'd', part)
+    last = last + #part
+    pos = pos + piece
+  end
+  total = total + written
+  local cursor = nil
+  while total > cap do
+    local batch = redis.call('XRANGE', log, cursor or '-', '+', 'COUNT', 64)
+    if #batch == 0 then break end
+    for _, entry in ipairs(batch) do
+      if total <= cap then break end
+      total = total - #entry[2][2]
+      cursor = '(' .. entry[1]
+    end
+  end
+  if cursor then
+    local kept = redis.call('XRANGE', log, cursor, '+', 'COUNT', 1)
+    if kept[1] then
+      first = tonumber(string.match(kept[1][1], '^(%d+)-'))
+      redis.call('XTRIM', log, 'MINID', kept[1][1])
+    else
+      first = last
+      redis.call('XTRIM', log, 'MAXLEN', 0)
+    end
+  elseif written > 0 and total == written then
+    first = last - written
+  end
+  -- Offsets a little past what is stored are this owner's: a successor starts after
+  -- them, so output handed to clients but never stored is a gap, never a reused offset.
+  if last + ahead > reserved then reserved = last + ahead end
+  redis.call('HSET', logmeta, 'start', string.format('%d', first),
+             'end', string.format('%d', last), 'bytes', string.format('%d', total),
+             'reserved', string.format('%d', reserved))
+  return {'ok', first, last, written, skipped, gap_from, gap_to}
 end
-redis.call('HSET', KEYS[4], 'start', string.format('%d', first),
-           'end', string.format('%d', last), 'bytes', string.format('%d', total))
--- Offsets a little past what is stored are this owner's: a successor starts after them,
--- so output handed to clients but never stored is a gap, never a reused offset.
-local reserved = tonumber(redis.call('HGET', KEYS[4], 'reserved') or '0')
-if last + ahead > reserved then
-  redis.call('HSET', KEYS[4], 'reserved', string.format('%d', last + ahead))
+
+local out = {}
+for i = 1, #KEYS / 4 do
+  local k, a = 4 * (i - 1), 4 + 3 * (i - 1)
+  out[i] = append(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
+                  ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3])
 end
-return {'ok', first, last, written, skipped, gap_from, gap_to}
+return out
 """
 )
 
@@ -288,7 +314,9 @@ _RESERVE = _Script(
 -- -> {'ok', reserved} | {'fenced'} | {'lapsed'}
 """
     + _FENCED
-    + """local reserved = tonumber(redis.call('HGET', KEYS[3], 'reserved') or '0')
+    + """local status = fenced(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if status then return {status} end
+local reserved = tonumber(redis.call('HGET', KEYS[3], 'reserved') or '0')
 local want = tonumber(ARGV[3])
 if want < 0 then
   -- Settle: everything handed out is stored; the next owner starts at the end.
@@ -624,14 +652,18 @@ class ClusterStore:
         return (await self.renew_many({vm: token}))[vm]
 
     async def renew_many(self, tokens: Mapping[str, int]) -> dict[str, bool]:
-        """`renew` for several VMs (vm -> token) in one round trip."""
-        calls = [
-            _Call(_RENEW, self._lease_keys(vm), (self.gateway_id, token, self._ttl_ms))
-            for vm, token in tokens.items()
-        ]
+        """`renew` for several VMs (vm -> token): one script call per `SCRIPT_VMS` VMs."""
+        vms = list(tokens)
+        calls = []
+        for group in _groups(vms, SCRIPT_VMS):
+            keys = [key for vm in group for key in self._lease_keys(vm)]
+            calls.append(
+                _Call(_RENEW, keys, (self.gateway_id, self._ttl_ms, *(tokens[vm] for vm in group)))
+            )
         async with self._deadline("renew"):
             results = await self._pipeline(calls)
-        return {vm: int(r) > 0 for vm, r in zip(tokens, results, strict=True)}
+        answers = [int(r) > 0 for result in results for r in result]
+        return dict(zip(vms, answers, strict=True))
 
     async def release(self, vm: str, token: int) -> bool:
         """Delete our lease (only if it is still ours with this token)."""
@@ -773,24 +805,23 @@ class ClusterStore:
 
     # -- console log ----------------------------------------------------------------------
 
-    def _append_call(
-        self, vm: str, token: int, start_offset: int, chunks: Sequence[bytes]
-    ) -> _Call:
-        # More than the log holds is cut here, so it never crosses the network.
-        cap = self.console_log_bytes
-        size = sum(len(c) for c in chunks)
-        if size > cap:
-            chunks = [b"".join(chunks)[size - cap :]]
-            start_offset += size - cap
-        keys = (
-            self._key("lease", vm),
-            self._key("fence", vm),
-            self._key("log", vm),
-            self._key("logmeta", vm),
-        )
-        args = (
-            self.gateway_id, token, start_offset, cap, self.entry_bytes, self.reserve_ahead, *chunks
-        )  # fmt: skip
+    def _append_call(self, batches: Sequence[tuple[str, int, int, Sequence[bytes]]]) -> _Call:
+        keys: list[str] = []
+        args: list[Any] = [self.gateway_id, self.console_log_bytes, self.entry_bytes]
+        args.append(self.reserve_ahead)
+        for vm, token, start_offset, chunks in batches:
+            data = b"".join(chunks)
+            # More than the log holds is cut here, so it never crosses the network.
+            if len(data) > self.console_log_bytes:
+                start_offset += len(data) - self.console_log_bytes
+                data = data[len(data) - self.console_log_bytes :]
+            keys += (
+                self._key("lease", vm),
+                self._key("fence", vm),
+                self._key("log", vm),
+                self._key("logmeta", vm),
+            )
+            args += (token, start_offset, data)
         return _Call(_APPEND, keys, args)
 
     async def append(
@@ -809,11 +840,25 @@ class ClusterStore:
     async def append_many(
         self, batches: Sequence[tuple[str, int, int, Sequence[bytes]]]
     ) -> list[AppendResult]:
-        """`append` for several (vm, token, start_offset, chunks) in one round trip."""
-        calls = [self._append_call(*batch) for batch in batches]
+        """`append` for several (vm, token, start_offset, chunks) in one round trip.
+
+        A script call takes up to `SCRIPT_VMS` VMs and about `SCRIPT_BYTES` of output,
+        so one call never holds Redis (single-threaded) for long.
+        """
+        calls: list[_Call] = []
+        group: list[tuple[str, int, int, Sequence[bytes]]] = []
+        size = 0
+        for batch in batches:
+            group.append(batch)
+            size += sum(len(c) for c in batch[3])
+            if len(group) >= SCRIPT_VMS or size >= SCRIPT_BYTES:
+                calls.append(self._append_call(group))
+                group, size = [], 0
+        if group:
+            calls.append(self._append_call(group))
         async with self._deadline("append"):
             results = await self._pipeline(calls)
-        return [_append_result(r) for r in results]
+        return [_append_result(r) for result in results for r in result]
 
     async def read(self, vm: str, from_offset: int, max_bytes: int) -> LogSlice:
         """Up to `max_bytes` of contiguous output from `from_offset`, or from the first
@@ -863,6 +908,10 @@ class _Call:
     script: _Script | None
     keys: Sequence[str]
     args: Sequence[Any]
+
+
+def _groups(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    return (items[i : i + size] for i in range(0, len(items), size))
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[str, str]:

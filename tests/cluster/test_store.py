@@ -10,6 +10,8 @@ import pytest
 
 from relayd.cluster.ownership import Lease
 from relayd.cluster.store import (
+    SCRIPT_BYTES,
+    SCRIPT_VMS,
     AppendResult,
     ClusterStore,
     ClusterUnavailableError,
@@ -155,15 +157,22 @@ async def test_store_renew_lapsed_lease_nobody_took_is_recreated(
 
 
 async def test_store_bulk_lease_calls_cover_every_vm(make_store: StoreFactory) -> None:
-    """claim_many, renew_many, release_many and holders act per VM in one call each."""
+    """claim_many, renew_many, release_many and holders act per VM, past one script's share."""
     a, b = make_store("gw-a"), make_store("gw-b")
-    vms = [f"vm-{i}" for i in range(50)]
+    vms = [f"vm-{i}" for i in range(SCRIPT_VMS + 44)]
     assert (await b.claim_many({"vm-7": 0}))["vm-7"] is not None
     claimed = await a.claim_many(dict.fromkeys(vms, 0))
     assert claimed["vm-7"] is None
     mine = {vm: t for vm, t in claimed.items() if t is not None}
-    assert len(mine) == 49
+    assert len(mine) == len(vms) - 1
     assert set((await a.renew_many(mine)).values()) == {True}
+    await expire_lease(a, "vm-3")  # lapsed, nobody took it: re-created
+    await b._command("SET", b._key("lease", "vm-290"), "gw-b:999")  # somebody else's: lost
+    renewed = await a.renew_many(mine)
+    assert [vm for vm, ok in renewed.items() if not ok] == ["vm-290"]
+    assert list(renewed) == list(mine)
+    await b._command("DEL", b._key("lease", "vm-290"))
+    await a.renew("vm-290", mine["vm-290"])
     holders = await a.holders(vms)
     assert holders["vm-7"] is not None
     assert holders["vm-7"].gateway == "gw-b"
@@ -417,6 +426,30 @@ async def test_store_append_many_is_one_call_for_several_vms(make_store: StoreFa
     assert [r.status for r in results] == ["ok", "fenced"]
     assert (await b.read("vm-1", 0, 10)).data == b"one"
     assert await b.bounds("vm-2") == (0, 0)
+
+
+async def test_store_append_many_splits_calls_and_keeps_each_vms_result(
+    make_store: StoreFactory,
+) -> None:
+    """More VMs than one script takes, and more bytes: every VM's result, in order."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    vms = [f"vm-{i}" for i in range(SCRIPT_VMS * 2 + 10)]
+    tokens = {vm: t for vm, t in (await a.claim_many(dict.fromkeys(vms, 0))).items() if t}
+    assert len(tokens) == len(vms)
+    await expire_lease(a, "vm-5")
+    await b._command("SET", b._key("fence", "vm-300"), str(tokens["vm-300"] + 1))
+    big = bytes(range(256)) * (SCRIPT_BYTES // 256 + 1)
+    batches = [(vm, tokens[vm], 0, [vm.encode(), b"|"]) for vm in vms]
+    batches[7] = ("vm-7", tokens["vm-7"], 0, [big])
+    results = await a.append_many(batches)
+    assert len(results) == len(vms)
+    statuses = {vm: r.status for vm, r in zip(vms, results, strict=True)}
+    assert statuses.pop("vm-5") == "lapsed"
+    assert statuses.pop("vm-300") == "fenced"
+    assert set(statuses.values()) == {"ok"}
+    assert results[7].end == len(big)
+    assert (await b.read("vm-400", 0, 100)).data == b"vm-400|"
+    assert await b.bounds("vm-5") == (0, 0)
 
 
 # --- Redis down, frozen, restarted empty --------------------------------------------------
