@@ -100,6 +100,7 @@ DEFAULT_RESERVE_AHEAD = 65536
 # holds about SCRIPT_BYTES of output: few calls per round trip, none holding Redis long.
 SCRIPT_VMS = 256
 SCRIPT_BYTES = 1 << 20
+_CACHE_ENTRIES = 1 << 16  # encoded keys and parsed leases remembered (then started afresh)
 _RECONNECT_MIN = 0.1
 _RECONNECT_MAX = 2.0
 
@@ -486,6 +487,8 @@ class ClusterStore:
         self.timeout = min(1.0, lease_ttl / 3) if timeout is None else timeout
         self.entry_bytes = max(1, min(entry_bytes, console_log_bytes))
         self.reserve_ahead = reserve_ahead
+        self._keys_of: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
+        self._leases_seen: dict[bytes, Lease | None] = {}
         self._redis: Redis = Redis.from_url(
             url,
             socket_timeout=self.timeout,
@@ -610,20 +613,47 @@ class ClusterStore:
         vm_list = list(vms)
         calls = [self._heartbeat_call(advertise), self._live_call()]
         if vm_list:
-            calls.append(_Call(None, (), ("MGET", *(self._key("lease", vm) for vm in vm_list))))
+            calls.append(_Call(None, (), ("MGET", *(self._vm_keys(vm)[0] for vm in vm_list))))
         async with self._deadline("observe"):
             results = await self._pipeline(calls)
         leases = results[2] if vm_list else []
         return RoundState(
             dataset=bytes(results[0]).decode(),
             live=_pairs(results[1]),
-            holders={vm: _lease(raw) for vm, raw in zip(vm_list, leases, strict=True)},
+            holders={vm: self._parse_lease(raw) for vm, raw in zip(vm_list, leases, strict=True)},
         )
 
     # -- leases ---------------------------------------------------------------------------
 
-    def _lease_keys(self, vm: str) -> tuple[str, str]:
-        return self._key("lease", vm), self._key("fence", vm)
+    def _lease_keys(self, vm: str) -> tuple[bytes, bytes]:
+        lease, fence, _, _ = self._vm_keys(vm)
+        return lease, fence
+
+    def _vm_keys(self, vm: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """The VM's lease, fence, log and logmeta keys, encoded once: every round and
+        every append names hundreds of them."""
+        keys = self._keys_of.get(vm)
+        if keys is None:
+            if len(self._keys_of) >= _CACHE_ENTRIES:
+                self._keys_of.clear()
+            keys = self._keys_of[vm] = (
+                self._key("lease", vm).encode(),
+                self._key("fence", vm).encode(),
+                self._key("log", vm).encode(),
+                self._key("logmeta", vm).encode(),
+            )
+        return keys
+
+    def _parse_lease(self, raw: bytes | None) -> Lease | None:
+        """`_lease`, remembered: a round reads the same few thousand leases each time."""
+        if raw is None:
+            return None
+        lease = self._leases_seen.get(raw)
+        if lease is None:
+            if len(self._leases_seen) >= _CACHE_ENTRIES:
+                self._leases_seen.clear()
+            lease = self._leases_seen[raw] = _lease(raw)
+        return lease
 
     async def claim(self, vm: str, floor: int = 0) -> int | None:
         """Take the VM's lease if nobody holds it; the new fencing token, or None if held.
@@ -657,9 +687,8 @@ class ClusterStore:
         calls = []
         for group in _groups(vms, SCRIPT_VMS):
             keys = [key for vm in group for key in self._lease_keys(vm)]
-            calls.append(
-                _Call(_RENEW, keys, (self.gateway_id, self._ttl_ms, *(tokens[vm] for vm in group)))
-            )
+            args = (self.gateway_id, self._ttl_ms, *(b"%d" % tokens[vm] for vm in group))
+            calls.append(_Call(_RENEW, keys, args))
         async with self._deadline("renew"):
             results = await self._pipeline(calls)
         answers = [int(r) > 0 for result in results for r in result]
@@ -689,8 +718,8 @@ class ClusterStore:
         if not vm_list:
             return {}
         async with self._deadline("holders"):
-            raw = await self._command("MGET", *(self._key("lease", vm) for vm in vm_list))
-        return {vm: _lease(r) for vm, r in zip(vm_list, raw, strict=True)}
+            raw = await self._command("MGET", *(self._vm_keys(vm)[0] for vm in vm_list))
+        return {vm: self._parse_lease(r) for vm, r in zip(vm_list, raw, strict=True)}
 
     # -- tickets --------------------------------------------------------------------------
 
@@ -806,7 +835,7 @@ class ClusterStore:
     # -- console log ----------------------------------------------------------------------
 
     def _append_call(self, batches: Sequence[tuple[str, int, int, Sequence[bytes]]]) -> _Call:
-        keys: list[str] = []
+        keys: list[str | bytes] = []
         args: list[Any] = [self.gateway_id, self.console_log_bytes, self.entry_bytes]
         args.append(self.reserve_ahead)
         for vm, token, start_offset, chunks in batches:
@@ -815,13 +844,8 @@ class ClusterStore:
             if len(data) > self.console_log_bytes:
                 start_offset += len(data) - self.console_log_bytes
                 data = data[len(data) - self.console_log_bytes :]
-            keys += (
-                self._key("lease", vm),
-                self._key("fence", vm),
-                self._key("log", vm),
-                self._key("logmeta", vm),
-            )
-            args += (token, start_offset, data)
+            keys += self._vm_keys(vm)
+            args += (b"%d" % token, b"%d" % start_offset, data)
         return _Call(_APPEND, keys, args)
 
     async def append(
@@ -906,7 +930,7 @@ class _Call:
     """One command of a pipeline: a script with its keys and arguments, or a plain command."""
 
     script: _Script | None
-    keys: Sequence[str]
+    keys: Sequence[str | bytes]
     args: Sequence[Any]
 
 
