@@ -23,12 +23,21 @@ one connection can make the gateway hold is thus its high-water mark, the
 answers to a read or two (past `MAX_UNREAD_BYTES` more it is dropped) and
 websockets' bounded frame buffer. A client that never drains misses its
 keepalive and is dropped within two intervals.
+
+A dropped client is sent a TCP reset, never a FIN: the kernel sends a FIN only
+after the output it holds, which a client that reads nothing never takes, so
+the client would never learn of its end and the socket would outlive the
+session, buffers and all. For the same reason a close that cannot flush is
+reset after `CLOSE_TIMEOUT`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -60,6 +69,9 @@ WS_LOGGER = logging.getLogger("relayd.websocket")
 WS_LOGGER.setLevel(logging.WARNING)
 
 CLOSE_TIMEOUT = 5.0
+# SO_LINGER on, zero seconds: closing the socket resets the connection (as the listener
+# refuses one) and frees it at once, whatever it still holds for the client.
+_RESET = struct.pack("ii", 1, 0)
 PUMP_CHUNK = 65536
 # Past its high-water mark a client is not read, so only the answers to what one read
 # held (pongs, errors) and notices can pile up; over this much more, it is dropped.
@@ -416,13 +428,13 @@ class ConsoleSession:
     # -- keepalive ------------------------------------------------------------------
 
     def keepalive(self) -> bool:
-        """Ping; False (and the transport aborted) when the last ping went unanswered."""
+        """Ping; False (and the client reset) when the last ping went unanswered."""
         if self._closed:
             return False
         if self._awaiting_pong and not self._reading_paused:
             self.end_reason = "keepalive timeout"
             self._info("keepalive_timeout")
-            self.transport.abort()
+            self._reset()
             return False
         if self.ws.state is State.OPEN:
             self._awaiting_pong = True
@@ -444,11 +456,27 @@ class ConsoleSession:
                 f"unread output over {self._max_buffered} bytes (client not reading)"
             )
             self._info("client_not_reading", buffered=self.transport.get_write_buffer_size())
-            self.transport.abort()
+            self._reset()
             return
-        if self.ws.close_expected() and self._close_timer is None:
-            loop = asyncio.get_running_loop()
-            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+        # Waiting for the client's Close, or for a closing transport to flush: a client
+        # that reads nothing lets neither end, so both have a deadline.
+        if self._close_timer is None and (self.ws.close_expected() or self.transport.is_closing()):
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._reset)
+
+    def _reset(self) -> None:
+        """Drop the client at once: its transport aborted, the connection reset.
+
+        abort() alone discards only the transport's buffer: the socket is then closed as
+        by close(), its FIN queued behind the output the kernel still holds for a
+        client that may never read it (see the module docstring).
+        """
+        if self._closed:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # not a socket that lingers (a pipe): abort only
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self.transport.abort()
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.opcode is Opcode.PONG:

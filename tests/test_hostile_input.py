@@ -11,6 +11,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 from websockets.frames import Frame, Opcode
 
@@ -358,27 +359,39 @@ async def test_client_that_floods_pings_and_reads_nothing_costs_the_gateway_a_fe
     Every ping wants a pong back; a gateway that kept reading queued ~48 MB of
     them. It must stop reading the client once its output is over the
     high-water mark, whatever the frame kind, and drop it when its keepalive
-    goes unanswered. Measured as the peak RSS of a real gateway process.
+    goes unanswered (with a reset: a FIN would wait behind the pongs). Measured
+    as the peak RSS of a real gateway process.
     """
     config = write_config(vms=_serial(far_end), limits={"keepalive_interval": "1s"})
     unit = _masked(0x9, b"p" * 125) * 7 + _masked(0xA, b"relayd")
     chunk = unit * (2**20 // len(unit))
     total = 50 * 2**20
+    deadline = TIMEOUT * 6
     async with gateway_process(config) as gateway:
         sock = socket.create_connection(("127.0.0.1", gateway.port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        _, writer = await raw_console(
-            gateway.port, client_ssl, token("rita"), query="mode=spectate", sock=sock
-        )
-        baseline = gateway.peak_rss()
-        sent = 0
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            async with asyncio.timeout(TIMEOUT * 6):
-                while sent < total:
-                    writer.write(chunk)
-                    await writer.drain()  # blocks once the gateway stops reading us
-                    sent += len(chunk)
-        grown = gateway.peak_rss() - baseline
-        writer.close()
+        # Closed here whatever happens: a socket left to the collector fails a later test.
+        with contextlib.closing(sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            _, writer = await raw_console(
+                gateway.port, client_ssl, token("rita"), query="mode=spectate", sock=sock
+            )
+            baseline = gateway.peak_rss()
+            sent = 0
+            try:
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    async with asyncio.timeout(deadline):
+                        while sent < total:
+                            writer.write(chunk)
+                            await writer.drain()  # blocks once the gateway stops reading us
+                            sent += len(chunk)
+            except TimeoutError:
+                pytest.fail(
+                    f"after {sent} bytes of pings the gateway neither read more nor dropped "
+                    f"the client in {deadline:g}s; its log: "
+                    f"{[e['event'] for e in gateway.events]}"
+                )
+            finally:
+                writer.transport.abort()  # close() would wait to flush what it could not send
+            grown = gateway.peak_rss() - baseline
     assert grown < 8 * 2**20, f"the gateway grew by {grown} bytes for {sent} bytes of pings"

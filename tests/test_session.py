@@ -4,6 +4,8 @@ The session gets the server end of a `socket.socketpair()` as its transport,
 as `HttpConnection` hands it over after the 101; the test speaks WebSocket on
 the other end with websockets' own sans-I/O client, so every frame is real and
 masked. No TLS and no HTTP: those are the connection's (test_connection.py).
+How a dropped client learns of its end (a FIN or a reset) is TCP's, so those
+tests use a loopback TCP connection instead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
@@ -102,6 +105,12 @@ class WsPeer:
                 await self._read()
         return bytes(self.output)
 
+    async def read_to_end(self) -> None:
+        """Read (and answer) until the end of the stream; a reset raises."""
+        async with asyncio.timeout(TIMEOUT):
+            while not self.eof:
+                await self._read()
+
     async def closed(self) -> tuple[int, str]:
         """Read until the server's Close and the end of the stream; (code, reason)."""
         async with asyncio.timeout(TIMEOUT):
@@ -127,13 +136,18 @@ async def attached(
     resume_from: int | None = None,
     session_id: str = "a1b2c3d4e5f60718",
     sndbuf: int | None = None,
+    tcp: bool = False,
 ) -> AsyncIterator[tuple[ConsoleSession, WsPeer]]:
-    """A session started on one end of a socket pair; the peer on the other end."""
-    ours, theirs = socket.socketpair()
+    """A session started on one end of a socket pair; the peer on the other end.
+
+    `tcp`: a loopback TCP connection instead, the peer's receive buffer as small as
+    the kernel allows (a client that reads nothing holds the gateway's output at once).
+    """
+    ours, theirs = _tcp_pair() if tcp else socket.socketpair()
     if sndbuf is not None:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, sock=ours)
     session = ConsoleSession(
         transport=transport,  # type: ignore[arg-type]
         hub=hub,
@@ -152,6 +166,16 @@ async def attached(
     finally:
         transport.abort()
         theirs.close()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(server end, client end) of a loopback TCP connection; the client's buffers small."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        theirs = socket.socket()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        theirs.connect(listening.getsockname())
+        ours, _ = listening.accept()
+    return ours, theirs
 
 
 async def detached(hub: ConsoleHub, session_id: str) -> None:
@@ -372,3 +396,61 @@ async def test_session_closed_by_the_gateway_gets_its_code() -> None:
         hub.close_all(control.CLOSE_GOING_AWAY, "relayd is shutting down")
         assert await peer.closed() == (control.CLOSE_GOING_AWAY, "relayd is shutting down")
         await detached(hub, "a1b2c3d4e5f60718")
+
+
+# -- a client that reads nothing ----------------------------------------------------------
+
+
+def _hold_output(hub: ConsoleHub, session: ConsoleSession) -> None:
+    """Publish until the kernel holds output the client has not read, and the transport more."""
+    while session.transport.get_write_buffer_size() == 0:
+        hub.publish(b"x" * 16384)
+
+
+async def test_session_dropped_for_its_keepalive_is_reset_not_sent_a_fin_behind_its_output() -> (
+    None
+):
+    """A dropped client that reads nothing must get a reset: a FIN waits behind unread output.
+
+    Neither the client nor the gateway's socket would end but on TCP's retry timers:
+    a ping flood that was dropped at two seconds once kept its sender waiting a minute.
+    """
+    hub = make_hub(output_queue_bytes=4096)
+    async with attached(hub, writer=False, tcp=True, sndbuf=4096) as (session, peer):
+        _hold_output(hub, session)
+        assert session.keepalive()  # a ping it will never read
+        with capture_logs() as events:
+            assert not session.keepalive()
+        assert [e["event"] for e in events] == ["keepalive_timeout"]
+        with pytest.raises(ConnectionResetError):
+            await peer.read_to_end()
+
+
+async def test_session_close_it_cannot_flush_is_reset_after_the_close_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that sends Close and reads nothing: closing must not wait for ever to flush."""
+    monkeypatch.setattr("relayd.session.CLOSE_TIMEOUT", 0.2)
+    hub = make_hub(output_queue_bytes=4096)
+    async with attached(hub, writer=False, tcp=True, sndbuf=4096) as (session, peer):
+        _hold_output(hub, session)
+        await peer.close(1000)  # answered with a Close the transport cannot flush
+        await detached(hub, "a1b2c3d4e5f60718")
+        assert session.end_reason == "client closed (1000)"
+        with pytest.raises(ConnectionResetError):
+            await peer.read_to_end()
+
+
+async def test_session_client_that_half_closes_and_reads_nothing_is_reset_after_the_close_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its end of stream closes the transport, which must not wait for ever to flush."""
+    monkeypatch.setattr("relayd.session.CLOSE_TIMEOUT", 0.2)
+    hub = make_hub(output_queue_bytes=4096)
+    async with attached(hub, writer=False, tcp=True, sndbuf=4096) as (session, peer):
+        _hold_output(hub, session)
+        peer.sock.shutdown(socket.SHUT_WR)
+        await detached(hub, "a1b2c3d4e5f60718")
+        assert session.end_reason == "client closed (1006)"  # its end of stream
+        with pytest.raises(ConnectionResetError):
+            await peer.read_to_end()
