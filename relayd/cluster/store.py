@@ -836,14 +836,14 @@ class ClusterStore:
 
     def _append_call(self, batches: Sequence[tuple[str, int, int, Sequence[bytes]]]) -> _Call:
         keys: list[str | bytes] = []
-        args: list[Any] = [self.gateway_id, self.console_log_bytes, self.entry_bytes]
-        args.append(self.reserve_ahead)
+        cap = self.console_log_bytes
+        args: list[Any] = [self.gateway_id, cap, self.entry_bytes, self.reserve_ahead]
         for vm, token, start_offset, chunks in batches:
             data = b"".join(chunks)
             # More than the log holds is cut here, so it never crosses the network.
-            if len(data) > self.console_log_bytes:
-                start_offset += len(data) - self.console_log_bytes
-                data = data[len(data) - self.console_log_bytes :]
+            if len(data) > cap:
+                start_offset += len(data) - cap
+                data = data[len(data) - cap :]
             keys += self._vm_keys(vm)
             args += (b"%d" % token, b"%d" % start_offset, data)
         return _Call(_APPEND, keys, args)
