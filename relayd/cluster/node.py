@@ -86,9 +86,12 @@ class Outbox:
     as a gap when the rest arrives.
     """
 
-    def __init__(self, vm: str, token: int, limit: int, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, vm: str, token: int, limit: int, wake: Callable[[], None], start: int = 0
+    ) -> None:
         self.vm = vm
         self.token = token
+        self.end = start  # the offset after the last byte handed out (clients know it)
         self.limit = limit
         self.chunks: deque[tuple[int, bytes]] = deque()
         self.size = 0
@@ -99,6 +102,7 @@ class Outbox:
         """Buffer output that starts at `offset` (called by the hub, never waits)."""
         self.chunks.append((offset, data))
         self.size += len(data)
+        self.end = offset + len(data)
         while self.size > self.limit and len(self.chunks) > 1:
             _, old = self.chunks.popleft()
             self.size -= len(old)
@@ -311,7 +315,7 @@ class ClusterNode:
             decisions = self.policy.decide(
                 now, state.live, state.holders, dict(self.held), data_lost=data_lost
             )
-            await self._carry_out(decisions)
+            await self._carry_out(decisions, data_lost=data_lost)
             self._note_owners(state.holders, state.live)
             self.stats.rounds += 1
             self.first_round.set()
@@ -360,7 +364,7 @@ class ClusterNode:
             owners[vm_id] = (self.gateway_id, self.advertise)
         self.owners = owners
 
-    async def _carry_out(self, decisions: tuple[Decision, ...]) -> None:
+    async def _carry_out(self, decisions: tuple[Decision, ...], *, data_lost: bool) -> None:
         renew = {d.vm: d.token for d in decisions if isinstance(d, Renew)}
         release = {d.vm: d.token for d in decisions if isinstance(d, Release)}
         claims = {d.vm: d.floor for d in decisions if isinstance(d, Claim)}
@@ -376,11 +380,25 @@ class ClusterNode:
                 if not ok:
                     log.warning("cluster_renew_refused", vm=vm_id, token=renew[vm_id])
                     self._drop(vm_id, "this gateway no longer owns the console")
+            if data_lost:
+                await self._reserve_again({vm: renew[vm] for vm, ok in kept.items() if ok})
         if claims:
             granted = await self.store.claim_many(claims)
             for vm_id, token in granted.items():
                 if token is not None:
                     await self._take(vm_id, token)
+
+    async def _reserve_again(self, held: Mapping[str, int]) -> None:
+        """Redis lost the log's marks: put back ours, past every offset we handed out.
+
+        Without them a successor (after this gateway dies) would start the log at
+        0 again and hand out offsets our clients already hold.
+        """
+        for vm_id, token in held.items():
+            box = self.outboxes.get(vm_id)
+            if box is not None:
+                await self.store.reserve(vm_id, token, box.end + self.store.reserve_ahead)
+        log.info("cluster_offsets_reserved_again", vms=len(held))
 
     async def _take(self, vm_id: str, token: int) -> None:
         """A claim was granted: start the hub from the shared log's tail."""
@@ -403,7 +421,7 @@ class ClusterNode:
         self.policy.claimed(vm_id, token)
         self.held[vm_id] = token
         self.stats.owner_changes += 1
-        outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set)
+        outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point)
         self.outboxes[vm_id] = outbox
         log.info("cluster_vm_claimed", vm=vm_id, token=token, offset=end)
         self.owner.open_hub(vm, history, outbox)
@@ -423,8 +441,8 @@ class ClusterNode:
         await self._ship(box for box in boxes.values() if box is not None)
         for vm_id, token in vms.items():
             left = boxes[vm_id]
-            if left is None or not left.chunks:
-                await self.store.settle(vm_id, token)
+            if left is not None and not left.chunks:
+                await self.store.settle(vm_id, token, left.end)
         await self.store.release_many(vms)
 
     def _drop(self, vm_id: str, reason: str) -> None:

@@ -311,7 +311,7 @@ return out
 _RESERVE = _Script(
     """
 -- KEYS: lease, fence, logmeta
--- ARGV: gateway, token, offset
+-- ARGV: gateway, token, offset, 'settle' or 'reserve'
 -- -> {'ok', reserved} | {'fenced'} | {'lapsed'}
 """
     + _FENCED
@@ -319,9 +319,10 @@ _RESERVE = _Script(
 if status then return {status} end
 local reserved = tonumber(redis.call('HGET', KEYS[3], 'reserved') or '0')
 local want = tonumber(ARGV[3])
-if want < 0 then
-  -- Settle: everything handed out is stored; the next owner starts at the end.
-  reserved = tonumber(redis.call('HGET', KEYS[3], 'end') or '0')
+if ARGV[4] == 'settle' then
+  -- Everything handed out below `want` is stored: the next owner starts at the end,
+  -- or at `want` if that is later (the owner started past its predecessor's mark).
+  reserved = math.max(tonumber(redis.call('HGET', KEYS[3], 'end') or '0'), want)
   redis.call('HSET', KEYS[3], 'reserved', string.format('%d', reserved))
 elseif want > reserved then
   reserved = want
@@ -906,17 +907,19 @@ class ClusterStore:
             )
         return max(int(end or 0), int(reserved or 0))
 
-    async def reserve(self, vm: str, token: int, offset: int) -> bool:
+    async def reserve(self, vm: str, token: int, offset: int, *, settle: bool = False) -> bool:
         """Reserve offsets up to `offset` for our lease (fenced); False if it is not ours."""
         keys = (self._key("lease", vm), self._key("fence", vm), self._key("logmeta", vm))
-        call = _Call(_RESERVE, keys, (self.gateway_id, token, offset))
+        mode = "settle" if settle else "reserve"
+        call = _Call(_RESERVE, keys, (self.gateway_id, token, offset, mode))
         async with self._deadline("reserve"):
             (result,) = await self._pipeline([call])
         return bytes(result[0]) == b"ok"
 
-    async def settle(self, vm: str, token: int) -> bool:
-        """Our output is all stored: the next owner may start right at the log's end."""
-        return await self.reserve(vm, token, -1)
+    async def settle(self, vm: str, token: int, end: int) -> bool:
+        """Everything we handed out (offsets below `end`) is stored: the next owner may
+        start at the log's end, or at `end` if we started past it and printed nothing."""
+        return await self.reserve(vm, token, end, settle=True)
 
     async def bounds(self, vm: str) -> tuple[int, int]:
         """The log's (start, end) offsets; (0, 0) when nothing was ever stored."""

@@ -540,7 +540,7 @@ async def test_store_offsets_reserved_ahead_so_a_successor_never_reuses_them(
     assert (await a.append("vm-1", token, 0, [b"stored\n"])).ok
     # The owner may have handed out more than it stored: its successor starts past the mark.
     assert await b.resume_point("vm-1") == 7 + a.reserve_ahead
-    assert await a.settle("vm-1", token)  # everything handed out is stored
+    assert await a.settle("vm-1", token, 7)  # everything handed out is stored
     assert await b.resume_point("vm-1") == 7
     assert await a.reserve("vm-1", token, 100)
     assert await a.release("vm-1", token)
@@ -548,3 +548,22 @@ async def test_store_offsets_reserved_ahead_so_a_successor_never_reuses_them(
     assert new is not None
     assert not await a.reserve("vm-1", token, 10_000)  # fenced: the lease is b's
     assert await b.resume_point("vm-1") == 100
+
+
+async def test_store_settle_never_lets_a_successor_reuse_offsets_an_owner_skipped_to(
+    make_store: StoreFactory,
+) -> None:
+    """An owner that started past a predecessor's reservation and printed nothing hands
+    over at its own start: its clients were told that offset, so it is never reused."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    token = await a.claim("vm-1")
+    assert token is not None
+    assert (await a.append("vm-1", token, 0, [b"stored\n"])).ok
+    start = await b.resume_point("vm-1")  # a died: b starts past a's reservation
+    assert start > 7
+    assert await a.release("vm-1", token)
+    new = await b.claim("vm-1")
+    assert new is not None
+    assert await b.reserve("vm-1", new, start + b.reserve_ahead)
+    assert await b.settle("vm-1", new, start)  # nothing printed while b owned it
+    assert await a.resume_point("vm-1") == start
