@@ -26,6 +26,7 @@ from .audit import audit
 from .auth import Principal
 from .cluster.forwarding import (
     ForwardedSession,
+    Mode,
     encode_forwarded_request,
     has_forwarded_headers,
     parse_forwarded_headers,
@@ -532,9 +533,16 @@ def _forward_grant(
     path, headers = request.path, list(request.headers.items())
     head = encode_forwarded_request(path, headers, fwd)
 
-    def resuming(offset: int) -> bytes:
-        """The same session (id, principal, role, mode), resuming at `offset`, for a new owner."""
-        return encode_forwarded_request(path, headers, dataclasses.replace(fwd, resume_from=offset))
+    def resuming(offset: int, writer: bool) -> bytes:
+        """The same session (id, principal, role), resuming at `offset`, for a new owner.
+
+        It asks to write only if it was the writer when it moved: a session demoted
+        or evicted on the old owner never takes the console back by moving.
+        """
+        mode: Mode = "interactive" if writer else "spectate"
+        return encode_forwarded_request(
+            path, headers, dataclasses.replace(fwd, resume_from=offset, mode=mode)
+        )
 
     reattach = Reattach(
         vm=vm_id,
@@ -567,6 +575,7 @@ def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant
     if hub is None:
         raise OwnerUnavailableError(f"this gateway does not hold the console of {vm_id}")
     want_writer = fwd.mode == "interactive" and at_least(role, "contributor")
-    return _admit_local(
+    grant = _admit_local(
         gw, client, hub, principal, role, fwd.session_id, want_writer, fwd.resume_from
     )
+    return dataclasses.replace(grant, relayed=True)

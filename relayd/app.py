@@ -23,7 +23,7 @@ import signal
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from . import api, control, native
 from .access import AccessPolicy
@@ -202,7 +202,17 @@ class Gateway:
             task.cancel()
         if hub is not None:
             log.info("cluster_vm_released", vm=vm_id, reason=reason)
-            hub.close_all(control.CLOSE_GOING_AWAY, f"{reason}; reconnect to resume")
+            # Relayed sessions move with the console; direct ones get 1001 and reconnect.
+            hub.hand_off_all(reason)
+
+    def owners_changed(self, vms: Collection[str]) -> None:
+        """The region named new owners: sessions relayed to the old ones follow (see Relay)."""
+        cluster = self.cluster
+        if cluster is None or not any(conn.relaying for conn in self.connections):
+            return
+        owners = {vm: owner[0] for vm in vms if (owner := cluster.node.owner_of(vm)) is not None}
+        for conn in list(self.connections):
+            conn.owners_moved(owners)
 
     def switches_changed(self) -> None:
         """A console switch changed somewhere in the region: end what it disabled here."""
@@ -527,14 +537,20 @@ class Gateway:
         log.info("gateway_draining", sessions=len(self.sessions))
         accepting.cancel()  # stop accepting; the listening socket closes with it
         grace = self.config.gateway.drain_seconds
+        # A session another gateway relays here is not told: it moves with its console
+        # when this gateway hands it off (below), and its client stays connected.
         for session in list(self.sessions.values()):
-            session.send_text(control.encode_notice("shutting_down", closes_in=grace))
+            if not session.relayed:
+                session.send_text(control.encode_notice("shutting_down", closes_in=grace))
         # Clients may leave on their own during the grace period; then the rest are closed.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                await self._until(lambda: not self.sessions)
+                await self._until(lambda: all(s.relayed for s in self.sessions.values()))
         for session in list(self.sessions.values()):
-            session.close(control.CLOSE_GOING_AWAY, "gateway shutting down")
+            if session.relayed:
+                session.hand_off("gateway shutting down")
+            else:
+                session.close(control.CLOSE_GOING_AWAY, "gateway shutting down")
         for conn in list(self.connections):
             conn.going_away("gateway shutting down")
         with contextlib.suppress(TimeoutError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import parse_qs, urlsplit
@@ -71,6 +72,7 @@ class ConsoleGrant:
     want_writer: bool
     resume_from: int | None
     peer: str  # the client's real address, for audit (a forwarded session's, too)
+    relayed: bool = False  # another gateway relays the client (and can move it)
 
 
 @dataclass(frozen=True)
@@ -377,6 +379,7 @@ class HttpConnection(asyncio.Protocol):
             peer=grant.peer,
             region=self.owner.config.gateway.region,
             output_queue_bytes=self.owner.config.limits.output_queue_bytes,
+            relayed=grant.relayed,
         )
         self.session = session
         self.owner.session_started(session)
@@ -426,6 +429,12 @@ class HttpConnection(asyncio.Protocol):
     def relaying(self) -> bool:
         """Whether this connection is a session relayed to the VM's owner."""
         return self._relay is not None
+
+    def owners_moved(self, owners: Mapping[str, str]) -> None:
+        """The region names new owners (vm -> gateway): a session relayed elsewhere follows."""
+        relay = self._relay
+        if relay is not None and relay.vm is not None and relay.vm in owners:
+            relay.owner_moved(owners[relay.vm])
 
     def _relayed(self, relay: Relay) -> None:
         """Both ends of a relayed session are gone."""

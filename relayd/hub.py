@@ -71,6 +71,9 @@ class HubClient(Protocol):
     def send_text(self, text: str) -> None:
         """A control message (notice or error)."""
 
+    def hand_off(self, reason: str) -> None:
+        """This gateway lets go of the VM: a relayed session moves, a direct one is closed."""
+
     def close(self, code: int, reason: str) -> None:
         """End the session with a WebSocket close code."""
 
@@ -645,6 +648,11 @@ class ConsoleHub:
         """Close every session (shutdown, VM removed)."""
         for client in list(self.clients.values()):
             client.close(code, reason)
+
+    def hand_off_all(self, reason: str) -> None:
+        """This gateway lets go of the VM (cluster mode): every session is handed off."""
+        for client in list(self.clients.values()):
+            client.hand_off(reason)
 
     def limits_for(self, role: str) -> dict[str, int | float | None]:
         """The numbers a client is told in `hello`."""

@@ -92,8 +92,12 @@ class ConsoleSession:
         peer: str,
         region: str,
         output_queue_bytes: int,
+        relayed: bool = False,
     ) -> None:
         self.transport = transport
+        # Relayed by another gateway (cluster mode): that gateway can move the session.
+        self.relayed = relayed
+        self._handed_off = False
         self.hub = hub
         self.session_id = session_id
         self.principal = principal
@@ -285,6 +289,28 @@ class ConsoleSession:
         ):
             self.transport.resume_reading()
 
+    def hand_off(self, reason: str) -> None:
+        """This gateway lets go of the VM (it moved, or the gateway drains): end the session.
+
+        A relayed session's link is closed cleanly between frames, without a Close
+        frame: that tells the gateway relaying it to move the client to the VM's
+        next owner, where it resumes at its position (cluster/relay.py). A direct
+        client is closed with 1001 and reconnects with `?from=`.
+        """
+        if not self.relayed:
+            self.close(control.CLOSE_GOING_AWAY, f"{reason}; reconnect to resume")
+            return
+        if self._closed or self.ws.state is not State.OPEN:
+            return
+        self.end_reason = self.end_reason or f"handed off: {reason}"
+        self._open = False
+        self._flush()  # whole frames only: the relay resumes the client after the last one
+        self._handed_off = True  # from here nothing more reaches the link (see `_flush`)
+        self.ws.send_close(control.CLOSE_GOING_AWAY, "")  # never sent: websockets goes quiet
+        self.transport.close()
+        if self._close_timer is None:
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._reset)
+
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the transport is dropped if the peer does not answer."""
         if self._closed or self.ws.state is not State.OPEN:
@@ -445,6 +471,9 @@ class ConsoleSession:
     # -- internals --------------------------------------------------------------------
 
     def _flush(self) -> None:
+        if self._handed_off:
+            self.ws.data_to_send()  # the relay moves the client: its link hears nothing more
+            return
         for chunk in self.ws.data_to_send():
             if chunk:
                 self.transport.write(chunk)

@@ -55,6 +55,10 @@ class RecordingClient:
         self.messages.append(json.loads(text))
         self._changed.set()
 
+    def hand_off(self, reason: str) -> None:
+        """A direct client: closed with 1001, as the gateway's own sessions are."""
+        self.close(1001, f"{reason}; reconnect to resume")
+
     def close(self, code: int, reason: str) -> None:
         """Remember the close code and reason."""
         self.closed = (code, reason)

@@ -6,6 +6,7 @@ import itertools
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from websockets.frames import Close, Frame, Opcode
@@ -123,9 +124,9 @@ def test_client_stream_keeps_the_unfinished_frame_for_a_new_owner(
             assert not walker.unfinished_whole
 
 
-def _hello(offset: int, replay: int, port: str = "up") -> Spec:
+def _hello(offset: int, replay: int, port: str = "up", role: str = "writer") -> Spec:
     text = control.encode_hello(
-        vm="vm-a", session="s", role="writer", offset=offset, replay=replay, limits={}, port=port
+        vm="vm-a", session="s", role=role, offset=offset, replay=replay, limits={}, port=port
     )
     return (Opcode.TEXT, True, text.encode())
 
@@ -237,6 +238,27 @@ def test_server_stream_tracks_port_notices() -> None:
     data, _ = _encode([_notice("port_up", vm="vm-a")], mask=False)
     walker.feed(data)
     assert walker.port_up
+
+
+@pytest.mark.parametrize(
+    ("role", "notice", "writer"),
+    [
+        ("writer", None, True),
+        ("spectator", None, False),
+        ("writer", ("demoted", {"by": "user:bob", "writer": "user:bob"}), False),
+        ("writer", ("writer_changed", {"writer": "user:bob", "you": "evicted"}), False),
+        ("writer", ("writer_changed", {"writer": None}), True),
+    ],
+)
+def test_server_stream_tracks_whether_the_client_writes(
+    role: str, notice: tuple[str, dict[str, Any]] | None, writer: bool
+) -> None:
+    """The hello's role, then a demotion or an eviction: what a moved session asks for."""
+    walker = ServerStream()
+    specs = [_hello(0, 0, role=role)] + ([_notice(notice[0], **notice[1])] if notice else [])
+    data, _ = _encode(specs, mask=False)
+    walker.feed(data)
+    assert walker.writer is writer
 
 
 def test_first_frame_waits_for_the_whole_frame() -> None:

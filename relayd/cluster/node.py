@@ -24,7 +24,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,6 +76,9 @@ class NodeOwner(Protocol):
 
     def switches_changed(self) -> None:
         """Switch overrides changed: end sessions of consoles now disabled."""
+
+    def owners_changed(self, vms: Collection[str]) -> None:
+        """The region named another owner for these VMs (sessions relayed to the old one move)."""
 
 
 class Outbox:
@@ -362,7 +365,11 @@ class ClusterNode:
                 owners[vm_id] = (lease.gateway, live[lease.gateway])
         for vm_id in self.held:
             owners[vm_id] = (self.gateway_id, self.advertise)
+        before = self.owners
         self.owners = owners
+        moved = [vm for vm, now in owners.items() if before.get(vm, ("",))[0] != now[0]]
+        if moved:
+            self.owner.owners_changed(moved)
 
     async def _carry_out(self, decisions: tuple[Decision, ...], *, data_lost: bool) -> None:
         renew = {d.vm: d.token for d in decisions if isinstance(d, Renew)}

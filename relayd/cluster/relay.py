@@ -23,6 +23,15 @@ position is. That lets it move the session when the owner dies:
    including the start of a frame the dead owner got only part of (it never
    acted on it), and the relay goes on.
 
+The same happens when the owner lets go of the VM without a Close frame (it
+hands the console to another gateway, or drains for a deploy: it ends a
+forwarded session's link cleanly, between frames), and when the region names
+another owner while the link still looks alive (the owner is frozen and
+fenced: `owner_moved`). The session keeps what it had: a client that is no
+longer the writer (demoted, evicted) resumes as a spectator, and one that
+was the writer but cannot be any more on the new owner (`deny` with a writer
+there) resumes as a spectator with a `demoted` notice.
+
 When the owner closes on purpose (a Close frame: 4001, 4009, 1001...) the
 frame reaches the client unchanged and the relay ends, as a splice does. When
 no new owner comes in time, or it refuses the session, the client gets a
@@ -73,7 +82,8 @@ class Reattach:
         vm: the VM.
         owner: the gateway id of the owner the session is relayed to first.
         owners: the gateway's view of ownership.
-        request: the forwarded upgrade for this session, resuming at an offset.
+        request: the forwarded upgrade for this session, resuming at an offset, as the
+            writer (interactive) or not (spectate).
         ssl_context: the peer-link client context.
         timeout: deadline of each peer link (connection, TLS, answer, hello).
         wait: how long to wait for a new owner before closing the client.
@@ -82,7 +92,7 @@ class Reattach:
     vm: str
     owner: str
     owners: OwnerDirectory
-    request: Callable[[int], bytes]
+    request: Callable[[int, bool], bytes]
     ssl_context: ssl.SSLContext
     timeout: float
     wait: float
@@ -217,6 +227,7 @@ class Relay:
         self._frames = ClientStream(MAX_PARTIAL_BYTES)
         self._held: bytearray | None = None  # client input while no owner is attached
         self._moving: asyncio.Task[None] | None = None
+        self._was_writer = False  # whether the client wrote before its latest move
 
     # -- normal relaying --------------------------------------------------------------------
 
@@ -293,6 +304,30 @@ class Relay:
         if self._server.at_boundary and not self._server.closing and not self._server.broken:
             self._send_client(_close_frame(control.CLOSE_GOING_AWAY, reason))
         self.close()
+
+    @property
+    def vm(self) -> str | None:
+        """The VM relayed to (None for a relay that cannot move)."""
+        return None if self._reattach is None else self._reattach.vm
+
+    def owner_moved(self, owner: str) -> None:
+        """The region names `owner` as the VM's owner: leave a link to any other one.
+
+        Its lease is gone, so whatever it still sends is a deposed owner's; a
+        frozen owner would otherwise hold the session until it woke. The link is
+        aborted and the session moves as if the owner had died.
+        """
+        current = self._owner
+        if (
+            self._reattach is None
+            or self._moving is not None
+            or current is None
+            or current.lost
+            or owner == self._owner_id
+        ):
+            return
+        log.info("relay_owner_moved", vm=self._reattach.vm, owner=self._owner_id, to=owner)
+        current.transport.abort()
 
     def abort(self) -> None:
         """End the relay at once, dropping whatever is buffered."""
@@ -420,21 +455,27 @@ class Relay:
         host, _, port = owner[1].rpartition(":")
         position = self._server.position
         assert position is not None
-        try:
-            link = await open_peer(
-                host.strip("[]"),
-                int(port),
-                reattach.ssl_context,
-                reattach.request(position),
-                reattach.timeout,
-            )
-        except PeerLinkError as exc:
-            log.info("relay_owner_unreachable", vm=reattach.vm, owner=owner[0], error=str(exc))
-            return None
-        if link.status == 503:  # it does not hold the port (yet): the next round will say
-            return None
-        if link.status != 101:
-            raise _Refused(f"gateway {owner[0]} refused the session with {link.status}")
+        writer = self._server.writer
+        while True:
+            try:
+                link = await open_peer(
+                    host.strip("[]"),
+                    int(port),
+                    reattach.ssl_context,
+                    reattach.request(position, writer),
+                    reattach.timeout,
+                )
+            except PeerLinkError as exc:
+                log.info("relay_owner_unreachable", vm=reattach.vm, owner=owner[0], error=str(exc))
+                return None
+            if link.status == 503:  # it does not hold the port (yet): the next round will say
+                return None
+            if link.status == 409 and writer:  # `deny`, and it has a writer: spectate there
+                writer = False
+                continue
+            if link.status != 101:
+                raise _Refused(f"gateway {owner[0]} refused the session with {link.status}")
+            break
         side = _Owner(self, link.transport, live=False)
         reader = link._reader
         side.pending += link.rest + bytes(reader.buf)
@@ -465,6 +506,7 @@ class Relay:
             # position is the owner's to explain: an output_gap notice comes next.)
             link.transport.abort()
             raise _Refused(f"gateway {owner[0]} resumed the session at the wrong offset")
+        self._was_writer = self._server.writer
         self._server = stream
         return side, end, link
 
@@ -473,6 +515,17 @@ class Relay:
         reattach = self._reattach
         assert reattach is not None
         self.reattached += 1
+        if self._was_writer and not self._server.writer:
+            self._send_client(
+                _text_frame(
+                    control.encode_notice(
+                        "demoted",
+                        by=None,
+                        writer=None,
+                        reason="the console moved to a gateway where another session writes",
+                    )
+                )
+            )
         if self._server.port_up:
             self._send_client(_text_frame(control.encode_notice("port_up", vm=reattach.vm)))
         rest = bytes(owner.pending[hello_end:])

@@ -204,6 +204,9 @@ class ServerStream(_FrameWalker):
             None until the hello has been walked.
         hello: the owner's hello, once walked.
         port_up: whether the owner last said its port is up (hello, then notices).
+        writer: whether the client is the writer as the owner last said (its hello's
+            role, until a `demoted` notice or an eviction): a session that moves to a
+            new owner asks for what it has, never for more.
         closing: the owner has begun a Close frame (its session is ending on
             purpose: the relay passes that on and never switches owners).
     """
@@ -215,6 +218,7 @@ class ServerStream(_FrameWalker):
         self.position = position
         self.hello: dict[str, object] | None = None
         self.port_up = True
+        self.writer = False
         self.closing = False
         self._text: bytearray | None = None  # the text message being collected
         self._text_fin = False
@@ -259,6 +263,7 @@ class ServerStream(_FrameWalker):
                 self.hello = msg
                 self.position = offset - replay
                 self.port_up = msg.get("port", "up") == "up"
+                self.writer = msg.get("role") == "writer"
         elif kind == "notice":
             event = msg.get("event")
             last = msg.get("last")
@@ -268,6 +273,8 @@ class ServerStream(_FrameWalker):
                 self.port_up = False
             elif event == "port_up":
                 self.port_up = True
+            elif event == "demoted" or (event == "writer_changed" and msg.get("you") == "evicted"):
+                self.writer = False
 
 
 def _is_offset(value: object) -> TypeGuard[int]:

@@ -12,6 +12,7 @@ measures takeover and failover times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -448,24 +449,40 @@ async def test_redis_restart_with_empty_dataset_is_survived(region: Region) -> N
 
 
 async def test_frozen_owner_is_fenced_and_lets_go_when_it_wakes(region: Region) -> None:
-    """SIGSTOP the owner: a survivor claims, the frozen one's late output is refused, it lets go."""
+    """SIGSTOP the owner: a survivor claims, the frozen one's late output is refused, it lets go.
+
+    A client relayed to the frozen owner through another gateway leaves it as soon as
+    the region names the new owner (port_down while it is still frozen), waits for the
+    port, and types on: it never hears from the deposed owner again.
+    """
     before = await region.wait_settled()
     owner = before["vm-3"]
     end = region.ends["vm-3"]
     served_before = len(end.holders)
-    owner.freeze()
-    try:
-        # The survivor's claim shows at the port: a second connection, waiting its
-        # turn (as QEMU makes it wait) while the frozen process still holds the port.
-        await end.wait_for(lambda e: e.connections == 2, FAILOVER_TIMEOUT)
-        # Printed now, it waits in the frozen owner's socket: a deposed owner's output.
-        assert end.emit(b"\r\nprinted-to-the-frozen-owner\r\n")
-    finally:
-        owner.thaw()
-    # Awake, it sees its lease gone, closes the port; the survivor gets it.
-    await end.wait_for(
-        lambda e: any(h != owner.gateway_id for h in e.holders[served_before:]), START_TIMEOUT
-    )
+    async with contextlib.AsyncExitStack() as stack:
+        remote = await stack.enter_async_context(
+            region.console(region.others(owner)[0], "vm-3", user="alice")
+        )
+        await typed(remote, b"before-the-freeze")
+        owner.freeze()
+        try:
+            # The survivor's claim shows at the port: a second connection, waiting its
+            # turn (as QEMU makes it wait) while the frozen process still holds the port.
+            await end.wait_for(lambda e: e.connections == 2, FAILOVER_TIMEOUT)
+            # Printed now, it waits in the frozen owner's socket: a deposed owner's output.
+            assert end.emit(b"\r\nprinted-to-the-frozen-owner\r\n")
+            async with asyncio.timeout(FAILOVER_TIMEOUT):
+                await remote.control(type="notice", event="port_down")
+        finally:
+            owner.thaw()
+        # Awake, it sees its lease gone, closes the port; the survivor gets it.
+        await end.wait_for(
+            lambda e: any(h != owner.gateway_id for h in e.holders[served_before:]),
+            START_TIMEOUT,
+        )
+        await remote.control(type="notice", event="port_up")
+        await typed(remote, b"after-the-thaw")
+        assert b"printed-to-the-frozen-owner" not in remote.output
     # Then ownership comes back to rest: the thawed gateway takes back its share.
     assert await region.wait_settled() == before
     status, _, log = await region.request(owner, "GET", "/v1/vms/vm-3/console-log", user="rita")

@@ -352,6 +352,36 @@ async def test_switches_survive_a_redis_restart_with_an_empty_dataset(
         assert refused.value.response.status_code == 403
 
 
+async def test_after_redis_loses_its_data_a_successor_never_reuses_offsets_clients_hold(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """Redis comes back empty: the owner puts back its reservation past what its clients
+    saw, so a successor (should the owner die) starts there, not at offset 0."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        async with console(owner, ctx, mint("alice")) as c:
+            await far_end.send(b"seen by a client\r\n")
+            await c.expect(b"seen by a client\r\n")
+            held = c.hello["offset"] - c.hello["replay"] + len(c.output)
+        await redis_server.restart_empty()
+        assert other.cluster is not None
+        store = other.cluster.store
+
+        async def resume_point() -> int:
+            try:
+                return await store.resume_point("vm-a")
+            except ClusterUnavailableError:  # Redis may still be coming back
+                return -1
+
+        async with asyncio.timeout(TIMEOUT):
+            while await resume_point() < held:
+                await other.cluster.node.next_round()
+
+
 async def _health(gateway: Gateway, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.health_port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -485,6 +515,76 @@ async def test_relayed_client_stays_attached_when_the_owner_is_killed(
             )  # fmt: skip
             assert status == 200
             assert (await c.closed())[0] == 4009
+
+
+@contextlib.asynccontextmanager
+async def owner_and_relay(
+    cluster_config: Callable[..., Config], far_end: FarEnd, **config: Any
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Two gateways of a region: (vm-a's owner, the other), once the other routes to it."""
+    async with (
+        serving(cluster_config("gw-1", far_end.port, **config)) as g1,
+        serving(cluster_config("gw-2", far_end.port, **config)) as g2,
+    ):
+        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
+        owner, other = _owner(g1, g2)
+        await until(
+            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
+        )
+        yield owner, other
+
+
+async def test_relayed_client_moves_with_the_console_when_the_owner_stops(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A clean stop of the owner (a deploy) does not close a client relayed through the other
+    gateway: no shutting_down notice, port_down, then port_up from the new owner, and it
+    types on, its output continuing with no byte twice."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        owner_and_relay(cluster_config, far_end) as (owner, other),
+        console(other, ctx, mint("alice")) as c,
+    ):
+        await c.send(b"before\r")
+        await far_end.wait_received(lambda got: b"before\r" in got)
+        await far_end.send(b"output before\r\n")
+        await c.expect(b"output before\r\n")
+        owner.stop()
+        assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+        assert (await c.control(type="notice", event="port_up"))["vm"] == "vm-a"
+        assert "vm-a" in other.hubs
+        await c.send(b"after\r")
+        await far_end.wait_received(lambda got: b"after\r" in got)
+        await far_end.send(b"output after\r\n")
+        await c.expect(b"output after\r\n")
+        assert c.output.count(b"output before") == 1
+        assert not [m for m in c.controls if m.get("event") == "shutting_down"]
+        assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
+
+
+async def test_demoted_relayed_client_moves_as_a_spectator(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A relayed writer demoted by a takeover stays a spectator when its console moves: it
+    never takes the console back by moving."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with owner_and_relay(cluster_config, far_end, takeover="demote") as (owner, other):
+        async with console(other, ctx, mint("alice")) as a:
+            assert a.hello["role"] == "writer"
+            async with console(owner, ctx, mint("bob")) as b:
+                assert b.hello["role"] == "writer"
+                assert (await a.control(type="notice", event="demoted"))["by"] == "user:bob"
+                owner.stop()
+                assert (await b.closed())[0] == 1001
+            await a.control(type="notice", event="port_down")
+            await a.control(type="notice", event="port_up")
+            await a.send(b"typed-by-a-spectator\r")
+            assert (await a.control(type="error"))["code"] == "read_only"
+            await a.send({"type": "break"})
+            await a.control(type="error", code="read_only")
+        assert b"typed-by-a-spectator" not in far_end.received
 
 
 async def test_relayed_client_is_closed_with_1001_when_no_gateway_takes_over(
