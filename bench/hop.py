@@ -21,7 +21,10 @@ every gateway says `up` or `remote` for each, and the owners agree):
   gives the idle rate: the ownership rounds and heartbeats.
 * **flood**: `--flood-vms` VMs print as fast as their clients read (one
   session each, at the owner): Redis commands, appends and bytes appended
-  per second, and bytes delivered per second.
+  per second, and bytes delivered per second. Bytes appended are Redis's count
+  (`logmeta` field `appended`); the gateways' own counter is reported beside
+  it as acknowledged: it misses every append answered after the gateway's 1 s
+  deadline, stored all the same, which at full load was every one of them.
 
 The relays and redis-server are pinned to CPU 0, this process (generator
 and echo/flood servers) to CPU 1, as bench/run.py does. Results go to
@@ -78,6 +81,7 @@ from bench.peers import (  # noqa: E402
 from bench.phases import type_keys  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+REGION = "bench"
 LEASE_TTL = "3s"
 SETTLE_TIMEOUT = 120.0
 OPEN_CONC = 50
@@ -166,7 +170,7 @@ def write_config(
     }
     lines = [
         "[gateway]",
-        'region = "bench"',
+        f"region = {q(REGION)}",
         f"listen = {q(f'{g.host}:{g.port}')}",
         f"health_listen = {q(f'{g.host}:{g.health_port}')}",
         f"state_dir = {q(str(state))}",
@@ -293,8 +297,20 @@ class Sampler:
             "calls": calls,
         }
 
+    async def log_appended(self, logmeta_keys: list[str]) -> int | None:
+        """Bytes these VMs' shared logs ever stored, as Redis counts them (None: not counted,
+        a relayd from before the count)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in logmeta_keys:
+                pipe.hget(key, "appended")
+            values = await pipe.execute()
+        if all(v is None for v in values):
+            return None
+        return sum(int(v or 0) for v in values)
+
     async def metric(self, name: str) -> float:
-        """A gauge or counter from every gateway's /metrics, summed."""
+        """A gauge or counter from every gateway's /metrics, summed (`name` may end in
+        its labels: ``x_total{call="append"}``)."""
         total = 0.0
         for g in self.gateways:
             _, body = await http_get(g.host, g.health_port, "/metrics")
@@ -425,11 +441,31 @@ async def typing(
     return out
 
 
+APPENDED = "relayd_cluster_log_appended_bytes_total"
+FAILED_APPENDS = 'relayd_cluster_redis_errors_total{call="append"}'
+
+
+def flood_rates(
+    window_s: float, delivered: int, stored: int | None, acknowledged: float, failed: float
+) -> dict[str, Any]:
+    """The flood's figures from what changed in the window (bytes, and failed appends).
+
+    Appended is what Redis stored (`stored`), not what the gateways saw acknowledged.
+    """
+    return {
+        "delivered_mb_per_s": round(delivered / window_s / 1e6, 2),
+        "appended_mb_per_s": None if stored is None else round(stored / window_s / 1e6, 2),
+        "acknowledged_mb_per_s": round(acknowledged / window_s / 1e6, 2),
+        "failed_appends": int(failed),
+    }
+
+
 async def flood(
     args: argparse.Namespace,
     sampler: Sampler,
     backend: Backend,
     targets: list[Target],
+    logmeta_keys: list[str],
 ) -> dict[str, Any]:
     """`--flood-vms` VMs printing as fast as their clients read: Redis and bytes per second."""
     conns = await open_sessions(targets)
@@ -444,25 +480,28 @@ async def flood(
         for g in groups:
             g.start()
         await asyncio.sleep(2.0)
-        appended0 = await sampler.metric("relayd_cluster_log_appended_bytes_total")
+        acked0, failed0 = await sampler.metric(APPENDED), await sampler.metric(FAILED_APPENDS)
+        stored0 = await sampler.log_appended(logmeta_keys)
         rx0 = sum(c.rx for c in conns)
         a = await sampler.read()
         await asyncio.sleep(args.flood_seconds)
         b = await sampler.read()
         rx1 = sum(c.rx for c in conns)
-        appended1 = await sampler.metric("relayd_cluster_log_appended_bytes_total")
+        stored1 = await sampler.log_appended(logmeta_keys)
+        acked1, failed1 = await sampler.metric(APPENDED), await sampler.metric(FAILED_APPENDS)
     finally:
         backend.drop_groups(groups)
         await close_all(conns)
     res = Sampler.diff(a, b)
-    wall = res["window_s"]
-    res["delivered_mb_per_s"] = round((rx1 - rx0) / wall / 1e6, 2)
-    res["appended_mb_per_s"] = round((appended1 - appended0) / wall / 1e6, 2)
+    stored = None if stored0 is None or stored1 is None else stored1 - stored0
+    res |= flood_rates(res["window_s"], rx1 - rx0, stored, acked1 - acked0, failed1 - failed0)
     res["relay_cpu_per_gb_s"] = round(res["relay_cpu_s"] / max(1e-9, (rx1 - rx0) / 1e9), 2)
     res["vms"] = len(conns)
     print(
         f"flood {len(conns)} VMs: {res['delivered_mb_per_s']} MB/s delivered, "
-        f"{res['appended_mb_per_s']} MB/s appended; Redis {res['redis_calls_per_s']}",
+        f"{res['appended_mb_per_s']} MB/s appended ({res['acknowledged_mb_per_s']} acknowledged "
+        f"to the gateways, {res['failed_appends']} failed appends); "
+        f"Redis {res['redis_calls_per_s']}",
         flush=True,
     )
     return res
@@ -484,6 +523,7 @@ async def main(args: argparse.Namespace) -> int:
     peers_mod.RELAYD_SRC = src
     sys.path.insert(0, str(src))
     from relayd.auth import issue_token
+    from relayd.cluster.store import key_prefix
 
     n = args.typists
     names = [f"gw-{i + 1}" for i in range(args.gateways)]
@@ -572,7 +612,11 @@ async def main(args: argparse.Namespace) -> int:
         if flood_vms:
             await asyncio.sleep(1.0)
             results["flood"] = await flood(
-                args, sampler, backend, [target(by_gw[owned[v]], v, token) for v in flood_vms]
+                args,
+                sampler,
+                backend,
+                [target(by_gw[owned[v]], v, token) for v in flood_vms],
+                [f"{key_prefix(REGION)}logmeta:{v}" for v in flood_vms],
             )
     finally:
         if sampler is not None:

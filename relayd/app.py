@@ -45,6 +45,7 @@ from .health import ClusterHealth, HealthConnection, make_registry
 from .http import HttpResponse, Request
 from .hub import ConsoleHub
 from .keeper import keep_port
+from .linger import reset_connection
 from .listener import Listener, bind
 from .log import get_logger
 from .sdnotify import Notifier
@@ -558,7 +559,7 @@ class Gateway:
                 await self._until(lambda: not self.connections)
         for conn in list(self.connections):
             if conn.transport is not None:
-                conn.transport.abort()
+                reset_connection(conn.transport)
 
     async def _until(self, predicate: Callable[[], bool]) -> None:
         """Wait until `predicate` holds, re-checked whenever a connection closes."""

@@ -37,6 +37,7 @@ from .config import Config, Role
 from .errors import OwnerUnavailableError, PeerError, PeerLinkError, ServiceUnavailableError
 from .http import HttpResponse, Request, encode_response, raw_error
 from .hub import ConsoleHub
+from .linger import reset_connection
 from .log import get_logger
 from .session import WS_LOGGER, ConsoleSession
 
@@ -214,7 +215,7 @@ class HttpConnection(asyncio.Protocol):
         self._deadline = None
         if self.transport is not None and self.session is None:
             log.info("request_timeout", peer=self.peer)
-            self.transport.abort()
+            reset_connection(self.transport)  # nothing lingers for a client that may read nothing
 
     # -- HTTP ---------------------------------------------------------------------------
 

@@ -28,12 +28,12 @@ import contextlib
 import ipaddress
 import socket
 import ssl
-import struct
 from collections import Counter
 from typing import Protocol
 
 from . import proxy_protocol
 from .config import Config
+from .linger import linger_zero
 from .log import get_logger
 from .ratelimit import HandshakeSlots, address_key
 
@@ -62,9 +62,6 @@ BACKLOG = 4096
 # Accepts between two yields to the loop: a flood of connections waiting in the backlog
 # must not hold up the handshakes and sessions already running.
 ACCEPT_BATCH = 64
-# SO_LINGER on, zero seconds: close() resets the connection and frees it at once (no
-# FIN_WAIT or TIME_WAIT left behind for each refused connection of a flood).
-_RESET = struct.pack("ii", 1, 0)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -97,9 +94,11 @@ def plain_address(text: str) -> str:
 
 
 def _reset(conn: socket.socket) -> None:
-    """Close a refused connection with a reset: nothing is sent, nothing lingers."""
-    with contextlib.suppress(OSError):
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    """Close a refused connection with a reset: nothing is sent, nothing lingers.
+
+    No FIN_WAIT or TIME_WAIT is left behind for each refused connection of a flood.
+    """
+    linger_zero(conn)
     conn.close()
 
 

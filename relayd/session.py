@@ -34,10 +34,7 @@ reset after `CLOSE_TIMEOUT`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -53,6 +50,7 @@ from .errors import BadMessageError
 from .frames import ClientFrameReader, binary_frame_of
 from .hub import MAX_QUEUED_HOOKS
 from .inputqueue import MAX_QUEUED_BREAKS
+from .linger import reset_connection
 from .log import get_logger
 from .rbac import at_least
 from .throttle import TokenBucket
@@ -69,9 +67,6 @@ WS_LOGGER = logging.getLogger("relayd.websocket")
 WS_LOGGER.setLevel(logging.WARNING)
 
 CLOSE_TIMEOUT = 5.0
-# SO_LINGER on, zero seconds: closing the socket resets the connection (as the listener
-# refuses one) and frees it at once, whatever it still holds for the client.
-_RESET = struct.pack("ii", 1, 0)
 PUMP_CHUNK = 65536
 # Past its high-water mark a client is not read, so only the answers to what one read
 # held (pongs, errors) and notices can pile up; over this much more, it is dropped.
@@ -493,19 +488,10 @@ class ConsoleSession:
             self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._reset)
 
     def _reset(self) -> None:
-        """Drop the client at once: its transport aborted, the connection reset.
-
-        abort() alone discards only the transport's buffer: the socket is then closed as
-        by close(), its FIN queued behind the output the kernel still holds for a
-        client that may never read it (see the module docstring).
-        """
+        """Drop the client at once: its transport aborted, the connection reset (linger.py)."""
         if self._closed:
             return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):  # not a socket that lingers (a pipe): abort only
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-        self.transport.abort()
+        reset_connection(self.transport)
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.opcode is Opcode.PONG:

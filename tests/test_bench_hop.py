@@ -46,3 +46,15 @@ def test_hop_diff_rates_leave_out_the_samplers_info() -> None:
     assert d["redis_commands_per_s"] == 31.0
     assert d["relay_cpu_s"] == 1.0
     assert d["redis_in_mb_per_s"] == 2.0
+
+
+def test_hop_flood_appended_is_what_redis_stored_even_when_no_append_was_acknowledged() -> None:
+    """Output flows and Redis stores it, but every answer came after the gateways' deadline:
+    the figure once read the gateways' counter and said 0.0 MB/s appended."""
+    r = hop.flood_rates(
+        2.0, delivered=1_400_000_000, stored=60_000_000, acknowledged=0.0, failed=7.0
+    )
+    assert r["appended_mb_per_s"] == 30.0
+    assert (r["acknowledged_mb_per_s"], r["failed_appends"]) == (0.0, 7)
+    assert r["delivered_mb_per_s"] == 700.0
+    assert hop.flood_rates(2.0, 0, None, 0.0, 0.0)["appended_mb_per_s"] is None  # not counted

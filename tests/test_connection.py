@@ -160,11 +160,16 @@ class HttpPeer:
 
 
 @asynccontextmanager
-async def connected(owner: FakeOwner, peer: str = "192.0.2.7") -> AsyncIterator[HttpPeer]:
-    """An HttpConnection on one end of a socket pair; the client on the other."""
-    ours, theirs = socket.socketpair()
+async def connected(
+    owner: FakeOwner, peer: str = "192.0.2.7", *, tcp: bool = False
+) -> AsyncIterator[HttpPeer]:
+    """An HttpConnection on one end of a socket pair; the client on the other.
+
+    `tcp`: a loopback TCP connection instead, where a reset differs from a FIN.
+    """
+    ours, theirs = _tcp_pair() if tcp else socket.socketpair()
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_unix_connection(
+    transport, _ = await loop.connect_accepted_socket(
         lambda: HttpConnection(owner, peer=peer), sock=ours
     )
     try:
@@ -172,6 +177,14 @@ async def connected(owner: FakeOwner, peer: str = "192.0.2.7") -> AsyncIterator[
     finally:
         transport.abort()
         theirs.close()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(server end, client end) of a loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        theirs = socket.create_connection(listening.getsockname())
+        ours, _ = listening.accept()
+    return ours, theirs
 
 
 def get(path: str, *, close: bool = False, extra: str = "") -> bytes:
@@ -306,6 +319,17 @@ async def test_connection_without_a_request_head_in_time_is_aborted() -> None:
                 await owner.gone.wait()
     assert {"event": "request_timeout", "peer": "192.0.2.7", "log_level": "info"} in events
     assert owner.handled == []
+
+
+async def test_connection_without_a_request_head_in_time_is_reset_not_sent_a_fin() -> None:
+    """A client we give up on is reset, as a dropped session is: nothing lingers for it."""
+    owner = FakeOwner(make_config(handshake_timeout=0.2))
+    async with connected(owner, tcp=True) as client:
+        await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            await owner.gone.wait()
+            with pytest.raises(ConnectionResetError):
+                await client.fill()
 
 
 # -- errors: what a PeerError says goes on the wire -----------------------------------------

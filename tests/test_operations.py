@@ -266,6 +266,37 @@ async def test_drain_readyz_503_at_once_then_clients_closed_1001(
             assert code == 1001
 
 
+async def test_connection_still_open_after_the_shutdown_close_timeout_is_reset(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    client_ssl: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last connections are reset, not sent a FIN: the gateway gives up on them."""
+    monkeypatch.setattr("relayd.app.SHUTDOWN_CLOSE_TIMEOUT", 0.2)
+    config = write_config(
+        vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
+        gateway={"handshake_timeout": "60s"},  # only the shutdown ends the request below
+    )
+    async with running(config) as gw:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.tls_port, ssl=client_ssl, server_hostname="localhost"
+        )
+        # One answer first, so the gateway holds this connection before it stops.
+        writer.write(b"GET /not-here HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 404"), head
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(b"GET /not-here HTTP/1.1\r\nHost: x\r\n")  # half a request
+            await writer.drain()
+            gw.stop()
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+        writer.close()
+
+
 async def _readyz(port: int) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -22,7 +22,8 @@ may touch several keys; other regions can share the Redis)::
     lease:<vm>          string  "<gateway>:<token>", PX = lease period
     fence:<vm>          string  the VM's fencing counter: the last token issued
     log:<vm>            stream  console output; entry id "<offset>-1", field d = bytes
-    logmeta:<vm>        hash    start, end (offsets), bytes (total stored), gaps
+    logmeta:<vm>        hash    start, end (offsets), bytes (total stored), gaps,
+                                reserved (offset), appended (bytes ever stored)
     ticket:<sha256>     string  ticket payload (JSON), PX = ticket lifetime
     switches:<level>    hash    key -> "1"/"0" per level: subscriptions, scale_sets, vms
     switches            channel a JSON message per switch change
@@ -239,9 +240,9 @@ local piece, ahead = tonumber(ARGV[3]), tonumber(ARGV[4])
 local function append(lease, fence, log, logmeta, token, at, data)
   local status = fenced(lease, fence, gateway, token)
   if status then return {status} end
-  local meta = redis.call('HMGET', logmeta, 'start', 'end', 'bytes', 'reserved')
+  local meta = redis.call('HMGET', logmeta, 'start', 'end', 'bytes', 'reserved', 'appended')
   local first, last, total = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
-  local reserved = tonumber(meta[4] or '0')
+  local reserved, appended = tonumber(meta[4] or '0'), tonumber(meta[5] or '0')
   local gap_from, gap_to, skipped = -1, -1, 0
   if last == nil then
     redis.call('DEL', log)
@@ -292,9 +293,11 @@ local function append(lease, fence, log, logmeta, token, at, data)
   -- Offsets a little past what is stored are this owner's: a successor starts after
   -- them, so output handed to clients but never stored is a gap, never a reused offset.
   if last + ahead > reserved then reserved = last + ahead end
+  -- Counted here, not only by the gateway: a call whose answer came too late still stored.
   redis.call('HSET', logmeta, 'start', string.format('%d', first),
              'end', string.format('%d', last), 'bytes', string.format('%d', total),
-             'reserved', string.format('%d', reserved))
+             'reserved', string.format('%d', reserved),
+             'appended', string.format('%d', appended + written))
   return {'ok', first, last, written, skipped, gap_from, gap_to}
 end
 

@@ -299,7 +299,7 @@ async def test_store_log_offsets_continue_across_owners_no_gap_no_duplicate(
 async def test_store_log_resend_after_timeout_writes_no_byte_twice(
     make_store: StoreFactory,
 ) -> None:
-    """An append re-sent with an overlapping start stores only the new suffix."""
+    """An append re-sent with an overlapping start stores (and counts) only the new suffix."""
     a = make_store("gw-a")
     token = await a.claim("vm-1")
     assert token is not None
@@ -309,6 +309,7 @@ async def test_store_log_resend_after_timeout_writes_no_byte_twice(
     whole = await a.append("vm-1", token, 0, [b"abc"])
     assert (whole.written, whole.skipped, whole.end) == (0, 3, 9)
     assert (await a.read("vm-1", 0, 100)).data == b"abcdefghi"
+    assert int(await a._command("HGET", a._key("logmeta", "vm-1"), "appended")) == 9
 
 
 async def test_store_log_output_after_end_is_reported_as_gap(make_store: StoreFactory) -> None:
@@ -348,6 +349,8 @@ async def test_store_log_trimming_keeps_at_most_console_log_bytes(
     assert got.data == bytes(model[start:end])
     stored = await a._command("HGET", a._key("logmeta", "vm-1"), "bytes")
     assert int(stored) == end - start
+    ever = await a._command("HGET", a._key("logmeta", "vm-1"), "appended")
+    assert int(ever) == len(model)  # trimmed bytes were stored too
 
 
 async def test_store_log_one_append_larger_than_the_log_keeps_its_tail(
