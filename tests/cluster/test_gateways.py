@@ -176,19 +176,28 @@ def _owner(*gateways: Gateway) -> tuple[Gateway, Gateway]:
 
 
 @contextlib.asynccontextmanager
-async def relaying_pair(
+async def owner_and_relay(
     cluster_config: Callable[..., Config], far_end: FarEnd, **config: Any
-) -> AsyncIterator[Gateway]:
-    """Two gateways of a region; yields the one that does NOT own vm-a, once it routes there."""
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Two gateways of a region: (vm-a's owner, the other), once the other routes to it."""
     async with (
         serving(cluster_config("gw-1", far_end.port, **config)) as g1,
         serving(cluster_config("gw-2", far_end.port, **config)) as g2,
     ):
         await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
-        _, other = _owner(g1, g2)
+        owner, other = _owner(g1, g2)
         await until(
             lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
         )
+        yield owner, other
+
+
+@contextlib.asynccontextmanager
+async def relaying_pair(
+    cluster_config: Callable[..., Config], far_end: FarEnd, **config: Any
+) -> AsyncIterator[Gateway]:
+    """Two gateways of a region; yields the one that does NOT own vm-a, once it routes there."""
+    async with owner_and_relay(cluster_config, far_end, **config) as (_, other):
         yield other
 
 
@@ -515,23 +524,6 @@ async def test_relayed_client_stays_attached_when_the_owner_is_killed(
             )  # fmt: skip
             assert status == 200
             assert (await c.closed())[0] == 4009
-
-
-@contextlib.asynccontextmanager
-async def owner_and_relay(
-    cluster_config: Callable[..., Config], far_end: FarEnd, **config: Any
-) -> AsyncIterator[tuple[Gateway, Gateway]]:
-    """Two gateways of a region: (vm-a's owner, the other), once the other routes to it."""
-    async with (
-        serving(cluster_config("gw-1", far_end.port, **config)) as g1,
-        serving(cluster_config("gw-2", far_end.port, **config)) as g2,
-    ):
-        await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
-        owner, other = _owner(g1, g2)
-        await until(
-            lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
-        )
-        yield owner, other
 
 
 async def test_relayed_client_moves_with_the_console_when_the_owner_stops(
