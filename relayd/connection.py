@@ -31,8 +31,7 @@ from websockets.typing import Subprotocol
 
 from . import control
 from .auth import Principal
-from .cluster.peerlink import open_peer
-from .cluster.relay import Reattach, Relay, relay
+from .cluster.relay import Reattach, Relay, reach_owner, relay
 from .config import Config, Role
 from .errors import OwnerUnavailableError, PeerError, PeerLinkError, ServiceUnavailableError
 from .http import HttpResponse, Request, encode_response, raw_error
@@ -399,8 +398,8 @@ class HttpConnection(asyncio.Protocol):
             PeerError: (503) the owner cannot be reached; the client may retry.
         """
         try:
-            peer = await open_peer(
-                grant.host, grant.port, grant.ssl_context, grant.head, grant.timeout
+            peer, reattach = await reach_owner(
+                grant.host, grant.port, grant.head, grant.ssl_context, grant.timeout, grant.reattach
             )
         except PeerLinkError as exc:
             log.warning("peer_link_failed", peer=self.peer, error=str(exc))
@@ -418,7 +417,7 @@ class HttpConnection(asyncio.Protocol):
         leftover, _ = self._h11.trailing_data
         self._cancel_deadline()
         self._relay = relay(
-            transport, peer, grant.reattach, client_data=bytes(leftover), on_done=self._relayed
+            transport, peer, reattach, client_data=bytes(leftover), on_done=self._relayed
         )
 
     def going_away(self, reason: str) -> None:

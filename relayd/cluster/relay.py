@@ -42,6 +42,7 @@ client's connection is dropped (no well-formed frame can finish it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,13 +56,18 @@ from ..log import get_logger
 from .peerlink import CLOSE_TIMEOUT, HIGH_WATER, PeerConnection, open_peer
 from .wsframes import ClientStream, ServerStream, first_frame
 
-__all__ = ["OwnerDirectory", "Reattach", "Relay", "relay"]
+__all__ = ["ROUTE_WAIT", "OwnerDirectory", "Reattach", "Relay", "reach_owner", "relay"]
 
 log = get_logger("relayd.relay")
 
 #: The start of a client frame kept for a new owner, at most (a larger frame in
 #: flight when the owner dies ends the session).
 MAX_PARTIAL_BYTES = 1 << 20
+
+#: How long a new session waits for the region to name a VM's next owner when the
+#: one this gateway named is gone or no longer holds the VM: a failover's few
+#: seconds, under the 10 s most WebSocket clients allow their handshake.
+ROUTE_WAIT = 6.0
 
 
 class OwnerDirectory(Protocol):
@@ -591,3 +597,68 @@ def relay(
     )
     r._start(peer, client_data)
     return r
+
+
+async def reach_owner(
+    host: str,
+    port: int,
+    head: bytes,
+    ssl_context: ssl.SSLContext,
+    link_timeout: float,
+    reattach: Reattach | None,
+) -> tuple[PeerConnection, Reattach | None]:
+    """Ask the VM's owner to take a new session, following ownership if it just moved.
+
+    This gateway routes by its last ownership round, so for a few seconds after
+    an owner dies (its lease has not lapsed yet) or hands the VM over, it names a
+    gateway that is gone (the link fails) or no longer holds the VM (503).
+    Rather than fail the client, the session waits (at most `ROUTE_WAIT`) for the
+    region to name another owner and asks that one, as a moving relay does.
+
+    Args:
+        link_timeout: the deadline of each peer link (connection, TLS, answer).
+
+    Returns:
+        The answer to pass on (a 101, or the owner's refusal), and the `Reattach`
+        naming the gateway that gave it.
+
+    Raises:
+        PeerLinkError: no owner could be reached.
+    """
+    first: PeerConnection | None = None
+    try:
+        first = await open_peer(host, port, ssl_context, head, link_timeout)
+    except PeerLinkError:
+        if reattach is None:
+            raise
+    if reattach is None or (first is not None and first.status != 503):
+        assert first is not None
+        return first, reattach
+    try:
+        async with asyncio.timeout(min(ROUTE_WAIT, reattach.wait)):
+            moved = False
+            while True:
+                await reattach.owners.next_round()
+                owner = reattach.owners.owner_of(reattach.vm)
+                moved = moved or owner is None or owner[0] != reattach.owner
+                if owner is None or not moved:
+                    continue
+                owner_host, _, owner_port = owner[1].rpartition(":")
+                try:
+                    answer = await open_peer(
+                        owner_host.strip("[]"), int(owner_port), ssl_context, head, link_timeout
+                    )
+                except PeerLinkError:
+                    continue
+                if answer.status == 503:
+                    answer.abort()
+                    continue
+                if first is not None:
+                    first.abort()
+                log.info("relay_routed_again", vm=reattach.vm, owner=reattach.owner, to=owner[0])
+                return answer, dataclasses.replace(reattach, owner=owner[0])
+    except TimeoutError:
+        pass
+    if first is not None:
+        return first, reattach  # the named owner's 503: the client may retry
+    raise PeerLinkError(f"no gateway took the console within {ROUTE_WAIT:g} s")

@@ -579,6 +579,33 @@ async def test_demoted_relayed_client_moves_as_a_spectator(
         assert b"typed-by-a-spectator" not in far_end.received
 
 
+async def test_a_session_opened_while_the_owner_is_dead_waits_for_the_next_owner(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """kill -9 of the owner, then a new session through the other gateway, whose view
+    still names the dead one: instead of a 503 it waits for the next owner and opens."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    async with contextlib.AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(
+            gateway_process(cluster_config(owner_id, far_end.port))
+        )
+        relaying = await stack.enter_async_context(serving(cluster_config(relay_id, far_end.port)))
+        assert relaying.cluster is not None
+        cluster = relaying.cluster
+        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
+        victim.proc.send_signal(signal.SIGKILL)
+        await victim.proc.wait()
+        assert (cluster.owner_of("vm-a") or ("",))[0] == owner_id  # its lease has not lapsed
+        async with console(relaying, ctx, mint("alice")) as c:
+            assert c.hello["role"] == "writer"
+            assert "vm-a" in relaying.hubs
+            await c.send(b"typed-after-the-failover\r")
+            await far_end.wait_received(lambda got: b"typed-after-the-failover\r" in got)
+
+
 async def test_relayed_client_is_closed_with_1001_when_no_gateway_takes_over(
     cluster_config: Callable[..., Config],
     gateway_pki: dict[str, Path],
