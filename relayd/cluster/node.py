@@ -24,7 +24,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,6 +47,11 @@ log = get_logger("relayd.cluster")
 APPEND_COALESCE = 0.025
 APPEND_RETRY_MIN = 0.1
 APPEND_RETRY_MAX = 1.0
+#: Console output sent to Redis in one round trip, at most (beyond one VM's batch):
+#: when many VMs print at full speed, their outboxes together hold tens of MiB, and
+#: one pipeline of all of it came back after the store's deadline on a busy host,
+#: which reads as Redis being down. The rest goes in the next round trip.
+APPEND_ROUND_TRIP_BYTES = 4 << 20
 ERROR_LOG_INTERVAL = 30.0
 
 
@@ -198,6 +203,7 @@ class ClusterNode:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._error_logged = 0.0
+        self._ship_turn = 0  # where the next round trip of console output starts
 
     # -- what the gateway asks --------------------------------------------------------------
 
@@ -445,7 +451,11 @@ class ClusterNode:
         boxes = {vm_id: self.outboxes.get(vm_id) for vm_id in vms}
         for vm_id in vms:
             self._drop(vm_id, reason)
-        await self._ship(box for box in boxes.values() if box is not None)
+        unshipped = [box for box in boxes.values() if box is not None]
+        while unshipped := [box for box in unshipped if box.chunks]:
+            shipped = await self._ship(unshipped)
+            if not any(result.ok for _, result in shipped):
+                break  # refused (fenced, lapsed): what is left is not ours to store
         for vm_id, token in vms.items():
             left = boxes[vm_id]
             if left is not None and not left.chunks:
@@ -483,15 +493,25 @@ class ClusterNode:
                 delay = min(APPEND_RETRY_MAX, delay * 2)
                 self._wake.set()
 
-    async def _ship(self, boxes: Iterable[Outbox]) -> list[tuple[Outbox, AppendResult]]:
-        """Send each outbox's next contiguous run in one round trip; forget what was stored."""
+    async def _ship(self, boxes: Sequence[Outbox]) -> list[tuple[Outbox, AppendResult]]:
+        """Send outboxes' next contiguous runs in one round trip; forget what was stored.
+
+        At most about `APPEND_ROUND_TRIP_BYTES` go at once, starting each time where
+        the previous round trip stopped, so every VM's output gets its turn.
+        """
         sent: list[Outbox] = []
         batches: list[tuple[str, int, int, list[bytes]]] = []
-        for box in boxes:
+        size = 0
+        first = self._ship_turn % len(boxes) if boxes else 0
+        for box in itertools.chain(boxes[first:], boxes[:first]):
+            if size >= APPEND_ROUND_TRIP_BYTES:
+                break
             batch = box.batch()
             if batch is not None:
                 sent.append(box)
                 batches.append((box.vm, box.token, batch[0], batch[1]))
+                size += sum(map(len, batch[1]))
+        self._ship_turn = first + len(sent)
         if not batches:
             return []
         results = await self.store.append_many(batches)

@@ -1,0 +1,71 @@
+"""The node's console-output shipping on a real redis-server: bounded round trips, every VM
+served in turn."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import pytest
+
+from relayd.cluster.node import APPEND_ROUND_TRIP_BYTES, ClusterNode, Outbox
+from relayd.config import VmConfig
+from relayd.hub import ConsoleHub
+
+from .conftest import StoreFactory
+
+pytestmark = pytest.mark.asyncio
+
+MIB = 1 << 20
+
+
+class _PortlessGateway:
+    """The node's view of its gateway (`NodeOwner`), for a node that only ships output."""
+
+    def configured_vms(self) -> Mapping[str, VmConfig]:
+        return {}
+
+    def open_hub(self, vm: VmConfig, history: tuple[int, bytes], sink: Outbox) -> ConsoleHub:
+        raise AssertionError("no VM is claimed here")
+
+    def close_hub(self, vm_id: str, reason: str) -> None:
+        raise AssertionError(f"{vm_id} was dropped: {reason}")
+
+    def switches_changed(self) -> None:
+        pass
+
+    def owners_changed(self, vms: Collection[str]) -> None:
+        pass
+
+
+async def test_many_vms_printing_at_once_go_to_redis_in_bounded_round_trips(
+    make_store: StoreFactory,
+) -> None:
+    """Ten VMs with a MiB each waiting: no round trip carries more than the cap, each VM's
+    output goes exactly once, and all of it is stored."""
+    store = make_store("gw-1")
+    node = ClusterNode(
+        _PortlessGateway(),
+        store,
+        gateway_id="gw-1",
+        advertise="127.0.0.1:1",
+        lease_ttl=3.0,
+        ring_bytes=MIB,
+        log_bytes=2 * MIB,
+    )
+    vms = [f"vm-{i}" for i in range(10)]
+    for vm in vms:
+        token = await store.claim(vm)
+        assert token is not None
+        box = Outbox(vm, token, 2 * MIB, lambda: None)
+        box.append(0, bytes([65 + len(node.outboxes)]) * MIB)
+        node.outboxes[vm] = box
+    trips: list[list[str]] = []
+    while any(box.chunks for box in node.outboxes.values()):
+        shipped = await node._ship(list(node.outboxes.values()))
+        assert shipped
+        assert all(result.ok for _, result in shipped)
+        trips.append([box.vm for box, _ in shipped])
+    assert max(map(len, trips)) * MIB <= APPEND_ROUND_TRIP_BYTES
+    assert sorted(vm for trip in trips for vm in trip) == vms
+    for vm in vms:
+        assert await store.bounds(vm) == (0, MIB)
