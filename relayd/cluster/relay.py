@@ -69,6 +69,10 @@ MAX_PARTIAL_BYTES = 1 << 20
 #: seconds, under the 10 s most WebSocket clients allow their handshake.
 ROUTE_WAIT = 6.0
 
+#: How long a link to a gateway that is no longer the VM's owner may take to end by
+#: itself before the relay leaves it (see `Relay.owner_moved`).
+DEPOSED_GRACE = 1.0
+
 
 class OwnerDirectory(Protocol):
     """Who owns which VM, as the gateway last saw it (`ClusterNode`)."""
@@ -149,6 +153,7 @@ class _Owner(asyncio.Protocol):
         self.pending = bytearray()
         self.changed = asyncio.Event()
         self.close_timer: asyncio.TimerHandle | None = None
+        self.deposed: asyncio.TimerHandle | None = None  # see `Relay.owner_moved`
 
     def data_received(self, data: bytes) -> None:
         if self.live:
@@ -173,8 +178,9 @@ class _Owner(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if self.close_timer is not None:
-            self.close_timer.cancel()
+        for timer in (self.close_timer, self.deposed):
+            if timer is not None:
+                timer.cancel()
         self.changed.set()
         if self.live:
             self.relay._owner_lost(self)
@@ -319,9 +325,12 @@ class Relay:
     def owner_moved(self, owner: str) -> None:
         """The region names `owner` as the VM's owner: leave a link to any other one.
 
-        Its lease is gone, so whatever it still sends is a deposed owner's; a
-        frozen owner would otherwise hold the session until it woke. The link is
-        aborted and the session moves as if the owner had died.
+        An owner that let go cleanly ends the link itself, between frames, but
+        what it sent last may still be in flight (or unread: a slow client holds
+        the link's reading). So the link gets `DEPOSED_GRACE` to end; one still
+        open then belongs to an owner that cannot act (frozen, cut off): it is
+        aborted and the session moves as if that owner had died, instead of
+        waiting for it to wake.
         """
         current = self._owner
         if (
@@ -330,10 +339,18 @@ class Relay:
             or current is None
             or current.lost
             or owner == self._owner_id
+            or current.deposed is not None
         ):
             return
-        log.info("relay_owner_moved", vm=self._reattach.vm, owner=self._owner_id, to=owner)
-        current.transport.abort()
+        current.deposed = asyncio.get_running_loop().call_later(
+            DEPOSED_GRACE, self._leave_deposed, current, owner
+        )
+
+    def _leave_deposed(self, link: _Owner, owner: str) -> None:
+        link.deposed = None
+        if link is self._owner and not link.lost and self._reattach is not None:
+            log.info("relay_owner_moved", vm=self._reattach.vm, owner=self._owner_id, to=owner)
+            link.transport.abort()
 
     def abort(self) -> None:
         """End the relay at once, dropping whatever is buffered."""
