@@ -470,23 +470,30 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
         if resume_from < 0:
             raise PeerError("from must be a byte offset", code="bad_request")
     session_id = secrets.token_hex(8)
+    # What another gateway needs to serve this session: the owner, or the next one.
+    fwd = ForwardedSession(
+        principal=principal.id,
+        role=role,
+        mode=mode,  # type: ignore[arg-type]  # checked above
+        client_peer=request.peer,
+        session_id=session_id,
+        groups=principal.groups,
+        amr=principal.amr,
+        resume_from=resume_from,
+        # Rounded up: the owner never ends a session before its credentials do.
+        expires=None if principal.expires is None else math.ceil(principal.expires),
+    )
     hub = gw.hubs.get(vm.id)
     if hub is None:
-        fwd = ForwardedSession(
-            principal=principal.id,
-            role=role,
-            mode=mode,  # type: ignore[arg-type]  # checked above
-            client_peer=request.peer,
-            session_id=session_id,
-            groups=principal.groups,
-            amr=principal.amr,
-            resume_from=resume_from,
-            # Rounded up: the owner never ends a session before its credentials do.
-            expires=None if principal.expires is None else math.ceil(principal.expires),
-        )
         return _forward_grant(gw, request, vm.id, fwd)
     want_writer = mode == "interactive" and at_least(role, "contributor")
-    return _admit_local(gw, request, hub, principal, role, session_id, want_writer, resume_from)
+    grant = _admit_local(gw, request, hub, principal, role, session_id, want_writer, resume_from)
+    if gw.cluster is None:
+        return grant
+    # Should the VM move away from this gateway, the session moves with it.
+    return dataclasses.replace(
+        grant, reattach=_reattach(gw.cluster, request, vm.id, fwd, gw.cluster.gateway_id)
+    )
 
 
 def _admit_local(
@@ -530,8 +537,18 @@ def _forward_grant(
             f"no gateway holds the console of {vm_id} right now (failover); try again"
         )
     host, _, port = owner[1].rpartition(":")
+    head = encode_forwarded_request(request.path, list(request.headers.items()), fwd)
+    reattach = _reattach(cluster, request, vm_id, fwd, owner[0])
+    return ForwardGrant(
+        host.strip("[]"), int(port), head, cluster.peer_ssl, cluster.forward_timeout, reattach
+    )
+
+
+def _reattach(
+    cluster: ClusterView, request: Request, vm_id: str, fwd: ForwardedSession, owner: str
+) -> Reattach:
+    """How a session served by `owner` follows its console to the VM's next owner."""
     path, headers = request.path, list(request.headers.items())
-    head = encode_forwarded_request(path, headers, fwd)
 
     def resuming(offset: int, writer: bool) -> bytes:
         """The same session (id, principal, role), resuming at `offset`, for a new owner.
@@ -544,17 +561,14 @@ def _forward_grant(
             path, headers, dataclasses.replace(fwd, resume_from=offset, mode=mode)
         )
 
-    reattach = Reattach(
+    return Reattach(
         vm=vm_id,
-        owner=owner[0],
+        owner=owner,
         owners=cluster,
         request=resuming,
         ssl_context=cluster.peer_ssl,
         timeout=cluster.forward_timeout,
         wait=cluster.reattach_wait,
-    )
-    return ForwardGrant(
-        host.strip("[]"), int(port), head, cluster.peer_ssl, cluster.forward_timeout, reattach
     )
 
 

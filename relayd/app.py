@@ -251,6 +251,11 @@ class Gateway:
         self.sessions[session.session_id] = session
         self._end_with_credentials(session)
 
+    def session_moved(self, session: ConsoleSession) -> None:
+        """A session ended here, its client now relayed to the VM's next owner."""
+        self.sessions.pop(session.session_id, None)
+        self._connections_changed.set()
+
     def _end_with_credentials(self, session: ConsoleSession) -> None:
         """`[auth] disconnect_expired`: the session ends (4003) when its token or cert does."""
         expires = session.principal.expires

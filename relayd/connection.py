@@ -31,7 +31,7 @@ from websockets.typing import Subprotocol
 
 from . import control
 from .auth import Principal
-from .cluster.relay import Reattach, Relay, reach_owner, relay
+from .cluster.relay import Reattach, Relay, adopt, reach_owner, relay
 from .config import Config, Role
 from .errors import OwnerUnavailableError, PeerError, PeerLinkError, ServiceUnavailableError
 from .http import HttpResponse, Request, encode_response, raw_error
@@ -73,6 +73,7 @@ class ConsoleGrant:
     resume_from: int | None
     peer: str  # the client's real address, for audit (a forwarded session's, too)
     relayed: bool = False  # another gateway relays the client (and can move it)
+    reattach: Reattach | None = None  # cluster: how the session follows a VM that moves away
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ class ConnectionOwner(Protocol):
 
     def connection_opened(self, conn: HttpConnection) -> None:
         """A connection is live (for drain and metrics)."""
+
+    def session_moved(self, session: ConsoleSession) -> None:
+        """A session ended here, its client now relayed to the VM's next owner."""
 
     def session_started(self, session: ConsoleSession) -> None:
         """A console session began on a connection."""
@@ -386,6 +390,9 @@ class HttpConnection(asyncio.Protocol):
         # From here the transport talks to the session (compiled) directly: no hop through
         # this interpreted protocol per keystroke. Its end comes back via `on_lost`.
         session.on_lost = self._forget
+        reattach = grant.reattach
+        if reattach is not None:
+            session.on_move = lambda: self._move(session, reattach)
         self.transport.set_protocol(session)  # type: ignore[arg-type]
         session.start(want_writer=grant.want_writer, resume_from=grant.resume_from)
         if leftover:
@@ -418,6 +425,22 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_deadline()
         self._relay = relay(
             transport, peer, reattach, client_data=bytes(leftover), on_done=self._relayed
+        )
+
+    def _move(self, session: ConsoleSession, reattach: Reattach) -> None:
+        """The VM moved away and the session ended here: relay the client to its next owner."""
+        self.session = None
+        self.owner.session_moved(session)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._forget()
+            return
+        self._relay = adopt(
+            transport,
+            reattach,
+            position=session.cursor,
+            writer=session.role == "writer",
+            on_done=self._relayed,
         )
 
     def going_away(self, reason: str) -> None:

@@ -125,6 +125,11 @@ class ClientFrameReader:
         # True when the last feed gave websockets bytes: it may have something to send.
         self.fed_protocol = False
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether every frame begun has been taken whole (the next byte starts a frame)."""
+        return not (self._held or self._head or self._owed or self._discarding)
+
     def feed(self, data: bytes) -> list[bytes | Frame]:
         """Take bytes from the client; return what they completed, in order."""
         self.fed_protocol = False

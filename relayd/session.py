@@ -145,6 +145,9 @@ class ConsoleSession:
         # The connection's tidy-up, run once the transport is gone: after the upgrade the
         # session is the transport's protocol itself (see `connection_lost`).
         self.on_lost: Callable[[], None] | None = None
+        # Cluster mode: how the connection relays this client to the VM's next owner
+        # when this gateway lets go of the VM (see `hand_off`); None: it cannot.
+        self.on_move: Callable[[], None] | None = None
         transport.set_write_buffer_limits(high=output_queue_bytes)
 
     # -- attach -------------------------------------------------------------------
@@ -293,7 +296,10 @@ class ConsoleSession:
         client is closed with 1001 and reconnects with `?from=`.
         """
         if not self.relayed:
-            self.close(control.CLOSE_GOING_AWAY, f"{reason}; reconnect to resume")
+            if self.on_move is not None and self._movable():
+                self._move_away(reason)
+            else:
+                self.close(control.CLOSE_GOING_AWAY, f"{reason}; reconnect to resume")
             return
         if self._closed or self.ws.state is not State.OPEN:
             return
@@ -305,6 +311,30 @@ class ConsoleSession:
         self.transport.close()
         if self._close_timer is None:
             self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._reset)
+
+    def _movable(self) -> bool:
+        """Open both ways, and between frames both ways: a relay can take over from here."""
+        return (
+            not self._closed
+            and self.ws.state is State.OPEN
+            and self._reader.at_boundary
+            and not self._fragments
+        )
+
+    def _move_away(self, reason: str) -> None:
+        """Leave the client's connection to a relay that moves it to the VM's next owner.
+
+        The session ends here as if its transport were gone (detached, audited), but
+        the transport stays open: whole frames only were written to it, and the relay
+        resumes the client at `cursor` on the next owner, under the same session id.
+        """
+        self._flush()
+        self.end_reason = f"moved: {reason}"
+        on_move, self.on_move = self.on_move, None
+        self.on_lost = None  # the connection lives on, relaying
+        self.connection_lost(None)
+        if on_move is not None:
+            on_move()
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the transport is dropped if the peer does not answer."""

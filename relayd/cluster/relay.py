@@ -56,7 +56,15 @@ from ..log import get_logger
 from .peerlink import CLOSE_TIMEOUT, HIGH_WATER, PeerConnection, open_peer
 from .wsframes import ClientStream, ServerStream, first_frame
 
-__all__ = ["ROUTE_WAIT", "OwnerDirectory", "Reattach", "Relay", "reach_owner", "relay"]
+__all__ = [
+    "ROUTE_WAIT",
+    "OwnerDirectory",
+    "Reattach",
+    "Relay",
+    "adopt",
+    "reach_owner",
+    "relay",
+]
 
 log = get_logger("relayd.relay")
 
@@ -217,7 +225,7 @@ class Relay:
     def __init__(
         self,
         client: asyncio.Transport,
-        peer: PeerConnection,
+        peer: PeerConnection | None,
         reattach: Reattach | None,
         *,
         on_done: Callable[[Relay], None] | None,
@@ -234,7 +242,7 @@ class Relay:
         self._high_water = high_water
         self._close_timeout = close_timeout
         self._client = _Client(self, client)
-        self._owner: _Owner | None = _Owner(self, peer.transport, live=True)
+        self._owner = None if peer is None else _Owner(self, peer.transport, live=True)
         self._server = ServerStream()
         self._frames = ClientStream(MAX_PARTIAL_BYTES)
         self._held: bytearray | None = None  # client input while no owner is attached
@@ -613,6 +621,38 @@ def relay(
         client, peer, reattach, on_done=on_done, high_water=high_water, close_timeout=close_timeout
     )
     r._start(peer, client_data)
+    return r
+
+
+def adopt(
+    client: asyncio.Transport,
+    reattach: Reattach,
+    *,
+    position: int,
+    writer: bool,
+    on_done: Callable[[Relay], None] | None = None,
+    high_water: int = HIGH_WATER,
+    close_timeout: float = CLOSE_TIMEOUT,
+) -> Relay:
+    """Take over a client whose session this gateway ended as the VM moved away from it.
+
+    The client stays connected: it is told `port_down` and relayed to the VM's next
+    owner as soon as the region names one, resuming at `position` as the writer or
+    not, exactly as a relay moves from an owner that died (`reattach.owner` is this
+    gateway). Its stream must be between frames both ways.
+    """
+    r = Relay(
+        client, None, reattach, on_done=on_done, high_water=high_water, close_timeout=close_timeout
+    )
+    r._server = ServerStream(position)
+    r._server.writer = writer
+    r._held = bytearray()
+    client.set_write_buffer_limits(high=high_water)
+    client.set_protocol(r._client)
+    client.resume_reading()
+    r._send_client(_text_frame(control.encode_notice("port_down", vm=reattach.vm)))
+    log.info("relay_owner_lost", vm=reattach.vm, owner=reattach.owner, outcome="moving")
+    r._moving = asyncio.get_running_loop().create_task(r._move(reattach))
     return r
 
 

@@ -555,6 +555,43 @@ async def test_relayed_client_moves_with_the_console_when_the_owner_stops(
         assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
 
 
+async def test_a_direct_client_stays_connected_when_its_vm_moves_to_a_gateway_that_joins(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A gateway joins and takes back its share: a client attached directly to the VM's
+    old owner is not closed; that gateway relays it to the new owner (port_down, then
+    port_up), where it is the writer again, resuming with no byte twice."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    ids = ["gw-1", "gw-2", "gw-3"]
+    joiner = preferred_owner("vm-a", ids)
+    first, second = (g for g in ids if g != joiner)
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(serving(cluster_config(first, far_end.port)))
+        b = await stack.enter_async_context(serving(cluster_config(second, far_end.port)))
+        await until(lambda: ("vm-a" in a.hubs) != ("vm-a" in b.hubs), a, b)
+        old, _ = _owner(a, b)
+        async with console(old, ctx, mint("alice")) as c:
+            assert c.hello["role"] == "writer"
+            await c.send(b"before\r")
+            await far_end.wait_received(lambda got: b"before\r" in got)
+            await far_end.send(b"output before\r\n")
+            await c.expect(b"output before\r\n")
+            new = await stack.enter_async_context(serving(cluster_config(joiner, far_end.port)))
+            assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+            assert (await c.control(type="notice", event="port_up"))["vm"] == "vm-a"
+            assert "vm-a" in new.hubs
+            assert "vm-a" not in old.hubs
+            assert any(conn.relaying for conn in old.connections)
+            await c.send(b"after\r")
+            await far_end.wait_received(lambda got: b"after\r" in got)
+            await far_end.send(b"output after\r\n")
+            await c.expect(b"output after\r\n")
+            assert c.output.count(b"output before") == 1
+            assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
+            assert not [m for m in c.controls if m.get("event") == "demoted"]
+
+
 async def test_demoted_relayed_client_moves_as_a_spectator(
     cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
 ) -> None:
