@@ -24,9 +24,14 @@ from prometheus_client.registry import Collector
 from . import native
 from .http import HttpResponse, encode_response
 from .hub import ConsoleHub
+from .linger import reset_connection
 from .log import get_logger
 
 log = get_logger("relayd.health")
+
+#: How long a health client may take to send its request and read the answer (probes are
+#: quick). One still there then is reset (linger.py): a FIN would wait behind its answer.
+REQUEST_DEADLINE = 10.0
 
 
 class SessionView(Protocol):
@@ -190,10 +195,12 @@ class HealthConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Probes are quick; slow ones are dropped."""
+        """Probes are quick; slow ones are reset at `REQUEST_DEADLINE`."""
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
-        self._timer = asyncio.get_running_loop().call_later(10.0, self.transport.abort)
+        self._timer = asyncio.get_running_loop().call_later(
+            REQUEST_DEADLINE, reset_connection, self.transport
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Stop the deadline."""

@@ -4,7 +4,9 @@ A socket closed the usual way sends its FIN only after the output the kernel sti
 which a client that reads nothing never takes: the client would not learn of its end, and
 the orphaned socket would outlive the connection in FIN_WAIT, buffers and all. With
 SO_LINGER on and zero seconds, closing resets the connection and frees it at once. The
-listener refuses connections this way, and sessions, requests and shutdown drop them so.
+listener refuses connections this way, and sessions, requests, shutdown, the health
+listener's deadline and the cluster relays (a side that does not flush in time, a frozen
+owner's link) drop them so.
 """
 
 from __future__ import annotations

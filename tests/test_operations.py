@@ -297,6 +297,24 @@ async def test_connection_still_open_after_the_shutdown_close_timeout_is_reset(
         writer.close()
 
 
+async def test_health_client_still_there_at_the_request_deadline_is_reset(
+    write_config: Callable[..., Any], far_end: FarEnd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The health listener gives up on a slow client as the TLS listener does: with a reset.
+
+    A FIN would queue behind whatever of the answer the client has not read.
+    """
+    monkeypatch.setattr("relayd.health.REQUEST_DEADLINE", 0.2)
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.health_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # half a request
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+        writer.close()
+
+
 async def _readyz(port: int) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -50,6 +50,7 @@ from relayd.cluster.peerlink import (
     splice,
     trust_peer_ca,
 )
+from relayd.cluster.relay import relay as relay_session
 from relayd.config import TlsConfig
 from relayd.errors import ConfigError
 from relayd.tls import server_context
@@ -822,6 +823,40 @@ async def test_splice_close_stuck_client_is_aborted_after_close_timeout(pki: Pki
         relay.splice.close()
         await relay.wait_done()
         assert 0.5 <= loop.time() - start < TIMEOUT
+        writer.transport.abort()
+
+
+@pytest.mark.parametrize("join", ["splice", "relay"])
+async def test_splice_stuck_client_given_up_on_is_reset_not_sent_a_fin(
+    pki: Pki, join: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client the close deadline gives up on is reset: a FIN would wait behind unread bytes.
+
+    Its socket would linger orphaned in FIN_WAIT, holding them, and the client would not
+    learn of its end while it reads nothing. "relay": `Front` joins the two with
+    cluster/relay.py's `relay` (no re-attachment) instead of `splice`, its own close timer.
+    """
+    if join == "relay":
+        monkeypatch.setattr(
+            f"{__name__}.splice",
+            lambda client, peer, **kw: relay_session(client, peer, None, **kw),
+        )
+    async with (
+        asyncio.TaskGroup() as tg,
+        Owner(pki) as owner,
+        Front(pki, owner.port, tg, small_sndbuf=True, close_timeout=0.2) as front,
+    ):
+        client_task = tg.create_task(console_client(pki, front, rcvbuf=4096))
+        await owner.accept_session()
+        reader, writer = await client_task
+        relay = await front.next_relay()
+        assert relay.splice is not None
+        relay.client.write(os.urandom(4 << 20))  # never read
+        relay.splice.close()
+        await relay.wait_done()
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(ConnectionResetError):
+                await reader.read()  # to the end: a FIN would come after what the kernels hold
         writer.transport.abort()
 
 

@@ -29,8 +29,9 @@ buffer passes its high-water mark, the other side stops being read until it
 drains. So a forwarded session holds at most about two write buffers (plus
 what TLS and the kernel hold), whatever the speeds. When either side ends,
 cleanly or not, the other is closed after its buffer is flushed (so the
-owner's close frame reaches the client), and aborted if the flush takes
-longer than `close_timeout`.
+owner's close frame reaches the client), and reset (linger.py) if the flush
+takes longer than `close_timeout`: a side that reads nothing would otherwise
+keep the socket, orphaned, its FIN queued behind bytes nobody takes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError, PeerLinkError
+from ..linger import reset_connection
 from ..tls import CIPHERS_TLS12
 from .forwarding import parse_response_head
 
@@ -66,7 +68,7 @@ __all__ = [
 #: Write-buffer high-water mark of each spliced transport: reading the other side
 #: stops above it.
 HIGH_WATER = 65536
-#: How long a side closed by its partner's end may take to flush before it is aborted.
+#: How long a side closed by its partner's end may take to flush before it is reset.
 CLOSE_TIMEOUT = 10.0
 
 
@@ -464,7 +466,7 @@ class _End(asyncio.Protocol):
         self.splice._lost(self, exc)
 
     def close(self, close_timeout: float) -> None:
-        """Flush, then close; abort if the flush takes longer than `close_timeout`."""
+        """Flush, then close; reset if the flush takes longer than `close_timeout`."""
         if self.lost or self.close_timer is not None:
             return
         # Never close twice: asyncio's SSL transport (3.11) forgets its connection on a second
@@ -472,11 +474,11 @@ class _End(asyncio.Protocol):
         if not self.transport.is_closing():
             self.transport.close()
         loop = asyncio.get_running_loop()
-        self.close_timer = loop.call_later(close_timeout, self.transport.abort)
+        self.close_timer = loop.call_later(close_timeout, reset_connection, self.transport)
 
     def abort(self) -> None:
         if not self.lost:
-            self.transport.abort()
+            reset_connection(self.transport)
 
 
 class Splice:
@@ -508,12 +510,12 @@ class Splice:
         self._peer.other = self._client
 
     def close(self) -> None:
-        """End the relay: flush and close both sides (aborted after `close_timeout`)."""
+        """End the relay: flush and close both sides (reset after `close_timeout`)."""
         self._client.close(self._close_timeout)
         self._peer.close(self._close_timeout)
 
     def abort(self) -> None:
-        """End the relay at once, dropping whatever is buffered."""
+        """End the relay at once: both connections reset, whatever is buffered dropped."""
         self._client.abort()
         self._peer.abort()
 

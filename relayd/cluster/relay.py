@@ -36,7 +36,12 @@ When the owner closes on purpose (a Close frame: 4001, 4009, 1001...) the
 frame reaches the client unchanged and the relay ends, as a splice does. When
 no new owner comes in time, or it refuses the session, the client gets a
 Close 1001 with the reason; when the owner died in the middle of a frame, the
-client's connection is dropped (no well-formed frame can finish it).
+client's connection is reset (no well-formed frame can finish it).
+
+Whatever the relay gives up on, it resets (linger.py): a client or an owner that
+does not flush in `close_timeout`, a frozen owner's link, a client dropped mid-frame.
+A socket merely closed would be kept, orphaned, with its FIN queued behind bytes a
+side that reads nothing never takes.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from websockets.frames import Close, Frame, Opcode
 
 from .. import control
 from ..errors import PeerLinkError
+from ..linger import reset_connection
 from ..log import get_logger
 from .peerlink import CLOSE_TIMEOUT, HIGH_WATER, PeerConnection, open_peer
 from .wsframes import ClientStream, ServerStream, first_frame
@@ -195,12 +201,14 @@ class _Owner(asyncio.Protocol):
 
 
 def _close_later(end: _Client | _Owner, close_timeout: float) -> None:
-    """Flush, then close; abort if the flush takes longer than `close_timeout`."""
+    """Flush, then close; reset if the flush takes longer than `close_timeout`."""
     if end.lost or end.close_timer is not None:
         return
     if not end.transport.is_closing():  # never close twice (see peerlink._End.close)
         end.transport.close()
-    end.close_timer = asyncio.get_running_loop().call_later(close_timeout, end.transport.abort)
+    end.close_timer = asyncio.get_running_loop().call_later(
+        close_timeout, reset_connection, end.transport
+    )
 
 
 def _text_frame(text: str) -> bytes:
@@ -306,7 +314,7 @@ class Relay:
     # -- ends -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """End the relay: flush and close both sides (aborted after `close_timeout`)."""
+        """End the relay: flush and close both sides (reset after `close_timeout`)."""
         if self._moving is not None:
             self._moving.cancel()
         _close_later(self._client, self._close_timeout)
@@ -337,8 +345,8 @@ class Relay:
         what it sent last may still be in flight (or unread: a slow client holds
         the link's reading). So the link gets `DEPOSED_GRACE` to end; one still
         open then belongs to an owner that cannot act (frozen, cut off): it is
-        aborted and the session moves as if that owner had died, instead of
-        waiting for it to wake.
+        reset (nothing of it waits in this kernel for the owner to wake) and the
+        session moves as if that owner had died.
         """
         current = self._owner
         if (
@@ -358,16 +366,16 @@ class Relay:
         link.deposed = None
         if link is self._owner and not link.lost and self._reattach is not None:
             log.info("relay_owner_moved", vm=self._reattach.vm, owner=self._owner_id, to=owner)
-            link.transport.abort()
+            reset_connection(link.transport)
 
     def abort(self) -> None:
-        """End the relay at once, dropping whatever is buffered."""
+        """End the relay at once: both connections reset, whatever is buffered dropped."""
         if self._moving is not None:
             self._moving.cancel()
         if not self._client.lost:
-            self._client.transport.abort()
+            reset_connection(self._client.transport)
         if self._owner is not None and not self._owner.lost:
-            self._owner.transport.abort()
+            reset_connection(self._owner.transport)
 
     async def wait_closed(self) -> None:
         """Wait until the client and the owner link are gone."""
@@ -399,7 +407,7 @@ class Relay:
                 owner=self._owner_id,
                 outcome="dropped mid-frame",
             )
-            self._client.transport.abort()
+            reset_connection(self._client.transport)
             return
         self._owner = None
         if not self._frames.unfinished_whole:  # a client frame too long to keep was in flight
