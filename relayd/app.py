@@ -546,6 +546,7 @@ class Gateway:
         # A session another gateway relays here is not told: it moves with its console
         # when this gateway hands it off (below), and its client stays connected.
         for session in list(self.sessions.values()):
+            session.on_move = None  # relayed from here, it would end with this gateway anyway
             if not session.relayed:
                 session.send_text(control.encode_notice("shutting_down", closes_in=grace))
         # Clients may leave on their own during the grace period; then the rest are closed.
