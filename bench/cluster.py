@@ -1,6 +1,6 @@
 """Cluster timings: cross-gateway takeover and failover after `kill -9`, on real processes.
 
-    .venv/bin/python -m bench.cluster [--takeovers 100] [--kills 20]
+    .venv/bin/python -m bench.cluster [--takeovers 100] [--kills 20] [--restarts 10]
 
 The region is tests/cluster/harness.py's: redis-server, three `relayd serve`
 processes (lease_ttl 3 s) and HAProxy running docs/haproxy-relayd.cfg, over
@@ -17,6 +17,11 @@ include whatever else the machine runs, so read them as upper bounds.
   answers or the port is down), having a keystroke reach the port. The killed
   gateway is started again and the region left to settle before the next
   kill. Target ≤ 5 s p99.
+- **deploy**: a writer attached through one gateway to a VM another owns; the
+  owner is restarted cleanly (SIGTERM, drain, start again, and the region
+  left to settle: the VM moves away and back). The writer must stay connected
+  throughout. Timed from the SIGTERM to its keystroke, sent as soon as it is
+  told `port_down` (and held while the VM moves), reaching the port.
 
 Results go to bench/results/cluster-<timestamp>.json and a markdown table on
 stdout (for docs/benchmarks.md).
@@ -185,6 +190,41 @@ async def bench_failovers(region: Region, count: int) -> list[float]:
     return times
 
 
+async def one_restart(region: Region, vm: str, n: int) -> float:
+    """Seconds from SIGTERM of the VM's owner to a relayed writer's held keystroke at the port."""
+    end = region.ends[vm]
+    owner = (await region.wait_settled())[vm]
+    via = region.others(owner)[0]
+    async with region.console(via, vm, user="alice") as console:
+        await console.send(f"before-{n}\r".encode())
+        await console.expect(f"before-{n}".encode())
+        marker = f"deploy-{n}-{secrets.token_hex(4)}".encode()
+        started = time.perf_counter()
+        stopping = asyncio.ensure_future(owner.stop())
+        await console.control(type="notice", event="port_down")
+        await console.send(marker + b"\r")
+        await end.wait_received(marker, START_TIMEOUT)
+        done = time.perf_counter()
+        await stopping
+        await owner.start(region.cluster.python)
+        await region.wait_settled()  # the VM moves back to it: the writer follows again
+        await console.send(f"back-{n}\r".encode())
+        await end.wait_received(f"back-{n}".encode(), START_TIMEOUT)
+        if console.ws.protocol.close_rcvd is not None:
+            raise AssertionError(f"the relayed writer was closed: {console.ws.protocol.close_rcvd}")
+    return done - started
+
+
+async def bench_restarts(region: Region, count: int) -> list[float]:
+    """`count` clean restarts of whichever gateway owns the VM."""
+    times = []
+    for n in range(count):
+        vm = VM_IDS[n % len(VM_IDS)]
+        times.append(await one_restart(region, vm, n))
+        print(f"deploy {n + 1}/{count}: {times[-1] * 1000:.0f} ms", file=sys.stderr)
+    return times
+
+
 async def main(args: argparse.Namespace) -> int:
     """Start a region, run both measurements, write the results."""
     with tempfile.TemporaryDirectory(prefix="relayd-bench-cluster-") as tmp:
@@ -192,6 +232,7 @@ async def main(args: argparse.Namespace) -> int:
         try:
             takeovers = await bench_takeovers(region, args.takeovers)
             failovers = await bench_failovers(region, args.kills)
+            restarts = await bench_restarts(region, args.restarts)
         finally:
             await stop_region(region)
     results = {
@@ -199,12 +240,13 @@ async def main(args: argparse.Namespace) -> int:
         "lease_ttl": LEASE_TTL,
         "takeover": summary(takeovers),
         "failover": summary(failovers),
-        "raw": {"takeover_s": takeovers, "failover_s": failovers},
+        "deploy": summary(restarts),
+        "raw": {"takeover_s": takeovers, "failover_s": failovers, "deploy_s": restarts},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"cluster-{stamp}.json").write_text(json.dumps(results, indent=2))
-    t, f = results["takeover"], results["failover"]
+    t, f, d = results["takeover"], results["failover"], results["deploy"]
     print("| measure | n | p50 | p99 | max | target |")
     print("|---|---|---|---|---|---|")
     print(
@@ -215,6 +257,10 @@ async def main(args: argparse.Namespace) -> int:
         f"| failover after kill -9 (lease_ttl {LEASE_TTL}) | {f['n']} | {f['p50_ms']} ms "
         f"| {f['p99_ms']} ms | {f['max_ms']} ms | ≤ 5 s p99 |"
     )
+    print(
+        f"| relayed writer's keystroke across a clean restart of the owner | {d['n']} "
+        f"| {d['p50_ms']} ms | {d['p99_ms']} ms | {d['max_ms']} ms | stays connected |"
+    )
     return 0
 
 
@@ -222,4 +268,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--takeovers", type=int, default=100)
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--restarts", type=int, default=10)
     sys.exit(asyncio.run(main(parser.parse_args())))
