@@ -111,13 +111,13 @@ def switching(request: bytes) -> bytes:
     )
 
 
-def refusal(status: int, code: str, message: str) -> bytes:
-    """An owner's refusal with its JSON body, as `open_peer` reads it whole."""
+def refusal(status: int, code: str, message: str, *, close: bool = False) -> bytes:
+    """An owner's refusal with its JSON body; `close`: it hangs up after it (as after a 429)."""
     body = json.dumps({"error": code, "message": message}).encode()
-    return (
-        f"HTTP/1.1 {status} Refused\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    head = f"HTTP/1.1 {status} Refused\r\nContent-Type: application/json\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
 def request_headers(head: bytes) -> list[tuple[str, str]]:
@@ -415,3 +415,33 @@ async def test_writer_refused_by_deny_on_the_new_owner_resumes_there_as_a_specta
             w2.close()
             await closing
         assert ws.close_code == 1000
+
+
+async def test_new_owner_that_refuses_and_hangs_up_closes_the_client_with_its_status(
+    pki: Pki,
+) -> None:
+    """A new owner at its session cap answers 429 and closes at once (as relayd does): the
+    client is closed with 1001 naming the refusal, not left waiting at port_down."""
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        Front(pki, directory := Directory(first.named)) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100))
+        ws = await upgrading
+        async with ws:
+            assert (await control_message(ws))["role"] == "writer"
+            await directory.name(second.named)
+            w1.close()
+            assert await notice(ws) == "port_down"
+            (_, w2), _, _ = await second.next_request()
+            w2.write(refusal(429, "session_limit", "gateway session limit 1 reached", close=True))
+            w2.close()
+            async with asyncio.timeout(TIMEOUT):
+                await ws.wait_closed()
+            assert ws.close_code == 1001
+            assert ws.close_reason == (
+                "console moved: gateway gw-2 refused the session with 429; reconnect"
+            )
