@@ -21,6 +21,7 @@ from typing import Any, cast
 import h11
 import pytest
 import trustme
+from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.frames import Frame, Opcode
 from websockets.utils import accept_key
@@ -210,12 +211,18 @@ class Directory:
 
 
 class Resuming:
-    """`Reattach.request`: the forwarded upgrade again, at an offset, as writer or not."""
+    """`Reattach.request`: the forwarded upgrade again, at an offset, as writer or not.
 
-    def __init__(self, headers: list[tuple[str, str]]) -> None:
+    `broken`: it raises instead (a bug in building the request).
+    """
+
+    def __init__(self, headers: list[tuple[str, str]], *, broken: bool = False) -> None:
         self.headers = headers
+        self.broken = broken
 
     def __call__(self, offset: int, writer: bool) -> bytes:
+        if self.broken:
+            raise ValueError("a bug in the resumed request")
         mode: Mode = "interactive" if writer else "spectate"
         return encode_forwarded_request(
             PATH, self.headers, dataclasses.replace(FWD, resume_from=offset, mode=mode)
@@ -247,9 +254,12 @@ class _FrontProtocol(asyncio.Protocol):
 class Front:
     """The relaying gateway: forwards a client's upgrade to the named owner, relays it."""
 
-    def __init__(self, pki: Pki, owners: Directory, *, wait: float = TIMEOUT) -> None:
+    def __init__(
+        self, pki: Pki, owners: Directory, *, wait: float = TIMEOUT, broken: bool = False
+    ) -> None:
         self.owners = owners
         self.wait = wait
+        self.broken = broken
         self.peer_context = peer_client_context(pki.cert, pki.key, pki.ca)
         self.client_context = server_context(TlsConfig(cert=pki.cert, key=pki.key))
         self.relays: asyncio.Queue[Relay] = asyncio.Queue()
@@ -293,7 +303,7 @@ class Front:
             vm=VM,
             owner=owner[0],
             owners=self.owners,
-            request=Resuming(headers),
+            request=Resuming(headers, broken=self.broken),
             ssl_context=self.peer_context,
             timeout=TIMEOUT,
             wait=self.wait,
@@ -445,3 +455,29 @@ async def test_new_owner_that_refuses_and_hangs_up_closes_the_client_with_its_st
             assert ws.close_reason == (
                 "console moved: gateway gw-2 refused the session with 429; reconnect"
             )
+
+
+async def test_a_bug_while_moving_closes_the_client_instead_of_stranding_it(pki: Pki) -> None:
+    """Whatever goes wrong in a move ends it like a refusal: 1001, and the error logged
+    with its traceback; the client is never left at port_down for good."""
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        Front(pki, directory := Directory(first.named), broken=True) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100))
+        ws = await upgrading
+        async with ws:
+            assert (await control_message(ws))["role"] == "writer"
+            with capture_logs() as logs:
+                await directory.name(second.named)
+                w1.close()
+                assert await notice(ws) == "port_down"
+                async with asyncio.timeout(TIMEOUT):
+                    await ws.wait_closed()
+            assert ws.close_code == 1001
+            assert ws.close_reason == "console moved: internal error; reconnect"
+            failed = [e for e in logs if e["event"] == "relay_move_crashed"]
+            assert [(e["vm"], e["exc_info"]) for e in failed] == [(VM, True)]

@@ -406,6 +406,10 @@ class Relay:
         except _Refused as exc:
             self._give_up(reattach, str(exc))
             return
+        except Exception:  # a bug: the client is told to reconnect, never left at port_down
+            log.exception("relay_move_crashed", vm=reattach.vm, owner=self._owner_id)
+            self._give_up(reattach, "internal error")
+            return
         self._moving = None
         self._attach(owner, hello_end, link)
         log.info(
