@@ -402,7 +402,14 @@ async def test_writer_refused_by_deny_on_the_new_owner_resumes_there_as_a_specta
             assert (fwd.principal, fwd.session_id) == (FWD.principal, FWD.session_id)
             w2.write(switching(request) + hello("spectator", 103) + binary(b"def"))
 
-            assert await notice(ws) == "demoted"
+            demoted = await control_message(ws)
+            assert demoted == {
+                "type": "notice",
+                "event": "demoted",
+                "by": None,
+                "writer": None,
+                "reason": "writer_exists",
+            }
             assert await notice(ws) == "port_up"
             assert await received(ws) == b"def"  # the new owner's 101 and hello are swallowed
             assert relayed.reattached == 1

@@ -520,16 +520,9 @@ class Relay:
         assert reattach is not None
         self.reattached += 1
         if self._was_writer and not self._server.writer:
-            self._send_client(
-                _text_frame(
-                    control.encode_notice(
-                        "demoted",
-                        by=None,
-                        writer=None,
-                        reason="the console moved to a gateway where another session writes",
-                    )
-                )
-            )
+            # A code, as `role_revoked` is: the 409's own (the new owner's `deny`).
+            notice = control.encode_notice("demoted", by=None, writer=None, reason="writer_exists")
+            self._send_client(_text_frame(notice))
         if self._server.port_up:
             self._send_client(_text_frame(control.encode_notice("port_up", vm=reattach.vm)))
         rest = bytes(owner.pending[hello_end:])
