@@ -380,39 +380,46 @@ async def test_writer_refused_by_deny_on_the_new_owner_resumes_there_as_a_specta
             assert (await control_message(ws))["role"] == "writer"
             assert await received(ws) == b"abc"
 
-            w1.close()  # a hand-off: TLS close_notify between frames, no Close frame
-            assert await notice(ws) == "port_down"
-            await directory.name(second.named)
+            with capture_logs() as logs:
+                w1.close()  # a hand-off: TLS close_notify between frames, no Close frame
+                assert await notice(ws) == "port_down"
+                await directory.name(second.named)
 
-            (r409, w409), _, fwd = await second.next_request()
-            assert (fwd.mode, fwd.resume_from) == ("interactive", 103)
-            # As relayd answers (it keeps the connection): the relay closes the link itself.
-            w409.write(refusal(409, "writer_exists", "takeover policy is deny"))
-            spectating = asyncio.create_task(second.next_request())
-            ended = asyncio.create_task(ws.wait_closed())
-            await asyncio.wait({spectating, ended}, return_when=asyncio.FIRST_COMPLETED)
-            ended.cancel()
-            if not spectating.done():
-                spectating.cancel()
-                pytest.fail(
-                    f"no spectate request; client closed: {ws.close_code} {ws.close_reason}"
-                )
-            (r2, w2), request, fwd = spectating.result()
-            assert (fwd.mode, fwd.resume_from) == ("spectate", 103)
-            assert (fwd.principal, fwd.session_id) == (FWD.principal, FWD.session_id)
-            w2.write(switching(request) + hello("spectator", 103) + binary(b"def"))
+                (r409, w409), _, fwd = await second.next_request()
+                assert (fwd.mode, fwd.resume_from) == ("interactive", 103)
+                # As relayd answers (it keeps the connection): the relay closes the link itself.
+                w409.write(refusal(409, "writer_exists", "takeover policy is deny"))
+                spectating = asyncio.create_task(second.next_request())
+                ended = asyncio.create_task(ws.wait_closed())
+                await asyncio.wait({spectating, ended}, return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                if not spectating.done():
+                    spectating.cancel()
+                    pytest.fail(
+                        f"no spectate request; client closed: {ws.close_code} {ws.close_reason}"
+                    )
+                (r2, w2), request, fwd = spectating.result()
+                assert (fwd.mode, fwd.resume_from) == ("spectate", 103)
+                assert (fwd.principal, fwd.session_id) == (FWD.principal, FWD.session_id)
+                w2.write(switching(request) + hello("spectator", 103) + binary(b"def"))
 
-            demoted = await control_message(ws)
-            assert demoted == {
-                "type": "notice",
-                "event": "demoted",
-                "by": None,
-                "writer": None,
-                "reason": "writer_exists",
-            }
-            assert await notice(ws) == "port_up"
-            assert await received(ws) == b"def"  # the new owner's 101 and hello are swallowed
-            assert relayed.reattached == 1
+                demoted = await control_message(ws)
+                assert demoted == {
+                    "type": "notice",
+                    "event": "demoted",
+                    "by": None,
+                    "writer": None,
+                    "reason": "writer_exists",
+                }
+                assert await notice(ws) == "port_up"
+                assert await received(ws) == b"def"  # the new owner's 101 and hello are swallowed
+                assert relayed.reattached == 1
+            moved = [e for e in logs if e["event"] == "relay_reattached"]
+            assert [(e["owner"], e["role"], e["demoted"]) for e in moved] == [
+                ("gw-2", "spectator", True)
+            ]
+            refused = [e for e in logs if e["event"] == "relay_writer_refused"]
+            assert [(e["owner"], e["status"]) for e in refused] == [("gw-2", 409)]
             async with asyncio.timeout(TIMEOUT):
                 assert await r409.read() == b""
 

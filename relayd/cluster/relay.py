@@ -418,6 +418,8 @@ class Relay:
             owner=self._owner_id,
             resumed_at=self._server.position,
             seconds=round(loop.time() - began, 3),
+            role="writer" if self._server.writer else "spectator",
+            demoted=self._was_writer and not self._server.writer,
         )
 
     def _give_up(self, reattach: Reattach, why: str) -> None:
@@ -475,6 +477,7 @@ class Relay:
             if link.status == 503:  # it does not hold the port (yet): the next round will say
                 return None
             if link.status == 409 and writer:  # `deny`, and it has a writer: spectate there
+                log.info("relay_writer_refused", vm=reattach.vm, owner=owner[0], status=409)
                 writer = False
                 continue
             if link.status != 101:
