@@ -606,6 +606,29 @@ async def test_relayed_client_moves_with_the_console_when_the_owner_stops(
         assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
 
 
+async def test_relayed_client_moves_when_the_owner_stops_while_a_direct_client_is_frozen(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A direct client of the stopping owner that never answers its 1001 (frozen) holds the
+    owner's drain until it is reset: the relayed client still moves, within its wait for a
+    new owner (3 x lease_ttl + 2 s, here 5 s)."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        owner_and_relay(cluster_config, far_end) as (owner, other),
+        console(other, ctx, mint("alice")) as relayed,
+        console(owner, ctx, mint("bob"), "mode=spectate") as frozen,
+    ):
+        frozen.ws.transport.pause_reading()  # it reads nothing more: no answer to a Close
+        owner.stop()
+        assert (await relayed.control(type="notice", event="port_down"))["vm"] == "vm-a"
+        assert (await relayed.control(type="notice", event="port_up"))["vm"] == "vm-a"
+        assert "vm-a" in other.hubs
+        await relayed.send(b"after\r")
+        await far_end.wait_received(lambda got: b"after\r" in got)
+        frozen.ws.transport.abort()
+
+
 async def test_demoted_relayed_client_moves_as_a_spectator(
     cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
 ) -> None:
