@@ -8,7 +8,9 @@ Start-up:
 Shutdown (SIGTERM/SIGINT, or `stop()`):
   1. draining: /readyz turns 503, new requests get 503;
   2. stop accepting on the TLS listener;
-  3. tell sessions (notice), close them with 1001, wait (bounded) until they are gone;
+  3. tell sessions (notice), close them with 1001 (hand off those another gateway
+     relays here); in cluster mode leave the region (output shipped, leases released);
+     then wait (bounded) until the sessions are gone;
   4. cancel the hubs (closing their ports) and the sweeper; close the health listener.
 Every task belongs to one TaskGroup; nothing outlives `serve()`.
 """
@@ -395,15 +397,7 @@ class Gateway:
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 await self._stop.wait()
                 self.notifier.notify("STOPPING=1", "STATUS=draining")
-                await self._shutdown(accepting)
-                if node_task is not None and self.cluster is not None:
-                    # Leaving releases our leases: the other gateways claim them at once.
-                    self.cluster.node.stop()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT):
-                            await asyncio.shield(node_task)
-                    node_task.cancel()
-                    await asyncio.gather(node_task, return_exceptions=True)
+                await self._shutdown(accepting, node_task)
                 for task in (*self._hub_tasks.values(), sweeper, watchdog):
                     task.cancel()
         finally:
@@ -538,7 +532,9 @@ class Gateway:
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         return True
 
-    async def _shutdown(self, accepting: asyncio.Task[None]) -> None:
+    async def _shutdown(
+        self, accepting: asyncio.Task[None], node_task: asyncio.Task[None] | None
+    ) -> None:
         self.draining = True
         log.info("gateway_draining", sessions=len(self.sessions))
         accepting.cancel()  # stop accepting; the listening socket closes with it
@@ -560,6 +556,17 @@ class Gateway:
                 session.close(control.CLOSE_GOING_AWAY, "gateway shutting down")
         for conn in list(self.connections):
             conn.going_away("gateway shutting down")
+        if node_task is not None and self.cluster is not None:
+            # Leaving releases our leases (the other gateways claim them at once), and before
+            # the closing handshakes below: the sessions handed off above wait for a new owner
+            # for 3 x lease_ttl + 2 s only, and a client that never answers its 1001 holds
+            # those handshakes for the session's CLOSE_TIMEOUT.
+            self.cluster.node.stop()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT):
+                    await asyncio.shield(node_task)
+            node_task.cancel()
+            await asyncio.gather(node_task, return_exceptions=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT):
                 await self._until(lambda: not self.connections)

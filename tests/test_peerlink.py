@@ -596,6 +596,30 @@ async def test_open_peer_refusal_returns_complete_response_and_closes(pki: Pki) 
         assert await at_eof(reader) == b""
 
 
+async def test_open_peer_refusal_from_an_owner_that_hangs_up_at_once_is_returned(
+    pki: Pki,
+) -> None:
+    """An owner that closes right behind its refusal (relayd does after a 429): the answer
+    comes back whole, as from one that keeps the connection, even when its close_notify
+    arrives with it and the link is already closing when `open_peer` takes the answer."""
+    body = b'{"error":"session_limit","message":"gateway session limit 1 reached"}\n'
+    refusal = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+    refusal += b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    async with Owner(pki) as owner:
+        opening = asyncio.create_task(
+            open_peer("127.0.0.1", owner.port, peer_ctx(pki), b"GET / HTTP/1.1\r\n\r\n", TIMEOUT)
+        )
+        (reader, writer), _, _ = await owner.next_request()
+        # The answer and the close_notify in one segment (corked: the kernel sends them together).
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        writer.write(refusal)
+        writer.close()
+        peer = await opening
+        assert (peer.status, peer.response, peer.owner) == (429, refusal, "gw-owner")
+        assert peer.transport.is_closing()
+        assert await at_eof(reader) == b""
+
+
 async def test_open_peer_silent_listener_deadline_fires(pki: Pki) -> None:
     """A listener that never completes TLS is given up on at the deadline."""
     loop = asyncio.get_running_loop()

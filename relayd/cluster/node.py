@@ -199,6 +199,9 @@ class ClusterNode:
         self.stats = NodeStats()
         self.policy = OwnershipPolicy(gateway_id, lease_ttl)
         self._dataset: str | None = None
+        # Redis lost the log's marks and ours are not back yet: owed until a round puts
+        # them back, so a round that fails on its way does not forget them.
+        self._marks_owed = False
         self._down_since: float | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -319,12 +322,13 @@ class ClusterNode:
             if data_lost:
                 log.warning("cluster_redis_data_lost")
                 self._resync.set()  # the switch overrides are written back if they are gone
+                self._marks_owed = True
             self._dataset = state.dataset
             self._redis_answered(now)
             decisions = self.policy.decide(
                 now, state.live, state.holders, dict(self.held), data_lost=data_lost
             )
-            await self._carry_out(decisions, data_lost=data_lost)
+            await self._carry_out(decisions)
             self._note_owners(state.holders, state.live)
             self.stats.rounds += 1
             self.first_round.set()
@@ -377,7 +381,7 @@ class ClusterNode:
         if moved:
             self.owner.owners_changed(moved)
 
-    async def _carry_out(self, decisions: tuple[Decision, ...], *, data_lost: bool) -> None:
+    async def _carry_out(self, decisions: tuple[Decision, ...]) -> None:
         renew = {d.vm: d.token for d in decisions if isinstance(d, Renew)}
         release = {d.vm: d.token for d in decisions if isinstance(d, Release)}
         claims = {d.vm: d.floor for d in decisions if isinstance(d, Claim)}
@@ -387,14 +391,16 @@ class ClusterNode:
                 self._drop(d.vm, "this gateway no longer owns the console")
         if release:
             await self._hand_over(release, "the console moved to another gateway")
+        kept: dict[str, int] = {}
         if renew:
-            kept = await self.store.renew_many(renew)
-            for vm_id, ok in kept.items():
-                if not ok:
+            for vm_id, ok in (await self.store.renew_many(renew)).items():
+                if ok:
+                    kept[vm_id] = renew[vm_id]
+                else:
                     log.warning("cluster_renew_refused", vm=vm_id, token=renew[vm_id])
                     self._drop(vm_id, "this gateway no longer owns the console")
-            if data_lost:
-                await self._reserve_again({vm: renew[vm] for vm, ok in kept.items() if ok})
+        if self._marks_owed:
+            await self._reserve_again(kept)
         if claims:
             granted = await self.store.claim_many(claims)
             for vm_id, token in granted.items():
@@ -411,6 +417,7 @@ class ClusterNode:
             box = self.outboxes.get(vm_id)
             if box is not None:
                 await self.store.reserve(vm_id, token, box.end + self.store.reserve_ahead)
+        self._marks_owed = False  # only now: a Redis error above leaves them owed
         log.info("cluster_offsets_reserved_again", vms=len(held))
 
     async def _take(self, vm_id: str, token: int) -> None:

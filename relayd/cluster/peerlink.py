@@ -403,11 +403,13 @@ async def open_peer(
     head_bytes = bytes(reader.buf[: reader.head_length])
     rest = bytes(reader.buf[reader.head_length :])
     reader.buf.clear()
-    if reader.status != 101:
+    owner = _owner_name(transport)
+    # An owner that hung up right behind its refusal (after a 429) has closed the link
+    # already: a second close() makes asyncio's TLS transport (3.11) forget its protocol,
+    # and every call on it then raises.
+    if reader.status != 101 and not transport.is_closing():
         transport.close()
-    return PeerConnection(
-        reader.status, head_bytes, rest, _owner_name(transport), transport, reader
-    )
+    return PeerConnection(reader.status, head_bytes, rest, owner, transport, reader)
 
 
 def _drop(reader: _ResponseReader, transport: asyncio.Transport | None) -> None:

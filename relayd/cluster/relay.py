@@ -445,6 +445,10 @@ class Relay:
         except _Refused as exc:
             self._give_up(reattach, str(exc))
             return
+        except Exception:  # a bug: the client is told to reconnect, never left at port_down
+            log.exception("relay_move_crashed", vm=reattach.vm, owner=self._owner_id)
+            self._give_up(reattach, "internal error")
+            return
         self._moving = None
         self._attach(owner, hello_end, link)
         log.info(
@@ -453,6 +457,8 @@ class Relay:
             owner=self._owner_id,
             resumed_at=self._server.position,
             seconds=round(loop.time() - began, 3),
+            role="writer" if self._server.writer else "spectator",
+            demoted=self._was_writer and not self._server.writer,
         )
 
     def _give_up(self, reattach: Reattach, why: str) -> None:
@@ -510,6 +516,7 @@ class Relay:
             if link.status == 503:  # it does not hold the port (yet): the next round will say
                 return None
             if link.status == 409 and writer:  # `deny`, and it has a writer: spectate there
+                log.info("relay_writer_refused", vm=reattach.vm, owner=owner[0], status=409)
                 writer = False
                 continue
             if link.status != 101:
@@ -555,16 +562,9 @@ class Relay:
         assert reattach is not None
         self.reattached += 1
         if self._was_writer and not self._server.writer:
-            self._send_client(
-                _text_frame(
-                    control.encode_notice(
-                        "demoted",
-                        by=None,
-                        writer=None,
-                        reason="the console moved to a gateway where another session writes",
-                    )
-                )
-            )
+            # A code, as `role_revoked` is: the 409's own (the new owner's `deny`).
+            notice = control.encode_notice("demoted", by=None, writer=None, reason="writer_exists")
+            self._send_client(_text_frame(notice))
         if self._server.port_up:
             self._send_client(_text_frame(control.encode_notice("port_up", vm=reattach.vm)))
         rest = bytes(owner.pending[hello_end:])

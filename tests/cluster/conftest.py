@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from relayd.cluster.store import ClusterStore
 
@@ -35,8 +36,8 @@ class RedisServer:
         self._drain: asyncio.Task[None] | None = None
         self.log: list[str] = []
 
-    async def start(self) -> None:
-        """Start the server and return once it accepts connections."""
+    async def start(self, *options: str) -> None:
+        """Start the server (`options`: more redis-server arguments) once it accepts connections."""
         self.proc = await asyncio.create_subprocess_exec(
             self.binary,
             "--port", "0",
@@ -46,6 +47,7 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", str(self.directory),
             "--loglevel", "notice",
+            *options,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -83,10 +85,18 @@ class RedisServer:
         self.proc = None
         self.socket.unlink(missing_ok=True)
 
-    async def restart_empty(self) -> None:
+    async def restart_empty(self, *options: str) -> None:
         """Kill and start again: same socket, empty dataset, empty script cache."""
         await self.stop()
-        await self.start()
+        await self.start(*options)
+
+    async def command(self, *args: str) -> object:
+        """One command on a connection of its own (ACL SETUSER, ...)."""
+        client = Redis.from_url(self.url)
+        try:
+            return await client.execute_command(*args)
+        finally:
+            await client.aclose()
 
     def freeze(self) -> None:
         """SIGSTOP: the socket accepts but nothing answers (a hung server)."""

@@ -391,6 +391,49 @@ async def test_after_redis_loses_its_data_a_successor_never_reuses_offsets_clien
                 await other.cluster.node.next_round()
 
 
+async def test_offsets_are_reserved_again_when_the_round_that_noticed_the_loss_failed(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """Redis comes back empty and the round that notices it fails before the owner's
+    reservation is back (here Redis refuses writes to the log's marks): a later round
+    puts it back, so a successor still never starts below what the clients hold."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        assert owner.cluster is not None
+        assert other.cluster is not None
+        node = owner.cluster.node
+        async with console(owner, ctx, mint("alice")) as c:
+            await far_end.send(b"seen by a client\r\n")
+            await c.expect(b"seen by a client\r\n")
+            held = c.hello["offset"] - c.hello["replay"] + len(c.output)
+        # Stored before Redis goes: an append after it would move the marks by itself.
+        await until(lambda: not node.outboxes["vm-a"].chunks, owner)
+        before = node._dataset
+        # Every key may be read and written but the log's marks (`logmeta`): read only.
+        prefix = "relayd:{test}:"
+        await redis_server.restart_empty(
+            "--user", "default", "on", "nopass", "&*", "+@all", "%R~*",
+            f"~{prefix}[^l]*", f"~{prefix}lease:*", f"~{prefix}log:*",
+        )  # fmt: skip
+        # The round that noticed the loss has ended (failed on the marks) before they are
+        # writable again.
+        await until(lambda: node._dataset not in (None, before), owner)
+        await node.next_round()
+        assert "vm-a" in owner.hubs
+        denied = await redis_server.command("ACL", "LOG")
+        assert isinstance(denied, list)
+        assert f"{prefix}logmeta:vm-a".encode() in {entry[b"object"] for entry in denied}
+        await redis_server.command("ACL", "SETUSER", "default", "allkeys")
+        store = other.cluster.store
+        async with asyncio.timeout(TIMEOUT):
+            while await store.resume_point("vm-a") < held:
+                await node.next_round()
+
+
 async def _health(gateway: Gateway, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.health_port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -590,6 +633,29 @@ async def test_a_direct_client_stays_connected_when_its_vm_moves_to_a_gateway_th
             assert c.output.count(b"output before") == 1
             assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
             assert not [m for m in c.controls if m.get("event") == "demoted"]
+
+
+async def test_relayed_client_moves_when_the_owner_stops_while_a_direct_client_is_frozen(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A direct client of the stopping owner that never answers its 1001 (frozen) holds the
+    owner's drain until it is reset: the relayed client still moves, within its wait for a
+    new owner (3 x lease_ttl + 2 s, here 5 s)."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        owner_and_relay(cluster_config, far_end) as (owner, other),
+        console(other, ctx, mint("alice")) as relayed,
+        console(owner, ctx, mint("bob"), "mode=spectate") as frozen,
+    ):
+        frozen.ws.transport.pause_reading()  # it reads nothing more: no answer to a Close
+        owner.stop()
+        assert (await relayed.control(type="notice", event="port_down"))["vm"] == "vm-a"
+        assert (await relayed.control(type="notice", event="port_up"))["vm"] == "vm-a"
+        assert "vm-a" in other.hubs
+        await relayed.send(b"after\r")
+        await far_end.wait_received(lambda got: b"after\r" in got)
+        frozen.ws.transport.abort()
 
 
 async def test_demoted_relayed_client_moves_as_a_spectator(

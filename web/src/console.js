@@ -12,6 +12,7 @@ import {
   PasteMeter,
   closeMessage,
   consoleUrl,
+  demotedMessage,
   inputMessages,
   vmPath,
 } from './protocol.js';
@@ -277,16 +278,12 @@ function onNotice(notice) {
         setStatus('st-gap', notice.writer ? `Writer now: ${notice.writer}` : 'No writer attached');
       }
       break;
-    case 'demoted':
+    case 'demoted': {
       showRole();
-      if (notice.reason === 'role_revoked') {
-        showBanner('warning', 'Your role on this VM is now reader: you are now spectating (read-only).');
-      } else {
-        showBanner('warning', `${notice.by} took over the console: you are now spectating (read-only).`, [
-          ['Take over again', switchMode],
-        ]);
-      }
+      const { text, canTakeOver } = demotedMessage(notice);
+      showBanner('warning', text, canTakeOver ? [['Take over again', switchMode]] : []);
       break;
+    }
     case 'output_gap': {
       const skipped = `${notice.bytes} bytes of output skipped (offsets ${notice.first}–${notice.last})`;
       setStatus('st-gap', `Output gap: ${skipped}; Download log may still hold them.`, 'warn');

@@ -85,6 +85,25 @@ export function closeMessage(code, reason, wasOpen) {
   return { text, kind: takenOver || code >= CLOSE_FORBIDDEN ? 'error' : 'warning', takenOver };
 }
 
+/**
+ * What to tell a writer that is now a spectator (notice `demoted`), and whether taking the
+ * console back can work: only after a takeover (`by`); a role now reader, or a console that
+ * moved to a gateway where another session writes (`deny` there), would be refused.
+ * @returns {{text: string, canTakeOver: boolean}}
+ */
+export function demotedMessage(notice) {
+  const spectating = 'you are now spectating (read-only).';
+  if (notice.reason === 'role_revoked') {
+    return { text: `Your role on this VM is now reader: ${spectating}`, canTakeOver: false };
+  }
+  if (notice.reason === 'writer_exists') {
+    const text = `The console moved to a gateway where another session writes: ${spectating}`;
+    return { text, canTakeOver: false };
+  }
+  if (notice.by) return { text: `${notice.by} took over the console: ${spectating}`, canTakeOver: true };
+  return { text: `You are now spectating (read-only).`, canTakeOver: false };
+}
+
 /** Input as binary messages: relayd refuses one over max_paste_bytes whole, so a larger
  * paste goes as several, in order. */
 export function inputMessages(bytes, maxPasteBytes) {

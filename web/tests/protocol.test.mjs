@@ -13,6 +13,7 @@ import {
   SUBPROTOCOL,
   closeMessage,
   consoleUrl,
+  demotedMessage,
   inputMessages,
   vmPath,
 } from '../src/protocol.js';
@@ -124,6 +125,26 @@ test('port notices track the port; demoted makes the writer a spectator', () => 
   assert.equal(stream.port, 'up');
   stream.receive(text({ type: 'notice', event: 'demoted', by: 'user:bob' }));
   assert.equal(stream.role, 'spectator');
+});
+
+test('demoted says who took over, or why nobody did, and offers a takeover only after one', () => {
+  assert.deepEqual(demotedMessage({ event: 'demoted', by: 'user:bob', writer: 'user:bob' }), {
+    text: 'user:bob took over the console: you are now spectating (read-only).',
+    canTakeOver: true,
+  });
+  assert.deepEqual(demotedMessage({ event: 'demoted', by: null, writer: null, reason: 'role_revoked' }), {
+    text: 'Your role on this VM is now reader: you are now spectating (read-only).',
+    canTakeOver: false,
+  });
+  // A relayed writer whose console moved to a gateway where another session writes (deny):
+  // nobody took over, and taking over again would be refused.
+  assert.deepEqual(demotedMessage({ event: 'demoted', by: null, writer: null, reason: 'writer_exists' }), {
+    text: 'The console moved to a gateway where another session writes: you are now spectating (read-only).',
+    canTakeOver: false,
+  });
+  const unknown = demotedMessage({ event: 'demoted', by: null, writer: null, reason: 'something_new' });
+  assert.equal(unknown.canTakeOver, false);
+  assert.ok(!unknown.text.includes('null'), unknown.text);
 });
 
 test('errors come back as they are; they change nothing', () => {

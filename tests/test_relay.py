@@ -1,0 +1,497 @@
+"""Tests for relayd.cluster.relay: a relayed session moved from one owner to the next.
+
+Everything is real TLS on loopback and the client is the real websockets
+client. The owners are small fakes that speak the owner's side of a peer link
+byte for byte (a 101 or a refusal, a hello, frames), so a test decides exactly
+what each owner says and when, which a pair of real gateways cannot promise:
+a real region re-attaches a moved client in the same round the new owner
+claims the VM, so no other writer can be there first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import h11
+import pytest
+import trustme
+from structlog.testing import capture_logs
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.frames import Frame, Opcode
+from websockets.utils import accept_key
+
+from relayd import control
+from relayd.cluster.forwarding import (
+    ForwardedSession,
+    Mode,
+    encode_forwarded_request,
+    parse_forwarded_headers,
+)
+from relayd.cluster.peerlink import open_peer, peer_client_context, trust_peer_ca
+from relayd.cluster.relay import Reattach, Relay, relay
+from relayd.config import TlsConfig
+from relayd.tls import server_context
+
+from .conftest import TIMEOUT
+
+VM = "vm-a"
+PATH = f"/v1/vms/{VM}/console"
+FWD = ForwardedSession(
+    principal="user:alice",
+    role="contributor",
+    mode="interactive",
+    client_peer="127.0.0.1",
+    session_id="0123456789abcdef",
+)
+LIMITS: dict[str, Any] = {}
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@dataclass(frozen=True)
+class Pki:
+    """One CA and one gateway certificate (both EKUs), used by every gateway here."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates for the owners, the relaying gateway and its client."""
+    d = tmp_path_factory.mktemp("relay-pki")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", common_name="gw.test")
+    ca.cert_pem.write_to_path(str(d / "ca.crt"))
+    leaf.cert_chain_pems[0].write_to_path(str(d / "gw.crt"))
+    leaf.private_key_pem.write_to_path(str(d / "gw.key"))
+    return Pki(d / "ca.crt", d / "gw.crt", d / "gw.key")
+
+
+# -- what an owner sends ----------------------------------------------------------------------
+
+
+def text(message: str) -> bytes:
+    """One unmasked text frame, as an owner sends it."""
+    return Frame(Opcode.TEXT, message.encode()).serialize(mask=False)
+
+
+def binary(data: bytes) -> bytes:
+    """One unmasked binary frame (console output), as an owner sends it."""
+    return Frame(Opcode.BINARY, data).serialize(mask=False)
+
+
+def hello(role: str, offset: int, *, port: str = "up") -> bytes:
+    """An owner's hello with no replay: the stream goes on at `offset`."""
+    return text(
+        control.encode_hello(
+            vm=VM,
+            session=FWD.session_id,
+            role=role,
+            offset=offset,
+            replay=0,
+            limits=LIMITS,
+            port=port,
+        )
+    )
+
+
+def switching(request: bytes) -> bytes:
+    """The owner's 101 to a forwarded upgrade (the client's key, passed through)."""
+    key = dict(request_headers(request))["Sec-WebSocket-Key"]
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n"
+    )
+
+
+def refusal(status: int, code: str, message: str, *, close: bool = False) -> bytes:
+    """An owner's refusal with its JSON body; `close`: it hangs up after it (as after a 429)."""
+    body = json.dumps({"error": code, "message": message}).encode()
+    head = f"HTTP/1.1 {status} Refused\r\nContent-Type: application/json\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def request_headers(head: bytes) -> list[tuple[str, str]]:
+    """A request head's headers as (name, value) pairs, parsed by h11 as an owner would."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    event = conn.next_event()
+    assert isinstance(event, h11.Request)
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers.raw_items()]
+
+
+async def client_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next (masked) frame the client sent an owner: (opcode, unmasked payload)."""
+    async with asyncio.timeout(TIMEOUT):
+        first, second = await reader.readexactly(2)
+        length = second & 0x7F
+        if length >= 126:
+            length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8), "big")
+        mask = await reader.readexactly(4)
+        payload = await reader.readexactly(length)
+    return first & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+# -- the gateways -----------------------------------------------------------------------------
+
+
+class FakeOwner:
+    """An owning gateway's listener (relayd's server context plus `trust_peer_ca`).
+
+    Each forwarded request waits in a queue; the test answers it.
+    """
+
+    def __init__(self, pki: Pki, gateway_id: str) -> None:
+        self.gateway_id = gateway_id
+        self.context = server_context(TlsConfig(cert=pki.cert, key=pki.key))
+        trust_peer_ca(self.context, pki.ca)
+        self.requests: asyncio.Queue[tuple[Streams, bytes]] = asyncio.Queue()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.address = ""
+
+    async def __aenter__(self) -> FakeOwner:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self.context)
+        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.put_nowait(((reader, writer), head))
+
+    @property
+    def named(self) -> tuple[str, str]:
+        """How the region names this owner: (gateway id, advertise address)."""
+        return self.gateway_id, self.address
+
+    async def next_request(self) -> tuple[Streams, bytes, ForwardedSession]:
+        """The next forwarded request: its streams, its head, what it forwards."""
+        async with asyncio.timeout(TIMEOUT):
+            streams, head = await self.requests.get()
+        return streams, head, parse_forwarded_headers(request_headers(head))
+
+
+class Directory:
+    """The relaying gateway's view of ownership (`OwnerDirectory`), set by the test."""
+
+    def __init__(self, owner: tuple[str, str] | None) -> None:
+        self.owner = owner
+        self._round = asyncio.Condition()
+
+    def owner_of(self, vm_id: str) -> tuple[str, str] | None:
+        """The owner the test last named."""
+        return self.owner if vm_id == VM else None
+
+    async def next_round(self) -> None:
+        """Until the test names an owner again."""
+        async with self._round:
+            await self._round.wait()
+
+    async def name(self, owner: tuple[str, str] | None) -> None:
+        """An ownership round that names `owner`."""
+        self.owner = owner
+        async with self._round:
+            self._round.notify_all()
+
+
+class Resuming:
+    """`Reattach.request`: the forwarded upgrade again, at an offset, as writer or not.
+
+    `broken`: it raises instead (a bug in building the request).
+    """
+
+    def __init__(self, headers: list[tuple[str, str]], *, broken: bool = False) -> None:
+        self.headers = headers
+        self.broken = broken
+
+    def __call__(self, offset: int, writer: bool) -> bytes:
+        if self.broken:
+            raise ValueError("a bug in the resumed request")
+        mode: Mode = "interactive" if writer else "spectate"
+        return encode_forwarded_request(
+            PATH, self.headers, dataclasses.replace(FWD, resume_from=offset, mode=mode)
+        )
+
+
+class _FrontProtocol(asyncio.Protocol):
+    """The relaying gateway's HTTP phase, cut down: one upgrade request, then relay it."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.forwarding = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.forwarding or b"\r\n\r\n" not in self.buf:
+            return
+        assert self.transport is not None
+        self.forwarding = True
+        self.transport.pause_reading()  # as the gateway's connection does while the link opens
+        self.front.tasks.append(asyncio.create_task(self.front.forward(self)))
+
+
+class Front:
+    """The relaying gateway: forwards a client's upgrade to the named owner, relays it."""
+
+    def __init__(
+        self, pki: Pki, owners: Directory, *, wait: float = TIMEOUT, broken: bool = False
+    ) -> None:
+        self.owners = owners
+        self.wait = wait
+        self.broken = broken
+        self.peer_context = peer_client_context(pki.cert, pki.key, pki.ca)
+        self.client_context = server_context(TlsConfig(cert=pki.cert, key=pki.key))
+        self.relays: asyncio.Queue[Relay] = asyncio.Queue()
+        self.all: list[Relay] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+
+    async def __aenter__(self) -> Front:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: _FrontProtocol(self), "127.0.0.1", 0, ssl=self.client_context
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for r in self.all:
+            r.abort()
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def forward(self, proto: _FrontProtocol) -> None:
+        """What the gateway's connection does for a VM owned elsewhere (connection._forward)."""
+        assert proto.transport is not None
+        head, _, _ = bytes(proto.buf).partition(b"\r\n\r\n")
+        headers = request_headers(head + b"\r\n\r\n")
+        owner = self.owners.owner_of(VM)
+        assert owner is not None
+        host, _, port = owner[1].rpartition(":")
+        peer = await open_peer(
+            host,
+            int(port),
+            self.peer_context,
+            encode_forwarded_request(PATH, headers, FWD),
+            TIMEOUT,
+        )
+        assert peer.status == 101
+        reattach = Reattach(
+            vm=VM,
+            owner=owner[0],
+            owners=self.owners,
+            request=Resuming(headers, broken=self.broken),
+            ssl_context=self.peer_context,
+            timeout=TIMEOUT,
+            wait=self.wait,
+        )
+        leftover = bytes(proto.buf[len(head) + 4 :])
+        r = relay(proto.transport, peer, reattach, client_data=leftover)
+        self.all.append(r)
+        self.relays.put_nowait(r)
+
+    async def next_relay(self) -> Relay:
+        """The relay of the next client."""
+        async with asyncio.timeout(TIMEOUT):
+            return await self.relays.get()
+
+
+async def connecting(pki: Pki, front: Front) -> ClientConnection:
+    """The real websockets client, through the relaying gateway (the owner answers its 101)."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    return await connect(
+        f"wss://127.0.0.1:{front.port}{PATH}",
+        ssl=ctx,
+        open_timeout=TIMEOUT,
+        close_timeout=TIMEOUT,
+        ping_interval=None,  # no keepalive frames of its own: the test reads every frame
+    )
+
+
+async def received(ws: ClientConnection) -> dict[str, Any] | bytes:
+    """The client's next message: a control message decoded, console output as bytes."""
+    async with asyncio.timeout(TIMEOUT):
+        message = await ws.recv()
+    if isinstance(message, bytes):
+        return message
+    decoded = json.loads(message)
+    assert isinstance(decoded, dict)
+    return decoded
+
+
+async def control_message(ws: ClientConnection) -> dict[str, Any]:
+    """The client's next message, which must be a control message."""
+    message = await received(ws)
+    assert isinstance(message, dict), message
+    return message
+
+
+async def notice(ws: ClientConnection) -> str:
+    """The event of the client's next message, which must be a notice."""
+    message = await control_message(ws)
+    assert message["type"] == "notice", message
+    return str(message["event"])
+
+
+# -- moving to a new owner --------------------------------------------------------------------
+
+
+async def test_writer_refused_by_deny_on_the_new_owner_resumes_there_as_a_spectator(
+    pki: Pki,
+) -> None:
+    """The first owner hands the console off cleanly; the next one has a writer and
+    `deny` (409 to an interactive request): the client is asked back as a spectator at
+    its position, told it was demoted before port_up, and stays connected there."""
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        Front(pki, directory := Directory(first.named)) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, fwd = await first.next_request()
+        assert fwd.mode == "interactive"
+        w1.write(switching(request) + hello("writer", 100) + binary(b"abc"))
+        ws = await upgrading
+        async with ws:
+            relayed = await front.next_relay()
+            assert (await control_message(ws))["role"] == "writer"
+            assert await received(ws) == b"abc"
+
+            with capture_logs() as logs:
+                w1.close()  # a hand-off: TLS close_notify between frames, no Close frame
+                assert await notice(ws) == "port_down"
+                await directory.name(second.named)
+
+                (r409, w409), _, fwd = await second.next_request()
+                assert (fwd.mode, fwd.resume_from) == ("interactive", 103)
+                # As relayd answers (it keeps the connection): the relay closes the link itself.
+                w409.write(refusal(409, "writer_exists", "takeover policy is deny"))
+                spectating = asyncio.create_task(second.next_request())
+                ended = asyncio.create_task(ws.wait_closed())
+                await asyncio.wait({spectating, ended}, return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
+                if not spectating.done():
+                    spectating.cancel()
+                    pytest.fail(
+                        f"no spectate request; client closed: {ws.close_code} {ws.close_reason}"
+                    )
+                (r2, w2), request, fwd = spectating.result()
+                assert (fwd.mode, fwd.resume_from) == ("spectate", 103)
+                assert (fwd.principal, fwd.session_id) == (FWD.principal, FWD.session_id)
+                w2.write(switching(request) + hello("spectator", 103) + binary(b"def"))
+
+                demoted = await control_message(ws)
+                assert demoted == {
+                    "type": "notice",
+                    "event": "demoted",
+                    "by": None,
+                    "writer": None,
+                    "reason": "writer_exists",
+                }
+                assert await notice(ws) == "port_up"
+                assert await received(ws) == b"def"  # the new owner's 101 and hello are swallowed
+                assert relayed.reattached == 1
+            moved = [e for e in logs if e["event"] == "relay_reattached"]
+            assert [(e["owner"], e["role"], e["demoted"]) for e in moved] == [
+                ("gw-2", "spectator", True)
+            ]
+            refused = [e for e in logs if e["event"] == "relay_writer_refused"]
+            assert [(e["owner"], e["status"]) for e in refused] == [("gw-2", 409)]
+            async with asyncio.timeout(TIMEOUT):
+                assert await r409.read() == b""
+
+            await ws.send('{"type":"resize","cols":80,"rows":24}')  # reaches the new owner
+            assert await client_frame(r2) == (
+                Opcode.TEXT.value,
+                b'{"type":"resize","cols":80,"rows":24}',
+            )
+            w2.write(binary(b"ghi"))
+            assert await received(ws) == b"ghi"
+            assert second.requests.empty()
+
+            closing = asyncio.create_task(ws.close())  # the session ends on purpose
+            opcode, payload = await client_frame(r2)
+            assert opcode == Opcode.CLOSE.value
+            w2.write(Frame(Opcode.CLOSE, payload).serialize(mask=False))
+            w2.close()
+            await closing
+        assert ws.close_code == 1000
+
+
+async def test_new_owner_that_refuses_and_hangs_up_closes_the_client_with_its_status(
+    pki: Pki,
+) -> None:
+    """A new owner at its session cap answers 429 and closes at once (as relayd does): the
+    client is closed with 1001 naming the refusal, not left waiting at port_down."""
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        Front(pki, directory := Directory(first.named)) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100))
+        ws = await upgrading
+        async with ws:
+            assert (await control_message(ws))["role"] == "writer"
+            await directory.name(second.named)
+            w1.close()
+            assert await notice(ws) == "port_down"
+            (_, w2), _, _ = await second.next_request()
+            w2.write(refusal(429, "session_limit", "gateway session limit 1 reached", close=True))
+            w2.close()
+            async with asyncio.timeout(TIMEOUT):
+                await ws.wait_closed()
+            assert ws.close_code == 1001
+            assert ws.close_reason == (
+                "console moved: gateway gw-2 refused the session with 429; reconnect"
+            )
+
+
+async def test_a_bug_while_moving_closes_the_client_instead_of_stranding_it(pki: Pki) -> None:
+    """Whatever goes wrong in a move ends it like a refusal: 1001, and the error logged
+    with its traceback; the client is never left at port_down for good."""
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        Front(pki, directory := Directory(first.named), broken=True) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100))
+        ws = await upgrading
+        async with ws:
+            assert (await control_message(ws))["role"] == "writer"
+            with capture_logs() as logs:
+                await directory.name(second.named)
+                w1.close()
+                assert await notice(ws) == "port_down"
+                async with asyncio.timeout(TIMEOUT):
+                    await ws.wait_closed()
+            assert ws.close_code == 1001
+            assert ws.close_reason == "console moved: internal error; reconnect"
+            failed = [e for e in logs if e["event"] == "relay_move_crashed"]
+            assert [(e["vm"], e["exc_info"]) for e in failed] == [(VM, True)]
