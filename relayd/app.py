@@ -539,17 +539,30 @@ class Gateway:
         log.info("gateway_draining", sessions=len(self.sessions))
         accepting.cancel()  # stop accepting; the listening socket closes with it
         grace = self.config.gateway.drain_seconds
-        # A session another gateway relays here is not told: it moves with its console
-        # when this gateway hands it off (below), and its client stays connected.
+        notice = control.encode_notice("shutting_down", closes_in=grace)
+        # Our own clients are told, whether attached here or relayed from here to an owner
+        # elsewhere. A session another gateway relays here is not: it moves with its console
+        # when this gateway hands the VM over, and its client stays connected.
         for session in list(self.sessions.values()):
-            session.on_move = None  # relayed from here, it would end with this gateway anyway
             if not session.relayed:
-                session.send_text(control.encode_notice("shutting_down", closes_in=grace))
+                session.send_text(notice)
+        for conn in list(self.connections):
+            conn.notify(notice)
+        if node_task is not None and self.cluster is not None:
+            # A deploy must not take the consoles away for the drain: they move to the other
+            # gateways now, and our clients follow them, relayed from here until they leave.
+            self.cluster.node.leave_soon()
         # Clients may leave on their own during the grace period; then the rest are closed.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                await self._until(lambda: all(s.relayed for s in self.sessions.values()))
+                await self._until(
+                    lambda: (
+                        all(s.relayed for s in self.sessions.values())
+                        and not any(conn.relaying for conn in self.connections)
+                    )
+                )
         for session in list(self.sessions.values()):
+            session.on_move = None  # closed now, not moved
             if session.relayed:
                 session.hand_off("gateway shutting down")
             else:

@@ -448,6 +448,11 @@ class HttpConnection(asyncio.Protocol):
         if self._relay is not None:
             self._relay.going_away(reason)
 
+    def notify(self, text: str) -> None:
+        """Pass a notice to a relayed session's client (the gateway drains)."""
+        if self._relay is not None:
+            self._relay.notify(text)
+
     @property
     def relaying(self) -> bool:
         """Whether this connection is a session relayed to the VM's owner."""

@@ -21,6 +21,7 @@ port it held without touching Redis: by then another gateway may own them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -205,6 +206,9 @@ class ClusterNode:
         self._down_since: float | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._next_round_now = asyncio.Event()
+        self.leaving = False  # draining: hand everything over, claim nothing (see `leave_soon`)
+        self._heartbeat_dropped = False
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
 
@@ -290,6 +294,21 @@ class ClusterNode:
         """Begin leaving: the loops end, then output is shipped and leases released."""
         self._stopping.set()
 
+    def leave_soon(self) -> None:
+        """The gateway drains: hand every VM to the other gateways now, keep watching.
+
+        Its heartbeat goes first, so the others leave it out of every ranking, then
+        each held VM is handed over (port closed, output shipped, lease released) and
+        claimed by its next owner in that gateway's next round. Its sessions follow
+        (relayed ones by their relaying gateway, direct ones through this one) while
+        the drain waits for its clients; `stop` ends the node when the drain is over.
+        With no other gateway live it keeps its VMs until then.
+        """
+        if not self.leaving:
+            self.leaving = True
+            log.info("cluster_leaving", vms=len(self.held))
+            self._next_round_now.set()
+
     async def _leave(self) -> None:
         """A clean stop: ship what output is left, release our leases, drop the heartbeat."""
         try:
@@ -307,26 +326,43 @@ class ClusterNode:
         period = self.lease_ttl / 3
         while not self._stopping.is_set():
             started = loop.time()
+            self._next_round_now.clear()
             await self.round()
-            await asyncio.sleep(max(0.0, period - (loop.time() - started)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, period - (loop.time() - started))):
+                    await self._next_round_now.wait()
 
     async def round(self) -> None:
         """One ownership round: observe, decide, carry out (errors change nothing)."""
         now = asyncio.get_running_loop().time()
         vms = self.owner.configured_vms()
         try:
+            leaving = self.leaving
+            if leaving and not self._heartbeat_dropped:
+                await self.store.leave()
+                self._heartbeat_dropped = True
             began = time.perf_counter()
-            state = await self.store.observe(self.advertise, vms)
+            state = await self.store.observe(self.advertise, vms, heartbeat=not leaving)
             self.stats.renew_seconds = time.perf_counter() - began
-            data_lost = self._dataset is not None and state.dataset != self._dataset
+            data_lost = (
+                self._dataset is not None
+                and state.dataset is not None
+                and state.dataset != self._dataset
+            )
             if data_lost:
                 log.warning("cluster_redis_data_lost")
                 self._resync.set()  # the switch overrides are written back if they are gone
                 self._marks_owed = True
-            self._dataset = state.dataset
+            if state.dataset is not None:
+                self._dataset = state.dataset
             self._redis_answered(now)
             decisions = self.policy.decide(
-                now, state.live, state.holders, dict(self.held), data_lost=data_lost
+                now,
+                state.live,
+                state.holders,
+                dict(self.held),
+                data_lost=data_lost,
+                leaving=leaving,
             )
             await self._carry_out(decisions)
             self._note_owners(state.holders, state.live)
@@ -390,7 +426,8 @@ class ClusterNode:
                 log.warning("cluster_lease_lost", vm=d.vm, token=d.token)
                 self._drop(d.vm, "this gateway no longer owns the console")
         if release:
-            await self._hand_over(release, "the console moved to another gateway")
+            moved = "the console moved to another gateway"
+            await self._hand_over(release, "gateway shutting down" if self.leaving else moved)
         kept: dict[str, int] = {}
         if renew:
             for vm_id, ok in (await self.store.renew_many(renew)).items():

@@ -22,19 +22,22 @@ VMs are placed and no VM moves because of an outage. "stalled": this
 gateway's previous round was more than ``lease_ttl`` ago, so it may have slept
 through its lease expiring, being taken, and expiring again. "settled": live
 for at least ``join_delay`` as seen from here, so a gateway that crash-loops
-is never handed anything.
+is never handed anything. "leaving": this gateway is draining (a deploy) and
+another gateway is live: it hands everything over now and claims nothing, so
+its consoles move at the start of the drain rather than when it exits.
 
     held   lease in Redis       condition                                decision
     ----   ------------------   --------------------------------------   -----------------
     t      (VM not configured)  -                                        Release(t, None)
     t      other gw, or me/≠t   -                                        Lost(t)
     t      none                 stalled                                  Lost(t)
+    t      me/t or none         leaving; no grace                        Release(t, to)
     t      me/t or none         the preferred owner is another, settled
                                 gateway; no grace                        Release(t, to)
     t      me/t or none         otherwise                                Renew(t)
     -      me (some token)      -                                        Release(token, to)
     -      other gw             -                                        Nothing
-    -      none                 grace                                    Nothing
+    -      none                 grace, or leaving                        Nothing
     -      none                 I am k-th in the VM's ranking (0: the
                                 preferred owner), unheld ≥ k·patience    Claim(floor)
     -      none                 otherwise                                Nothing
@@ -188,6 +191,8 @@ class RoundView:
             claiming an unheld VM that the ones before it have not claimed.
         floors: the highest token seen per VM (0 where none).
         settled: gateways that may be handed VMs (live long enough); None: all live.
+        leaving: this gateway drains: it hands its VMs to the others (when there are
+            any) and claims none. Its own heartbeat is gone, so they leave it out too.
     """
 
     me: str
@@ -201,6 +206,7 @@ class RoundView:
     patience: float = 3.0
     floors: Mapping[str, int] | None = None
     settled: frozenset[str] | None = None
+    leaving: bool = False
 
 
 def plan(view: RoundView) -> tuple[Decision, ...]:
@@ -208,20 +214,22 @@ def plan(view: RoundView) -> tuple[Decision, ...]:
 
     Pure: the decision table in the module docstring, nothing else.
     """
-    gateways = view.live | {view.me}
+    others = view.live - {view.me}
+    leaving = view.leaving and bool(others)  # with nobody to take over, hold on
+    gateways = others if leaving else view.live | {view.me}
     unheld_since = view.unheld_since or {}
     floors = view.floors or {}
     out: list[Decision] = []
     for vm, lease in view.holders.items():
         token = view.held.get(vm)
         if token is not None:
-            out.append(_held(view, vm, token, lease, gateways))
+            out.append(_held(view, vm, token, lease, gateways, leaving=leaving))
         elif lease is not None:
             if lease.gateway == view.me:
                 out.append(Release(vm, lease.token, preferred_owner(vm, gateways)))
             else:
                 out.append(Nothing(vm))
-        elif view.grace:
+        elif view.grace or view.leaving:
             out.append(Nothing(vm))
         else:
             rank = ranking(vm, gateways).index(view.me)
@@ -237,13 +245,21 @@ def plan(view: RoundView) -> tuple[Decision, ...]:
 
 
 def _held(
-    view: RoundView, vm: str, token: int, lease: Lease | None, gateways: frozenset[str]
+    view: RoundView,
+    vm: str,
+    token: int,
+    lease: Lease | None,
+    gateways: frozenset[str],
+    *,
+    leaving: bool,
 ) -> Decision:
     if lease is not None and lease != Lease(view.me, token):
         return Lost(vm, token, lease)
     if lease is None and view.stalled:
         return Lost(vm, token, None)
     preferred = preferred_owner(vm, gateways)
+    if leaving and not view.grace:
+        return Release(vm, token, preferred)
     settled = view.settled is None or preferred in view.settled
     if preferred != view.me and settled and not view.grace:
         return Release(vm, token, preferred)
@@ -308,6 +324,7 @@ class OwnershipPolicy:
         held: Mapping[str, int],
         *,
         data_lost: bool = False,
+        leaving: bool = False,
     ) -> tuple[Decision, ...]:
         """This round's decisions, from what Redis says and what this gateway holds.
 
@@ -317,6 +334,7 @@ class OwnershipPolicy:
             holders: every configured VM's lease (None: unheld).
             held: VMs whose port is open here, with their tokens.
             data_lost: Redis came back without its data (the store's dataset id changed).
+            leaving: this gateway drains (see `RoundView.leaving`).
         """
         stalled = self._last_round is not None and now - self._last_round > self.lease_ttl
         # A blip shorter than half a lease cannot have let a renewed lease lapse: no grace.
@@ -353,6 +371,7 @@ class OwnershipPolicy:
                 patience=self.patience,
                 floors=self._floors,
                 settled=settled,
+                leaving=leaving,
             )
         )
 

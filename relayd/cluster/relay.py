@@ -333,6 +333,16 @@ class Relay:
             self._send_client(_close_frame(control.CLOSE_GOING_AWAY, reason))
         self.close()
 
+    def notify(self, text: str) -> None:
+        """Tell the client something (a text frame), between two of the owner's frames.
+
+        Skipped when the owner's stream is mid-frame: a notice is advice, and the
+        frame it would have to wait for may be long in coming.
+        """
+        server = self._server
+        if server.at_boundary and not server.closing and not server.broken:
+            self._send_client(_text_frame(text))
+
     @property
     def vm(self) -> str | None:
         """The VM relayed to (None for a relay that cannot move)."""

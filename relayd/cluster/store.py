@@ -384,7 +384,7 @@ return {first, last, at or last, table.concat(out)}
 class RoundState:
     """What one ownership round reads, in one round trip (see `ClusterStore.observe`)."""
 
-    dataset: str  # changes when Redis lost its data
+    dataset: str | None  # changes when Redis lost its data; None: not read (no heartbeat)
     live: dict[str, str]  # gateway id -> advertise address
     holders: dict[str, Lease | None]  # vm -> lease
 
@@ -612,17 +612,27 @@ class ClusterStore:
             (flat,) = await self._pipeline([self._live_call()])
         return _pairs(flat)
 
-    async def observe(self, advertise: str, vms: Iterable[str]) -> RoundState:
-        """Heartbeat, read the live gateways and every VM's lease: one round trip."""
+    async def observe(
+        self, advertise: str, vms: Iterable[str], *, heartbeat: bool = True
+    ) -> RoundState:
+        """Heartbeat, read the live gateways and every VM's lease: one round trip.
+
+        Args:
+            heartbeat: False for a gateway that is leaving: it watches the region
+                without counting itself in it (see `leave`).
+        """
         vm_list = list(vms)
-        calls = [self._heartbeat_call(advertise), self._live_call()]
+        calls = [self._heartbeat_call(advertise)] if heartbeat else []
+        calls.append(self._live_call())
         if vm_list:
             calls.append(_Call(None, (), ("MGET", *(self._vm_keys(vm)[0] for vm in vm_list))))
         async with self._deadline("observe"):
             results = await self._pipeline(calls)
+        if not heartbeat:
+            results.insert(0, None)
         leases = results[2] if vm_list else []
         return RoundState(
-            dataset=bytes(results[0]).decode(),
+            dataset=None if results[0] is None else bytes(results[0]).decode(),
             live=_pairs(results[1]),
             holders={vm: self._parse_lease(raw) for vm, raw in zip(vm_list, leases, strict=True)},
         )

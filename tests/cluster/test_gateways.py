@@ -79,7 +79,11 @@ def cluster_config(
     """`cluster_config("gw-1", far_end_port)`: a gateway of the test region."""
 
     def write(
-        gateway_id: str, serial_port: int, auth: dict[str, Any] | None = None, **vm: Any
+        gateway_id: str,
+        serial_port: int,
+        auth: dict[str, Any] | None = None,
+        gateway: dict[str, Any] | None = None,
+        **vm: Any,
     ) -> Config:
         port = _free_port()
         d = tmp_path / gateway_id
@@ -91,6 +95,7 @@ def cluster_config(
                 "health_listen": "127.0.0.1:0",
                 "state_dir": str(d / "state"),
                 "drain_seconds": 0.2,
+                **(gateway or {}),
             },
             "[tls]": {"cert": gateway_pki["cert"], "key": gateway_pki["key"]},
             "[auth]": {
@@ -635,6 +640,46 @@ async def test_a_direct_client_stays_connected_when_its_vm_moves_to_a_gateway_th
             assert not [m for m in c.controls if m.get("event") == "demoted"]
 
 
+async def test_a_draining_owner_hands_its_consoles_over_before_its_clients_leave(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A deploy: the owner drains (30 s) while its own client stays. The console moves at
+    once, not when the drain ends: a new session through the other gateway gets it, and the
+    lingering client, told `shutting_down`, follows it (port_down, port_up) and still writes,
+    with no byte twice, until it leaves on its own."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        owner_and_relay(cluster_config, far_end, gateway={"drain_seconds": 30}) as (
+            owner,
+            other,
+        ),
+        console(owner, ctx, mint("alice")) as lingering,
+    ):
+        assert lingering.hello["role"] == "writer"
+        await far_end.send(b"output before\r\n")
+        await lingering.expect(b"output before\r\n")
+        owner.stop()
+        await lingering.control(type="notice", event="shutting_down")
+        await until(lambda: "vm-a" in other.hubs, other)
+        assert owner.draining
+        assert "vm-a" not in owner.hubs
+        async with console(other, ctx, mint("bob"), "mode=spectate") as newcomer:
+            assert newcomer.hello["role"] == "spectator"
+            assert (await lingering.control(type="notice", event="port_up"))["vm"] == "vm-a"
+            await lingering.send(b"after\r")
+            await far_end.wait_received(lambda got: b"after\r" in got)
+            await far_end.send(b"output after\r\n")
+            await lingering.expect(b"output after\r\n")
+            await newcomer.expect(b"output after\r\n")
+        assert lingering.output.count(b"output before") == 1
+        # (consumed above: shutting_down, port_up)
+        assert [m["event"] for m in lingering.controls if m.get("type") == "notice"] == [
+            "port_down"
+        ]
+        assert not [m for m in lingering.controls if m.get("type") in ("hello", "error")]
+
+
 async def test_relayed_client_moves_when_the_owner_stops_while_a_direct_client_is_frozen(
     cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
 ) -> None:
@@ -742,12 +787,16 @@ async def test_relayed_client_is_closed_with_1001_when_no_gateway_takes_over(
 async def test_relaying_gateway_that_stops_closes_its_relayed_clients_with_1001(
     cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
 ) -> None:
-    """A draining gateway ends the sessions it relays with 1001, as it does its own."""
+    """A draining gateway treats the sessions it relays as its own: `shutting_down`, the
+    console working until the drain ends, then 1001."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
-    async with relaying_pair(cluster_config, far_end) as other:
+    async with relaying_pair(cluster_config, far_end, gateway={"drain_seconds": 1}) as other:
         async with console(other, ctx, mint("alice")) as c:
             other.stop()
+            assert (await c.control(type="notice", event="shutting_down"))["closes_in"] == 1
+            await far_end.send(b"still here\r\n")
+            await c.expect(b"still here\r\n")
             code, reason = await c.closed()
         assert code == 1001
         assert reason == "gateway shutting down"

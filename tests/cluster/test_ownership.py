@@ -135,6 +135,15 @@ TABLE: list[tuple[str, str, Lease | None, int | None, dict[str, object], Decisio
         {"settled": frozenset({ME})},
         Renew(THEIRS, 7),
     ),
+    ("held, leaving", MINE, Lease(ME, 7), 7, {"leaving": True}, Release(MINE, 7, OTHER)),
+    (
+        "held, leaving, grace",
+        MINE,
+        Lease(ME, 7),
+        7,
+        {"leaving": True, "grace": True},
+        Renew(MINE, 7),
+    ),
     ("held, no lease, re-assert", MINE, None, 7, {}, Renew(MINE, 7)),
     ("held, no lease, grace", MINE, None, 7, {"grace": True}, Renew(MINE, 7)),
     ("held, stalled, lease still mine", MINE, Lease(ME, 7), 7, {"stalled": True}, Renew(MINE, 7)),
@@ -143,6 +152,7 @@ TABLE: list[tuple[str, str, Lease | None, int | None, dict[str, object], Decisio
     ("unheld, preferred", MINE, None, None, {}, Claim(MINE, 0)),
     ("unheld, preferred, floor", MINE, None, None, {"floors": {MINE: 41}}, Claim(MINE, 41)),
     ("unheld, preferred, grace", MINE, None, None, {"grace": True}, Nothing(MINE)),
+    ("unheld, preferred, leaving", MINE, None, None, {"leaving": True}, Nothing(MINE)),
     ("unheld, second, fresh", THEIRS, None, None, {"unheld_since": {THEIRS: 99}}, Nothing(THEIRS)),
     (
         "unheld, second, waited",
@@ -177,6 +187,19 @@ def test_plan_me_missing_from_live_still_ranks_me() -> None:
     """A round before this gateway's heartbeat is visible does not hand everything away."""
     view = RoundView(
         me=ME, now=0.0, live=frozenset({OTHER}), holders={MINE: Lease(ME, 1)}, held={MINE: 1}
+    )
+    assert plan(view) == (Renew(MINE, 1),)
+
+
+def test_plan_leaving_with_no_other_gateway_keeps_its_vms() -> None:
+    """The region's last gateway drains: nobody could take its VMs, so it renews them."""
+    view = RoundView(
+        me=ME,
+        now=0.0,
+        live=frozenset({ME}),
+        holders={MINE: Lease(ME, 1)},
+        held={MINE: 1},
+        leaving=True,
     )
     assert plan(view) == (Renew(MINE, 1),)
 
@@ -316,16 +339,25 @@ class Gateway:
     next_round: float = 0.0
     frozen_until: float = 0.0
     dataset: int = 0
+    leaving: bool = False
 
     def run_round(self, store: ModelStore, vms: list[str], now: float, outage: bool) -> None:
         if outage:
             self.policy.failed(now)
             return
-        store.beats[self.gw_id] = now + TTL
+        if self.leaving:
+            store.beats.pop(self.gw_id, None)
+        else:
+            store.beats[self.gw_id] = now + TTL
         holders = {vm: store.lease(vm, now) for vm in vms}
         data_lost, self.dataset = store.dataset != self.dataset, store.dataset
         decisions = self.policy.decide(
-            now, store.live(now), holders, dict(self.held), data_lost=data_lost
+            now,
+            store.live(now),
+            holders,
+            dict(self.held),
+            data_lost=data_lost,
+            leaving=self.leaving,
         )
         for d in decisions:
             if isinstance(d, Claim):
@@ -544,3 +576,22 @@ def test_region_crash_looping_gateway_moves_nothing(initial: list[str], looper: 
         region.kill(looper)
         region.advance(TTL + 0.1)
         assert {vm: holders[0] for vm, holders in region.owners().items()} == before
+
+
+@given(st.lists(gateway_ids, min_size=2, max_size=4, unique=True), st.data())
+def test_region_draining_gateway_hands_everything_over_within_two_rounds(
+    initial: list[str], data: st.DataObject
+) -> None:
+    """A gateway that starts leaving (a deploy) while still running: within two lease
+    periods every VM is held by its preferred owner among the others, the leaver holds
+    nothing, and no VM ever has two holders on the way."""
+    region = Region(initial, SIM_VMS)
+    region.advance(4 * TTL)
+    region.assert_settled()
+    leaver = data.draw(st.sampled_from(initial))
+    region.gateways[leaver].leaving = True
+    region.advance(2 * TTL)
+    assert region.gateways[leaver].held == {}
+    rest = set(initial) - {leaver}
+    for vm, holders in region.owners().items():
+        assert holders == [preferred_owner(vm, rest)], (vm, holders)
