@@ -33,7 +33,7 @@ from .cluster.forwarding import (
 )
 from .cluster.relay import Reattach
 from .config import Role, VmConfig, scale_set_scopes, vm_scopes
-from .connection import ConsoleGrant, ForwardGrant, console_vm
+from .connection import ConsoleGrant, ForwardGrant, MoveHere, console_vm
 from .errors import (
     ConflictError,
     ForbiddenError,
@@ -492,7 +492,9 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
         return grant
     # Should the VM move away from this gateway, the session moves with it.
     return dataclasses.replace(
-        grant, reattach=_reattach(gw.cluster, request, vm.id, fwd, gw.cluster.gateway_id)
+        grant,
+        reattach=_reattach(gw.cluster, request, vm.id, fwd, gw.cluster.gateway_id),
+        here=_move_here(gw, request, vm.id, fwd),
     )
 
 
@@ -540,8 +542,36 @@ def _forward_grant(
     head = encode_forwarded_request(request.path, list(request.headers.items()), fwd)
     reattach = _reattach(cluster, request, vm_id, fwd, owner[0])
     return ForwardGrant(
-        host.strip("[]"), int(port), head, cluster.peer_ssl, cluster.forward_timeout, reattach
+        host.strip("[]"),
+        int(port),
+        head,
+        cluster.peer_ssl,
+        cluster.forward_timeout,
+        reattach,
+        here=_move_here(gw, request, vm_id, fwd),
     )
+
+
+def _move_here(gw: ApiOwner, request: Request, vm_id: str, fwd: ForwardedSession) -> MoveHere:
+    """How a session relayed elsewhere is admitted here when its console comes here.
+
+    The checks are the ones its owner would make (`_admit_forwarded`): access as of
+    now, the takeover policy, the caps; it keeps its id, principal and client address.
+    """
+    principal = Principal(fwd.principal, fwd.groups, fwd.amr, expires=fwd.expires)
+
+    def here(offset: int, writer: bool) -> ConsoleGrant:
+        cluster = gw.cluster
+        vm, role = gw.access.authorize(principal, vm_id, request)
+        hub = gw.hubs.get(vm.id)
+        if hub is None or cluster is None:
+            raise OwnerUnavailableError(f"this gateway does not hold the console of {vm_id}")
+        want_writer = writer and at_least(role, "contributor")
+        grant = _admit_local(gw, request, hub, principal, role, fwd.session_id, want_writer, offset)
+        reattach = _reattach(cluster, request, vm_id, fwd, cluster.gateway_id)
+        return dataclasses.replace(grant, reattach=reattach, here=here)
+
+    return here
 
 
 def _reattach(
@@ -569,6 +599,7 @@ def _reattach(
         ssl_context=cluster.peer_ssl,
         timeout=cluster.forward_timeout,
         wait=cluster.reattach_wait,
+        me=cluster.gateway_id,
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import parse_qs, urlsplit
@@ -31,9 +31,15 @@ from websockets.typing import Subprotocol
 
 from . import control
 from .auth import Principal
-from .cluster.relay import Reattach, Relay, adopt, reach_owner, relay
+from .cluster.relay import MoveRefused, Reattach, Relay, adopt, reach_owner, relay
 from .config import Config, Role
-from .errors import OwnerUnavailableError, PeerError, PeerLinkError, ServiceUnavailableError
+from .errors import (
+    ConflictError,
+    OwnerUnavailableError,
+    PeerError,
+    PeerLinkError,
+    ServiceUnavailableError,
+)
 from .http import HttpResponse, Request, encode_response, raw_error
 from .hub import ConsoleHub
 from .linger import reset_connection
@@ -74,6 +80,7 @@ class ConsoleGrant:
     peer: str  # the client's real address, for audit (a forwarded session's, too)
     relayed: bool = False  # another gateway relays the client (and can move it)
     reattach: Reattach | None = None  # cluster: how the session follows a VM that moves away
+    here: MoveHere | None = None  # cluster: admit it again here, should the VM come here
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,16 @@ class ForwardGrant:
     ssl_context: ssl.SSLContext
     timeout: float
     reattach: Reattach | None = None  # how to follow the session to the VM's next owner
+    here: MoveHere | None = None  # admit it here, should this gateway become the owner
+
+
+#: Admits a moving session at this gateway, resuming at an offset as the writer or not
+#: (`PeerError` if it may not: 409 for a writer under `deny`, 503 without the hub).
+MoveHere = Callable[[int, bool], ConsoleGrant]
+
+#: How long a session that moves here waits for the VM's port to come up (the
+#: ownership round that named this gateway has just opened it).
+PORT_UP_WAIT = 5.0
 
 
 class ConnectionOwner(Protocol):
@@ -146,6 +163,7 @@ class HttpConnection(asyncio.Protocol):
         self._cert_cn: str | None = None
         self._gateway: str | None = None
         self._relay: Relay | None = None
+        self._here: MoveHere | None = None  # cluster: see `_take_here`
         self._cert_not_after: float | None = None
         self._http_paused = False
         # The request being answered (the owner may wait on Redis); the next one waits.
@@ -374,6 +392,15 @@ class HttpConnection(asyncio.Protocol):
             raise PeerError(body or "not a valid WebSocket upgrade", code="bad_upgrade")
         self.transport.write(response.serialize())
         leftover, _ = self._h11.trailing_data
+        self._start_session(grant, bytes(leftover))
+
+    def _start_session(
+        self, grant: ConsoleGrant, leftover: bytes, *, moved_here: tuple[str, ...] = ()
+    ) -> None:
+        """Hand the transport to a new session; `moved_here`: it came with its console from
+        another gateway (no hello: these notices, then the stream from its offset)."""
+        assert self.transport is not None
+        self._here = grant.here
         session = ConsoleSession(
             transport=self.transport,
             hub=grant.hub,
@@ -394,9 +421,15 @@ class HttpConnection(asyncio.Protocol):
         if reattach is not None:
             session.on_move = lambda: self._move(session, reattach)
         self.transport.set_protocol(session)  # type: ignore[arg-type]
-        session.start(want_writer=grant.want_writer, resume_from=grant.resume_from)
+        for notice in moved_here:
+            session.send_text(notice)
+        session.start(
+            want_writer=grant.want_writer, resume_from=grant.resume_from, hello=not moved_here
+        )
         if leftover:
-            session.data_received(bytes(leftover))
+            session.data_received(leftover)
+        if moved_here:
+            self.transport.resume_reading()  # the relay may have held it back
 
     async def _forward(self, grant: ForwardGrant) -> None:
         """Relay the client to the VM's owner: its answer verbatim, then bytes both ways.
@@ -423,8 +456,14 @@ class HttpConnection(asyncio.Protocol):
             return
         leftover, _ = self._h11.trailing_data
         self._cancel_deadline()
+        self._here = grant.here
         self._relay = relay(
-            transport, peer, reattach, client_data=bytes(leftover), on_done=self._relayed
+            transport,
+            peer,
+            reattach,
+            client_data=bytes(leftover),
+            on_done=self._relayed,
+            on_here=self._take_here if grant.here is not None else None,
         )
 
     def _move(self, session: ConsoleSession, reattach: Reattach) -> None:
@@ -441,7 +480,53 @@ class HttpConnection(asyncio.Protocol):
             position=session.cursor,
             writer=session.role == "writer",
             on_done=self._relayed,
+            on_here=self._take_here if self._here is not None else None,
         )
+
+    async def _take_here(self, moving: Relay) -> bool:
+        """The VM a relayed client follows came to this gateway: serve it here, not through a
+        peer link to ourselves. False (try again next round) while the port is not up.
+
+        Raises:
+            MoveRefused: this gateway refuses the session (its access rules, its caps).
+        """
+        here, vm, position = self._here, moving.vm, moving.position
+        if here is None or vm is None or position is None:
+            return False
+        writer = moving.writer
+        notices: list[str] = []
+        try:
+            grant = here(position, writer)
+        except ConflictError:  # `deny` and a writer here: spectate, and say why
+            if not writer:
+                raise MoveRefused("this gateway refused the session (409)") from None
+            writer = False
+            grant = here(position, writer)
+            notices.append(
+                control.encode_notice("demoted", by=None, writer=None, reason="writer_exists")
+            )
+        except OwnerUnavailableError:
+            return False  # not (or no longer) the owner here: the next round says who is
+        except PeerError as exc:
+            raise MoveRefused(f"this gateway refused the session ({exc.http_status})") from None
+        hub = grant.hub
+        if not hub.port_up:
+            try:
+                async with asyncio.timeout(PORT_UP_WAIT):
+                    await _port_up(hub)
+            except TimeoutError:
+                return False
+            grant = here(position, writer)  # again: anything may have changed meanwhile
+        transport = self.transport
+        if transport is None or transport.is_closing() or moving is not self._relay:
+            return False
+        if grant.hub.end < position:
+            raise MoveRefused("this gateway would resume the session at the wrong offset")
+        notices.append(control.encode_notice("port_up", vm=vm))
+        leftover = moving.release_client()
+        self._relay = None
+        self._start_session(grant, leftover, moved_here=tuple(notices))
+        return True
 
     def going_away(self, reason: str) -> None:
         """The gateway stops: a relayed session is closed with 1001 (others end with it)."""
@@ -467,6 +552,12 @@ class HttpConnection(asyncio.Protocol):
     def _relayed(self, relay: Relay) -> None:
         """Both ends of a relayed session are gone."""
         self._forget()
+
+
+async def _port_up(hub: ConsoleHub) -> None:
+    """Wait until the hub's serial port is up."""
+    while not hub.port_up:
+        await hub.next_change()
 
 
 def client_cert_cn(transport: asyncio.Transport) -> str | None:

@@ -152,8 +152,13 @@ class ConsoleSession:
 
     # -- attach -------------------------------------------------------------------
 
-    def start(self, *, want_writer: bool, resume_from: int | None) -> None:
-        """Attach to the hub, then send hello, the replay and go live (all in one callback)."""
+    def start(self, *, want_writer: bool, resume_from: int | None, hello: bool = True) -> None:
+        """Attach to the hub, then send hello, the replay and go live (all in one callback).
+
+        Args:
+            hello: False for a client that had its hello from another gateway and moved
+                here with its console (cluster mode): it resumes at `resume_from`.
+        """
         self.hub.attach(self, writer=want_writer)  # may displace a writer and run on_detach
         previous_logged_out = self.hub.previous_logged_out
         hub = self.hub
@@ -164,17 +169,18 @@ class ConsoleSession:
         extra: dict[str, object] = {"port": "up" if self.hub.port_up else "down"}
         if self.role == "writer":
             extra["previous_session_logged_out"] = previous_logged_out
-        self.send_text(
-            control.encode_hello(
-                vm=self.hub.vm.id,
-                session=self.session_id,
-                role=self.role,
-                offset=hub.end,
-                replay=hub.end - max(self.cursor, hub.start),
-                limits=self.hub.limits_for(self.role),
-                **extra,
+        if hello:
+            self.send_text(
+                control.encode_hello(
+                    vm=self.hub.vm.id,
+                    session=self.session_id,
+                    role=self.role,
+                    offset=hub.end,
+                    replay=hub.end - max(self.cursor, hub.start),
+                    limits=self.hub.limits_for(self.role),
+                    **extra,
+                )
             )
-        )
         self._pump()
         self._audit("session_started", role=self.role, resume_from=resume_from)
 

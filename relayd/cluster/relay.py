@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -111,6 +111,8 @@ class Reattach:
         ssl_context: the peer-link client context.
         timeout: deadline of each peer link (connection, TLS, answer, hello).
         wait: how long to wait for a new owner before closing the client.
+        me: this gateway's id: when it is the next owner, the relay's `on_here` takes
+            the client into a session here instead of a peer link to itself.
     """
 
     vm: str
@@ -120,10 +122,15 @@ class Reattach:
     ssl_context: ssl.SSLContext
     timeout: float
     wait: float
+    me: str | None = None
 
 
-class _Refused(Exception):
-    """The new owner answered with a refusal (its status is in the message)."""
+class MoveRefused(Exception):
+    """The new owner refused the session (its status or reason is in the message)."""
+
+
+class _TakenHere(Exception):
+    """The next owner is this gateway, and the client is now a session here."""
 
 
 class _Client(asyncio.Protocol):
@@ -239,6 +246,7 @@ class Relay:
         on_done: Callable[[Relay], None] | None,
         high_water: int,
         close_timeout: float,
+        on_here: Callable[[Relay], Awaitable[bool]] | None = None,
     ) -> None:
         self.bytes_to_peer = 0
         self.bytes_to_client = 0
@@ -247,6 +255,7 @@ class Relay:
         self._reattach = reattach
         self._owner_id = None if reattach is None else reattach.owner
         self._on_done = on_done
+        self._on_here = on_here
         self._high_water = high_water
         self._close_timeout = close_timeout
         self._client = _Client(self, client)
@@ -452,8 +461,19 @@ class Relay:
         except TimeoutError:
             self._give_up(reattach, f"no gateway took over within {reattach.wait:g} s")
             return
-        except _Refused as exc:
+        except MoveRefused as exc:
             self._give_up(reattach, str(exc))
+            return
+        except _TakenHere:
+            self._moving = None
+            log.info(
+                "relay_reattached",
+                vm=reattach.vm,
+                owner=reattach.me,
+                resumed_at=self._server.position,
+                seconds=round(loop.time() - began, 3),
+                here=True,
+            )
             return
         except Exception:  # a bug: the client is told to reconnect, never left at port_down
             log.exception("relay_move_crashed", vm=reattach.vm, owner=self._owner_id)
@@ -493,10 +513,14 @@ class Relay:
             if owner is None or owner[0] != dead:
                 moved = True
             if owner is not None and moved:
-                attached = await self._try_owner(reattach, owner)
-                if attached is not None:
-                    self._owner_id = owner[0]
-                    return attached
+                if owner[0] == reattach.me and self._on_here is not None:
+                    if await self._on_here(self):  # MoveRefused when this gateway says no
+                        raise _TakenHere
+                else:
+                    attached = await self._try_owner(reattach, owner)
+                    if attached is not None:
+                        self._owner_id = owner[0]
+                        return attached
             await reattach.owners.next_round()
 
     async def _try_owner(
@@ -505,7 +529,7 @@ class Relay:
         """Open the session on `owner` and read its hello; None to try again next round.
 
         Raises:
-            _Refused: the owner refused the session (not for "no owner here yet").
+            MoveRefused: the owner refused the session (not for "no owner here yet").
         """
         host, _, port = owner[1].rpartition(":")
         position = self._server.position
@@ -530,7 +554,7 @@ class Relay:
                 writer = False
                 continue
             if link.status != 101:
-                raise _Refused(f"gateway {owner[0]} refused the session with {link.status}")
+                raise MoveRefused(f"gateway {owner[0]} refused the session with {link.status}")
             break
         side = _Owner(self, link.transport, live=False)
         reader = link._reader
@@ -561,10 +585,37 @@ class Relay:
             # Not a resumption at the client's position: it would repeat bytes. (A later
             # position is the owner's to explain: an output_gap notice comes next.)
             link.transport.abort()
-            raise _Refused(f"gateway {owner[0]} resumed the session at the wrong offset")
+            raise MoveRefused(f"gateway {owner[0]} resumed the session at the wrong offset")
         self._was_writer = self._server.writer
         self._server = stream
         return side, end, link
+
+    @property
+    def position(self) -> int | None:
+        """The offset of the next console byte the client is owed (None: not known)."""
+        return self._server.position
+
+    @property
+    def writer(self) -> bool:
+        """Whether the client is the writer, as its current owner last said."""
+        return self._server.writer
+
+    def release_client(self) -> bytes:
+        """Let go of the client, whose session goes on at this gateway (the VM came here).
+
+        Only while moving (no owner link, both directions between frames). The relay
+        ends without `on_done`: the connection lives on. Returns what the client sent
+        meanwhile, from the start of the frame no owner finished: the new session reads
+        it first.
+        """
+        assert self._owner is None
+        assert self._held is not None
+        replay = bytes(self._frames.unfinished) + bytes(self._held)
+        self._held = None
+        self._client.lost = True  # nothing of the relay touches the transport any more
+        self._on_done = None
+        self._done()
+        return replay
 
     def _attach(self, owner: _Owner, hello_end: int, link: PeerConnection) -> None:
         """Splice in the new owner: port_up, its stream after the hello, the held input."""
@@ -612,6 +663,7 @@ def relay(
     *,
     client_data: bytes = b"",
     on_done: Callable[[Relay], None] | None = None,
+    on_here: Callable[[Relay], Awaitable[bool]] | None = None,
     high_water: int = HIGH_WATER,
     close_timeout: float = CLOSE_TIMEOUT,
 ) -> Relay:
@@ -623,6 +675,9 @@ def relay(
         reattach: how to find and reach the next owner; None: end with the owner.
         client_data: bytes the client sent after its upgrade request.
         on_done: called once, with the relay, when the client and the owner link are gone.
+        on_here: when the next owner is this gateway (`Reattach.me`): wait until its
+            port is up and take the client into a session here (`release_client`);
+            False to try again next round; raises `MoveRefused` for a refusal.
         high_water: each transport's write-buffer mark, and the most client input held
             while no owner is attached.
         close_timeout: how long a side may take to flush after the other ended.
@@ -636,7 +691,13 @@ def relay(
         peer.abort()
         raise ValueError("the client transport is closing")
     r = Relay(
-        client, peer, reattach, on_done=on_done, high_water=high_water, close_timeout=close_timeout
+        client,
+        peer,
+        reattach,
+        on_done=on_done,
+        high_water=high_water,
+        close_timeout=close_timeout,
+        on_here=on_here,
     )
     r._start(peer, client_data)
     return r
@@ -649,6 +710,7 @@ def adopt(
     position: int,
     writer: bool,
     on_done: Callable[[Relay], None] | None = None,
+    on_here: Callable[[Relay], Awaitable[bool]] | None = None,
     high_water: int = HIGH_WATER,
     close_timeout: float = CLOSE_TIMEOUT,
 ) -> Relay:
@@ -660,7 +722,13 @@ def adopt(
     gateway). Its stream must be between frames both ways.
     """
     r = Relay(
-        client, None, reattach, on_done=on_done, high_water=high_water, close_timeout=close_timeout
+        client,
+        None,
+        reattach,
+        on_done=on_done,
+        high_water=high_water,
+        close_timeout=close_timeout,
+        on_here=on_here,
     )
     r._server = ServerStream(position)
     r._server.writer = writer

@@ -594,6 +594,13 @@ async def test_relayed_client_moves_with_the_console_when_the_owner_stops(
         assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
         assert (await c.control(type="notice", event="port_up"))["vm"] == "vm-a"
         assert "vm-a" in other.hubs
+        # The console came to the gateway the client is on: a session there, not a relay
+        # through a peer link to itself; the same session, still the writer.
+        assert not any(conn.relaying for conn in other.connections)
+        (session,) = other.sessions.values()
+        assert session.session_id == c.hello["session"]
+        assert session.role == "writer"
+        assert not session.relayed
         await c.send(b"after\r")
         await far_end.wait_received(lambda got: b"after\r" in got)
         await far_end.send(b"output after\r\n")
@@ -638,6 +645,22 @@ async def test_a_direct_client_stays_connected_when_its_vm_moves_to_a_gateway_th
             assert c.output.count(b"output before") == 1
             assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
             assert not [m for m in c.controls if m.get("event") == "demoted"]
+
+            # The joiner leaves again (a deploy): the console comes back to the old owner,
+            # and the client, relayed by it until now, is its own session there again.
+            new.stop()
+            assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+            assert (await c.control(type="notice", event="port_up"))["vm"] == "vm-a"
+            assert "vm-a" in old.hubs
+            assert not any(conn.relaying for conn in old.connections)
+            (session,) = old.sessions.values()
+            assert (session.session_id, session.role) == (c.hello["session"], "writer")
+            await c.send(b"back\r")
+            await far_end.wait_received(lambda got: b"back\r" in got)
+            await far_end.send(b"output back\r\n")
+            await c.expect(b"output back\r\n")
+            assert c.output.count(b"output after") == 1
+            assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
 
 
 async def test_a_draining_owner_hands_its_consoles_over_before_its_clients_leave(
