@@ -38,6 +38,7 @@ from .store import (
     AppendResult,
     ClusterStore,
     ClusterUnavailableError,
+    OwnershipNews,
     SwitchChange,
     SwitchesResync,
     SwitchEvent,
@@ -54,6 +55,9 @@ APPEND_RETRY_MAX = 1.0
 #: which reads as Redis being down. The rest goes in the next round trip.
 APPEND_ROUND_TRIP_BYTES = 4 << 20
 ERROR_LOG_INTERVAL = 30.0
+#: The least time between the starts of two rounds: news of claims and releases from
+#: other gateways runs a round early (`OwnershipNews`), but never back to back.
+ROUND_MIN_GAP = 0.05
 
 
 def _reraise_cancellation() -> None:
@@ -156,6 +160,7 @@ class NodeStats:
     appended_bytes: int = 0
     fenced_appends: int = 0
     owner_changes: int = 0
+    news_rounds: int = 0  # rounds run early because another gateway claimed or released
     errors_by_call: dict[str, int] = field(default_factory=dict)
 
 
@@ -209,6 +214,7 @@ class ClusterNode:
         self._next_round_now = asyncio.Event()
         self.leaving = False  # draining: hand everything over, claim nothing (see `leave_soon`)
         self._heartbeat_dropped = False
+        self._heard_news = False
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
 
@@ -326,11 +332,15 @@ class ClusterNode:
         period = self.lease_ttl / 3
         while not self._stopping.is_set():
             started = loop.time()
+            if self._next_round_now.is_set() and self._heard_news:
+                self.stats.news_rounds += 1
+            self._heard_news = False
             self._next_round_now.clear()
             await self.round()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, period - (loop.time() - started))):
                     await self._next_round_now.wait()
+            await asyncio.sleep(max(0.0, started + ROUND_MIN_GAP - loop.time()))
 
     async def round(self) -> None:
         """One ownership round: observe, decide, carry out (errors change nothing)."""
@@ -443,6 +453,16 @@ class ClusterNode:
             for vm_id, token in granted.items():
                 if token is not None:
                     await self._take(vm_id, token)
+            if any(token is not None for token in granted.values()):
+                await self._announce()
+
+    async def _announce(self) -> None:
+        """Tell the other gateways that leases changed hands here (best effort)."""
+        try:
+            await self.store.announce_owners()
+        except ClusterUnavailableError as exc:
+            _reraise_cancellation()
+            log.info("cluster_announce_failed", error=str(exc))
 
     async def _reserve_again(self, held: Mapping[str, int]) -> None:
         """Redis lost the log's marks: put back ours, past every offset we handed out.
@@ -505,6 +525,7 @@ class ClusterNode:
             if left is not None and not left.chunks:
                 await self.store.settle(vm_id, token, left.end)
         await self.store.release_many(vms)
+        await self._announce()
 
     def _drop(self, vm_id: str, reason: str) -> None:
         """Stop owning a VM here: port closed, sessions ended, output not shipped any more."""
@@ -587,6 +608,9 @@ class ClusterNode:
             self.owner.switches_changed()
         elif isinstance(event, SwitchesResync):
             self._resync.set()
+        elif isinstance(event, OwnershipNews) and event.gateway != self.gateway_id:
+            self._heard_news = True
+            self._next_round_now.set()
 
     async def _resync_switches(self) -> None:
         """Re-read every override whenever the watcher (re)subscribes: changes may be missed."""

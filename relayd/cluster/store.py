@@ -26,7 +26,8 @@ may touch several keys; other regions can share the Redis)::
                                 reserved (offset), appended (bytes ever stored)
     ticket:<sha256>     string  ticket payload (JSON), PX = ticket lifetime
     switches:<level>    hash    key -> "1"/"0" per level: subscriptions, scale_sets, vms
-    switches            channel a JSON message per switch change
+    switches            channel a JSON message per switch change, and {"ownership": gw}
+                                when a gateway claimed or released VMs (look now)
 
 Fencing tokens are integers that rise for each VM. A claim issues
 ``max(counter, floor) + 1`` and stores it as the new counter. A missing counter
@@ -79,6 +80,7 @@ __all__ = [
     "ClusterStore",
     "ClusterUnavailableError",
     "LogSlice",
+    "OwnershipNews",
     "RoundState",
     "SwitchChange",
     "SwitchEvent",
@@ -446,7 +448,14 @@ class SwitchesLost:
     reason: str
 
 
-SwitchEvent = SwitchChange | SwitchesResync | SwitchesLost
+@dataclass(frozen=True)
+class OwnershipNews:
+    """`gateway` claimed or released VMs: the others run their round now, not on schedule."""
+
+    gateway: str
+
+
+SwitchEvent = SwitchChange | SwitchesResync | SwitchesLost | OwnershipNews
 
 
 def _lease(raw: bytes | None) -> Lease | None:
@@ -772,6 +781,16 @@ class ClusterStore:
         async with self._deadline("set_switch"):
             await self._pipeline([_Call(_SET_SWITCH, (self._key("switches", level),), args)])
 
+    async def announce_owners(self) -> None:
+        """Tell every gateway that leases changed hands here (on the switches channel).
+
+        Only a hint, so a VM handed over moves in milliseconds rather than at the
+        next round of each gateway: a lost message costs that round, nothing more.
+        """
+        message = json.dumps({"ownership": self.gateway_id})
+        async with self._deadline("announce_owners"):
+            await self._command("PUBLISH", self._key("switches"), message)
+
     async def all_switches(self) -> dict[Level, dict[str, bool]]:
         """Every persisted override, per level (one round trip)."""
         calls = [_Call(None, (), ("HGETALL", self._key("switches", level))) for level in LEVELS]
@@ -788,7 +807,8 @@ class ClusterStore:
         """Deliver switch changes from every gateway until cancelled; never returns.
 
         `on_event` gets `SwitchesResync` each time the subscription is (re)made,
-        then a `SwitchChange` per change, and `SwitchesLost` when the connection
+        then a `SwitchChange` per change (and `OwnershipNews` per announcement, see
+        `announce_owners`), and `SwitchesLost` when the connection
         breaks or stays silent for ``ping_interval + timeout`` (a hung Redis). It is
         then re-made, waiting 0.1 s doubling to 2 s between failed attempts; changes
         made meanwhile are covered by the next `SwitchesResync`. `on_event` must not
@@ -840,9 +860,9 @@ class ClusterStore:
                     self.switch_watch_up = True
                     on_event(SwitchesResync())
                 elif message["type"] == "message":
-                    change = _switch_change(message["data"])
-                    if change is not None:
-                        on_event(change)
+                    event = _channel_event(message["data"])
+                    if event is not None:
+                        on_event(event)
         finally:
             await pubsub.aclose()
 
@@ -965,9 +985,12 @@ def _hash_items(raw: Any) -> Iterable[tuple[bytes, bytes]]:
     return zip(raw[::2], raw[1::2], strict=True)
 
 
-def _switch_change(data: Any) -> SwitchChange | None:
+def _channel_event(data: Any) -> SwitchChange | OwnershipNews | None:
+    """A message of the switches channel; None for one this version does not know."""
     try:
         msg = json.loads(data)
+        if isinstance(msg, dict) and isinstance(msg.get("ownership"), str):
+            return OwnershipNews(msg["ownership"])
         level, key, enabled = msg["level"], msg["key"], msg["enabled"]
     except (ValueError, TypeError, KeyError):
         return None

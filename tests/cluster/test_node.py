@@ -3,6 +3,7 @@ served in turn."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Mapping
 
 import pytest
@@ -11,6 +12,7 @@ from relayd.cluster.node import APPEND_ROUND_TRIP_BYTES, ClusterNode, Outbox
 from relayd.config import VmConfig
 from relayd.hub import ConsoleHub
 
+from ..conftest import TIMEOUT
 from .conftest import StoreFactory
 
 pytestmark = pytest.mark.asyncio
@@ -69,3 +71,47 @@ async def test_many_vms_printing_at_once_go_to_redis_in_bounded_round_trips(
     assert sorted(vm for trip in trips for vm in trip) == vms
     for vm in vms:
         assert await store.bounds(vm) == (0, MIB)
+
+
+class _SubscribedGateway(_PortlessGateway):
+    """Knows when the node has subscribed to the region's channel (it then re-reads the
+    switches and says they changed)."""
+
+    def __init__(self) -> None:
+        self.subscribed = asyncio.Event()
+
+    def switches_changed(self) -> None:
+        self.subscribed.set()
+
+
+async def test_news_of_a_claim_or_release_elsewhere_runs_a_round_at_once(
+    make_store: StoreFactory,
+) -> None:
+    """Another gateway announces that leases changed hands: this node runs its ownership
+    round now, not when its schedule says (a lease period of 60 s: 20 s from now)."""
+    gateway = _SubscribedGateway()
+    node = ClusterNode(
+        gateway,
+        make_store("gw-1", lease_ttl=60.0),
+        gateway_id="gw-1",
+        advertise="127.0.0.1:1",
+        lease_ttl=60.0,
+        ring_bytes=MIB,
+        log_bytes=MIB,
+    )
+    other = make_store("gw-2", lease_ttl=60.0)
+    async with asyncio.TaskGroup() as tg:
+        running = tg.create_task(node.run())
+        async with asyncio.timeout(TIMEOUT):
+            await node.first_round.wait()
+            await gateway.subscribed.wait()  # the news can reach it
+        assert node.stats.rounds == 1
+        news_round = asyncio.ensure_future(node.next_round())
+        await asyncio.sleep(0)  # waiting on the round before the news is out
+        await other.announce_owners()
+        async with asyncio.timeout(TIMEOUT):
+            await news_round
+        assert node.stats.rounds == 2
+        assert node.stats.news_rounds == 1
+        node.stop()
+        await running

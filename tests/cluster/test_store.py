@@ -16,6 +16,7 @@ from relayd.cluster.store import (
     ClusterStore,
     ClusterUnavailableError,
     LogSlice,
+    OwnershipNews,
     SwitchChange,
     SwitchesLost,
     SwitchesResync,
@@ -226,6 +227,25 @@ async def test_store_switch_set_is_persisted_and_published(make_store: StoreFact
         "scale_sets": {"sub-1/rg-1/ss-1": False},
         "vms": {},
     }
+
+
+async def test_store_ownership_news_reaches_watchers_and_unknown_messages_are_ignored(
+    make_store: StoreFactory,
+) -> None:
+    """A gateway's announcement that leases changed hands reaches the others' watchers as
+    `OwnershipNews`; a message on the channel this version does not know is skipped."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    events: asyncio.Queue[SwitchEvent] = asyncio.Queue()
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(b.watch_switches(events.put_nowait))
+        async with asyncio.timeout(5):
+            assert await events.get() == SwitchesResync()
+            await a._command("PUBLISH", a._key("switches"), '{"ownership": 7}')
+            await a._command("PUBLISH", a._key("switches"), "not json")
+            await a.announce_owners()
+            assert await events.get() == OwnershipNews("gw-a")
+        watcher.cancel()
+    assert events.empty()
 
 
 async def test_store_switch_watcher_redis_restart_resubscribes(
