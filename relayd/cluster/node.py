@@ -215,6 +215,9 @@ class ClusterNode:
         self.leaving = False  # draining: hand everything over, claim nothing (see `leave_soon`)
         self._heartbeat_dropped = False
         self._heard_news = False
+        # VMs whose hand-over began (port closed) and is not finished: vm -> (token,
+        # its outbox). A stop can cut a round short between the two; `_leave` finishes.
+        self._releasing: dict[str, tuple[int, Outbox | None]] = {}
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
 
@@ -321,7 +324,10 @@ class ClusterNode:
             async with asyncio.timeout(3 * self.store.timeout + 0.5):
                 if self.held:
                     await self._hand_over(dict(self.held), "gateway shutting down")
+                elif self._releasing:  # a hand-over the stop interrupted
+                    await self._finish_releases()
                 await self.store.leave()
+                await self._announce()  # the others re-rank without us now
         except (ClusterUnavailableError, TimeoutError) as exc:
             log.warning("cluster_leave_incomplete", error=str(exc))
         for vm_id in list(self.held):
@@ -496,6 +502,7 @@ class ClusterNode:
         elif point > end:
             log.warning("cluster_vm_offsets_skipped", vm=vm_id, stored_end=end, resume_at=point)
         self.policy.claimed(vm_id, token)
+        self._releasing.pop(vm_id, None)  # an old hand-over's lease and output are void now
         self.held[vm_id] = token
         self.stats.owner_changes += 1
         outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point)
@@ -512,19 +519,30 @@ class ClusterNode:
         Raises:
             ClusterUnavailableError: Redis did not answer (the leases then lapse).
         """
-        boxes = {vm_id: self.outboxes.get(vm_id) for vm_id in vms}
-        for vm_id in vms:
+        for vm_id, token in vms.items():
+            self._releasing[vm_id] = (token, self.outboxes.get(vm_id))
             self._drop(vm_id, reason)
-        unshipped = [box for box in boxes.values() if box is not None]
+        await self._finish_releases()
+
+    async def _finish_releases(self) -> None:
+        """Ship, settle and release every VM whose hand-over began (see `_hand_over`).
+
+        Also what an earlier hand-over left undone (Redis failed, or a stop cut the
+        round short): its output is shipped now instead of being lost.
+        """
+        pending = dict(self._releasing)
+        unshipped = [box for _, box in pending.values() if box is not None]
         while unshipped := [box for box in unshipped if box.chunks]:
             shipped = await self._ship(unshipped)
             if not any(result.ok for _, result in shipped):
                 break  # refused (fenced, lapsed): what is left is not ours to store
-        for vm_id, token in vms.items():
-            left = boxes[vm_id]
+        for vm_id, (token, left) in pending.items():
             if left is not None and not left.chunks:
                 await self.store.settle(vm_id, token, left.end)
-        await self.store.release_many(vms)
+        await self.store.release_many({vm_id: token for vm_id, (token, _) in pending.items()})
+        for vm_id, entry in pending.items():
+            if self._releasing.get(vm_id) is entry:
+                del self._releasing[vm_id]
         await self._announce()
 
     def _drop(self, vm_id: str, reason: str) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Collection, Mapping
 import pytest
 
 from relayd.cluster.node import APPEND_ROUND_TRIP_BYTES, ClusterNode, Outbox
+from relayd.cluster.ownership import Lease
 from relayd.config import VmConfig
 from relayd.hub import ConsoleHub
 
@@ -115,3 +116,32 @@ async def test_news_of_a_claim_or_release_elsewhere_runs_a_round_at_once(
         assert node.stats.news_rounds == 1
         node.stop()
         await running
+
+
+async def test_a_stop_that_cuts_a_hand_over_short_still_ships_and_releases(
+    make_store: StoreFactory,
+) -> None:
+    """The gateway stops while a round hands a VM over (its port already closed, its lease
+    and output not yet in Redis): leaving finishes the hand-over instead of letting the
+    lease lapse and the output go."""
+    store = make_store("gw-1")
+    node = ClusterNode(
+        _PortlessGateway(),
+        store,
+        gateway_id="gw-1",
+        advertise="127.0.0.1:1",
+        lease_ttl=3.0,
+        ring_bytes=MIB,
+        log_bytes=MIB,
+    )
+    token = await store.claim("vm-a")
+    assert token is not None
+    box = Outbox("vm-a", token, MIB, lambda: None)
+    box.append(0, b"x" * 1000)
+    # As a round leaves it when a stop cancels it between closing the port and Redis
+    # (`_hand_over`: the VM dropped, the hand-over recorded, nothing stored yet).
+    node._releasing["vm-a"] = (token, box)
+    assert await store.holder("vm-a") == Lease("gw-1", token)
+    await node._leave()
+    assert await store.holder("vm-a") is None
+    assert await store.bounds("vm-a") == (0, 1000)
