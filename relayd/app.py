@@ -311,6 +311,7 @@ class Gateway:
             appended_bytes=stats.appended_bytes,
             fenced_appends=stats.fenced_appends,
             owner_changes=stats.owner_changes,
+            news_rounds=stats.news_rounds,
         )
 
     def console_enabled(self, vm: VmConfig) -> bool:

@@ -66,6 +66,7 @@ class ClusterHealth:
     appended_bytes: int
     fenced_appends: int
     owner_changes: int
+    news_rounds: int = 0  # ownership rounds run early on another gateway's claim or release
 
 
 class HealthSource(Protocol):
@@ -286,6 +287,8 @@ def _cluster_metrics(cluster: ClusterHealth) -> Iterator[Metric]:
         ("relayd_cluster_fenced_appends", "Appends refused: this gateway no longer owned the VM",
          cluster.fenced_appends),
         ("relayd_cluster_vms_claimed", "VMs this gateway took ownership of", cluster.owner_changes),
+        ("relayd_cluster_news_rounds",
+         "Ownership rounds run at once on another gateway's claim or release", cluster.news_rounds),
     )  # fmt: skip
     for name, doc, total in counters:
         counter = CounterMetricFamily(name, doc)

@@ -458,6 +458,7 @@ async def test_health_and_metrics_say_redis_is_down_and_readyz_stays_up(
         _, metrics = await _health(g1, "/metrics")
         assert b"relayd_cluster_owned_vms 1.0" in metrics
         assert b"relayd_cluster_redis_up 1.0" in metrics
+        assert b"relayd_cluster_news_rounds_total 0.0" in metrics  # alone: nobody announced
         assert json.loads((await _health(g1, "/healthz"))[1])["redis"] == "up"
         await redis_server.stop()
         assert g1.cluster is not None
@@ -685,6 +686,9 @@ async def test_a_draining_owner_hands_its_consoles_over_before_its_clients_leave
         owner.stop()
         await lingering.control(type="notice", event="shutting_down")
         await until(lambda: "vm-a" in other.hubs, other)
+        node = other.cluster.node if other.cluster is not None else None
+        assert node is not None
+        await until(lambda: node.stats.news_rounds >= 1, other)  # it heard the owner's news
         assert owner.draining
         assert "vm-a" not in owner.hubs
         async with console(other, ctx, mint("bob"), "mode=spectate") as newcomer:
