@@ -16,6 +16,7 @@ handshake timeout, and an idle keep-alive connection is closed after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from collections.abc import Callable, Mapping
@@ -105,8 +106,10 @@ class ForwardGrant:
 MoveHere = Callable[[int, bool], ConsoleGrant]
 
 #: How long a session that moves here waits for the VM's port to come up (the
-#: ownership round that named this gateway has just opened it).
-PORT_UP_WAIT = 5.0
+#: ownership round that named this gateway has just opened it: milliseconds, unless
+#: the port is down). Well within the move's own wait (3 x lease_ttl + 2 s), which
+#: closes the client when it runs out.
+PORT_UP_WAIT = 1.0
 
 
 class ConnectionOwner(Protocol):
@@ -395,10 +398,10 @@ class HttpConnection(asyncio.Protocol):
         self._start_session(grant, bytes(leftover))
 
     def _start_session(
-        self, grant: ConsoleGrant, leftover: bytes, *, moved_here: tuple[str, ...] = ()
+        self, grant: ConsoleGrant, leftover: bytes, *, moved_here: tuple[str, ...] | None = None
     ) -> None:
         """Hand the transport to a new session; `moved_here`: it came with its console from
-        another gateway (no hello: these notices, then the stream from its offset)."""
+        another gateway (no hello: these notices, if any, then the stream from its offset)."""
         assert self.transport is not None
         self._here = grant.here
         session = ConsoleSession(
@@ -421,14 +424,16 @@ class HttpConnection(asyncio.Protocol):
         if reattach is not None:
             session.on_move = lambda: self._move(session, reattach)
         self.transport.set_protocol(session)  # type: ignore[arg-type]
-        for notice in moved_here:
+        for notice in moved_here or ():
             session.send_text(notice)
         session.start(
-            want_writer=grant.want_writer, resume_from=grant.resume_from, hello=not moved_here
+            want_writer=grant.want_writer,
+            resume_from=grant.resume_from,
+            hello=moved_here is None,
         )
         if leftover:
             session.data_received(leftover)
-        if moved_here:
+        if moved_here is not None:
             self.transport.resume_reading()  # the relay may have held it back
 
     async def _forward(self, grant: ForwardGrant) -> None:
@@ -485,7 +490,14 @@ class HttpConnection(asyncio.Protocol):
 
     async def _take_here(self, moving: Relay) -> bool:
         """The VM a relayed client follows came to this gateway: serve it here, not through a
-        peer link to ourselves. False (try again next round) while the port is not up.
+        peer link to ourselves. False (try again next round) while this gateway does not
+        hold the VM's hub.
+
+        The round that named this gateway has just opened the port: the client's held
+        keys go to the session once it is up, so it waits for that up to `PORT_UP_WAIT`.
+        A port that stays down does not keep the client from its session (as at any
+        owner, `port_up` comes when the port does): waiting longer would close it when
+        the move's own wait runs out.
 
         Raises:
             MoveRefused: this gateway refuses the session (its access rules, its caps).
@@ -493,36 +505,27 @@ class HttpConnection(asyncio.Protocol):
         here, vm, position = self._here, moving.vm, moving.position
         if here is None or vm is None or position is None:
             return False
-        writer = moving.writer
-        notices: list[str] = []
-        try:
-            grant = here(position, writer)
-        except ConflictError:  # `deny` and a writer here: spectate, and say why
-            if not writer:
-                raise MoveRefused("this gateway refused the session (409)") from None
-            writer = False
-            grant = here(position, writer)
-            notices.append(
-                control.encode_notice("demoted", by=None, writer=None, reason="writer_exists")
-            )
-        except OwnerUnavailableError:
-            return False  # not (or no longer) the owner here: the next round says who is
-        except PeerError as exc:
-            raise MoveRefused(f"this gateway refused the session ({exc.http_status})") from None
-        hub = grant.hub
+        admitted = _admit_here(here, position, moving.writer)
+        if admitted is None:
+            return False
+        hub = admitted[0].hub
         if not hub.port_up:
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(PORT_UP_WAIT):
                     await _port_up(hub)
-            except TimeoutError:
+            # Again, with the same refusals: anything may have changed meanwhile (a writer
+            # came under `deny`, the caps filled, the VM moved on).
+            admitted = _admit_here(here, position, moving.writer)
+            if admitted is None:
                 return False
-            grant = here(position, writer)  # again: anything may have changed meanwhile
+        grant, notices = admitted
         transport = self.transport
         if transport is None or transport.is_closing() or moving is not self._relay:
             return False
         if grant.hub.end < position:
             raise MoveRefused("this gateway would resume the session at the wrong offset")
-        notices.append(control.encode_notice("port_up", vm=vm))
+        if grant.hub.port_up:
+            notices.append(control.encode_notice("port_up", vm=vm))
         leftover = moving.release_client()
         self._relay = None
         self._start_session(grant, leftover, moved_here=tuple(notices))
@@ -552,6 +555,33 @@ class HttpConnection(asyncio.Protocol):
     def _relayed(self, relay: Relay) -> None:
         """Both ends of a relayed session are gone."""
         self._forget()
+
+
+def _admit_here(
+    here: MoveHere, position: int, writer: bool
+) -> tuple[ConsoleGrant, list[str]] | None:
+    """Admit a moving session here (see `HttpConnection._take_here`): its grant and the
+    notices it gets first; None while this gateway does not hold the VM.
+
+    Raises:
+        MoveRefused: this gateway refuses the session (its access rules, its caps).
+    """
+    notices: list[str] = []
+    try:
+        try:
+            grant = here(position, writer)
+        except ConflictError:  # `deny` and a writer here: spectate, and say why
+            if not writer:
+                raise
+            grant = here(position, False)
+            notices.append(
+                control.encode_notice("demoted", by=None, writer=None, reason="writer_exists")
+            )
+    except OwnerUnavailableError:
+        return None  # not (or no longer) the owner here: the next round says who is
+    except PeerError as exc:
+        raise MoveRefused(f"this gateway refused the session ({exc.http_status})") from None
+    return grant, notices
 
 
 async def _port_up(hub: ConsoleHub) -> None:

@@ -520,7 +520,13 @@ class ClusterNode:
             ClusterUnavailableError: Redis did not answer (the leases then lapse).
         """
         for vm_id, token in vms.items():
-            self._releasing[vm_id] = (token, self.outboxes.get(vm_id))
+            box = self.outboxes.get(vm_id)
+            earlier = self._releasing.get(vm_id)
+            if box is None and earlier is not None and earlier[0] == token:
+                # Releasing a lease an earlier hand-over left (Redis failed): its port is
+                # closed, its outbox is that hand-over's, still to ship. Keep it.
+                box = earlier[1]
+            self._releasing[vm_id] = (token, box)
             self._drop(vm_id, reason)
         await self._finish_releases()
 

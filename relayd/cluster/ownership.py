@@ -191,8 +191,9 @@ class RoundView:
             claiming an unheld VM that the ones before it have not claimed.
         floors: the highest token seen per VM (0 where none).
         settled: gateways that may be handed VMs (live long enough); None: all live.
-        leaving: this gateway drains: it hands its VMs to the others (when there are
-            any) and claims none. Its own heartbeat is gone, so they leave it out too.
+        leaving: this gateway drains: it hands its VMs to the others and claims none,
+            when there are others (its own heartbeat is gone, so they leave it out
+            too); alone, it holds on to its VMs and claims as any gateway would.
     """
 
     me: str
@@ -229,7 +230,7 @@ def plan(view: RoundView) -> tuple[Decision, ...]:
                 out.append(Release(vm, lease.token, preferred_owner(vm, gateways)))
             else:
                 out.append(Nothing(vm))
-        elif view.grace or view.leaving:
+        elif view.grace or leaving:  # leaving alone, it is the region: it claims
             out.append(Nothing(vm))
         else:
             rank = ranking(vm, gateways).index(view.me)

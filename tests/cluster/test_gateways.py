@@ -827,3 +827,36 @@ async def test_relaying_gateway_that_stops_closes_its_relayed_clients_with_1001(
             code, reason = await c.closed()
         assert code == 1001
         assert reason == "gateway shutting down"
+
+
+async def test_a_relayed_client_whose_console_comes_here_with_its_port_down_stays(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """The VM's serial endpoint is gone when its owner stops, and the console comes to the
+    gateway the client is on. As at any owner, the client stays connected and becomes a
+    session there, whose port_up comes when the port does; it is not closed with 1001 for
+    want of a port once the move's wait (3 x lease_ttl + 2 s) runs out."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        owner_and_relay(cluster_config, far_end) as (owner, other),
+        console(other, ctx, mint("alice")) as c,
+    ):
+        assert c.hello["role"] == "writer"
+        await far_end.send(b"output before\r\n")
+        await c.expect(b"output before\r\n")
+        await far_end.stop()
+        assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+        owner.stop()
+        assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+        await until(lambda: c.hello["session"] in other.sessions, other)
+        assert not any(conn.relaying for conn in other.connections)
+        assert other.sessions[c.hello["session"]].role == "writer"
+        await far_end.start()
+        assert (await c.control(type="notice", event="port_up"))["vm"] == "vm-a"
+        await c.send(b"after\r")
+        await far_end.wait_received(lambda got: b"after\r" in got)
+        await far_end.send(b"output after\r\n")
+        await c.expect(b"output after\r\n")
+        assert c.output.count(b"output before") == 1
+        assert not [m for m in c.controls if m.get("type") in ("hello", "error")]

@@ -145,3 +145,45 @@ async def test_a_stop_that_cuts_a_hand_over_short_still_ships_and_releases(
     await node._leave()
     assert await store.holder("vm-a") is None
     assert await store.bounds("vm-a") == (0, 1000)
+
+
+class _OneVmGateway(_PortlessGateway):
+    """Configures one VM (its hub was closed before the test begins)."""
+
+    def __init__(self, vm: VmConfig) -> None:
+        self.vm = vm
+
+    def configured_vms(self) -> Mapping[str, VmConfig]:
+        return {self.vm.id: self.vm}
+
+
+async def test_a_round_that_releases_a_lease_left_by_a_cut_hand_over_still_ships_its_output(
+    make_store: StoreFactory,
+) -> None:
+    """A hand-over closed the port, then Redis failed before the output and the release
+    went: the lease is still ours in Redis, the port is not. The next round releases that
+    lease (the "not held, lease mine" row): it must ship the output the hand-over kept,
+    not forget it because no outbox is open for the VM any more."""
+    vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
+    store = make_store("gw-1")
+    node = ClusterNode(
+        _OneVmGateway(vm),
+        store,
+        gateway_id="gw-1",
+        advertise="127.0.0.1:1",
+        lease_ttl=3.0,
+        ring_bytes=MIB,
+        log_bytes=MIB,
+    )
+    token = await store.claim("vm-a")
+    assert token is not None
+    box = Outbox("vm-a", token, MIB, lambda: None)
+    box.append(0, b"x" * 1000)
+    # As `_hand_over` leaves it when Redis fails in `_finish_releases`: the VM dropped,
+    # the hand-over recorded, nothing stored and the lease still ours.
+    node._releasing["vm-a"] = (token, box)
+    await node.round()
+    assert node.stats.rounds == 1
+    assert await store.holder("vm-a") is None
+    assert await store.bounds("vm-a") == (0, 1000)
+    assert not node._releasing

@@ -204,6 +204,15 @@ def test_plan_leaving_with_no_other_gateway_keeps_its_vms() -> None:
     assert plan(view) == (Renew(MINE, 1),)
 
 
+def test_plan_leaving_with_no_other_gateway_claims_an_unheld_vm() -> None:
+    """The gateway it handed its VMs to died (or drains too, its heartbeat gone) during the
+    drain: with nobody else to take them, the draining gateway is the region and claims
+    them, so its own clients, relayed since the hand-over, get their console back instead
+    of 1001 when their move's wait runs out ("leaving" needs another live gateway)."""
+    view = RoundView(me=ME, now=0.0, live=frozenset(), holders={MINE: None}, held={}, leaving=True)
+    assert plan(view) == (Claim(MINE, 0),)
+
+
 # --- the policy's memory ------------------------------------------------------------------
 
 
