@@ -424,6 +424,10 @@ class HttpConnection(asyncio.Protocol):
         if reattach is not None:
             session.on_move = lambda: self._move(session, reattach)
         self.transport.set_protocol(session)  # type: ignore[arg-type]
+        if moved_here is not None:
+            # The relay may have held its reading back; resumed first, so a pause the
+            # session makes on the held input below is the one that stands.
+            self.transport.resume_reading()
         for notice in moved_here or ():
             session.send_text(notice)
         session.start(
@@ -433,8 +437,6 @@ class HttpConnection(asyncio.Protocol):
         )
         if leftover:
             session.data_received(leftover)
-        if moved_here is not None:
-            self.transport.resume_reading()  # the relay may have held it back
 
     async def _forward(self, grant: ForwardGrant) -> None:
         """Relay the client to the VM's owner: its answer verbatim, then bytes both ways.
