@@ -466,14 +466,7 @@ class Relay:
             return
         except _TakenHere:
             self._moving = None
-            log.info(
-                "relay_reattached",
-                vm=reattach.vm,
-                owner=reattach.me,
-                resumed_at=self._server.position,
-                seconds=round(loop.time() - began, 3),
-                here=True,
-            )
+            self._log_reattached(reattach.me, began, here=True)
             return
         except Exception:  # a bug: the client is told to reconnect, never left at port_down
             log.exception("relay_move_crashed", vm=reattach.vm, owner=self._owner_id)
@@ -481,14 +474,22 @@ class Relay:
             return
         self._moving = None
         self._attach(owner, hello_end, link)
-        log.info(
-            "relay_reattached",
-            vm=reattach.vm,
-            owner=self._owner_id,
-            resumed_at=self._server.position,
-            seconds=round(loop.time() - began, 3),
+        self._log_reattached(
+            self._owner_id,
+            began,
             role="writer" if self._server.writer else "spectator",
             demoted=self._was_writer and not self._server.writer,
+        )
+
+    def _log_reattached(self, owner: str | None, began: float, **how: object) -> None:
+        assert self._reattach is not None
+        log.info(
+            "relay_reattached",
+            vm=self._reattach.vm,
+            owner=owner,
+            resumed_at=self._server.position,
+            seconds=round(asyncio.get_running_loop().time() - began, 3),
+            **how,
         )
 
     def _give_up(self, reattach: Reattach, why: str) -> None:

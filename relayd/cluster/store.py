@@ -637,12 +637,11 @@ class ClusterStore:
             calls.append(_Call(None, (), ("MGET", *(self._vm_keys(vm)[0] for vm in vm_list))))
         async with self._deadline("observe"):
             results = await self._pipeline(calls)
-        if not heartbeat:
-            results.insert(0, None)
-        leases = results[2] if vm_list else []
+        dataset = bytes(results.pop(0)).decode() if heartbeat else None
+        leases = results[1] if vm_list else []
         return RoundState(
-            dataset=None if results[0] is None else bytes(results[0]).decode(),
-            live=_pairs(results[1]),
+            dataset=dataset,
+            live=_pairs(results[0]),
             holders={vm: self._parse_lease(raw) for vm, raw in zip(vm_list, leases, strict=True)},
         )
 

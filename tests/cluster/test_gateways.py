@@ -37,6 +37,7 @@ from ..conftest import (
     TIMEOUT,
     Console,
     FarEnd,
+    GatewayProcess,
     gateway_process,
     http_request,
     https_exchange,
@@ -195,6 +196,24 @@ async def owner_and_relay(
             lambda: other.cluster is not None and other.cluster.owner_of("vm-a") is not None, other
         )
         yield owner, other
+
+
+@contextlib.asynccontextmanager
+async def killable_owner_and_relay(
+    cluster_config: Callable[..., Config], far_end: FarEnd
+) -> AsyncIterator[tuple[GatewayProcess, Gateway]]:
+    """vm-a's owner as a process the test may kill, and the other gateway in this one, once
+    it routes to the owner."""
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    async with (
+        gateway_process(cluster_config(owner_id, far_end.port)) as proc,
+        serving(cluster_config(relay_id, far_end.port)) as relaying,
+    ):
+        cluster = relaying.cluster
+        assert cluster is not None
+        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
+        yield proc, relaying
 
 
 @contextlib.asynccontextmanager
@@ -520,16 +539,9 @@ async def test_relayed_client_stays_attached_when_the_owner_is_killed(
     the new owner's close frames still reach it unchanged."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
-    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
-    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
-    async with contextlib.AsyncExitStack() as stack:
-        victim = await stack.enter_async_context(
-            gateway_process(cluster_config(owner_id, far_end.port))
-        )
-        relaying = await stack.enter_async_context(serving(cluster_config(relay_id, far_end.port)))
+    async with killable_owner_and_relay(cluster_config, far_end) as (victim, relaying):
         assert relaying.cluster is not None
         cluster = relaying.cluster
-        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
         await far_end.connected()
         async with console(relaying, ctx, mint("alice")) as c:
             assert c.hello["role"] == "writer"
@@ -761,16 +773,10 @@ async def test_a_session_opened_while_the_owner_is_dead_waits_for_the_next_owner
     still names the dead one: instead of a 503 it waits for the next owner and opens."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
-    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
-    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
-    async with contextlib.AsyncExitStack() as stack:
-        victim = await stack.enter_async_context(
-            gateway_process(cluster_config(owner_id, far_end.port))
-        )
-        relaying = await stack.enter_async_context(serving(cluster_config(relay_id, far_end.port)))
+    async with killable_owner_and_relay(cluster_config, far_end) as (victim, relaying):
         assert relaying.cluster is not None
         cluster = relaying.cluster
-        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
+        owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
         victim.proc.send_signal(signal.SIGKILL)
         await victim.proc.wait()
         assert (cluster.owner_of("vm-a") or ("",))[0] == owner_id  # its lease has not lapsed
@@ -790,25 +796,18 @@ async def test_relayed_client_is_closed_with_1001_when_no_gateway_takes_over(
     """The owner dies while Redis is away (no VM changes owner): port_down, then 1001."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
-    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
-    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
-    async with contextlib.AsyncExitStack() as stack:
-        victim = await stack.enter_async_context(
-            gateway_process(cluster_config(owner_id, far_end.port))
-        )
-        relaying = await stack.enter_async_context(serving(cluster_config(relay_id, far_end.port)))
-        assert relaying.cluster is not None
-        cluster = relaying.cluster
-        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
-        async with console(relaying, ctx, mint("alice")) as c:
-            await redis_server.stop()
-            victim.proc.send_signal(signal.SIGKILL)
-            await victim.proc.wait()
-            assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
-            code, reason = await c.closed()
-            assert code == 1001
-            assert reason is not None
-            assert "no gateway took over within 5 s" in reason
+    async with (
+        killable_owner_and_relay(cluster_config, far_end) as (victim, relaying),
+        console(relaying, ctx, mint("alice")) as c,
+    ):
+        await redis_server.stop()
+        victim.proc.send_signal(signal.SIGKILL)
+        await victim.proc.wait()
+        assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
+        code, reason = await c.closed()
+        assert code == 1001
+        assert reason is not None
+        assert "no gateway took over within 5 s" in reason
 
 
 async def test_relaying_gateway_that_stops_closes_its_relayed_clients_with_1001(

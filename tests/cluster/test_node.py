@@ -8,8 +8,9 @@ from collections.abc import Collection, Mapping
 
 import pytest
 
-from relayd.cluster.node import APPEND_ROUND_TRIP_BYTES, ClusterNode, Outbox
+from relayd.cluster.node import APPEND_ROUND_TRIP_BYTES, ClusterNode, NodeOwner, Outbox
 from relayd.cluster.ownership import Lease
+from relayd.cluster.store import ClusterStore
 from relayd.config import VmConfig
 from relayd.hub import ConsoleHub
 
@@ -40,21 +41,40 @@ class _PortlessGateway:
         pass
 
 
+def _node(
+    owner: NodeOwner, store: ClusterStore, *, lease_ttl: float = 3.0, log_bytes: int = MIB
+) -> ClusterNode:
+    """Gateway gw-1's node on `store` (a ring of a MiB)."""
+    return ClusterNode(
+        owner,
+        store,
+        gateway_id="gw-1",
+        advertise="127.0.0.1:1",
+        lease_ttl=lease_ttl,
+        ring_bytes=MIB,
+        log_bytes=log_bytes,
+    )
+
+
+async def _cut_hand_over(store: ClusterStore, node: ClusterNode) -> int:
+    """Claim vm-a and leave it as `_hand_over` does when cut short between closing the port
+    and Redis (a stop, or Redis failing): dropped, recorded, 1000 bytes of output unstored,
+    the lease still ours. Returns the token."""
+    token = await store.claim("vm-a")
+    assert token is not None
+    box = Outbox("vm-a", token, MIB, lambda: None)
+    box.append(0, b"x" * 1000)
+    node._releasing["vm-a"] = (token, box)
+    return token
+
+
 async def test_many_vms_printing_at_once_go_to_redis_in_bounded_round_trips(
     make_store: StoreFactory,
 ) -> None:
     """Ten VMs with a MiB each waiting: no round trip carries more than the cap, each VM's
     output goes exactly once, and all of it is stored."""
     store = make_store("gw-1")
-    node = ClusterNode(
-        _PortlessGateway(),
-        store,
-        gateway_id="gw-1",
-        advertise="127.0.0.1:1",
-        lease_ttl=3.0,
-        ring_bytes=MIB,
-        log_bytes=2 * MIB,
-    )
+    node = _node(_PortlessGateway(), store, log_bytes=2 * MIB)
     vms = [f"vm-{i}" for i in range(10)]
     for vm in vms:
         token = await store.claim(vm)
@@ -91,15 +111,7 @@ async def test_news_of_a_claim_or_release_elsewhere_runs_a_round_at_once(
     """Another gateway announces that leases changed hands: this node runs its ownership
     round now, not when its schedule says (a lease period of 60 s: 20 s from now)."""
     gateway = _SubscribedGateway()
-    node = ClusterNode(
-        gateway,
-        make_store("gw-1", lease_ttl=60.0),
-        gateway_id="gw-1",
-        advertise="127.0.0.1:1",
-        lease_ttl=60.0,
-        ring_bytes=MIB,
-        log_bytes=MIB,
-    )
+    node = _node(gateway, make_store("gw-1", lease_ttl=60.0), lease_ttl=60.0)
     other = make_store("gw-2", lease_ttl=60.0)
     async with asyncio.TaskGroup() as tg:
         running = tg.create_task(node.run())
@@ -125,22 +137,8 @@ async def test_a_stop_that_cuts_a_hand_over_short_still_ships_and_releases(
     and output not yet in Redis): leaving finishes the hand-over instead of letting the
     lease lapse and the output go."""
     store = make_store("gw-1")
-    node = ClusterNode(
-        _PortlessGateway(),
-        store,
-        gateway_id="gw-1",
-        advertise="127.0.0.1:1",
-        lease_ttl=3.0,
-        ring_bytes=MIB,
-        log_bytes=MIB,
-    )
-    token = await store.claim("vm-a")
-    assert token is not None
-    box = Outbox("vm-a", token, MIB, lambda: None)
-    box.append(0, b"x" * 1000)
-    # As a round leaves it when a stop cancels it between closing the port and Redis
-    # (`_hand_over`: the VM dropped, the hand-over recorded, nothing stored yet).
-    node._releasing["vm-a"] = (token, box)
+    node = _node(_PortlessGateway(), store)
+    token = await _cut_hand_over(store, node)  # by a stop
     assert await store.holder("vm-a") == Lease("gw-1", token)
     await node._leave()
     assert await store.holder("vm-a") is None
@@ -166,22 +164,8 @@ async def test_a_round_that_releases_a_lease_left_by_a_cut_hand_over_still_ships
     not forget it because no outbox is open for the VM any more."""
     vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
     store = make_store("gw-1")
-    node = ClusterNode(
-        _OneVmGateway(vm),
-        store,
-        gateway_id="gw-1",
-        advertise="127.0.0.1:1",
-        lease_ttl=3.0,
-        ring_bytes=MIB,
-        log_bytes=MIB,
-    )
-    token = await store.claim("vm-a")
-    assert token is not None
-    box = Outbox("vm-a", token, MIB, lambda: None)
-    box.append(0, b"x" * 1000)
-    # As `_hand_over` leaves it when Redis fails in `_finish_releases`: the VM dropped,
-    # the hand-over recorded, nothing stored and the lease still ours.
-    node._releasing["vm-a"] = (token, box)
+    node = _node(_OneVmGateway(vm), store)
+    await _cut_hand_over(store, node)  # by Redis failing in `_finish_releases`
     await node.round()
     assert node.stats.rounds == 1
     assert await store.holder("vm-a") is None
