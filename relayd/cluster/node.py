@@ -360,17 +360,12 @@ class ClusterNode:
             began = time.perf_counter()
             state = await self.store.observe(self.advertise, vms, heartbeat=not leaving)
             self.stats.renew_seconds = time.perf_counter() - began
-            data_lost = (
-                self._dataset is not None
-                and state.dataset is not None
-                and state.dataset != self._dataset
-            )
+            data_lost = self._dataset is not None and state.dataset != self._dataset
             if data_lost:
                 log.warning("cluster_redis_data_lost")
                 self._resync.set()  # the switch overrides are written back if they are gone
                 self._marks_owed = True
-            if state.dataset is not None:
-                self._dataset = state.dataset
+            self._dataset = state.dataset
             self._redis_answered(now)
             decisions = self.policy.decide(
                 now,

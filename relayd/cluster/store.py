@@ -138,6 +138,18 @@ end
 return ds
 """)
 
+# The heartbeat's dataset part alone, for a gateway that is leaving: it must still notice
+# Redis losing its data (it may hold VMs until the drain ends, or be the last gateway).
+_DATASET = _Script("""
+-- KEYS: dataset   ARGV: new dataset id
+local ds = redis.call('GET', KEYS[1])
+if not ds then
+  redis.call('SET', KEYS[1], ARGV[1])
+  ds = ARGV[1]
+end
+return ds
+""")
+
 _LIVE = _Script("""
 -- KEYS: gateways   ARGV: prefix of the heartbeat keys ("...gw:")
 local out = {}
@@ -386,7 +398,7 @@ return {first, last, at or last, table.concat(out)}
 class RoundState:
     """What one ownership round reads, in one round trip (see `ClusterStore.observe`)."""
 
-    dataset: str | None  # changes when Redis lost its data; None: not read (no heartbeat)
+    dataset: str  # changes when Redis lost its data
     live: dict[str, str]  # gateway id -> advertise address
     holders: dict[str, Lease | None]  # vm -> lease
 
@@ -628,16 +640,20 @@ class ClusterStore:
 
         Args:
             heartbeat: False for a gateway that is leaving: it watches the region
-                without counting itself in it (see `leave`).
+                without counting itself in it (see `leave`), and still learns
+                whether Redis lost its data.
         """
         vm_list = list(vms)
-        calls = [self._heartbeat_call(advertise)] if heartbeat else []
-        calls.append(self._live_call())
+        if heartbeat:
+            first = self._heartbeat_call(advertise)
+        else:
+            first = _Call(_DATASET, (self._key("dataset"),), (secrets.token_hex(8),))
+        calls = [first, self._live_call()]
         if vm_list:
             calls.append(_Call(None, (), ("MGET", *(self._vm_keys(vm)[0] for vm in vm_list))))
         async with self._deadline("observe"):
             results = await self._pipeline(calls)
-        dataset = bytes(results.pop(0)).decode() if heartbeat else None
+        dataset = bytes(results.pop(0)).decode()
         leases = results[1] if vm_list else []
         return RoundState(
             dataset=dataset,

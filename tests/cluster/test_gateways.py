@@ -458,6 +458,51 @@ async def test_offsets_are_reserved_again_when_the_round_that_noticed_the_loss_f
                 await node.next_round()
 
 
+async def test_a_draining_gateway_alone_notices_redis_losing_its_data(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """The last gateway drains (no heartbeat any more) while a client lingers, and Redis
+    comes back empty: it still notices, and puts back its reservation past what the client
+    saw, so whoever owns the VM next never starts at offset 0."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    config = cluster_config("gw-1", far_end.port, gateway={"drain_seconds": 30})
+    async with serving(config) as gateway:
+        await until(lambda: "vm-a" in gateway.hubs, gateway)
+        async with console(gateway, ctx, mint("alice")) as c:
+            await _drain_alone_through_data_loss(gateway, c, far_end, redis_server)
+
+
+async def _drain_alone_through_data_loss(
+    gateway: Gateway, c: Console, far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    assert gateway.cluster is not None
+    node, store = gateway.cluster.node, gateway.cluster.store
+    await far_end.send(b"seen by a client\r\n")
+    await c.expect(b"seen by a client\r\n")
+    held = c.hello["offset"] - c.hello["replay"] + len(c.output)
+    await until(lambda: not node.outboxes["vm-a"].chunks, gateway)
+    gateway.stop()
+    await c.control(type="notice", event="shutting_down")
+    await until(lambda: node.leaving, gateway)
+    await node.next_round()  # a round without the heartbeat
+    await redis_server.restart_empty()
+
+    async def resume_point() -> int:
+        try:
+            return await store.resume_point("vm-a")
+        except ClusterUnavailableError:  # Redis may still be coming back
+            return -1
+
+    async with asyncio.timeout(TIMEOUT):
+        while await resume_point() < held:
+            await node.next_round()
+    assert "vm-a" in gateway.hubs  # alone, it holds on while it drains
+
+
 async def _health(gateway: Gateway, path: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.health_port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())

@@ -68,6 +68,22 @@ async def test_store_dataset_id_changes_when_redis_restarts_empty(
     assert await a.heartbeat("a:1") != first
 
 
+async def test_store_observe_without_heartbeat_still_sees_the_data_lost(
+    make_store: StoreFactory, redis_server: RedisServer
+) -> None:
+    """A leaving gateway observes without heartbeating, and still reads the dataset id: the
+    same as the others see, and a new one once Redis restarted empty."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    first = await b.heartbeat("b:1")
+    state = await a.observe("a:1", ["vm-1"], heartbeat=False)
+    assert state.dataset == first
+    assert state.live == {"gw-b": "b:1"}
+    await redis_server.restart_empty()
+    after = (await a.observe("a:1", ["vm-1"], heartbeat=False)).dataset
+    assert after != first
+    assert await b.heartbeat("b:1") == after
+
+
 def test_key_prefix_region_is_a_hash_tag() -> None:
     """A region's keys share one Redis Cluster hash slot, and regions differ."""
     assert key_prefix("japaneast") == "relayd:{japaneast}:"
