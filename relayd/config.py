@@ -419,8 +419,12 @@ def _check_redis_url(value: object) -> object:
             raise ValueError("port 0 is not a Redis server")
         db = url.path.strip("/") or "0"
     elif url.scheme == "unix":
-        if not url.path.startswith("/") or url.netloc:
-            raise ValueError("unix:// needs an absolute socket path (unix:///run/redis.sock?db=0)")
+        # Credentials of a Redis ACL user may come before the path (unix://user:pw@/path).
+        if not url.path.startswith("/") or url.netloc.rpartition("@")[2]:
+            raise ValueError(
+                "unix:// needs an absolute socket path (unix:///run/redis.sock?db=0, "
+                "unix://USER:PASSWORD@/run/redis.sock?db=0)"
+            )
         db = query.get("db", "0")
     else:
         raise ValueError("must be a redis://, rediss:// or unix:// URL")

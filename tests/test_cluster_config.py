@@ -78,6 +78,7 @@ def test_cluster_defaults_gateway_id_is_host_name_and_ttl_3s(tmp_path: Path) -> 
         "redis://[::1]:6379/1",
         "unix:///run/redis/redis.sock",
         "unix:///run/redis/redis.sock?db=2",
+        "unix://relayd:pw@/run/redis/redis.sock?db=2",  # an ACL user over the socket
     ],
 )
 def test_cluster_redis_url_valid_is_accepted(tmp_path: Path, url: str) -> None:
@@ -95,6 +96,7 @@ def test_cluster_redis_url_with_password_is_redacted_for_display(tmp_path: Path)
     assert cfg.cluster.redis_display == "rediss://relayd:***@redis.example:6380/0"
     assert "s3cret" not in repr(cfg.cluster)
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert redact_url("unix://relayd:pw@/run/r.sock?db=0") == "unix://relayd:***@/run/r.sock?db=0"
 
 
 BAD_CASES: list[tuple[str, str, str, str, str]] = [
@@ -110,6 +112,13 @@ BAD_CASES: list[tuple[str, str, str, str, str]] = [
         "relative unix",
         '"redis://127.0.0.1:6379/0"',
         '"unix://redis.sock"',
+        "cluster.redis",
+        "absolute",
+    ),
+    (
+        "unix with a host",
+        '"redis://127.0.0.1:6379/0"',
+        '"unix://redis.internal/run/redis.sock"',
         "cluster.redis",
         "absolute",
     ),
