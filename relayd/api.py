@@ -17,13 +17,14 @@ import math
 import re
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from . import webui
 from .access import AccessPolicy
 from .audit import audit
 from .auth import Principal
+from .cluster import peerview
 from .cluster.forwarding import (
     ForwardedSession,
     Mode,
@@ -120,6 +121,9 @@ class ClusterView(Protocol):
     @property
     def reattach_wait(self) -> float:
         """How long a relay waits for a new owner when the owner dies."""
+
+    def view_for_peer(self, vms: Sequence[str]) -> dict[str, object]:
+        """What this gateway's last round read from Redis about `vms` (cluster/peerview.py)."""
 
 
 class ApiOwner(Protocol):
@@ -381,6 +385,25 @@ def _sees_any(gw: ApiOwner, principal: Principal, vms: list[VmConfig]) -> bool:
     return any(gw.access.rbac.role(principal, vm) is not None for vm in vms)
 
 
+async def cluster_owners(gw: ApiOwner, request: Request) -> HttpResponse:
+    """A gateway cut off from Redis asks who owns its VMs (cluster/peerview.py).
+
+    Raises:
+        NotFoundError: not in cluster mode.
+        ForbiddenError: the connection is not a gateway's.
+        PeerError: (400) the question is malformed.
+    """
+    if gw.cluster is None:
+        raise NotFoundError(f"no route for {request.path}", code="not_found")
+    if request.peer_gateway is None:
+        raise ForbiddenError("only the region's gateways may ask this", code="forbidden")
+    try:
+        vms = peerview.parse_question(request.body)
+    except ValueError as exc:
+        raise PeerError(str(exc), code="bad_request") from None
+    return _json(200, gw.cluster.view_for_peer(vms))
+
+
 Handler = Callable[[ApiOwner, Request], Awaitable[HttpResponse]]
 _ROUTES: dict[str, Handler] = {"/": index, "/v1/vms": list_vms}
 
@@ -396,6 +419,10 @@ async def handle(gw: ApiOwner, request: Request) -> HttpResponse:
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowedError(request.method, allow="GET, HEAD")
         return await handler(gw, request)
+    if request.path == peerview.PATH:
+        if request.method != "POST":
+            raise MethodNotAllowedError(request.method, allow="POST")
+        return await cluster_owners(gw, request)
     m = _CONSOLE_LOG.match(request.path)
     if m is not None:
         if request.method not in ("GET", "HEAD"):

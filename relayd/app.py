@@ -25,12 +25,13 @@ import signal
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from . import api, control, native
 from .access import AccessPolicy
 from .auth import Authenticator, Principal
 from .certs import certificate_not_after
+from .cluster import peerview
 from .cluster.node import ClusterNode, Outbox
 from .cluster.peerlink import PeerTrust, peer_client_context, trust_peer_ca
 from .cluster.store import ClusterStore
@@ -100,7 +101,19 @@ class GatewayCluster:
             ring_bytes=min(limits.output_buffer_bytes, limits.console_log_bytes),
             log_bytes=limits.console_log_bytes,
             backup=gateway.access.switches,
+            ask_peer=self._ask_peer,
         )
+
+    async def _ask_peer(self, advertise: str, vms: Sequence[str]) -> peerview.PeerView:
+        """Ask the gateway at `advertise` what Redis told it about `vms` (peerview.py)."""
+        host, _, port = advertise.rpartition(":")
+        return await peerview.ask(
+            host.strip("[]"), int(port), self.peer_ssl, vms, self.forward_timeout
+        )
+
+    def view_for_peer(self, vms: Sequence[str]) -> dict[str, object]:
+        """What this gateway's last round read from Redis about `vms` (a peer asks)."""
+        return self.node.view_for_peer(vms)
 
     @property
     def log(self) -> ClusterStore:
@@ -312,6 +325,7 @@ class Gateway:
             fenced_appends=stats.fenced_appends,
             owner_changes=stats.owner_changes,
             news_rounds=stats.news_rounds,
+            deposed_by_peers=stats.deposed_by_peers,
         )
 
     def console_enabled(self, vm: VmConfig) -> bool:

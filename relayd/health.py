@@ -67,6 +67,7 @@ class ClusterHealth:
     fenced_appends: int
     owner_changes: int
     news_rounds: int = 0  # ownership rounds run early on another gateway's claim or release
+    deposed_by_peers: int = 0  # ports let go while cut off from Redis, on a peer's reading
 
 
 class HealthSource(Protocol):
@@ -289,6 +290,9 @@ def _cluster_metrics(cluster: ClusterHealth) -> Iterator[Metric]:
         ("relayd_cluster_vms_claimed", "VMs this gateway took ownership of", cluster.owner_changes),
         ("relayd_cluster_news_rounds",
          "Ownership rounds run at once on another gateway's claim or release", cluster.news_rounds),
+        ("relayd_cluster_deposed_by_peers",
+         "Ports let go while cut off from Redis, another gateway having claimed the VM",
+         cluster.deposed_by_peers),
     )  # fmt: skip
     for name, doc, total in counters:
         counter = CounterMetricFamily(name, doc)

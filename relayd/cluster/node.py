@@ -25,14 +25,16 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import VmConfig
+from ..errors import PeerLinkError
 from ..hub import ConsoleHub
 from ..log import get_logger
 from ..switches import LEVELS, ConsoleSwitches, Level
+from . import peerview
 from .ownership import Claim, Decision, Lease, Lost, Nothing, OwnershipPolicy, Release, Renew
 from .store import (
     AppendResult,
@@ -45,6 +47,10 @@ from .store import (
 )
 
 log = get_logger("relayd.cluster")
+
+PeerView = peerview.PeerView
+#: Ask the gateway at an advertise address about some VMs (one `peerview` question).
+AskPeer = Callable[[str, Sequence[str]], Awaitable[PeerView]]
 
 APPEND_COALESCE = 0.025
 APPEND_RETRY_MIN = 0.1
@@ -161,6 +167,7 @@ class NodeStats:
     fenced_appends: int = 0
     owner_changes: int = 0
     news_rounds: int = 0  # rounds run early because another gateway claimed or released
+    deposed_by_peers: int = 0  # ports let go, cut off from Redis, on a peer's reading of it
     errors_by_call: dict[str, int] = field(default_factory=dict)
 
 
@@ -178,11 +185,14 @@ class ClusterNode:
         ring_bytes: int,
         log_bytes: int,
         backup: ConsoleSwitches | None = None,
+        ask_peer: AskPeer | None = None,
     ) -> None:
         """Args:
         backup: a local copy of the region's switch overrides (the state file), kept
             up to date and written back to Redis if Redis comes back without them,
             so a console an owner turned off never comes back on by itself.
+        ask_peer: how to ask another gateway what Redis told it (peerview.py), for
+            when this gateway alone is cut off from Redis; None: never asked.
         """
         self.owner = owner
         self.backup = backup
@@ -220,12 +230,23 @@ class ClusterNode:
         self._releasing: dict[str, tuple[int, Outbox | None]] = {}
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
+        self._ask_peer = ask_peer
+        # When the last round that read Redis began (loop time), and the gateways it saw.
+        self._last_read: float | None = None
+        self._live: dict[str, str] = {}
 
     # -- what the gateway asks --------------------------------------------------------------
 
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """(gateway id, advertise address) of the VM's owner, None while nobody owns it."""
         return self.owners.get(vm_id)
+
+    def view_for_peer(self, vms: Iterable[str]) -> dict[str, object]:
+        """What the last round read from Redis about `vms`, for a peer cut off from it."""
+        seen_ago = None
+        if self._last_read is not None:
+            seen_ago = asyncio.get_running_loop().time() - self._last_read
+        return peerview.encode_answer(self.gateway_id, seen_ago, self._live, self.owners, vms)
 
     def get(self, level: str, key: str) -> bool | None:
         """A switch override as the region has it (None: the config's default applies)."""
@@ -367,6 +388,7 @@ class ClusterNode:
                 self._marks_owed = True
             self._dataset = state.dataset
             self._redis_answered(now)
+            self._last_read, self._live = now, state.live
             decisions = self.policy.decide(
                 now,
                 state.live,
@@ -383,6 +405,7 @@ class ClusterNode:
             _reraise_cancellation()
             self.policy.failed(now)
             self._redis_failed("round", exc, now)
+            await self._ask_region(now)
         async with self._rounds_seen:
             self._rounds_seen.notify_all()
 
@@ -410,6 +433,67 @@ class ClusterNode:
             self._error_logged = now
             log.error("cluster_redis_unavailable", call=call, error=str(exc))
 
+    async def _ask_region(self, now: float) -> None:
+        """Cut off from Redis while our leases have surely lapsed: ask the other gateways
+        whether one of them read Redis since, and let go of every port it says another
+        gateway now owns (see peerview.py). A shared outage changes nothing: then no
+        peer has read Redis since, and we keep every port, as point 7 of the contract
+        asks."""
+        last = self._last_read
+        if self._ask_peer is None or last is None or not self.held:
+            return
+        # Renewed in the round that began at `last`, at most two deadlines into it; gone
+        # from Redis a lease period after that.
+        lapsed = last + 2 * self.store.timeout + self.lease_ttl
+        peers = {gw: addr for gw, addr in self._live.items() if gw != self.gateway_id}
+        if now < lapsed or not peers:
+            return
+        vms = sorted(self.held)
+        asked = asyncio.get_running_loop().time()
+        answers = await asyncio.gather(
+            *(self._ask_one(gw, addr, vms) for gw, addr in sorted(peers.items()))
+        )
+        # The peer read Redis at least `seen_ago` before it answered, and it answered
+        # after we asked: the reading is after `asked - seen_ago`.
+        fresh = [
+            view
+            for view in answers
+            if view is not None and view.seen_ago is not None and asked - view.seen_ago > lapsed
+        ]
+        if not fresh:
+            return
+        view = min(fresh, key=lambda v: v.seen_ago or 0.0)
+        routes = dict(self.owners)
+        for vm in vms:
+            owner = view.owners.get(vm)
+            if vm not in self.held or owner is None or owner == self.gateway_id:
+                continue
+            log.warning("cluster_deposed_while_cut_off", vm=vm, owner=owner, told_by=view.gateway)
+            self.stats.deposed_by_peers += 1
+            self._drop(vm, "another gateway owns the console now")
+            address = view.live.get(owner)
+            if address is not None:
+                routes[vm] = (owner, address)
+            else:
+                routes.pop(vm, None)
+        self._set_owners(routes)
+
+    async def _ask_one(self, gateway: str, advertise: str, vms: Sequence[str]) -> PeerView | None:
+        """One peer's reading for `vms` (merged over as many questions as they need)."""
+        assert self._ask_peer is not None
+        views: list[PeerView] = []
+        try:
+            async with asyncio.timeout(self.store.timeout):
+                for group in peerview.questions(vms):
+                    views.append(await self._ask_peer(advertise, group))
+        except (PeerLinkError, TimeoutError) as exc:
+            log.info("cluster_peer_not_asked", peer=gateway, error=str(exc))
+            return None
+        owners = {vm: owner for view in views for vm, owner in view.owners.items()}
+        ages = [v.seen_ago for v in views]
+        oldest = None if None in ages else max(a for a in ages if a is not None)
+        return PeerView(views[0].gateway, oldest, views[0].live, owners)
+
     def _note_owners(self, holders: Mapping[str, Lease | None], live: Mapping[str, str]) -> None:
         owners: dict[str, tuple[str, str]] = {}
         for vm_id, lease in holders.items():
@@ -420,6 +504,10 @@ class ClusterNode:
                     owners[vm_id] = (self.gateway_id, self.advertise)
             elif lease.gateway in live:
                 owners[vm_id] = (lease.gateway, live[lease.gateway])
+        self._set_owners(owners)
+
+    def _set_owners(self, owners: dict[str, tuple[str, str]]) -> None:
+        """Route by `owners` from now on; sessions relayed to a VM that moved follow it."""
         for vm_id in self.held:
             owners[vm_id] = (self.gateway_id, self.advertise)
         before = self.owners

@@ -44,6 +44,7 @@ from ..conftest import (
     toml_value,
 )
 from .conftest import RedisServer
+from .processes import SerialEnd
 
 pytestmark = pytest.mark.asyncio
 
@@ -84,6 +85,7 @@ def cluster_config(
         serial_port: int,
         auth: dict[str, Any] | None = None,
         gateway: dict[str, Any] | None = None,
+        cluster: dict[str, Any] | None = None,
         **vm: Any,
     ) -> Config:
         port = _free_port()
@@ -111,6 +113,7 @@ def cluster_config(
                 "advertise": f"127.0.0.1:{port}",
                 "peer_ca": gateway_pki["ca"],
                 "lease_ttl": "1s",
+                **(cluster or {}),
             },
         }
         lines: list[str] = []
@@ -501,6 +504,91 @@ async def _drain_alone_through_data_loss(
         while await resume_point() < held:
             await node.next_round()
     assert "vm-a" in gateway.hubs  # alone, it holds on while it drains
+
+
+async def test_only_gateways_may_ask_who_owns_the_vms(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """The owners question is the region's: a user's connection gets 403, whatever it
+    sends; a gateway gets the last round's reading, or 400 for a malformed question."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    question = b'{"vms": ["vm-a", "vm-x"]}'
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        assert other.cluster is not None
+        assert owner.cluster is not None
+        status, body = await api(owner, "POST", "/v1/cluster/owners", ctx, mint("olga"), question)
+        assert status == 403, body
+        assert (await api(owner, "GET", "/v1/cluster/owners", ctx, mint("olga")))[0] == 405
+        peer_ctx = other.cluster.peer_ssl
+        request = http_request("POST", "/v1/cluster/owners", bearer="", body=question)
+        status, _, body = await https_exchange(owner.tls_port, peer_ctx, request)
+        assert status == 200, body
+        answer = json.loads(body)
+        assert answer["gateway"] == owner.cluster.gateway_id
+        assert answer["owners"] == {"vm-a": owner.cluster.gateway_id, "vm-x": None}
+        assert 0 <= answer["seen_ago"] < 5
+        assert set(answer["live"]) == {"gw-1", "gw-2"}
+        bad = http_request("POST", "/v1/cluster/owners", bearer="", body=b'{"vms": 1}')
+        assert (await https_exchange(owner.tls_port, peer_ctx, bad))[0] == 400
+
+
+@pytest.fixture
+async def serial_end() -> AsyncIterator[SerialEnd]:
+    """vm-a's port as QEMU serves it: one gateway at a time, the next one waiting."""
+    end = SerialEnd("vm-a")
+    await end.start()
+    try:
+        yield end
+    finally:
+        await end.close()
+
+
+async def test_an_owner_cut_off_from_redis_alone_lets_go_when_a_peer_says_it_was_deposed(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    serial_end: SerialEnd,
+    redis_server: RedisServer,
+) -> None:
+    """Only the owner loses Redis (its ACL user is switched off): the other gateway sees its
+    lease lapse and claims vm-a, and its connection waits behind the owner's at the port.
+    The owner asks the other gateway, learns it was deposed, and closes its port: the new
+    owner gets the port, and the owner's own client follows the console there."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    other_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    await redis_server.command("ACL", "SETUSER", "cut", "on", ">pw", "~*", "&*", "+@all")
+    cut_url = redis_server.url.replace("unix://", "unix://cut:pw@")
+    async with (
+        serving(cluster_config(owner_id, serial_end.port, cluster={"redis": cut_url})) as owner,
+        serving(cluster_config(other_id, serial_end.port)) as other,
+    ):
+        await until(lambda: "vm-a" in owner.hubs, owner, other)
+        assert other.cluster is not None
+        assert owner.cluster is not None
+        cluster = other.cluster
+        await until(lambda: cluster.owner_of("vm-a") is not None, other)
+        async with console(owner, ctx, mint("alice")) as c:
+            assert c.hello["role"] == "writer"
+            await c.send(b"before\r")
+            await serial_end.wait_received(b"before\r", TIMEOUT)
+            try:
+                await redis_server.command("ACL", "SETUSER", "cut", "off")
+                await redis_server.command("CLIENT", "KILL", "USER", "cut")
+                await until(lambda: "vm-a" in other.hubs, other)
+                await c.control(type="notice", event="port_down")
+                await c.control(type="notice", event="port_up")
+                await c.send(b"after\r")
+                await serial_end.wait_received(b"after\r", TIMEOUT)
+                assert "vm-a" not in owner.hubs
+                assert owner.cluster.node.stats.deposed_by_peers == 1
+                _, metrics = await _health(owner, "/metrics")
+                assert b"relayd_cluster_deposed_by_peers_total 1.0" in metrics
+                assert serial_end.serves == 2
+                assert serial_end.connections == 1
+            finally:
+                await redis_server.command("ACL", "SETUSER", "cut", "on")
 
 
 async def _health(gateway: Gateway, path: str) -> tuple[int, bytes]:
