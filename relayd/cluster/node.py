@@ -231,9 +231,12 @@ class ClusterNode:
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
         self._ask_peer = ask_peer
-        # When the last round that read Redis began (loop time), and the gateways it saw.
+        # When the last round that read Redis began (loop time), and the gateways it saw;
+        # when the last round that may have renewed or claimed leases ended.
         self._last_read: float | None = None
+        self._leases_written: float | None = None
         self._live: dict[str, str] = {}
+        self._peer_error_logged = -ERROR_LOG_INTERVAL
 
     # -- what the gateway asks --------------------------------------------------------------
 
@@ -397,7 +400,11 @@ class ClusterNode:
                 data_lost=data_lost,
                 leaving=leaving,
             )
-            await self._carry_out(decisions)
+            try:
+                await self._carry_out(decisions)
+            finally:
+                # Every lease write of this round has run in Redis (or never will) by now.
+                self._leases_written = asyncio.get_running_loop().time()
             self._note_owners(state.holders, state.live)
             self.stats.rounds += 1
             self.first_round.set()
@@ -439,12 +446,10 @@ class ClusterNode:
         gateway now owns (see peerview.py). A shared outage changes nothing: then no
         peer has read Redis since, and we keep every port, as point 7 of the contract
         asks."""
-        last = self._last_read
-        if self._ask_peer is None or last is None or not self.held:
+        written = self._leases_written
+        if self._ask_peer is None or written is None or not self.held:
             return
-        # Renewed in the round that began at `last`, at most two deadlines into it; gone
-        # from Redis a lease period after that.
-        lapsed = last + 2 * self.store.timeout + self.lease_ttl
+        lapsed = written + self.lease_ttl  # our last renewal's lease, gone from Redis
         peers = {gw: addr for gw, addr in self._live.items() if gw != self.gateway_id}
         if now < lapsed or not peers:
             return
@@ -487,7 +492,10 @@ class ClusterNode:
                 for group in peerview.questions(vms):
                     views.append(await self._ask_peer(advertise, group))
         except (PeerLinkError, TimeoutError) as exc:
-            log.info("cluster_peer_not_asked", peer=gateway, error=str(exc))
+            now = asyncio.get_running_loop().time()
+            if now - self._peer_error_logged >= ERROR_LOG_INTERVAL:  # every round otherwise
+                self._peer_error_logged = now
+                log.warning("cluster_peer_not_asked", peer=gateway, error=str(exc) or "timeout")
             return None
         owners = {vm: owner for view in views for vm, owner in view.owners.items()}
         ages = [v.seen_ago for v in views]
