@@ -13,7 +13,9 @@ every gateway says `up` or `remote` for each, and the owners agree):
 * **typing**: the first `typists` VMs get a session at their owner
   (`local`), the other `typists` a session at a gateway that does not own
   them (`forwarded`, relayed over a peer link). Both sets stay open; typing
-  windows take turns (local, forwarded, forwarded, local, ...), each set at
+  windows take turns (local, round_robin, forwarded, forwarded, round_robin,
+  local, ...; `round_robin` types on every other session of each set: as many
+  typists, half of them forwarded, as HAProxy round-robin makes it), each set at
   `--rate` keys/s per session as bench/phases.py's keystroke phase types.
   Per case: p50/p99 of the round trips, relay CPU per key summed over every
   relayd process, redis-server's CPU, and Redis commands per second
@@ -604,9 +606,14 @@ async def main(args: argparse.Namespace) -> int:
                 f"Redis {idle['redis_calls_per_s']}",
                 flush=True,
             )
-            results["typing"] = await typing(
-                args, sampler, {"local": local, "forwarded": forwarded}, gateways[0].pid
-            )
+            # The shape: as many typists, every other one through another gateway
+            # (what HAProxy round-robin over 3 gateways gives about half the time).
+            round_robin = [
+                local[i] if i % 2 == 0 else forwarded[i]
+                for i in range(min(len(local), len(forwarded)))
+            ]
+            cases = {"local": local, "round_robin": round_robin, "forwarded": forwarded}
+            results["typing"] = await typing(args, sampler, cases, gateways[0].pid)
         finally:
             await close_all(local + forwarded)
         if flood_vms:
@@ -658,7 +665,10 @@ def summary(results: dict[str, Any]) -> None:
         a, b = t["local"]["median"], t["forwarded"]["median"]
         print("| case | p50 ms | p99 ms | relay CPU µs/key | redis CPU µs/key | Redis cmd/s |")
         print("|---|---:|---:|---:|---:|---:|")
-        for name, m in (("local", a), ("forwarded", b)):
+        for name in ("local", "round_robin", "forwarded"):
+            if name not in t:
+                continue
+            m = t[name]["median"]
             cells = ("p50_ms", "p99_ms", "relay_cpu_per_key_us", "redis_cpu_per_key_us",
                      "redis_client_commands_per_s")  # fmt: skip
             print(f"| {name} | " + " | ".join(str(m[c]) for c in cells) + " |")
