@@ -26,6 +26,7 @@ from .audit import audit
 from .auth import Principal
 from .cluster import peerview
 from .cluster.forwarding import (
+    MAX_OFFSET,
     ForwardedSession,
     Mode,
     encode_forwarded_request,
@@ -496,6 +497,9 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
             raise PeerError("from must be a byte offset", code="bad_request") from None
         if resume_from < 0:
             raise PeerError("from must be a byte offset", code="bad_request")
+        # Past the end is the end: capped where offsets end, so a forwarded session can
+        # carry it (an int of any length would be refused there, and 500 here).
+        resume_from = min(resume_from, MAX_OFFSET)
     session_id = secrets.token_hex(8)
     # What another gateway needs to serve this session: the owner, or the next one.
     fwd = ForwardedSession(

@@ -66,6 +66,7 @@ from ..errors import (
 __all__ = [
     "FORWARDED_PREFIX",
     "MAX_HEAD_BYTES",
+    "MAX_OFFSET",
     "MAX_RESPONSE_BODY_BYTES",
     "MAX_RESPONSE_HEAD_BYTES",
     "MAX_VALUE_BYTES",

@@ -86,6 +86,7 @@ def cluster_config(
         auth: dict[str, Any] | None = None,
         gateway: dict[str, Any] | None = None,
         cluster: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
         **vm: Any,
     ) -> Config:
         port = _free_port()
@@ -115,6 +116,7 @@ def cluster_config(
                 "lease_ttl": "1s",
                 **(cluster or {}),
             },
+            "[limits]": limits or {},
         }
         lines: list[str] = []
         for section, items in values.items():
@@ -992,3 +994,20 @@ async def test_a_relayed_client_whose_console_comes_here_with_its_port_down_stay
         await c.expect(b"output after\r\n")
         assert c.output.count(b"output before") == 1
         assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
+
+
+async def test_a_resume_offset_past_any_log_resumes_at_the_end_on_every_gateway(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """`?from=` far in the future (past 2**63) is the end of the output, as on one gateway:
+    the offset a forwarded session carries is capped, never a 500."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        await far_end.send(b"some output\r\n")
+        async with console(owner, ctx, mint("alice"), "mode=spectate") as c:
+            await c.expect(b"some output")
+            end = c.hello["offset"]
+        for gateway in (owner, other):
+            async with console(gateway, ctx, mint("alice"), f"from={10**20}") as c:
+                assert (c.hello["offset"], c.hello["replay"]) == (end, 0)
