@@ -217,7 +217,26 @@ async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespons
     principal = gw.access.authenticate(request)
     vm, _ = gw.access.authorize(principal, vm_id, request)
     if gw.cluster is not None:
-        return await _shared_console_log(gw.cluster.log, request, vm.id)
+        held = await _shared_console_log(gw.cluster.log, request, vm.id)
+        _audit_access(
+            gw,
+            request,
+            "console_log_read",
+            principal,
+            vm=vm.id,
+            offset=held.offset,
+            bytes=len(held.data),
+        )
+        return HttpResponse(
+            200,
+            held.data,
+            "application/octet-stream",
+            [
+                ("Relayd-Log-Start", str(held.start)),
+                ("Relayd-Log-End", str(held.end)),
+                ("Relayd-Data-Offset", str(held.offset)),
+            ],
+        )
     hub = gw.hubs[vm.id]
     try:
         start = int(request.query.get("from", hub.start))
@@ -249,8 +268,8 @@ async def console_log(gw: ApiOwner, request: Request, vm_id: str) -> HttpRespons
     )
 
 
-async def _shared_console_log(log: SharedLog, request: Request, vm_id: str) -> HttpResponse:
-    """`console_log` from the region's shared log: the same answer on every gateway."""
+async def _shared_console_log(log: SharedLog, request: Request, vm_id: str) -> LogSliceLike:
+    """What `console_log` answers from the region's shared log: the same on every gateway."""
     try:
         start = int(request.query.get("from", 0))
         max_bytes = int(request.query.get("max_bytes", MAX_LOG_RESPONSE))
@@ -259,19 +278,9 @@ async def _shared_console_log(log: SharedLog, request: Request, vm_id: str) -> H
     if start < 0 or max_bytes < 0:
         raise PeerError("from and max_bytes must not be negative", code="bad_request")
     try:
-        got = await log.read(vm_id, start, min(max_bytes, MAX_LOG_RESPONSE))
+        return await log.read(vm_id, start, min(max_bytes, MAX_LOG_RESPONSE))
     except RelaydError as exc:
         raise SharedStateError(f"console log not read: {exc}") from None
-    return HttpResponse(
-        200,
-        got.data,
-        "application/octet-stream",
-        [
-            ("Relayd-Log-Start", str(got.start)),
-            ("Relayd-Log-End", str(got.end)),
-            ("Relayd-Data-Offset", str(got.offset)),
-        ],
-    )
 
 
 async def issue_ticket(gw: ApiOwner, request: Request, vm_id: str) -> HttpResponse:

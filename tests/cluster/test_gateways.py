@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import trustme
+from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -1011,3 +1012,32 @@ async def test_a_resume_offset_past_any_log_resumes_at_the_end_on_every_gateway(
         for gateway in (owner, other):
             async with console(gateway, ctx, mint("alice"), f"from={10**20}") as c:
                 assert (c.hello["offset"], c.hello["replay"]) == (end, 0)
+
+
+async def test_console_log_reads_are_audited_on_every_gateway(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """`console_log_read` (docs/audit.md) on the owner and on the other gateway alike."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        await far_end.send(b"boot log\r\n")
+        for gateway in (owner, other):
+            request = http_request("GET", "/v1/vms/vm-a/console-log?from=5", bearer=mint("alice"))
+            with capture_logs() as events:
+                status, headers, body = await https_exchange(gateway.tls_port, ctx, request)
+            assert status == 200
+            reads = [e for e in events if e["event"] == "console_log_read"]
+            assert reads == [
+                {
+                    "event": "console_log_read",
+                    "audit": True,
+                    "log_level": "info",
+                    "principal": "user:alice",
+                    "peer": "127.0.0.1",
+                    "region": "test",
+                    "vm": "vm-a",
+                    "offset": int(headers["relayd-data-offset"]),
+                    "bytes": len(body),
+                }
+            ]
