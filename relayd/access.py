@@ -189,6 +189,9 @@ class AccessPolicy:
                 "principal": principal.id,
                 "groups": list(principal.groups),
                 "amr": list(principal.amr),
+                # A ticket's session ends with the credentials that asked for it
+                # (`disconnect_expired`), as the single gateway's in-memory ticket does.
+                "expires": principal.expires,
                 "vm": vm_id,
                 "mode": mode,
             }
@@ -227,7 +230,9 @@ class AccessPolicy:
         data = json.loads(raw)
         if data["vm"] != vm_id:
             raise AuthError("ticket was issued for another vm", code="invalid_ticket")
-        principal = Principal(data["principal"], tuple(data["groups"]), tuple(data["amr"]))
+        principal = Principal(
+            data["principal"], tuple(data["groups"]), tuple(data["amr"]), data.get("expires")
+        )
         return Ticket(principal, vm_id, str(data["mode"]), time.monotonic() + self.tickets.ttl)
 
     # -- authorization --------------------------------------------------------------------

@@ -1041,3 +1041,29 @@ async def test_console_log_reads_are_audited_on_every_gateway(
                     "bytes": len(body),
                 }
             ]
+
+
+async def test_a_ticket_session_ends_when_the_issuing_token_does_on_every_gateway(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """With `disconnect_expired`, a session opened with a ticket ends (4003) when the token
+    that asked for the ticket expires, as on a single gateway: the region's ticket keeps
+    the expiry, on the owner and through the other gateway alike."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    strict = {"disconnect_expired": True, "leeway": "1s"}
+    async with owner_and_relay(cluster_config, far_end, auth=strict) as (owner, other):
+        bearer = mint("alice", ttl=2.0)
+        tickets = []
+        for _ in (owner, other):
+            status, body = await api(
+                owner, "POST", "/v1/vms/vm-a/console/tickets", ctx, bearer, b'{"mode": "spectate"}'
+            )
+            assert status == 201
+            tickets.append(json.loads(body)["ticket"])
+        async with (
+            console(owner, ctx, "", f"ticket={tickets[0]}") as local,
+            console(other, ctx, "", f"ticket={tickets[1]}") as relayed,
+        ):
+            for c in (local, relayed):
+                assert await c.closed() == (4003, "credentials expired")
