@@ -34,7 +34,7 @@ from .certs import certificate_not_after
 from .cluster import peerview
 from .cluster.node import ClusterNode, Outbox
 from .cluster.peerlink import PeerTrust, peer_client_context, trust_peer_ca
-from .cluster.store import ClusterStore
+from .cluster.store import ClusterStore, SwitchChange
 from .config import Config, VmConfig, load_config
 from .connection import ConsoleGrant, ForwardGrant, HttpConnection, client_cert_cn
 from .errors import (
@@ -140,6 +140,11 @@ def _cert_not_after(config: Config) -> datetime.datetime:
 SHUTDOWN_CLOSE_TIMEOUT = 6.0
 
 
+def _disabled_reason(level: Level, key: str) -> str:
+    """The 4009 close reason for sessions a switch disabled: which switch."""
+    return f"serial console disabled for {level[:-1]} {key}"
+
+
 class Gateway:
     """One relayd process: listeners, hubs, sessions."""
 
@@ -230,11 +235,18 @@ class Gateway:
         for conn in list(self.connections):
             conn.owners_moved(owners)
 
-    def switches_changed(self) -> None:
-        """A console switch changed somewhere in the region: end what it disabled here."""
+    def switches_changed(self, change: SwitchChange | None = None) -> None:
+        """A console switch changed somewhere in the region: end what it disabled here.
+
+        The close names the switch, as `set_console` does on the gateway that set it: a
+        client hears the same whichever gateway its owner set the switch on.
+        """
+        reason = "serial console disabled"
+        if change is not None and not change.enabled:
+            reason = _disabled_reason(change.level, change.key)
         for hub in list(self.hubs.values()):
             if hub.clients and not self.console_enabled(hub.vm):
-                hub.close_all(control.CLOSE_DISABLED, "serial console disabled")
+                hub.close_all(control.CLOSE_DISABLED, reason)
 
     def admit_connection(self, peer: str) -> PeerError | None:
         """Count a new connection (the listener asks, before TLS); an error if over rate."""
@@ -304,9 +316,7 @@ class Gateway:
         for hub in self.hubs.values():
             if not self.console_enabled(hub.vm):
                 closed += len(hub.clients)
-                hub.close_all(
-                    control.CLOSE_DISABLED, f"serial console disabled for {level[:-1]} {key}"
-                )
+                hub.close_all(control.CLOSE_DISABLED, _disabled_reason(level, key))
         return closed
 
     def cluster_health(self) -> ClusterHealth | None:

@@ -90,8 +90,9 @@ class NodeOwner(Protocol):
     def close_hub(self, vm_id: str, reason: str) -> None:
         """Stop an owned VM's hub at once: close its port, end its sessions."""
 
-    def switches_changed(self) -> None:
-        """Switch overrides changed: end sessions of consoles now disabled."""
+    def switches_changed(self, change: SwitchChange | None = None) -> None:
+        """Switch overrides changed (`change`, or None: re-read): end sessions of consoles
+        now disabled."""
 
     def owners_changed(self, vms: Collection[str]) -> None:
         """The region named another owner for these VMs (sessions relayed to the old one move)."""
@@ -720,7 +721,7 @@ class ClusterNode:
         if isinstance(event, SwitchChange):
             self.switches.setdefault(event.level, {})[event.key] = event.enabled
             self._back_up()
-            self.owner.switches_changed()
+            self.owner.switches_changed(event)
         elif isinstance(event, SwitchesResync):
             self._resync.set()
         elif isinstance(event, OwnershipNews) and event.gateway != self.gateway_id:

@@ -1067,3 +1067,24 @@ async def test_a_ticket_session_ends_when_the_issuing_token_does_on_every_gatewa
         ):
             for c in (local, relayed):
                 assert await c.closed() == (4003, "credentials expired")
+
+
+async def test_a_switch_set_on_another_gateway_closes_with_the_same_reason(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """The 4009 a switch sends names the switch whichever gateway it was set on: vm-a's
+    clients (on its owning gateway, direct and relayed) hear what a single gateway says."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    disable = b'{"enabled": false}'
+    async with (
+        owner_and_relay(cluster_config, far_end) as (owner, other),
+        console(owner, ctx, mint("alice")) as local,
+        console(other, ctx, mint("bob"), "mode=spectate") as relayed,
+    ):
+        status, _ = await api(
+            other, "PUT", "/v1/vms/vm-a/serial-console", ctx, mint("olga"), disable
+        )
+        assert status == 200
+        for c in (local, relayed):
+            assert await c.closed() == (4009, "serial console disabled for vm vm-a")

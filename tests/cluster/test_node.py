@@ -10,7 +10,7 @@ import pytest
 
 from relayd.cluster.node import APPEND_ROUND_TRIP_BYTES, ClusterNode, NodeOwner, Outbox
 from relayd.cluster.ownership import Lease
-from relayd.cluster.store import ClusterStore
+from relayd.cluster.store import ClusterStore, SwitchChange
 from relayd.config import VmConfig
 from relayd.hub import ConsoleHub
 
@@ -34,7 +34,7 @@ class _PortlessGateway:
     def close_hub(self, vm_id: str, reason: str) -> None:
         raise AssertionError(f"{vm_id} was dropped: {reason}")
 
-    def switches_changed(self) -> None:
+    def switches_changed(self, change: SwitchChange | None = None) -> None:
         pass
 
     def owners_changed(self, vms: Collection[str]) -> None:
@@ -101,7 +101,7 @@ class _SubscribedGateway(_PortlessGateway):
     def __init__(self) -> None:
         self.subscribed = asyncio.Event()
 
-    def switches_changed(self) -> None:
+    def switches_changed(self, change: SwitchChange | None = None) -> None:
         self.subscribed.set()
 
 
