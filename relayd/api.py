@@ -647,12 +647,14 @@ def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant
     """A session another gateway admitted and relays here, the VM's owner.
 
     Raises:
-        ForbiddenError: the connection is not a gateway's (a client sent the headers).
+        ForbiddenError: the connection is not a gateway's (a client sent the headers), or
+            the client it relays is outside `allow_clients`.
         OwnerUnavailableError: this gateway does not own the VM (any more): no second hop.
     """
     if request.peer_gateway is None:
         raise ForbiddenError("forwarded sessions come only from gateways", code="forbidden")
     fwd = parse_forwarded_headers(request.headers)
+    gw.access.check_client(fwd.client_peer)  # the client's address, never the gateway's
     principal = Principal(fwd.principal, fwd.groups, fwd.amr, expires=fwd.expires)
     client = dataclasses.replace(request, peer=fwd.client_peer)
     vm, role = gw.access.authorize(principal, vm_id, client)

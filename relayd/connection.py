@@ -307,7 +307,10 @@ class HttpConnection(asyncio.Protocol):
         try:
             if self.owner.draining:
                 raise ServiceUnavailableError("the gateway is shutting down")
-            self.owner.check_client(self.peer)
+            if self._gateway is None:
+                # A gateway is no client: the owner checks the address of a client it relays
+                # (`Relayd-Forwarded-For`) when it admits the session.
+                self.owner.check_client(self.peer)
         except PeerError as exc:
             self._send_response(HttpResponse.error(exc))
             return

@@ -233,8 +233,9 @@ async def relaying_pair(
 
 @contextlib.asynccontextmanager
 async def console(
-    gateway: Gateway, ctx: ssl.SSLContext, token: str, query: str = ""
+    gateway: Gateway, ctx: ssl.SSLContext, token: str, query: str = "", *, source: str = ""
 ) -> AsyncIterator[Console]:
+    """vm-a's console on `gateway`, its hello read; `source`: the client's own address."""
     url = f"wss://localhost:{gateway.tls_port}/v1/vms/vm-a/console" + (f"?{query}" if query else "")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with connect(
@@ -244,6 +245,7 @@ async def console(
         additional_headers=headers,
         open_timeout=TIMEOUT,
         max_size=None,
+        local_addr=(source, 0) if source else None,
     ) as ws:
         c = Console(ws)
         c.hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
@@ -1088,3 +1090,26 @@ async def test_a_switch_set_on_another_gateway_closes_with_the_same_reason(
         assert status == 200
         for c in (local, relayed):
             assert await c.closed() == (4009, "serial console disabled for vm vm-a")
+
+
+async def test_allow_clients_is_the_clients_address_not_the_relaying_gateways(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """`allow_clients` admits a client through either gateway: the owner checks the address
+    of the client a gateway relays, never the relaying gateway's own (it is no client)."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    clients = {"allow_clients": ["127.0.1.0/24"]}
+    async with owner_and_relay(cluster_config, far_end, gateway=clients) as (owner, other):
+        for gateway in (owner, other):
+            async with console(gateway, ctx, mint("alice"), source="127.0.1.5") as c:
+                assert c.hello["role"] == "writer"
+        with pytest.raises(InvalidStatus) as refused:
+            async with console(other, ctx, mint("alice"), source="127.0.2.5"):
+                pass
+        assert refused.value.response.status_code == 403
+        # Nor is a gateway's own question (from 127.0.0.1) a client's.
+        assert other.cluster is not None
+        question = http_request("POST", "/v1/cluster/owners", body=b'{"vms": ["vm-a"]}')
+        status, _, body = await https_exchange(owner.tls_port, other.cluster.peer_ssl, question)
+        assert status == 200, body
