@@ -49,7 +49,7 @@ from .http import HttpResponse, Request
 from .hub import ConsoleHub
 from .keeper import keep_port
 from .linger import reset_connection
-from .listener import Listener, bind
+from .listener import Listener, bind, plain_address
 from .log import get_logger
 from .sdnotify import Notifier
 from .session import ConsoleSession
@@ -75,6 +75,10 @@ def _server_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
+#: Source addresses of gateways' peer links remembered (a region has a few gateways).
+MAX_GATEWAY_SOURCES = 64
+
+
 class GatewayCluster:
     """This gateway's cluster membership: the node, the peer-link contexts, the shared log."""
 
@@ -91,6 +95,7 @@ class GatewayCluster:
         # A dead owner's lease lapses after lease_ttl and a survivor claims the VM within
         # a round or two; a relay waits three leases (and a margin) before giving up.
         self.reattach_wait = 3 * cluster.lease_ttl + 2.0
+        self.gateway_sources: dict[str, None] = {}  # see `saw_gateway`
         limits = config.limits
         self.node = ClusterNode(
             gateway,
@@ -119,6 +124,19 @@ class GatewayCluster:
     def log(self) -> ClusterStore:
         """The shared console log."""
         return self.store
+
+    def saw_gateway(self, address: str) -> None:
+        """A verified gateway's connection came from `address` (remembered, oldest out)."""
+        sources = self.gateway_sources
+        sources.pop(address, None)
+        sources[address] = None
+        if len(sources) > MAX_GATEWAY_SOURCES:
+            del sources[next(iter(sources))]
+
+    def is_gateway_address(self, address: str) -> bool:
+        """Whether `address` is a gateway of the region: one a live gateway advertises, or
+        one a gateway's verified peer link came from (a gateway behind NAT, multi-homed)."""
+        return address in self.node.gateway_addresses or address in self.gateway_sources
 
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """(gateway id, advertise address) of the VM's owner, as of the last round."""
@@ -199,7 +217,19 @@ class Gateway:
         trust = self.cluster.trust
         gateway = trust.gateway_identity(ssl_object)
         user = client_cert_cn(transport) if trust.user_certificate_allowed(ssl_object) else None
+        peername = transport.get_extra_info("peername")
+        if gateway is not None and isinstance(peername, tuple):
+            self.cluster.saw_gateway(plain_address(str(peername[0])))
         return user, gateway
+
+    def is_gateway_address(self, peer: str) -> bool:
+        """Whether `peer` is another gateway of the region (the listener asks, before TLS).
+
+        A gateway's peer links each carry one client it admitted itself, so they are not
+        counted as one address's connections: under `connections_per_second_per_ip` and
+        `max_handshakes_per_ip` a relayed client would be refused where a direct one is not.
+        """
+        return self.cluster is not None and self.cluster.is_gateway_address(peer)
 
     # -- what the cluster node asks (cluster/node.py's NodeOwner) ---------------------------
 

@@ -18,7 +18,9 @@ them from one address (IPv4, or IPv6 /64: `ratelimit.address_key`). One that
 does not is reset at once, so idle connections from one address cost the
 gateway a few dozen handshakes, never a task, TLS state and a descriptor
 each. Behind a trusted proxy the address is the one in the PROXY header,
-read first (it is a few bytes, under the same deadline).
+read first (it is a few bytes, under the same deadline). In a cluster, another
+gateway's address is not limited per address (only by `max_handshakes`): each
+of its peer links relays one client that gateway admitted under its own limits.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class ListenerOwner(Protocol):
 
     def admit_connection(self, peer: str) -> object | None:
         """Count a new connection from `peer`; not None when it is over the rate."""
+
+    def is_gateway_address(self, peer: str) -> bool:
+        """Whether `peer` is another gateway of the region: no per-address limits for it."""
 
 
 BACKLOG = 4096
@@ -147,10 +152,13 @@ class Listener:
                         await asyncio.sleep(0.1)
                         continue
                     peer = plain_address(addr[0])
-                    # A trusted proxy's connection is keyed once its header names the client.
-                    key = None if self._trusted(peer) else address_key(peer)
+                    # A trusted proxy's connection is keyed once its header names the client;
+                    # a gateway's (each peer link relays a client it admitted) is not keyed.
+                    proxied = self._trusted(peer)
+                    gateway = not proxied and self.gateway.is_gateway_address(peer)
+                    key = None if proxied or gateway else address_key(peer)
                     if self._admit(peer, key):
-                        tg.create_task(self._handshake(conn, peer, key))
+                        tg.create_task(self._handshake(conn, peer, key, proxied=proxied))
                     else:
                         _reset(conn)
                     accepted += 1
@@ -172,14 +180,16 @@ class Listener:
             return False
         return True
 
-    async def _handshake(self, conn: socket.socket, peer: str, key: str | None) -> None:
+    async def _handshake(
+        self, conn: socket.socket, peer: str, key: str | None, *, proxied: bool
+    ) -> None:
         gw = self.gateway
         loop = asyncio.get_running_loop()
         timeout = gw.config.gateway.handshake_timeout
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with asyncio.timeout(timeout):
-                if key is None:
+                if proxied:
                     peer = await self._read_proxy_header(conn, peer)
                     key = self._admit_behind_proxy(peer)
                     if key is None:

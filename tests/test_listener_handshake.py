@@ -63,6 +63,10 @@ class FakeListenerOwner:
         """Every connection is within the rate (the rate itself: tests/test_listener.py)."""
         return None
 
+    def is_gateway_address(self, peer: str) -> bool:
+        """No cluster here."""
+        return False
+
 
 @asynccontextmanager
 async def listening(

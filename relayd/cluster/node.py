@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import time
 from collections import deque
@@ -207,6 +208,9 @@ class ClusterNode:
         self.outboxes: dict[str, Outbox] = {}
         # Where each VM is owned, as of the last round: vm -> (gateway, advertise address).
         self.owners: dict[str, tuple[str, str]] = {}
+        # The IP addresses the region's live gateways advertise, as of the last round:
+        # their peer links are not clients' connections (see `Gateway.is_gateway_address`).
+        self.gateway_addresses: frozenset[str] = frozenset()
         self.switches: dict[str, dict[str, bool]] = {}
         self.redis_up = False
         self.switches_loaded = False
@@ -513,6 +517,9 @@ class ClusterNode:
                     owners[vm_id] = (self.gateway_id, self.advertise)
             elif lease.gateway in live:
                 owners[vm_id] = (lease.gateway, live[lease.gateway])
+        self.gateway_addresses = frozenset(
+            address for advertised in live.values() if (address := _ip_of(advertised))
+        )
         self._set_owners(owners)
 
     def _set_owners(self, owners: dict[str, tuple[str, str]]) -> None:
@@ -742,6 +749,18 @@ class ClusterNode:
                 self._redis_failed("all_switches", exc, asyncio.get_running_loop().time())
                 continue
             self.owner.switches_changed()
+
+
+def _ip_of(advertise: str) -> str | None:
+    """The IP address of an advertised `host:port` (`[v6]:port`); None for a host name."""
+    host = advertise.rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 __all__ = ["ClusterNode", "NodeOwner", "NodeStats", "Nothing", "Outbox"]

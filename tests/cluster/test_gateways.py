@@ -1113,3 +1113,22 @@ async def test_allow_clients_is_the_clients_address_not_the_relaying_gateways(
         question = http_request("POST", "/v1/cluster/owners", body=b'{"vms": ["vm-a"]}')
         status, _, body = await https_exchange(owner.tls_port, other.cluster.peer_ssl, question)
         assert status == 200, body
+
+
+async def test_peer_links_are_not_one_clients_connections_to_the_owner(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """Per-address connection limits count clients, not the gateway that relays them: six
+    clients from six addresses open vm-a through the other gateway at once, as they could
+    on the owner, although their six peer links all come from one gateway's address."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    tight = {"connections_per_second_per_ip": 1, "max_handshakes_per_ip": 2}
+    async with owner_and_relay(cluster_config, far_end, limits=tight) as (_, other):
+
+        async def spectate(source: str) -> str:
+            async with console(other, ctx, mint("alice"), "mode=spectate", source=source) as c:
+                return str(c.hello["role"])
+
+        roles = await asyncio.gather(*(spectate(f"127.0.1.{i}") for i in range(1, 7)))
+        assert roles == ["spectator"] * 6
