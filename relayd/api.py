@@ -579,7 +579,7 @@ def _forward_grant(
             f"no gateway holds the console of {vm_id} right now (failover); try again"
         )
     host, _, port = owner[1].rpartition(":")
-    head = encode_forwarded_request(request.path, list(request.headers.items()), fwd)
+    head = encode_forwarded_request(request.path, _header_lines(request), fwd)
     reattach = _reattach(cluster, request, vm_id, fwd, owner[0])
     return ForwardGrant(
         host.strip("[]"),
@@ -590,6 +590,11 @@ def _forward_grant(
         reattach,
         here=_move_here(gw, request, vm_id, fwd),
     )
+
+
+def _header_lines(request: Request) -> list[tuple[str, str]]:
+    """The client's header lines for a forwarded upgrade: each one, a repeated one too."""
+    return list(request.header_lines or request.headers.items())
 
 
 def _move_here(gw: ApiOwner, request: Request, vm_id: str, fwd: ForwardedSession) -> MoveHere:
@@ -618,7 +623,7 @@ def _reattach(
     cluster: ClusterView, request: Request, vm_id: str, fwd: ForwardedSession, owner: str
 ) -> Reattach:
     """How a session served by `owner` follows its console to the VM's next owner."""
-    path, headers = request.path, list(request.headers.items())
+    path, headers = request.path, _header_lines(request)
 
     def resuming(offset: int, writer: bool) -> bytes:
         """The same session (id, principal, role), resuming at `offset`, for a new owner.
@@ -653,7 +658,7 @@ def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant
     """
     if request.peer_gateway is None:
         raise ForbiddenError("forwarded sessions come only from gateways", code="forbidden")
-    fwd = parse_forwarded_headers(request.headers)
+    fwd = parse_forwarded_headers(_header_lines(request))  # a repeated one is refused
     gw.access.check_client(fwd.client_peer)  # the client's address, never the gateway's
     principal = Principal(fwd.principal, fwd.groups, fwd.amr, expires=fwd.expires)
     client = dataclasses.replace(request, peer=fwd.client_peer)

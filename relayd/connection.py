@@ -290,19 +290,20 @@ class HttpConnection(asyncio.Protocol):
             self._send_response(HttpResponse.error(PeerError("malformed request target")))
             return
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-        headers: dict[str, str] = {}
-        for name, value in raw.headers:
-            headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        lines = tuple(
+            (name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw.headers
+        )
         request = Request(
             raw.method.decode("ascii", "replace"),
             parts.path,
             query,
-            headers,
+            dict(lines),
             bytes(self._body),
             self.peer,
             self._cert_cn,
             self._gateway,
             self._cert_not_after,
+            lines,
         )
         try:
             if self.owner.draining:

@@ -32,6 +32,9 @@ class Request:
     client_cert_cn: str | None = None
     peer_gateway: str | None = None  # a verified gateway certificate's name (cluster)
     client_cert_not_after: float | None = None  # wall-clock seconds
+    # Every header line in order, a repeated one too (`headers` keeps the last): what a
+    # forwarded upgrade passes on, as RFC 6455 lets a client split its handshake headers.
+    header_lines: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass

@@ -1132,3 +1132,30 @@ async def test_peer_links_are_not_one_clients_connections_to_the_owner(
 
         roles = await asyncio.gather(*(spectate(f"127.0.1.{i}") for i in range(1, 7)))
         assert roles == ["spectator"] * 6
+
+
+async def test_a_handshake_header_given_twice_is_forwarded_whole(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """RFC 6455 lets a client split `Sec-WebSocket-Protocol` over several lines (11.3.4):
+    the owner hears every line, as it does from a client of its own, and accepts it."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        for gateway in (owner, other):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", gateway.tls_port, ssl=ctx, server_hostname="localhost"
+            )
+            writer.write(
+                (
+                    "GET /v1/vms/vm-a/console?mode=spectate HTTP/1.1\r\nHost: localhost\r\n"
+                    f"Authorization: Bearer {mint('alice')}\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relayd.console.v1\r\n"
+                    "Sec-WebSocket-Protocol: x-later.v1\r\n\r\n"
+                ).encode()
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            assert b"Sec-WebSocket-Protocol: relayd.console.v1\r\n" in head
