@@ -277,6 +277,7 @@ class Gateway:
         for hub in list(self.hubs.values()):
             if hub.clients and not self.console_enabled(hub.vm):
                 hub.close_all(control.CLOSE_DISABLED, reason)
+        self._close_disabled_moves(reason)
 
     def admit_connection(self, peer: str) -> PeerError | None:
         """Count a new connection (the listener asks, before TLS); an error if over rate."""
@@ -347,6 +348,16 @@ class Gateway:
             if not self.console_enabled(hub.vm):
                 closed += len(hub.clients)
                 hub.close_all(control.CLOSE_DISABLED, _disabled_reason(level, key))
+        return closed + self._close_disabled_moves(_disabled_reason(level, key))
+
+    def _close_disabled_moves(self, reason: str) -> int:
+        """Relayed clients of a console now disabled that wait for its next owner: 4009 now,
+        as an owner would close them (the next owner would refuse them, later, with 1001)."""
+        closed = 0
+        for conn in list(self.connections):
+            vm = self.access.vms.get(conn.relayed_vm or "")
+            if vm is not None and not self.console_enabled(vm):
+                closed += conn.close_moving(control.CLOSE_DISABLED, reason)
         return closed
 
     def cluster_health(self) -> ClusterHealth | None:
@@ -582,6 +593,7 @@ class Gateway:
         for hub in self.hubs.values():
             if not self.console_enabled(hub.vm):
                 hub.close_all(control.CLOSE_DISABLED, "serial console disabled by configuration")
+        self._close_disabled_moves("serial console disabled by configuration")
         self._reauthorize_sessions()
         log.info("config_reloaded", vms=len(self.hubs))
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")

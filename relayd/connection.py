@@ -548,6 +548,15 @@ class HttpConnection(asyncio.Protocol):
             self._relay.notify(text)
 
     @property
+    def relayed_vm(self) -> str | None:
+        """The VM of a session relayed to its owner (None: no relay, or one that cannot move)."""
+        return None if self._relay is None else self._relay.vm
+
+    def close_moving(self, code: int, reason: str) -> bool:
+        """Close a relayed client waiting for its console's next owner (see `Relay`)."""
+        return self._relay is not None and self._relay.close_moving(code, reason)
+
+    @property
     def relaying(self) -> bool:
         """Whether this connection is a session relayed to the VM's owner."""
         return self._relay is not None

@@ -342,6 +342,22 @@ class Relay:
             self._send_client(_close_frame(control.CLOSE_GOING_AWAY, reason))
         self.close()
 
+    def close_moving(self, code: int, reason: str) -> bool:
+        """Close a client waiting for its console's next owner with `code` (a switch
+        disabled the console meanwhile: it hears what an owner would have said, now).
+
+        False when the relay is not moving: its owner closes the session itself then.
+        """
+        moving = self._moving
+        if moving is None or self._reattach is None:
+            return False
+        moving.cancel()
+        self._moving = None
+        log.info("relay_closed_while_moving", vm=self._reattach.vm, code=code)
+        self._send_client(_close_frame(code, reason))
+        _close_later(self._client, self._close_timeout)
+        return True
+
     def notify(self, text: str) -> None:
         """Tell the client something (a text frame), between two of the owner's frames.
 

@@ -1159,3 +1159,25 @@ async def test_a_handshake_header_given_twice_is_forwarded_whole(
             writer.close()
             assert head.startswith(b"HTTP/1.1 101 "), head
             assert b"Sec-WebSocket-Protocol: relayd.console.v1\r\n" in head
+
+
+async def test_a_switch_closes_a_relayed_client_with_4009_while_its_console_moves(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A console disabled while its owner is gone and its relayed client waits for the next
+    one: the client is closed with 4009 naming the switch, as it would be at an owner, not
+    with 1001 when the next owner refuses it."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        killable_owner_and_relay(cluster_config, far_end) as (victim, relaying),
+        console(relaying, ctx, mint("alice"), "mode=spectate") as c,
+    ):
+        victim.proc.send_signal(signal.SIGKILL)
+        await victim.proc.wait()
+        await c.control(type="notice", event="port_down")
+        status, _ = await api(
+            relaying, "PUT", "/v1/vms/vm-a/serial-console", ctx, mint("olga"), b'{"enabled": false}'
+        )
+        assert status == 200
+        assert await c.closed() == (4009, "serial console disabled for vm vm-a")
