@@ -89,7 +89,7 @@ class ForwardGrant:
     """An admitted session for a VM another gateway owns: relay the client to it.
 
     `head` is the forwarded upgrade (cluster/forwarding.py); the owner's
-    answer, a 101 or a refusal, goes to the client verbatim.
+    answer, a 101 or a refusal, goes to the client as the owner sent it.
     """
 
     host: str
@@ -323,12 +323,16 @@ class HttpConnection(asyncio.Protocol):
             try:
                 if request.method == "GET" and console_vm(request.path) is not None:
                     grant = await self.owner.open_console(request)
-                    if isinstance(grant, ForwardGrant):
-                        await self._forward(grant)
-                    elif self.transport is not None and not self.transport.is_closing():
-                        self._upgrade(request, raw, grant)
-                    return
-                response = await self.owner.handle(request)
+                    if not isinstance(grant, ForwardGrant):
+                        if self.transport is not None and not self.transport.is_closing():
+                            self._upgrade(request, raw, grant)
+                        return
+                    refusal = await self._forward(grant)
+                    if refusal is None:
+                        return
+                    response = refusal
+                else:
+                    response = await self.owner.handle(request)
             except PeerError as exc:
                 response = HttpResponse.error(exc)
             except Exception:  # a bug: answer 500 and log it once, never a silent close
@@ -442,8 +446,13 @@ class HttpConnection(asyncio.Protocol):
         if leftover:
             session.data_received(leftover)
 
-    async def _forward(self, grant: ForwardGrant) -> None:
-        """Relay the client to the VM's owner: its answer verbatim, then bytes both ways.
+    async def _forward(self, grant: ForwardGrant) -> HttpResponse | None:
+        """Relay the client to the VM's owner: its 101 verbatim, then bytes both ways.
+
+        Returns:
+            The owner's refusal (409, 403, ...), to answer as this connection answers any
+            request (the same bytes, and the connection kept for the next request, as the
+            owner keeps a client's own); None once relayed (or the client is gone).
 
         Raises:
             PeerError: (503) the owner cannot be reached; the client may retry.
@@ -460,11 +469,9 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             peer.abort()
-            return
-        if peer.status != 101:  # a refusal (409, 403, ...): the owner's words, then close
-            transport.write(peer.response)
-            transport.close()
-            return
+            return None
+        if peer.status != 101:  # a refusal: the link is closed already, never spliced
+            return _refusal(peer.status, peer.head, peer.rest)
         leftover, _ = self._h11.trailing_data
         self._cancel_deadline()
         self._here = grant.here
@@ -476,6 +483,7 @@ class HttpConnection(asyncio.Protocol):
             on_done=self._relayed,
             on_here=self._take_here if grant.here is not None else None,
         )
+        return None
 
     def _move(self, session: ConsoleSession, reattach: Reattach) -> None:
         """The VM moved away and the session ended here: relay the client to its next owner."""
@@ -570,6 +578,28 @@ class HttpConnection(asyncio.Protocol):
     def _relayed(self, relay: Relay) -> None:
         """Both ends of a relayed session are gone."""
         self._forget()
+
+
+def _refusal(status: int, head: bytes, body: bytes) -> HttpResponse:
+    """An owner's refusal of a forwarded upgrade, as this gateway's own answer.
+
+    The owner framed it as this module frames every answer (`_send_response`), so
+    framing it again gives the same bytes; only framing and connection headers are
+    left to this connection's h11, which decides keep-alive for the client's request.
+    """
+    content_type = "application/json"
+    headers: list[tuple[str, str]] = []
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        value = value.strip(" \t")
+        lower = name.lower()
+        if lower == "content-type":
+            content_type = value
+        elif lower not in ("", "content-length", "connection") and (
+            (name, value) not in DEFAULT_HEADERS
+        ):
+            headers.append((name, value))
+    return HttpResponse(status, body, content_type, headers)
 
 
 def _admit_here(

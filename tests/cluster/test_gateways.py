@@ -1181,3 +1181,41 @@ async def test_a_switch_closes_a_relayed_client_with_4009_while_its_console_move
         )
         assert status == 200
         assert await c.closed() == (4009, "serial console disabled for vm vm-a")
+
+
+async def test_a_refused_upgrade_reads_and_keeps_its_connection_as_on_the_owner(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """`deny` with a writer attached: the 409 is the same bytes through either gateway, and
+    the connection stays open for the client's next request on both (keep-alive), as after
+    any refusal: the client is never left with a connection closed under it."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    upgrade = (
+        "GET /v1/vms/vm-a/console HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: Bearer {mint('bob')}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relayd.console.v1\r\n\r\n"
+    ).encode()
+    listing = http_request("GET", "/v1/vms", bearer=mint("bob"))
+    refusals = []
+    async with (
+        owner_and_relay(cluster_config, far_end, takeover="deny") as (owner, other),
+        console(owner, ctx, mint("alice")),
+    ):
+        for gateway in (owner, other):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", gateway.tls_port, ssl=ctx, server_hostname="localhost"
+            )
+            try:
+                writer.write(upgrade)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                refusals.append(head + await reader.readexactly(length))
+                writer.write(listing)
+                second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+                assert second.startswith(b"HTTP/1.1 200 "), second
+            finally:
+                writer.close()
+    assert refusals[0].startswith(b"HTTP/1.1 409 ")
+    assert refusals[0] == refusals[1]
