@@ -91,8 +91,10 @@ class Region:
         *,
         user: str | None = "alice",
         query: str = "",
+        source: str = "",
     ) -> AsyncIterator[Console]:
-        """A console session through `target`, its hello already read."""
+        """A console session through `target`, its hello already read; `source`: the
+        client's own address (default: the kernel's choice)."""
         host, port = self.address(target)
         headers = {"Authorization": f"Bearer {self.token(user)}"} if user else {}
         opening = connect(
@@ -103,6 +105,7 @@ class Region:
             additional_headers=headers,
             open_timeout=TIMEOUT,
             max_size=None,
+            local_addr=(source, 0) if source else None,
         )
         try:
             ws = await opening.__aenter__()

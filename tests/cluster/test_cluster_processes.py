@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from .processes import (
     free_port,
     hashed_haproxy_config,
     http_get,
+    poll_until,
 )
 
 __all__ = ["region"]  # the fixture, imported so pytest finds it
@@ -137,6 +138,30 @@ async def test_session_through_any_gateway_or_the_balancer_gets_hello_and_echo(
             assert marker in region.ends["vm-0"].received
     assert region.owner("vm-0") is owner  # sessions never move the port
     assert single_holder(region)["vm-0"] == 1
+
+
+async def test_audits_name_the_real_client_direct_relayed_or_through_the_balancer(
+    region: Region,
+) -> None:
+    """The owner audits each session of its VM with the client's own address, whether the
+    client came to it, to another gateway (relayed) or through HAProxy (its PROXY header):
+    never a gateway's or the balancer's address."""
+    owner = (await region.wait_settled())["vm-0"]
+    targets: list[GatewayProcess | str] = [owner, *region.others(owner), LB, LB, LB]
+    for i, target in enumerate(targets):
+        source = f"127.0.3.{i + 1}"
+        async with region.console(target, "vm-0", source=source) as console:
+            session = console.hello["session"]
+
+        def audited(session: str = session) -> list[tuple[str, str]]:
+            events = owner.events("session_started") + owner.events("session_ended")
+            return [(e["event"], e["peer"]) for e in events if e.get("session_id") == session]
+
+        async def ended(audited: Callable[[], list[tuple[str, str]]] = audited) -> bool:
+            return len(audited()) == 2
+
+        await poll_until(ended, f"session_ended of {session}", TIMEOUT, owner.running)
+        assert audited() == [("session_started", source), ("session_ended", source)], target
 
 
 async def test_hashed_balancer_in_http_mode_serves_every_vm(
