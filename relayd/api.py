@@ -120,6 +120,10 @@ class ClusterView(Protocol):
         """Wait until the next ownership round has run."""
 
     @property
+    def keepalive_interval(self) -> float:
+        """The region's keepalive interval (owners drop a client that misses a pong)."""
+
+    @property
     def reattach_wait(self) -> float:
         """How long a relay waits for a new owner when the owner dies."""
 
@@ -644,6 +648,7 @@ def _reattach(
         ssl_context=cluster.peer_ssl,
         timeout=cluster.forward_timeout,
         wait=cluster.reattach_wait,
+        keepalive=cluster.keepalive_interval,
         me=cluster.gateway_id,
     )
 

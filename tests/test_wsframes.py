@@ -92,6 +92,22 @@ def test_client_stream_cut_anywhere_reports_every_frame_end_it_sees(
     assert not walker.broken
 
 
+@given(_client_frames(), st.lists(st.integers(0, 1 << 20), max_size=12))
+def test_pings_and_pongs_are_counted_however_the_stream_is_cut(
+    frames: list[Spec], points: list[int]
+) -> None:
+    """The relay tells an owner that dropped an unresponsive client from one that died by
+    the owner's pings and the client's pongs: each counted once, in any cut."""
+    pongs = sum(1 for opcode, _, _ in frames if opcode is Opcode.PONG)
+    pings = sum(1 for opcode, _, _ in frames if opcode is Opcode.PING)
+    client = ClientStream()
+    _walk(client, _cuts(_encode(frames, mask=True)[0], points))
+    assert client.pongs == pongs
+    server = ServerStream()
+    _walk(server, _cuts(_encode(frames, mask=False)[0], points))
+    assert server.pings == pings
+
+
 @given(_client_frames(), st.integers(0, 1 << 20))
 def test_client_stream_stopped_mid_frame_is_not_at_a_boundary(
     frames: list[Spec], point: int

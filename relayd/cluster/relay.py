@@ -113,6 +113,8 @@ class Reattach:
         wait: how long to wait for a new owner before closing the client.
         me: this gateway's id: when it is the next owner, the relay's `on_here` takes
             the client into a session here instead of a peer link to itself.
+        keepalive: the owners' `keepalive_interval` (the region's config): a client
+            that sent no pong for that long when its owner hangs up was dropped by it.
     """
 
     vm: str
@@ -123,6 +125,7 @@ class Reattach:
     timeout: float
     wait: float
     me: str | None = None
+    keepalive: float | None = None
 
 
 class MoveRefused(Exception):
@@ -175,6 +178,7 @@ class _Owner(asyncio.Protocol):
         self.changed = asyncio.Event()
         self.close_timer: asyncio.TimerHandle | None = None
         self.deposed: asyncio.TimerHandle | None = None  # see `Relay.owner_moved`
+        self.left = False  # the relay reset this link itself (a deposed owner's)
 
     def data_received(self, data: bytes) -> None:
         if self.live:
@@ -265,6 +269,8 @@ class Relay:
         self._held: bytearray | None = None  # client input while no owner is attached
         self._moving: asyncio.Task[None] | None = None
         self._was_writer = False  # whether the client wrote before its latest move
+        self._pongs_before = 0  # the client's pongs before the current owner's stream
+        self._last_pong = asyncio.get_running_loop().time()  # or when the relay began
 
     # -- normal relaying --------------------------------------------------------------------
 
@@ -275,7 +281,11 @@ class Relay:
             if len(held) > self._high_water:
                 self._client.transport.pause_reading()
             return
-        self._frames.track(data)
+        frames = self._frames
+        pongs = frames.pongs
+        frames.track(data)
+        if frames.pongs != pongs:
+            self._last_pong = asyncio.get_running_loop().time()
         owner = self._owner
         if owner is not None and not owner.transport.is_closing():
             owner.transport.write(data)
@@ -401,6 +411,7 @@ class Relay:
         link.deposed = None
         if link is self._owner and not link.lost and self._reattach is not None:
             log.info("relay_owner_moved", vm=self._reattach.vm, owner=self._owner_id, to=owner)
+            link.left = True
             reset_connection(link.transport)
 
     def abort(self) -> None:
@@ -435,6 +446,18 @@ class Relay:
         if self._reattach is None or server.closing or self._client.transport.is_closing():
             _close_later(self._client, self._close_timeout)  # the owner's Close reaches it
             return
+        if not owner.left and self._client_unresponsive():
+            # The owner reset the link because of the client: it missed a pong or left its
+            # output unread (session.py drops a direct client so, with a reset). Moved, the
+            # client would only be dropped again; it is dropped alike, not told port_down.
+            log.info(
+                "relay_owner_lost",
+                vm=self._reattach.vm,
+                owner=self._owner_id,
+                outcome="client dropped",
+            )
+            reset_connection(self._client.transport)
+            return
         if not server.at_boundary or server.position is None or server.broken:
             log.warning(
                 "relay_owner_lost",
@@ -452,6 +475,21 @@ class Relay:
         log.info("relay_owner_lost", vm=self._reattach.vm, owner=self._owner_id, outcome="moving")
         self._send_client(_text_frame(control.encode_notice("port_down", vm=self._reattach.vm)))
         self._moving = asyncio.get_running_loop().create_task(self._move(self._reattach))
+
+    def _client_unresponsive(self) -> bool:
+        """Whether the client has not answered the owner's last ping, or sent no pong for a
+        keepalive interval (the ping may not have reached this relay: behind output the
+        client leaves unread, or dropped with the link's reset).
+
+        That is why an owner drops a client (session.py). One that dies or hands the
+        console over does so at any time, and a live client answers each ping, one per
+        interval, within a round trip: it is rarely caught between the two.
+        """
+        if self._server.pings > self._frames.pongs - self._pongs_before:
+            return True
+        keepalive = None if self._reattach is None else self._reattach.keepalive
+        now = asyncio.get_running_loop().time()
+        return keepalive is not None and now - self._last_pong >= keepalive
 
     def _done(self) -> None:
         if not self.closed.done():
@@ -605,6 +643,8 @@ class Relay:
             raise MoveRefused(f"gateway {owner[0]} resumed the session at the wrong offset")
         self._was_writer = self._server.writer
         self._server = stream
+        self._pongs_before = self._frames.pongs
+        self._last_pong = asyncio.get_running_loop().time()  # a new session: pings anew
         return side, end, link
 
     @property

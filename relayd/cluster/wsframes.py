@@ -44,6 +44,8 @@ _OP_CONT = 0x0
 _OP_TEXT = 0x1
 _OP_BINARY = 0x2
 _OP_CLOSE = 0x8
+_OP_PING = 0x9
+_OP_PONG = 0xA
 _MASK = 0x80
 _FIN = 0x80
 
@@ -165,6 +167,7 @@ class ClientStream(_FrameWalker):
             them again. Copied only when a chunk ends inside a frame.
         unfinished_whole: `unfinished` holds the whole start of that frame
             (false once it grew past `max_unfinished`).
+        pongs: Pong frames the client sent (its answers to the owner's pings).
     """
 
     _masked = True
@@ -174,6 +177,11 @@ class ClientStream(_FrameWalker):
         self.max_unfinished = max_unfinished
         self.unfinished = bytearray()
         self.unfinished_whole = True
+        self.pongs = 0
+
+    def _start(self, opcode: int, fin: bool) -> None:
+        if opcode == _OP_PONG:
+            self.pongs += 1
 
     def track(self, data: bytes | bytearray) -> None:
         """`feed`, keeping `unfinished` up to date."""
@@ -209,6 +217,7 @@ class ServerStream(_FrameWalker):
             new owner asks for what it has, never for more.
         closing: the owner has begun a Close frame (its session is ending on
             purpose: the relay passes that on and never switches owners).
+        pings: Ping frames the owner sent (its keepalive; the client must answer).
     """
 
     _masked = False
@@ -220,6 +229,7 @@ class ServerStream(_FrameWalker):
         self.port_up = True
         self.writer = False
         self.closing = False
+        self.pings = 0
         self._text: bytearray | None = None  # the text message being collected
         self._text_fin = False
         self._binary = False
@@ -232,6 +242,8 @@ class ServerStream(_FrameWalker):
             self._text_fin = fin
         elif opcode == _OP_CLOSE:
             self.closing = True
+        elif opcode == _OP_PING:
+            self.pings += 1
 
     def _payload(self, data: bytes | bytearray, start: int, n: int) -> None:
         if self._binary:

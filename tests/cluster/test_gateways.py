@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import trustme
 from structlog.testing import capture_logs
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relayd.app import Gateway
 from relayd.auth import issue_token
@@ -44,6 +44,7 @@ from ..conftest import (
     https_exchange,
     toml_value,
 )
+from ..logevents import LogWaiter
 from .conftest import RedisServer
 from .processes import SerialEnd
 
@@ -1219,3 +1220,58 @@ async def test_a_refused_upgrade_reads_and_keeps_its_connection_as_on_the_owner(
                 writer.close()
     assert refusals[0].startswith(b"HTTP/1.1 409 ")
     assert refusals[0] == refusals[1]
+
+
+async def _events_until_closed(ws: ClientConnection) -> list[str]:
+    """The events of the notices a client reads until its connection ends."""
+    events = []
+    async with asyncio.timeout(TIMEOUT):
+        try:
+            while True:
+                message = await ws.recv()
+                if isinstance(message, str):
+                    events.append(str(json.loads(message).get("event")))
+        except ConnectionClosed:
+            return events
+
+
+async def test_a_client_that_stops_reading_is_dropped_alike_direct_or_relayed(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A spectator that stops reading while the console prints misses its pongs and the
+    owner drops it (a reset, no Close). Relayed, it is dropped the same way: the relay
+    takes the owner's hang-up for what it is, not for an owner that died (no port_down,
+    no 1001 'console moved' seconds later)."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    limits = {"keepalive_interval": "1s", "output_queue_bytes": 8192}
+    waiter = LogWaiter()
+    async with owner_and_relay(cluster_config, far_end, limits=limits) as (owner, other):
+        for gateway in (owner, other):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", gateway.tls_port))
+            with capture_logs(processors=[waiter]):
+                async with connect(
+                    f"wss://localhost:{gateway.tls_port}/v1/vms/vm-a/console?mode=spectate",
+                    sock=sock,
+                    server_hostname="localhost",
+                    ssl=ctx,
+                    additional_headers={"Authorization": f"Bearer {mint('bob')}"},
+                    subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+                    max_queue=1,
+                    max_size=None,
+                    ping_interval=None,
+                ) as ws:
+                    session = json.loads(await ws.recv())["session"]
+                    await far_end.send(b"y" * 262144)  # more than it takes in unread
+
+                    def dropped(session: str = session) -> bool:
+                        return any(
+                            e["event"] == "session_ended" and e["session_id"] == session
+                            for e in waiter.events
+                        )
+
+                    await waiter.wait_for(dropped)
+                    assert "port_down" not in await _events_until_closed(ws)
+                    assert ws.protocol.close_rcvd is None  # dropped: no Close frame
