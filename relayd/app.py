@@ -369,6 +369,8 @@ class Gateway:
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         health_server: asyncio.Server | None = None
+        if self.cluster is not None:
+            await self._refuse_a_taken_gateway_id(self.cluster)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -430,6 +432,23 @@ class Gateway:
                     loop.remove_signal_handler(sig)
             self.notifier.close()
             log.info("gateway_stopped")
+
+    async def _refuse_a_taken_gateway_id(self, cluster: GatewayCluster) -> None:
+        """Refuse to start where another live gateway has this one's `gateway_id`.
+
+        Raises:
+            ConfigError: it has (an unreachable Redis is `_join_cluster`'s to report).
+        """
+        assert self.config.cluster is not None
+        advertise = str(self.config.cluster.advertise)
+        try:
+            elsewhere = await cluster.store.id_live_elsewhere(advertise)
+        except ClusterUnavailableError:
+            return
+        if elsewhere is not None:
+            await cluster.store.close()
+            message = cluster.store.id_conflict(elsewhere, advertise)
+            raise ConfigError(str(self.config.path), "cluster.gateway_id", message)
 
     async def _join_cluster(self, cluster: GatewayCluster) -> None:
         """Before serving: the switch overrides (or no console is served), a first round."""

@@ -133,6 +133,10 @@ async def _check_cluster(cfg: Config) -> str:
         raise ConfigError(str(cfg.path), "cluster.redis", f"cannot reach Redis: {exc}") from None
     finally:
         await store.close()
+    elsewhere = live.get(cluster.gateway_id)
+    if elsewhere is not None and elsewhere != str(cluster.advertise):
+        message = store.id_conflict(elsewhere, str(cluster.advertise))
+        raise ConfigError(str(cfg.path), "cluster.gateway_id", message)
     others = ", ".join(sorted(gw for gw in live if gw != cluster.gateway_id)) or "none yet"
     return (
         f"cluster: gateway {cluster.gateway_id} advertised at {cluster.advertise}, "

@@ -30,6 +30,7 @@ from relayd.auth import issue_token
 from relayd.cluster.ownership import preferred_owner
 from relayd.cluster.store import ClusterUnavailableError
 from relayd.config import Config, load_config
+from relayd.errors import ConfigError
 
 from ..conftest import (
     AUDIENCE,
@@ -649,6 +650,46 @@ async def test_check_config_reaches_redis_or_names_the_key(
     assert code != 0
     assert "cluster.redis" in out
     assert "cannot reach Redis" in out
+
+
+async def test_a_second_gateway_with_a_live_gateway_id_is_refused(
+    cluster_config: Callable[..., Config], far_end: FarEnd
+) -> None:
+    """Two gateways with one gateway_id would share leases (the one leaving takes the
+    other's VMs): check-config and serve refuse the second, naming the key and the first's
+    address; the running gateway keeps its console."""
+    first = cluster_config("gw-1", far_end.port)
+    text = cluster_config("gw-copy", far_end.port).path.read_text()
+    copy = text.replace('gateway_id = "gw-copy"', 'gateway_id = "gw-1"')
+    assert copy != text
+    path = first.path.parent.parent / "copy.toml"
+    path.write_text(copy)
+    relayd = Path(sys.executable).parent / "relayd"
+    async with serving(first) as g1:
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        proc = await asyncio.create_subprocess_exec(
+            str(relayd), "check-config", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+        assert proc.returncode == 2, (out, err)
+        assert b"cluster.gateway_id" in err
+        assert first.cluster is not None
+        assert f"already live in this region at {first.cluster.advertise}".encode() in err
+        taken = r"cluster\.gateway_id: gateway 'gw-1' is already live"
+        with pytest.raises(ConfigError, match=taken):
+            async with serving(load_config(path)):
+                pass
+        # The same id at the same address is the gateway itself: check-config beside it.
+        proc = await asyncio.create_subprocess_exec(
+            str(relayd), "check-config", str(first.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+        assert proc.returncode == 0, (out, err)
+        assert g1.cluster is not None
+        await g1.cluster.node.next_round()
+        assert "vm-a" in g1.hubs
 
 
 async def test_relayed_session_ends_when_its_token_expires_with_disconnect_expired(
