@@ -118,14 +118,27 @@ async def _check_cluster(cfg: Config) -> str:
     Raises:
         ConfigError: a file does not load, or Redis does not answer (naming the key).
     """
-    from .cluster.peerlink import PeerTrust, peer_client_context
+    from .cluster.peerlink import (
+        PeerTrust,
+        check_own_certificate,
+        peer_client_context,
+        trust_peer_ca,
+    )
     from .cluster.store import ClusterStore
     from .errors import ClusterUnavailableError
+    from .tls import server_context
 
     cluster = cfg.cluster
     assert cluster is not None
-    peer_client_context(cfg.tls.cert, cfg.tls.key, cluster.peer_ca)
-    PeerTrust.load(cluster.peer_ca, cfg.tls.client_ca)
+    client_ctx = peer_client_context(
+        cfg.tls.cert, cfg.tls.key, cluster.peer_ca, min_version=cfg.tls.min_version
+    )
+    trust = PeerTrust.load(cluster.peer_ca, cfg.tls.client_ca)
+    server_ctx = server_context(cfg.tls)
+    trust_peer_ca(server_ctx, cluster.peer_ca)
+    problem = check_own_certificate(server_ctx, client_ctx, trust, cluster.advertise.host)
+    if problem is not None:
+        raise ConfigError(str(cfg.path), *problem)
     store = ClusterStore.from_config(cfg)
     try:
         live = await store.live_gateways()

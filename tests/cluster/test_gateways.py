@@ -692,6 +692,45 @@ async def test_a_second_gateway_with_a_live_gateway_id_is_refused(
         assert "vm-a" in g1.hubs
 
 
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ("peer_ca", "cluster.peer_ca", "does not verify against peer_ca"),
+        ("advertise", "cluster.advertise", "does not name 127.0.0.2"),
+    ],
+)
+async def test_check_config_refuses_a_certificate_the_other_gateways_would_refuse(
+    cluster_config: Callable[..., Config],
+    far_end: FarEnd,
+    tmp_path: Path,
+    change: str,
+    key: str,
+    words: str,
+) -> None:
+    """A peer_ca that did not issue this gateway's certificate, or an advertise host the
+    certificate does not name, makes every peer link fail at run time: check-config says
+    so, naming the key, instead of passing."""
+    config = cluster_config("gw-1", far_end.port)
+    text = config.path.read_text()
+    if change == "peer_ca":
+        other = tmp_path / "other-ca.crt"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        changed = text.replace(f"peer_ca = {toml_value(str(config.cluster.peer_ca))}", "")
+        changed = changed.replace("[cluster]\n", f"[cluster]\npeer_ca = {toml_value(str(other))}\n")
+    else:
+        advertise = str(config.cluster.advertise)
+        changed = text.replace(f'"{advertise}"', f'"127.0.0.2:{config.cluster.advertise.port}"')
+    assert changed != text
+    config.path.write_text(changed)
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "relayd"), "check-config", str(config.path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 2, err
+    assert f"{key}: this gateway's certificate (tls.cert) {words}".encode() in err, err
+
+
 async def test_relayed_session_ends_when_its_token_expires_with_disconnect_expired(
     cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
 ) -> None:
