@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import trustme
+from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -42,8 +43,10 @@ from ..conftest import (
     gateway_process,
     http_request,
     https_exchange,
+    refused_upgrade,
     toml_value,
 )
+from ..logevents import LogWaiter
 from .conftest import RedisServer
 from .processes import SerialEnd
 
@@ -690,6 +693,40 @@ async def test_a_second_gateway_with_a_live_gateway_id_is_refused(
         assert g1.cluster is not None
         await g1.cluster.node.next_round()
         assert "vm-a" in g1.hubs
+
+
+async def test_a_relay_that_reaches_no_owner_logs_why_the_last_link_failed(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    tmp_path: Path,
+) -> None:
+    """A gateway whose peer_ca did not issue the owner's certificate answers 503 after its
+    wait, and its peer_link_failed says what failed (the certificate), not only that no
+    gateway took the console."""
+    other_ca = tmp_path / "other-ca.crt"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    waiter = LogWaiter()
+    with capture_logs(processors=[waiter]):
+        async with (
+            serving(cluster_config(owner_id, far_end.port)) as owner,
+            serving(cluster_config(relay_id, far_end.port, cluster={"peer_ca": other_ca})) as relay,
+        ):
+            cluster = relay.cluster
+            assert cluster is not None
+            await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, owner, relay)
+            url = f"wss://localhost:{relay.tls_port}/v1/vms/vm-a/console"
+            token = _mint(gateway_pki)("alice")
+            status, code = await refused_upgrade(
+                url, ctx, additional_headers={"Authorization": f"Bearer {token}"}
+            )
+    assert (status, code) == (503, "owner_unavailable")
+    (failed,) = waiter.named("peer_link_failed")
+    assert "no gateway took the console" in failed["error"]
+    assert "certificate verify failed" in failed["error"], failed
 
 
 @pytest.mark.parametrize(
