@@ -106,9 +106,11 @@ def _check_config(path: Path) -> int:
     Authenticator(cfg.auth)
     if cfg.auth.allow_dev_tokens:
         print(f"relayd: warning: {cfg.path}: {DEV_TOKENS_WARNING}", file=sys.stderr)
+    # The cluster's checks first: "ok" is printed only once everything passed.
+    cluster = asyncio.run(_check_cluster(cfg)) if cfg.cluster is not None else None
     print(_explain(cfg))
-    if cfg.cluster is not None:
-        print(asyncio.run(_check_cluster(cfg)))
+    if cluster is not None:
+        print(cluster)
     return 0
 
 

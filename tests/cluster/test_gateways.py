@@ -653,6 +653,7 @@ async def test_check_config_reaches_redis_or_names_the_key(
     assert code != 0
     assert "cluster.redis" in out
     assert "cannot reach Redis" in out
+    assert ": ok" not in out  # no "ok" above the error
 
 
 async def test_a_second_gateway_with_a_live_gateway_id_is_refused(
