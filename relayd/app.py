@@ -75,6 +75,22 @@ def _server_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
+def peer_material(config: Config) -> tuple[ssl.SSLContext, PeerTrust]:
+    """The context peer links go out with, and what tells a gateway's certificate.
+
+    Raises:
+        ConfigError: the certificate, key or a CA file cannot be loaded.
+    """
+    assert config.cluster is not None
+    tls, peer_ca = config.tls, config.cluster.peer_ca
+    ssl_ctx = peer_client_context(tls.cert, tls.key, peer_ca, min_version=tls.min_version)
+    return ssl_ctx, PeerTrust.load(peer_ca, tls.client_ca)
+
+
+#: `[cluster]` keys a running gateway keeps until it restarts (its place in the region).
+CLUSTER_KEYS_NEEDING_RESTART = ("redis", "gateway_id", "advertise", "lease_ttl")
+
+
 class GatewayCluster:
     """This gateway's cluster membership: the node, the peer-link contexts, the shared log."""
 
@@ -83,10 +99,7 @@ class GatewayCluster:
         cluster = config.cluster
         self.store = ClusterStore.from_config(config)
         self.gateway_id = cluster.gateway_id
-        self.peer_ssl = peer_client_context(
-            config.tls.cert, config.tls.key, cluster.peer_ca, min_version=config.tls.min_version
-        )
-        self.trust = PeerTrust.load(cluster.peer_ca, config.tls.client_ca)
+        self.peer_ssl, self.trust = peer_material(config)
         self.forward_timeout = max(2.0, config.gateway.handshake_timeout)
         # A dead owner's lease lapses after lease_ttl and a survivor claims the VM within
         # a round or two; a relay waits three leases (and a margin) before giving up.
@@ -433,6 +446,20 @@ class Gateway:
             self.notifier.close()
             log.info("gateway_stopped")
 
+    def _warn_cluster_keys_need_restart(self, config: Config) -> None:
+        """Log what a reload leaves as it was: the region and this gateway's place in it."""
+        old, new = self.config.cluster, config.cluster
+        if (old is None) != (new is None):
+            log.warning("reload_needs_restart", key="cluster")
+            return
+        if old is None or new is None:
+            return
+        if config.gateway.region != self.config.gateway.region:
+            log.warning("reload_needs_restart", key="gateway.region")
+        for key in CLUSTER_KEYS_NEEDING_RESTART:
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload_needs_restart", key=f"cluster.{key}")
+
     async def _refuse_a_taken_gateway_id(self, cluster: GatewayCluster) -> None:
         """Refuse to start where another live gateway has this one's `gateway_id`.
 
@@ -525,6 +552,7 @@ class Gateway:
             authenticator = Authenticator(config.auth)
             cert_expiry = _cert_not_after(config)
             added = self._open_added_hubs(config) if self.cluster is None else {}
+            peer = None if self.cluster is None else peer_material(config)
         except (ConfigError, ConsoleLogError) as exc:
             log.error("config_reload_failed", error=str(exc))
             self.notifier.notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
@@ -532,6 +560,11 @@ class Gateway:
         for key in ("listen", "health_listen", "state_dir"):
             if getattr(config.gateway, key) != getattr(self.config.gateway, key):
                 log.warning("reload_needs_restart", key=f"gateway.{key}")
+        self._warn_cluster_keys_need_restart(config)
+        if self.cluster is not None and peer is not None:
+            # New peer links present the new certificate and check the new peer_ca, as the
+            # listener's new context does; links already open keep theirs.
+            self.cluster.peer_ssl, self.cluster.trust = peer
         self.config = config
         self.region = config.gateway.region
         self.ssl_context = ssl_context

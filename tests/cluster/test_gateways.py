@@ -696,6 +696,35 @@ async def test_a_second_gateway_with_a_live_gateway_id_is_refused(
         assert "vm-a" in g1.hubs
 
 
+async def test_reload_moves_peer_links_to_the_new_certificate_and_peer_ca(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A region moving to a new CA: every gateway's certificate, key and peer_ca replaced,
+    then a reload of each. A console relayed between them still opens: peer links present
+    and check what the reload read, as the listener does. A [cluster] key changed in the same
+    reload is logged as needing a restart, not taken silently."""
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        new_ca = trustme.CA()
+        cert = new_ca.issue_cert("localhost", "127.0.0.1", common_name="gw.rotated")
+        cert.private_key_pem.write_to_path(str(gateway_pki["key"]))
+        cert.cert_chain_pems[0].write_to_path(str(gateway_pki["cert"]))
+        new_ca.cert_pem.write_to_path(str(gateway_pki["ca"]))
+        text = other.config.path.read_text()
+        other.config.path.write_text(text.replace('lease_ttl = "1s"', 'lease_ttl = "2s"'))
+        waiter = LogWaiter()
+        with capture_logs(processors=[waiter]):
+            assert await owner.reload()
+            assert await other.reload()
+        restart = waiter.named("reload_needs_restart")
+        assert [e["key"] for e in restart] == ["cluster.lease_ttl"]
+        ctx = ssl.create_default_context()
+        new_ca.configure_trust(ctx)
+        async with console(other, ctx, _mint(gateway_pki)("alice")) as c:
+            assert c.hello["role"] == "writer"
+            await c.send(b"after-rotation\r")
+            await far_end.wait_received(lambda got: b"after-rotation\r" in got)
+
+
 async def test_a_relay_that_reaches_no_owner_logs_why_the_last_link_failed(
     cluster_config: Callable[..., Config],
     gateway_pki: dict[str, Path],
