@@ -354,11 +354,24 @@ class Gateway:
             reasons.append("draining")
         if self.cert_not_after <= datetime.datetime.now(datetime.UTC):
             reasons.append(f"certificate expired at {self.cert_not_after.isoformat()}")
-        if self.config.gateway.ready_requires_port and not any(
-            hub.port_up for hub in self.hubs.values()
-        ):
+        if self.config.gateway.ready_requires_port and not self._a_port_is_reachable():
             reasons.append("no serial port is reachable")
         return reasons
+
+    def _a_port_is_reachable(self) -> bool:
+        """A port is up here, or (in a cluster) another gateway owns a VM of this config.
+
+        A gateway that owns no VM is normal in a region (rendezvous hashing: more
+        gateways than VMs, or a gateway that just joined) and serves every console
+        through their owners; taking it out of the balancer would only shrink the region.
+        """
+        if any(hub.port_up for hub in self.hubs.values()):
+            return True
+        cluster = self.cluster
+        if cluster is None:
+            return False
+        owners = (cluster.owner_of(vm.id) for vm in self.config.vms)
+        return any(owner is not None and owner[0] != cluster.gateway_id for owner in owners)
 
     def connection_closed(self, conn: HttpConnection) -> None:
         """Forget a connection (and its session); wakes a waiting shutdown."""

@@ -725,6 +725,23 @@ async def test_reload_moves_peer_links_to_the_new_certificate_and_peer_ca(
             await far_end.wait_received(lambda got: b"after-rotation\r" in got)
 
 
+async def test_ready_requires_port_counts_ports_other_gateways_own(
+    cluster_config: Callable[..., Config], far_end: FarEnd
+) -> None:
+    """With ready_requires_port, a gateway that owns no VM but relays to the owner is ready
+    (the balancer keeps it); it is not while no gateway owns one."""
+    unowned = cluster_config("gw-1", 1, gateway={"ready_requires_port": True})
+    async with serving(unowned) as alone:  # a port nobody listens on: never up
+        assert alone.unready_reasons() == ["no serial port is reachable"]
+    async with owner_and_relay(cluster_config, far_end, gateway={"ready_requires_port": True}) as (
+        owner,
+        other,
+    ):
+        assert "vm-a" not in other.hubs
+        assert other.unready_reasons() == []
+        assert owner.unready_reasons() == []
+
+
 async def test_a_relay_that_reaches_no_owner_logs_why_the_last_link_failed(
     cluster_config: Callable[..., Config],
     gateway_pki: dict[str, Path],
