@@ -79,6 +79,22 @@ def _server_context(config: Config) -> ssl.SSLContext:
 MAX_GATEWAY_SOURCES = 64
 
 
+def peer_material(config: Config) -> tuple[ssl.SSLContext, PeerTrust]:
+    """The context peer links go out with, and what tells a gateway's certificate.
+
+    Raises:
+        ConfigError: the certificate, key or a CA file cannot be loaded.
+    """
+    assert config.cluster is not None
+    tls, peer_ca = config.tls, config.cluster.peer_ca
+    ssl_ctx = peer_client_context(tls.cert, tls.key, peer_ca, min_version=tls.min_version)
+    return ssl_ctx, PeerTrust.load(peer_ca, tls.client_ca)
+
+
+#: `[cluster]` keys a running gateway keeps until it restarts (its place in the region).
+CLUSTER_KEYS_NEEDING_RESTART = ("redis", "gateway_id", "advertise", "lease_ttl")
+
+
 class GatewayCluster:
     """This gateway's cluster membership: the node, the peer-link contexts, the shared log."""
 
@@ -87,10 +103,7 @@ class GatewayCluster:
         cluster = config.cluster
         self.store = ClusterStore.from_config(config)
         self.gateway_id = cluster.gateway_id
-        self.peer_ssl = peer_client_context(
-            config.tls.cert, config.tls.key, cluster.peer_ca, min_version=config.tls.min_version
-        )
-        self.trust = PeerTrust.load(cluster.peer_ca, config.tls.client_ca)
+        self.peer_ssl, self.trust = peer_material(config)
         self.forward_timeout = max(2.0, config.gateway.handshake_timeout)
         # A dead owner's lease lapses after lease_ttl and a survivor claims the VM within
         # a round or two; a relay waits three leases (and a margin) before giving up.
@@ -393,11 +406,24 @@ class Gateway:
             reasons.append("draining")
         if self.cert_not_after <= datetime.datetime.now(datetime.UTC):
             reasons.append(f"certificate expired at {self.cert_not_after.isoformat()}")
-        if self.config.gateway.ready_requires_port and not any(
-            hub.port_up for hub in self.hubs.values()
-        ):
+        if self.config.gateway.ready_requires_port and not self._a_port_is_reachable():
             reasons.append("no serial port is reachable")
         return reasons
+
+    def _a_port_is_reachable(self) -> bool:
+        """A port is up here, or (in a cluster) another gateway owns a VM of this config.
+
+        A gateway that owns no VM is normal in a region (rendezvous hashing: more
+        gateways than VMs, or a gateway that just joined) and serves every console
+        through their owners; taking it out of the balancer would only shrink the region.
+        """
+        if any(hub.port_up for hub in self.hubs.values()):
+            return True
+        cluster = self.cluster
+        if cluster is None:
+            return False
+        owners = (cluster.owner_of(vm.id) for vm in self.config.vms)
+        return any(owner is not None and owner[0] != cluster.gateway_id for owner in owners)
 
     def connection_closed(self, conn: HttpConnection) -> None:
         """Forget a connection (and its session); wakes a waiting shutdown."""
@@ -421,6 +447,8 @@ class Gateway:
                 loop.add_signal_handler(sig, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         health_server: asyncio.Server | None = None
+        if self.cluster is not None:
+            await self._refuse_a_taken_gateway_id(self.cluster)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -482,6 +510,37 @@ class Gateway:
                     loop.remove_signal_handler(sig)
             self.notifier.close()
             log.info("gateway_stopped")
+
+    def _warn_cluster_keys_need_restart(self, config: Config) -> None:
+        """Log what a reload leaves as it was: the region and this gateway's place in it."""
+        old, new = self.config.cluster, config.cluster
+        if (old is None) != (new is None):
+            log.warning("reload_needs_restart", key="cluster")
+            return
+        if old is None or new is None:
+            return
+        if config.gateway.region != self.config.gateway.region:
+            log.warning("reload_needs_restart", key="gateway.region")
+        for key in CLUSTER_KEYS_NEEDING_RESTART:
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload_needs_restart", key=f"cluster.{key}")
+
+    async def _refuse_a_taken_gateway_id(self, cluster: GatewayCluster) -> None:
+        """Refuse to start where another live gateway has this one's `gateway_id`.
+
+        Raises:
+            ConfigError: it has (an unreachable Redis is `_join_cluster`'s to report).
+        """
+        assert self.config.cluster is not None
+        advertise = str(self.config.cluster.advertise)
+        try:
+            elsewhere = await cluster.store.id_live_elsewhere(advertise)
+        except ClusterUnavailableError:
+            return
+        if elsewhere is not None:
+            await cluster.store.close()
+            message = cluster.store.id_conflict(elsewhere, advertise)
+            raise ConfigError(str(self.config.path), "cluster.gateway_id", message)
 
     async def _join_cluster(self, cluster: GatewayCluster) -> None:
         """Before serving: the switch overrides (or no console is served), a first round."""
@@ -558,6 +617,7 @@ class Gateway:
             authenticator = Authenticator(config.auth)
             cert_expiry = _cert_not_after(config)
             added = self._open_added_hubs(config) if self.cluster is None else {}
+            peer = None if self.cluster is None else peer_material(config)
         except (ConfigError, ConsoleLogError) as exc:
             log.error("config_reload_failed", error=str(exc))
             self.notifier.notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
@@ -565,6 +625,11 @@ class Gateway:
         for key in ("listen", "health_listen", "state_dir"):
             if getattr(config.gateway, key) != getattr(self.config.gateway, key):
                 log.warning("reload_needs_restart", key=f"gateway.{key}")
+        self._warn_cluster_keys_need_restart(config)
+        if self.cluster is not None and peer is not None:
+            # New peer links present the new certificate and check the new peer_ca, as the
+            # listener's new context does; links already open keep theirs.
+            self.cluster.peer_ssl, self.cluster.trust = peer
         self.config = config
         self.region = config.gateway.region
         self.ssl_context = ssl_context

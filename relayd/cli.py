@@ -106,9 +106,11 @@ def _check_config(path: Path) -> int:
     Authenticator(cfg.auth)
     if cfg.auth.allow_dev_tokens:
         print(f"relayd: warning: {cfg.path}: {DEV_TOKENS_WARNING}", file=sys.stderr)
+    # The cluster's checks first: "ok" is printed only once everything passed.
+    cluster = asyncio.run(_check_cluster(cfg)) if cfg.cluster is not None else None
     print(_explain(cfg))
-    if cfg.cluster is not None:
-        print(asyncio.run(_check_cluster(cfg)))
+    if cluster is not None:
+        print(cluster)
     return 0
 
 
@@ -118,14 +120,27 @@ async def _check_cluster(cfg: Config) -> str:
     Raises:
         ConfigError: a file does not load, or Redis does not answer (naming the key).
     """
-    from .cluster.peerlink import PeerTrust, peer_client_context
+    from .cluster.peerlink import (
+        PeerTrust,
+        check_own_certificate,
+        peer_client_context,
+        trust_peer_ca,
+    )
     from .cluster.store import ClusterStore
     from .errors import ClusterUnavailableError
+    from .tls import server_context
 
     cluster = cfg.cluster
     assert cluster is not None
-    peer_client_context(cfg.tls.cert, cfg.tls.key, cluster.peer_ca)
-    PeerTrust.load(cluster.peer_ca, cfg.tls.client_ca)
+    client_ctx = peer_client_context(
+        cfg.tls.cert, cfg.tls.key, cluster.peer_ca, min_version=cfg.tls.min_version
+    )
+    trust = PeerTrust.load(cluster.peer_ca, cfg.tls.client_ca)
+    server_ctx = server_context(cfg.tls)
+    trust_peer_ca(server_ctx, cluster.peer_ca)
+    problem = check_own_certificate(server_ctx, client_ctx, trust, cluster.advertise.host)
+    if problem is not None:
+        raise ConfigError(str(cfg.path), *problem)
     store = ClusterStore.from_config(cfg)
     try:
         live = await store.live_gateways()
@@ -133,6 +148,10 @@ async def _check_cluster(cfg: Config) -> str:
         raise ConfigError(str(cfg.path), "cluster.redis", f"cannot reach Redis: {exc}") from None
     finally:
         await store.close()
+    elsewhere = live.get(cluster.gateway_id)
+    if elsewhere is not None and elsewhere != str(cluster.advertise):
+        message = store.id_conflict(elsewhere, str(cluster.advertise))
+        raise ConfigError(str(cfg.path), "cluster.gateway_id", message)
     others = ", ".join(sorted(gw for gw in live if gw != cluster.gateway_id)) or "none yet"
     return (
         f"cluster: gateway {cluster.gateway_id} advertised at {cluster.advertise}, "

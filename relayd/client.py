@@ -317,6 +317,11 @@ def console_url(base: str, vm: str, *, spectate: bool, resume_from: int | None =
     return urllib.parse.urlunsplit(("wss", parts.netloc, path, urllib.parse.urlencode(query), ""))
 
 
+#: Closes after which the same console is there to reconnect to: the gateway went away
+#: (a drain, a restart) or the connection dropped; `--from` then misses nothing.
+RESUMABLE_CLOSES = frozenset({control.CLOSE_GOING_AWAY, control.CLOSE_ABNORMAL, None})
+
+
 def describe_close(code: int | None, reason: str | None) -> str:
     """One status line for a close code and the server's reason text."""
     words = CLOSE_REASONS.get(code or control.CLOSE_ABNORMAL, f"closed with code {code}")
@@ -522,6 +527,9 @@ class _ConsoleSession:
         self._signal: int | None = None
         self._quit = False
         self._failure: str | None = None
+        # The offset of the next output byte (hello's offset - replay, plus what came):
+        # where a reconnect resumes (`--from`) to miss nothing.
+        self._position: int | None = None
 
     def interrupt(self, signo: int) -> None:
         """Signal handler: end the session with a normal close."""
@@ -557,6 +565,10 @@ class _ConsoleSession:
             return EXIT_ERROR
         code = self._ws.close_code
         self._status.line(describe_close(code, self._ws.close_reason))
+        if self._position is not None and code in RESUMABLE_CLOSES and not self._quit:
+            self._status.line(
+                f"to resume where this left off, connect again with --from {self._position}"
+            )
         return EXIT_OK if self._quit or code == control.CLOSE_NORMAL else EXIT_ERROR
 
     async def _pump_output(self) -> None:
@@ -569,6 +581,8 @@ class _ConsoleSession:
             if isinstance(message, str):
                 self._on_control(message)
                 continue
+            if self._position is not None:
+                self._position += len(message)
             try:
                 await self._output.write(message)
             except OSError as exc:
@@ -587,6 +601,9 @@ class _ConsoleSession:
         kind = message.get("type")
         if kind == "hello":
             self._role = str(message.get("role"))
+            offset, replay = message.get("offset"), message.get("replay", 0)
+            if isinstance(offset, int) and isinstance(replay, int):
+                self._position = max(0, offset - replay)
             self._status.line(
                 _printable(
                     f"connected to vm {message.get('vm')} as {self._role} "
@@ -597,12 +614,19 @@ class _ConsoleSession:
         elif kind == "notice":
             if message.get("event") == "demoted":
                 self._role = "spectator"
+            if message.get("event") == "output_gap":
+                self._skip_past(message.get("last"))
             self._status.line(describe_notice(message))
         elif kind == "error":
             code, text = message.get("code", "error"), message.get("message", "")
             self._status.line(_printable(f"error: {code}: {text}".rstrip(": ")))
         else:
             self._status.line(_printable(f"ignored control message of type {kind}"))
+
+    def _skip_past(self, last: object) -> None:
+        """An `output_gap` ending at offset `last`: the next byte is after it."""
+        if isinstance(last, int) and self._position is not None:
+            self._position = max(self._position, last + 1)
 
     async def _pump_input(self) -> None:
         """Keyboard bytes through the escape parser to the gateway."""

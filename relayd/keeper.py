@@ -74,18 +74,44 @@ async def _keep_port_open(hub: ConsoleHub) -> None:
         bound.info("port_up")
         try:
             link.start(hub.publish)
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(_watch(link))
-                tg.create_task(_write_loop(hub, link))
-        except* (OSError, PortUnavailableError) as group:
-            hub.stats.port_errors += 1
-            hub.stats.last_error = str(group.exceptions[0]) or type(group).__name__
+            error = await _run_link(hub, link)
         finally:
             hub.port_closed()  # first: nothing is accepted while it closes
             await link.close()
+        hub.stats.port_errors += 1
+        hub.stats.last_error = str(error) or type(error).__name__
         hub.stats.reconnects += 1
         bound.info("port_down", error=hub.stats.last_error, retry_in=backoff)
         await asyncio.sleep(backoff)
+
+
+async def _run_link(hub: ConsoleHub, link: SerialLink) -> OSError | PortUnavailableError:
+    """Watch the far end and write queued input until the port fails; that failure.
+
+    Not a TaskGroup: on Python 3.11 a TaskGroup already ending because a child failed
+    (the far end went away) swallows a cancel of its parent task that arrives meanwhile
+    and raises the child's error instead, so a keeper cancelled at that moment (its VM
+    released, the gateway stopping) would take it for a port error and reconnect
+    forever, holding a single-client chardev and keeping the gateway from exiting.
+    Here a cancel always ends the keeper.
+
+    Raises:
+        Exception: what a child raised that is no port failure (a bug).
+    """
+    tasks = [asyncio.create_task(_watch(link)), asyncio.create_task(_write_loop(hub, link))]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)  # both end at once; none outlives the port
+    errors = [t.exception() for t in tasks if t in done and not t.cancelled()]
+    for error in errors:
+        if error is not None and not isinstance(error, OSError | PortUnavailableError):
+            raise error
+    failure = next((e for e in errors if e is not None), None)
+    assert isinstance(failure, OSError | PortUnavailableError)  # neither child returns
+    return failure
 
 
 async def _watch(link: SerialLink) -> None:

@@ -107,6 +107,21 @@ def _reset(conn: socket.socket) -> None:
     conn.close()
 
 
+#: What a failed handshake most likely means, for the reasons a misconfigured load
+#: balancer produces (the PROXY protocol on one side only).
+HINTS = {
+    "wrong_version_number": (
+        "not TLS: a PROXY header from an address not in trusted_proxies (list the "
+        "balancer's source address there), or a client that does not speak TLS"
+    ),
+    "proxy_header": (
+        "no valid PROXY header from an address in trusted_proxies: enable send-proxy-v2 "
+        "on the balancer, or take the address out of trusted_proxies (peer links and "
+        "health checkers never send one)"
+    ),
+}
+
+
 def _reason(exc: BaseException) -> str:
     """A short, bounded label for a failed handshake (a metric label, not a message)."""
     if isinstance(exc, TimeoutError):
@@ -205,7 +220,8 @@ class Listener:
         except (OSError, TimeoutError, EOFError, proxy_protocol.ProxyProtocolError) as exc:
             reason = _reason(exc)
             self.handshake_failures[reason] += 1
-            log.info("handshake_failed", peer=peer, reason=reason)
+            hint = {"hint": HINTS[reason]} if reason in HINTS else {}
+            log.info("handshake_failed", peer=peer, reason=reason, **hint)
             conn.close()
         except Exception:
             # A bug, not the peer: this connection ends; the listener (a task group of every

@@ -387,6 +387,46 @@ async def test_connect_takeover_session_relays_both_ways_and_reports_who(
     assert os.get_blocking(stdout_w)
 
 
+@pytest.mark.parametrize("drop", [False, True])
+async def test_connect_gateway_gone_says_the_offset_to_resume_from(
+    gateway: Gateway, pipes: tuple[int, int, int, int], drop: bool
+) -> None:
+    """A drain (1001) or a dropped connection ends the client; its last line says which
+    --from resumes it without a gap: hello's offset less its replay, plus output since, and
+    past any output_gap."""
+    stdin_r, _, stdout_r, stdout_w = pipes
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({**HELLO, "offset": 100, "replay": 4}))
+        await ws.send(b"tail")  # the replay: offsets 96..99
+        await ws.send(b"live!")  # 100..104
+        gap = {"type": "notice", "event": "output_gap", "first": 105, "last": 199, "bytes": 95}
+        await ws.send(json.dumps(gap))
+        await ws.send(b"xyz")  # 200..202
+        if drop:
+            ws.transport.abort()
+        else:
+            await ws.close(1001, "gateway shutting down")
+
+    gateway.handler = script
+    stderr = EventfulStderr()
+    async with asyncio.timeout(TIMEOUT):
+        code = await connect(
+            gateway.url,
+            "demo-1",
+            token=TOKEN,
+            ca=gateway.ca_file,
+            spectate=False,
+            stdin_fd=stdin_r,
+            stdout_fd=stdout_w,
+            stderr=stderr,
+        )
+    assert code == 1
+    assert _read_all(stdout_r) == b"taillive!xyz"
+    lines = stderr.getvalue().splitlines()
+    assert lines[-1] == "[relayd] to resume where this left off, connect again with --from 203"
+
+
 async def test_connect_escape_menu_sends_break_sysrq_literal_and_quits(
     gateway: Gateway, pipes: tuple[int, int, int, int]
 ) -> None:

@@ -8,12 +8,13 @@ hooks are real processes. Waits are on the hub's own notices and on log events
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from relayd.keeper import BACKOFF_FIRST
+from relayd.keeper import BACKOFF_FIRST, keep_port, wait_until
 
 from .conftest import TIMEOUT, FarEnd
 from .hubclient import RecordingClient, keeping, make_hub
@@ -117,3 +118,28 @@ async def test_keeper_failed_break_is_told_and_input_goes_on(far_end: FarEnd) ->
         notice = await alice.notice("break_failed")
         assert "break_command exited with status 1" in notice["message"]
         await far_end.wait_received(lambda got: got == b"after")
+
+
+async def test_keeper_cancelled_as_its_port_drops_ends_instead_of_reconnecting(
+    far_end: FarEnd,
+) -> None:
+    """A hub released (or a gateway stopping) just as its far end goes away: the cancel lands
+    while the port's task group is already ending on the far end's error. On Python 3.11 a
+    TaskGroup aborting on a child's error swallows such a cancel and raises the error
+    instead; the keeper must end anyway, not reconnect forever (an orphan that holds a
+    single-client chardev and keeps the gateway from exiting)."""
+    hub = make_hub(f"tcp://127.0.0.1:{far_end.port}")
+    keeper = asyncio.create_task(keep_port(hub))
+    async with asyncio.timeout(TIMEOUT):
+        await wait_until(hub, lambda: hub.port_up)
+    (watch,) = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__name__", "") == "_watch"]
+    # Runs right after the port's task group has taken the far end's error: the window.
+    watch.add_done_callback(lambda _: keeper.cancel())
+    await far_end.stop()
+    done, _ = await asyncio.wait({keeper}, timeout=TIMEOUT)
+    if not done:  # the bug: still reconnecting; end it for the next test
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+    assert done == {keeper}
+    assert keeper.cancelled()

@@ -25,6 +25,7 @@ from relayd import native
 from relayd.hub import log_identity
 
 from .conftest import TIMEOUT, FarEnd, running, wait_hub, wait_port_up
+from .logevents import LogWaiter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -439,27 +440,33 @@ async def test_proxy_header_from_untrusted_or_missing_from_trusted_is_refused_an
         vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}],
         gateway={"trusted_proxies": ["127.0.0.3/32"], "handshake_timeout": "2s"},
     )
-    async with running(config) as gw:
-        assert gw.listener is not None
-        # Untrusted 127.0.0.2 sends a PROXY header: it is taken as a (bad) TLS ClientHello.
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", gw.tls_port, local_addr=("127.0.0.2", 0)
-        )
-        writer.write(b"PROXY TCP4 1.2.3.4 127.0.0.1 5555 443\r\n")
-        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
-        writer.close()
-        # Trusted 127.0.0.3 starts TLS without a header: refused before any handshake.
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            await asyncio.open_connection(
-                "127.0.0.1",
-                gw.tls_port,
-                ssl=client_ssl,
-                server_hostname="localhost",
-                local_addr=("127.0.0.3", 0),
+    waiter = LogWaiter()
+    with capture_logs(processors=[waiter]):
+        async with running(config) as gw:
+            assert gw.listener is not None
+            # Untrusted 127.0.0.2 sends a PROXY header: it is taken as a (bad) TLS ClientHello.
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", gw.tls_port, local_addr=("127.0.0.2", 0)
             )
-        failures = gw.listener.handshake_failures
-        assert failures["proxy_header"] == 1
-        assert sum(failures.values()) == 2
+            writer.write(b"PROXY TCP4 1.2.3.4 127.0.0.1 5555 443\r\n")
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+            writer.close()
+            # Trusted 127.0.0.3 starts TLS without a header: refused before any handshake.
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await asyncio.open_connection(
+                    "127.0.0.1",
+                    gw.tls_port,
+                    ssl=client_ssl,
+                    server_hostname="localhost",
+                    local_addr=("127.0.0.3", 0),
+                )
+            failures = gw.listener.handshake_failures
+            assert failures["proxy_header"] == 1
+            assert sum(failures.values()) == 2
+    failed = {e["peer"]: e for e in waiter.named("handshake_failed")}
+    # The log says what to change, not only OpenSSL's words for "this was not TLS".
+    assert "trusted_proxies" in failed["127.0.0.2"]["hint"]
+    assert "send-proxy-v2" in failed["127.0.0.3"]["hint"]
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:

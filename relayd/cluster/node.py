@@ -405,6 +405,15 @@ class ClusterNode:
                 data_lost=data_lost,
                 leaving=leaving,
             )
+            for vm_id, gateway_id in self.policy.not_taken:
+                log.warning(
+                    "cluster_vm_not_taken",
+                    vm=vm_id,
+                    gateway=gateway_id,
+                    hint="the VM is not in that gateway's config? every gateway of a region "
+                    "needs the same [[vms]]; this gateway keeps it meanwhile",
+                )
+            self.policy.not_taken.clear()
             try:
                 await self._carry_out(decisions)
             finally:

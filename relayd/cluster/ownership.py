@@ -33,7 +33,8 @@ its consoles move at the start of the drain rather than when it exits.
     t      none                 stalled                                  Lost(t)
     t      me/t or none         leaving; no grace                        Release(t, to)
     t      me/t or none         the preferred owner is another, settled
-                                gateway; no grace                        Release(t, to)
+                                gateway that took what it was handed;
+                                no grace                                 Release(t, to)
     t      me/t or none         otherwise                                Renew(t)
     -      me (some token)      -                                        Release(token, to)
     -      other gw             -                                        Nothing
@@ -60,6 +61,12 @@ its consoles move at the start of the drain rather than when it exits.
   preferred gateway is alive but does not claim it; ``patience`` (default two
   lease periods) is longer than the start-up grace, so a gateway that has
   just started gets its own VMs first.
+- "Took what it was handed": a gateway this one released a VM to, that was
+  still live but had not claimed it ``patience`` later (the VM is not in its
+  configuration: a config rolled out to some gateways only), is not handed
+  that VM again while it stays live. Without this the fallback claims the VM,
+  hands it back at once and claims it again, the port opening and closing
+  every few seconds and the console unusable most of the time.
 
 Safety does not rest on these rules but on the store: a claim succeeds only
 where no lease exists, and every token is new, so at most one gateway holds a
@@ -194,6 +201,8 @@ class RoundView:
         leaving: this gateway drains: it hands its VMs to the others and claims none,
             when there are others (its own heartbeat is gone, so they leave it out
             too); alone, it holds on to its VMs and claims as any gateway would.
+        not_taking: per VM, a live gateway that did not claim it when it was handed
+            over: it is not handed that VM again.
     """
 
     me: str
@@ -208,6 +217,7 @@ class RoundView:
     floors: Mapping[str, int] | None = None
     settled: frozenset[str] | None = None
     leaving: bool = False
+    not_taking: Mapping[str, str] | None = None
 
 
 def plan(view: RoundView) -> tuple[Decision, ...]:
@@ -262,7 +272,8 @@ def _held(
     if leaving and not view.grace:
         return Release(vm, token, preferred)
     settled = view.settled is None or preferred in view.settled
-    if preferred != view.me and settled and not view.grace:
+    takes = (view.not_taking or {}).get(vm) != preferred
+    if preferred != view.me and settled and takes and not view.grace:
         return Release(vm, token, preferred)
     return Renew(vm, token)
 
@@ -306,6 +317,11 @@ class OwnershipPolicy:
         self._grace_until: float | None = None
         self._unheld_since: dict[str, float] = {}
         self._floors: dict[str, int] = {}
+        # VMs released to another gateway (to whom, when), until it claims them.
+        self._handed: dict[str, tuple[str, float]] = {}
+        self._not_taking: dict[str, str] = {}
+        #: (vm, gateway) pairs found not taken since the caller last cleared it (to log).
+        self.not_taken: list[tuple[str, str]] = []
 
     def in_grace(self, now: float) -> bool:
         """Whether a grace period after a Redis outage or data loss is running."""
@@ -342,6 +358,7 @@ class OwnershipPolicy:
         outage = self._failing_since is not None and now - self._failing_since >= self.lease_ttl / 2
         if outage or data_lost or self._last_round is None:
             self._grace_until = now + self.grace
+            self._handed.clear()  # nobody could claim meanwhile: that proves nothing
         self._failing_since = None
         self._last_round = now
         live_now = frozenset(live)
@@ -359,7 +376,8 @@ class OwnershipPolicy:
             self._floors[vm] = max(self._floors.get(vm, 0), token)
         for vm in set(self._unheld_since) - set(holders):
             del self._unheld_since[vm]
-        return plan(
+        self._follow_handovers(now, live_now, holders)
+        decisions = plan(
             RoundView(
                 me=self.me,
                 now=now,
@@ -373,8 +391,30 @@ class OwnershipPolicy:
                 floors=self._floors,
                 settled=settled,
                 leaving=leaving,
+                not_taking=self._not_taking,
             )
         )
+        for d in decisions:
+            if isinstance(d, Release) and d.to is not None and d.vm in held:
+                self._handed[d.vm] = (d.to, now)
+        return decisions
+
+    def _follow_handovers(
+        self, now: float, live: frozenset[str], holders: Mapping[str, Lease | None]
+    ) -> None:
+        """Note who did not claim a VM handed to it; forget it once it leaves the region."""
+        for vm, (to, since) in list(self._handed.items()):
+            lease = holders.get(vm)
+            if vm not in holders or lease is not None or to not in live:
+                del self._handed[vm]  # taken (by anyone), gone from the config, or gone
+            elif now - since >= self.patience and not self.in_grace(now):
+                del self._handed[vm]
+                self._not_taking[vm] = to
+                self.not_taken.append((vm, to))
+        for vm, gw in list(self._not_taking.items()):
+            lease = holders.get(vm)
+            if vm not in holders or gw not in live or (lease is not None and lease.gateway == gw):
+                del self._not_taking[vm]
 
     def claimed(self, vm: str, token: int) -> None:
         """Record the token a Claim was granted, so later floors stay above it."""

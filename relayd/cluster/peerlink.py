@@ -59,6 +59,7 @@ __all__ = [
     "PeerLinkError",
     "PeerTrust",
     "Splice",
+    "check_own_certificate",
     "open_peer",
     "peer_client_context",
     "splice",
@@ -120,6 +121,70 @@ def trust_peer_ca(ctx: ssl.SSLContext, peer_ca: Path) -> None:
     _load_cas(ctx, peer_ca)
     if ctx.verify_mode == ssl.CERT_NONE:
         ctx.verify_mode = ssl.CERT_OPTIONAL
+
+
+def check_own_certificate(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    trust: PeerTrust,
+    advertise_host: str,
+) -> tuple[str, str] | None:
+    """What keeps the other gateways from accepting this one, as they would check it.
+
+    One handshake in memory, this gateway's certificate on both sides: the
+    client side checks it as a gateway reaching this one does (`peer_ca` and
+    the advertised host), the server side as an owner checks a gateway that
+    relays to it (`peer_ca`, clientAuth, then `PeerTrust`: issued directly by
+    a `peer_ca` certificate, serverAuth, a subject CN). Every gateway of a
+    region has the same `peer_ca`, so what fails here fails on each of them.
+
+    Args:
+        server_ctx: the listener's context (`trust_peer_ca` applied).
+        client_ctx: `peer_client_context(...)`.
+        trust: `PeerTrust.load(peer_ca, client_ca)`.
+        advertise_host: `[cluster] advertise`'s host.
+
+    Returns:
+        None when the certificate would be accepted, else the config key to
+        change and what is wrong.
+    """
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(to_client, to_server, server_hostname=advertise_host)
+    server = server_ctx.wrap_bio(to_server, to_client, server_side=True)
+    pending = [("client", client), ("server", server)]
+    for _ in range(8):  # a handshake takes a few flights; the server's ends last
+        for side, end in list(pending):
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            except ssl.SSLCertVerificationError as exc:
+                reason = exc.verify_message
+                if side == "client" and "mismatch" in reason:
+                    return "cluster.advertise", (
+                        f"this gateway's certificate (tls.cert) does not name {advertise_host}, "
+                        f"where the other gateways reach it and check its name ({reason})"
+                    )
+                who = "reaching" if side == "client" else "reached by"
+                return "cluster.peer_ca", (
+                    f"this gateway's certificate (tls.cert) does not verify against peer_ca "
+                    f"({reason}), so a gateway {who} it refuses the peer link: issue every "
+                    f"gateway's certificate from the CA that peer_ca holds"
+                )
+            except ssl.SSLError as exc:
+                return "cluster.peer_ca", f"a peer link to this gateway fails: {exc}"
+            pending.remove((side, end))
+        if not pending:
+            break
+    else:
+        return "cluster.peer_ca", "a peer link to this gateway does not finish its handshake"
+    if trust.gateway_identity(server) is None:
+        return "tls.cert", (
+            "the other gateways would not take this certificate for a gateway's: it must "
+            "be issued directly by a peer_ca certificate, carry serverAuth and clientAuth, "
+            "and have a subject common name"
+        )
+    return None
 
 
 def _load_cas(ctx: ssl.SSLContext, peer_ca: Path) -> None:

@@ -826,11 +826,15 @@ async def reach_owner(
         PeerLinkError: no owner could be reached.
     """
     first: PeerConnection | None = None
+    # Why the last link failed: what the operator needs if no owner can be reached
+    # (a wrong peer_ca or certificate fails every link the same way).
+    failure: PeerLinkError | None = None
     try:
         first = await open_peer(host, port, ssl_context, head, link_timeout)
-    except PeerLinkError:
+    except PeerLinkError as exc:
         if reattach is None:
             raise
+        failure = exc
     if reattach is None or (first is not None and first.status != 503):
         assert first is not None
         return first, reattach
@@ -848,7 +852,8 @@ async def reach_owner(
                     answer = await open_peer(
                         owner_host.strip("[]"), int(owner_port), ssl_context, head, link_timeout
                     )
-                except PeerLinkError:
+                except PeerLinkError as exc:
+                    failure = exc
                     continue
                 if answer.status == 503:
                     answer.abort()
@@ -861,4 +866,5 @@ async def reach_owner(
         pass
     if first is not None:
         return first, reattach  # the named owner's 503: the client may retry
-    raise PeerLinkError(f"no gateway took the console within {ROUTE_WAIT:g} s")
+    waited = f"no gateway took the console within {ROUTE_WAIT:g} s"
+    raise PeerLinkError(f"{waited}; last: {failure}" if failure is not None else waited)

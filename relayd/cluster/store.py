@@ -633,6 +633,26 @@ class ClusterStore:
             (flat,) = await self._pipeline([self._live_call()])
         return _pairs(flat)
 
+    async def id_live_elsewhere(self, advertise: str) -> str | None:
+        """Where another gateway with this gateway's id is live, if it is (None if not).
+
+        Two gateways with one `gateway_id` overwrite each other's heartbeat and share
+        each other's leases: the one that leaves takes the other's VMs away with it.
+        A heartbeat with this id at this `advertise` is this gateway's own (a restart
+        within a lease period, or `check-config` beside the running daemon).
+        """
+        seen = (await self.live_gateways()).get(self.gateway_id)
+        return seen if seen is not None and seen != advertise else None
+
+    def id_conflict(self, elsewhere: str, advertise: str) -> str:
+        """What to tell the operator when `id_live_elsewhere` found another gateway."""
+        return (
+            f"gateway {self.gateway_id!r} is already live in this region at {elsewhere}, "
+            f"not at this gateway's advertise {advertise}: give each gateway its own "
+            f"gateway_id (if this gateway moved, stop it at {elsewhere} and start it "
+            f"again after lease_ttl)"
+        )
+
     async def observe(
         self, advertise: str, vms: Iterable[str], *, heartbeat: bool = True
     ) -> RoundState:

@@ -31,6 +31,7 @@ from relayd.auth import issue_token
 from relayd.cluster.ownership import preferred_owner
 from relayd.cluster.store import ClusterUnavailableError
 from relayd.config import Config, load_config
+from relayd.errors import ConfigError
 
 from ..conftest import (
     AUDIENCE,
@@ -42,6 +43,7 @@ from ..conftest import (
     gateway_process,
     http_request,
     https_exchange,
+    refused_upgrade,
     toml_value,
 )
 from ..logevents import LogWaiter
@@ -655,6 +657,166 @@ async def test_check_config_reaches_redis_or_names_the_key(
     assert code != 0
     assert "cluster.redis" in out
     assert "cannot reach Redis" in out
+    assert ": ok" not in out  # no "ok" above the error
+
+
+async def test_a_second_gateway_with_a_live_gateway_id_is_refused(
+    cluster_config: Callable[..., Config], far_end: FarEnd
+) -> None:
+    """Two gateways with one gateway_id would share leases (the one leaving takes the
+    other's VMs): check-config and serve refuse the second, naming the key and the first's
+    address; the running gateway keeps its console."""
+    first = cluster_config("gw-1", far_end.port)
+    text = cluster_config("gw-copy", far_end.port).path.read_text()
+    copy = text.replace('gateway_id = "gw-copy"', 'gateway_id = "gw-1"')
+    assert copy != text
+    path = first.path.parent.parent / "copy.toml"
+    path.write_text(copy)
+    relayd = Path(sys.executable).parent / "relayd"
+    async with serving(first) as g1:
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        proc = await asyncio.create_subprocess_exec(
+            str(relayd), "check-config", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+        assert proc.returncode == 2, (out, err)
+        assert b"cluster.gateway_id" in err
+        assert first.cluster is not None
+        assert f"already live in this region at {first.cluster.advertise}".encode() in err
+        taken = r"cluster\.gateway_id: gateway 'gw-1' is already live"
+        with pytest.raises(ConfigError, match=taken):
+            async with serving(load_config(path)):
+                pass
+        # The same id at the same address is the gateway itself: check-config beside it.
+        proc = await asyncio.create_subprocess_exec(
+            str(relayd), "check-config", str(first.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+        assert proc.returncode == 0, (out, err)
+        assert g1.cluster is not None
+        await g1.cluster.node.next_round()
+        assert "vm-a" in g1.hubs
+
+
+async def test_reload_moves_peer_links_to_the_new_certificate_and_peer_ca(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A region moving to a new CA: every gateway's certificate, key and peer_ca replaced,
+    then a reload of each. A console relayed between them still opens: peer links present
+    and check what the reload read, as the listener does. A [cluster] key changed in the same
+    reload is logged as needing a restart, not taken silently."""
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        new_ca = trustme.CA()
+        cert = new_ca.issue_cert("localhost", "127.0.0.1", common_name="gw.rotated")
+        cert.private_key_pem.write_to_path(str(gateway_pki["key"]))
+        cert.cert_chain_pems[0].write_to_path(str(gateway_pki["cert"]))
+        new_ca.cert_pem.write_to_path(str(gateway_pki["ca"]))
+        text = other.config.path.read_text()
+        other.config.path.write_text(text.replace('lease_ttl = "1s"', 'lease_ttl = "2s"'))
+        waiter = LogWaiter()
+        with capture_logs(processors=[waiter]):
+            assert await owner.reload()
+            assert await other.reload()
+        restart = waiter.named("reload_needs_restart")
+        assert [e["key"] for e in restart] == ["cluster.lease_ttl"]
+        ctx = ssl.create_default_context()
+        new_ca.configure_trust(ctx)
+        async with console(other, ctx, _mint(gateway_pki)("alice")) as c:
+            assert c.hello["role"] == "writer"
+            await c.send(b"after-rotation\r")
+            await far_end.wait_received(lambda got: b"after-rotation\r" in got)
+
+
+async def test_ready_requires_port_counts_ports_other_gateways_own(
+    cluster_config: Callable[..., Config], far_end: FarEnd
+) -> None:
+    """With ready_requires_port, a gateway that owns no VM but relays to the owner is ready
+    (the balancer keeps it); it is not while no gateway owns one."""
+    unowned = cluster_config("gw-1", 1, gateway={"ready_requires_port": True})
+    async with serving(unowned) as alone:  # a port nobody listens on: never up
+        assert alone.unready_reasons() == ["no serial port is reachable"]
+    async with owner_and_relay(cluster_config, far_end, gateway={"ready_requires_port": True}) as (
+        owner,
+        other,
+    ):
+        assert "vm-a" not in other.hubs
+        assert other.unready_reasons() == []
+        assert owner.unready_reasons() == []
+
+
+async def test_a_relay_that_reaches_no_owner_logs_why_the_last_link_failed(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    tmp_path: Path,
+) -> None:
+    """A gateway whose peer_ca did not issue the owner's certificate answers 503 after its
+    wait, and its peer_link_failed says what failed (the certificate), not only that no
+    gateway took the console."""
+    other_ca = tmp_path / "other-ca.crt"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    waiter = LogWaiter()
+    with capture_logs(processors=[waiter]):
+        async with (
+            serving(cluster_config(owner_id, far_end.port)) as owner,
+            serving(cluster_config(relay_id, far_end.port, cluster={"peer_ca": other_ca})) as relay,
+        ):
+            cluster = relay.cluster
+            assert cluster is not None
+            await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, owner, relay)
+            url = f"wss://localhost:{relay.tls_port}/v1/vms/vm-a/console"
+            token = _mint(gateway_pki)("alice")
+            status, code = await refused_upgrade(
+                url, ctx, additional_headers={"Authorization": f"Bearer {token}"}
+            )
+    assert (status, code) == (503, "owner_unavailable")
+    (failed,) = waiter.named("peer_link_failed")
+    assert "no gateway took the console" in failed["error"]
+    assert "certificate verify failed" in failed["error"], failed
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ("peer_ca", "cluster.peer_ca", "does not verify against peer_ca"),
+        ("advertise", "cluster.advertise", "does not name 127.0.0.2"),
+    ],
+)
+async def test_check_config_refuses_a_certificate_the_other_gateways_would_refuse(
+    cluster_config: Callable[..., Config],
+    far_end: FarEnd,
+    tmp_path: Path,
+    change: str,
+    key: str,
+    words: str,
+) -> None:
+    """A peer_ca that did not issue this gateway's certificate, or an advertise host the
+    certificate does not name, makes every peer link fail at run time: check-config says
+    so, naming the key, instead of passing."""
+    config = cluster_config("gw-1", far_end.port)
+    text = config.path.read_text()
+    if change == "peer_ca":
+        other = tmp_path / "other-ca.crt"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        changed = text.replace(f"peer_ca = {toml_value(str(config.cluster.peer_ca))}", "")
+        changed = changed.replace("[cluster]\n", f"[cluster]\npeer_ca = {toml_value(str(other))}\n")
+    else:
+        advertise = str(config.cluster.advertise)
+        changed = text.replace(f'"{advertise}"', f'"127.0.0.2:{config.cluster.advertise.port}"')
+    assert changed != text
+    config.path.write_text(changed)
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "relayd"), "check-config", str(config.path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 2, err
+    assert f"{key}: this gateway's certificate (tls.cert) {words}".encode() in err, err
 
 
 async def test_relayed_session_ends_when_its_token_expires_with_disconnect_expired(

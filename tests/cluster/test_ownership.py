@@ -393,6 +393,7 @@ class Region:
         self.store = ModelStore()
         self.gateways: dict[str, Gateway] = {}
         self.outage_until = -1.0
+        self.missing: dict[str, set[str]] = {}  # VMs left out of a gateway's config
         for i, gw in enumerate(gateway_ids):
             self.start(gw, offset=i * 0.17)
 
@@ -417,7 +418,8 @@ class Region:
             g.next_round = self.now + ROUND
             if self.now < g.frozen_until:
                 continue
-            g.run_round(self.store, self.vms, self.now, outage=self.now < self.outage_until)
+            vms = [vm for vm in self.vms if vm not in self.missing.get(g.gw_id, set())]
+            g.run_round(self.store, vms, self.now, outage=self.now < self.outage_until)
             self.check_after_round(g)
         self.now = end
 
@@ -497,6 +499,50 @@ def test_region_any_events_never_two_current_holders_and_settles_on_preferred(
         g.frozen_until = min(g.frozen_until, region.now)
     region.advance(4 * TTL + 2 * ROUND * len(region.gateways))
     region.assert_settled()
+
+
+def test_policy_vm_handed_to_a_gateway_that_does_not_claim_it_is_kept() -> None:
+    """A VM released to its preferred owner, which stays live but does not claim it (not in
+    its config), is claimed back by the fallback and then kept, not handed over again; the
+    policy reports the gateway once. Once that gateway leaves the region it is forgotten."""
+    policy = OwnershipPolicy(ME, lease_ttl=3.0)
+    both = {ME, OTHER}
+    policy.decide(0.0, both, {THEIRS: Lease(ME, 5)}, {THEIRS: 5})
+    assert policy.decide(6.0, both, {THEIRS: Lease(ME, 5)}, {THEIRS: 5}) == (
+        Release(THEIRS, 5, OTHER),
+    )
+    assert policy.decide(7.0, both, {THEIRS: None}, {}) == (Nothing(THEIRS),)
+    assert policy.not_taken == []
+    assert policy.decide(12.0, both, {THEIRS: None}, {}) == (Nothing(THEIRS),)
+    assert policy.not_taken == [(THEIRS, OTHER)]
+    policy.not_taken.clear()
+    assert policy.decide(13.0, both, {THEIRS: None}, {}) == (Claim(THEIRS, 5),)
+    assert policy.decide(14.0, both, {THEIRS: Lease(ME, 6)}, {THEIRS: 6}) == (Renew(THEIRS, 6),)
+    assert policy.decide(60.0, both, {THEIRS: Lease(ME, 6)}, {THEIRS: 6}) == (Renew(THEIRS, 6),)
+    assert policy.not_taken == []
+    # OTHER restarts (it may have the VM now): out of the region, then back and settled.
+    policy.decide(61.0, {ME}, {THEIRS: Lease(ME, 6)}, {THEIRS: 6})
+    policy.decide(62.0, both, {THEIRS: Lease(ME, 6)}, {THEIRS: 6})
+    assert policy.decide(68.0, both, {THEIRS: Lease(ME, 6)}, {THEIRS: 6}) == (
+        Release(THEIRS, 6, OTHER),
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(gateway_ids, min_size=2, max_size=4, unique=True), st.integers(0, 11))
+def test_region_vm_missing_from_its_preferred_gateways_config_is_owned_and_stays(
+    initial: list[str], which: int
+) -> None:
+    """A VM that its preferred gateway does not have configured (a config rolled out to some
+    gateways only) is owned by another and stays there: claimed at most twice in a minute,
+    not claimed, handed back and claimed again every few seconds."""
+    vm = SIM_VMS[which]
+    region = Region(initial, SIM_VMS)
+    region.missing[preferred_owner(vm, initial)] = {vm}
+    region.advance(60.0)
+    holders = region.owners()[vm]
+    assert len(holders) == 1
+    assert len(region.store.issued[vm]) <= 2, region.store.issued[vm]
 
 
 @settings(max_examples=40, deadline=None)
