@@ -51,6 +51,10 @@ log = get_logger("relayd.connection")
 
 MAX_HEAD_BYTES = 16384
 MAX_BODY_BYTES = 65536
+# What a client may send while its request is being answered: the owner of a forwarded
+# console may take seconds to answer, and the bytes would pile up in h11 meanwhile.
+# Past this, the client is not read until the answer is out.
+MAX_PENDING_BYTES = 65536
 
 
 CONSOLE_PATH = re.compile(r"^/v1/vms/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/console$")
@@ -169,6 +173,8 @@ class HttpConnection(asyncio.Protocol):
         self._here: MoveHere | None = None  # cluster: see `_take_here`
         self._cert_not_after: float | None = None
         self._http_paused = False
+        self._pending = 0  # bytes received while the current request is being answered
+        self._reading_held = False  # not read until the answer is out (`MAX_PENDING_BYTES`)
         # The request being answered (the owner may wait on Redis); the next one waits.
         self._serving: asyncio.Task[None] | None = None
 
@@ -189,7 +195,21 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Feed HTTP (after the upgrade the session is the transport's protocol)."""
         self._h11.receive_data(data)
+        if self._serving is not None:
+            self._pending += len(data)
+            if self._pending > MAX_PENDING_BYTES and not self._reading_held:
+                self._reading_held = True
+                assert self.transport is not None
+                self.transport.pause_reading()
         self._process()
+
+    def _release_reading(self) -> None:
+        """The answer is out (or the transport is handed on): read the client again."""
+        if self._reading_held:
+            self._reading_held = False
+            transport = self.transport
+            if transport is not None and not transport.is_closing() and not self._http_paused:
+                transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         """Peer half-closed: let h11 know, then close."""
@@ -218,7 +238,8 @@ class HttpConnection(asyncio.Protocol):
         """See `pause_writing`."""
         self._http_paused = False
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+            if not self._reading_held:
+                self.transport.resume_reading()
             self._process()
 
     # -- deadlines ------------------------------------------------------------------
@@ -315,6 +336,7 @@ class HttpConnection(asyncio.Protocol):
         except PeerError as exc:
             self._send_response(HttpResponse.error(exc))
             return
+        self._pending = 0
         self._serving = asyncio.get_running_loop().create_task(self._serve(request, raw))
 
     async def _serve(self, request: Request, raw: h11.Request) -> None:
@@ -344,6 +366,7 @@ class HttpConnection(asyncio.Protocol):
                 self._send_response(response)
         finally:
             self._serving = None
+            self._release_reading()
         self._process()
 
     def _send_response(self, response: HttpResponse) -> None:
@@ -411,6 +434,7 @@ class HttpConnection(asyncio.Protocol):
         """Hand the transport to a new session; `moved_here`: it came with its console from
         another gateway (no hello: these notices, if any, then the stream from its offset)."""
         assert self.transport is not None
+        self._release_reading()  # before the session, which may hold reading back itself
         self._here = grant.here
         session = ConsoleSession(
             transport=self.transport,
@@ -474,6 +498,7 @@ class HttpConnection(asyncio.Protocol):
             return _refusal(peer.status, peer.head, peer.rest)
         leftover, _ = self._h11.trailing_data
         self._cancel_deadline()
+        self._release_reading()  # before the relay, which may hold reading back itself
         self._here = grant.here
         self._relay = relay(
             transport,

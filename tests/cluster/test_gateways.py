@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from relayd.app import Gateway
 from relayd.auth import issue_token
 from relayd.cluster.ownership import preferred_owner
-from relayd.cluster.store import ClusterUnavailableError
+from relayd.cluster.store import ClusterStore, ClusterUnavailableError
 from relayd.config import Config, load_config
 from relayd.errors import ConfigError
 
@@ -539,6 +539,66 @@ async def test_only_gateways_may_ask_who_owns_the_vms(
         assert set(answer["live"]) == {"gw-1", "gw-2"}
         bad = http_request("POST", "/v1/cluster/owners", bearer="", body=b'{"vms": 1}')
         assert (await https_exchange(owner.tls_port, peer_ctx, bad))[0] == 400
+
+
+async def test_a_client_sending_while_its_owner_is_reached_is_read_up_to_a_cap(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """The gateway waits (seconds, at worst) for the owner's answer to a forwarded upgrade;
+    a client that keeps sending meanwhile is read only up to a cap: the rest stays in the
+    client's socket, not in the gateway's memory. Here the owner never answers TLS."""
+    given_up = asyncio.Event()
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stalled.append(writer)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the gateway gives up on the handshake
+        given_up.set()
+
+    hole = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    address = f"127.0.0.1:{hole.sockets[0].getsockname()[1]}"
+    owner = ClusterStore(redis_server.url, gateway_id="gw-9", prefix="relayd:{test}:", lease_ttl=60)
+    sent = 64 << 20
+    try:
+        await owner.heartbeat(address)
+        assert await owner.claim("vm-a") is not None
+        config = cluster_config("gw-1", far_end.port, gateway={"handshake_timeout": "2s"})
+        async with serving(config) as gateway:
+            cluster = gateway.cluster
+            assert cluster is not None
+            await until(lambda: cluster.owner_of("vm-a") == ("gw-9", address), gateway)
+            ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", gateway.tls_port, ssl=ctx, server_hostname="localhost"
+            )
+            upgrade = http_request(
+                "GET", "/v1/vms/vm-a/console", bearer=_mint(gateway_pki)("alice")
+            )
+            writer.write(
+                upgrade.replace(
+                    b"\r\n\r\n",
+                    b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                    b"Sec-WebSocket-Protocol: relayd.console.v1\r\n\r\n",
+                )
+                + bytes(sent)
+            )
+            # 2 s into the wait (the first link's deadline; the gateway waits on for
+            # another owner), everything the client sent would long be read, were it read.
+            await asyncio.wait_for(given_up.wait(), TIMEOUT)
+            (conn,) = gateway.connections
+            unread, _ = conn._h11.trailing_data
+            assert len(unread) < 1 << 20, f"{len(unread)} bytes read and held while waiting"
+            writer.transport.abort()
+    finally:
+        await owner.close()
+        for w in stalled:
+            w.transport.abort()
+        hole.close()
 
 
 @pytest.fixture
