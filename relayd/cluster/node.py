@@ -67,6 +67,15 @@ ERROR_LOG_INTERVAL = 30.0
 ROUND_MIN_GAP = 0.05
 
 
+def _release_reason(release: Release, *, leaving: bool) -> str:
+    """What the sessions of a VM handed over are told (and the log says)."""
+    if leaving:
+        return "gateway shutting down"
+    if release.to is None:
+        return "the console was removed from the configuration"
+    return "the console moved to another gateway"
+
+
 def _reraise_cancellation() -> None:
     """Honour a cancellation that a Redis deadline turned into an error.
 
@@ -543,15 +552,17 @@ class ClusterNode:
 
     async def _carry_out(self, decisions: tuple[Decision, ...]) -> None:
         renew = {d.vm: d.token for d in decisions if isinstance(d, Renew)}
-        release = {d.vm: d.token for d in decisions if isinstance(d, Release)}
+        releases = [d for d in decisions if isinstance(d, Release)]
         claims = {d.vm: d.floor for d in decisions if isinstance(d, Claim)}
         for d in decisions:
             if isinstance(d, Lost):
                 log.warning("cluster_lease_lost", vm=d.vm, token=d.token)
                 self._drop(d.vm, "this gateway no longer owns the console")
-        if release:
-            moved = "the console moved to another gateway"
-            await self._hand_over(release, "gateway shutting down" if self.leaving else moved)
+        if releases:
+            await self._hand_over(
+                {d.vm: d.token for d in releases},
+                {d.vm: _release_reason(d, leaving=self.leaving) for d in releases},
+            )
         kept: dict[str, int] = {}
         if renew:
             for vm_id, ok in (await self.store.renew_many(renew)).items():
@@ -618,8 +629,10 @@ class ClusterNode:
         log.info("cluster_vm_claimed", vm=vm_id, token=token, offset=end)
         self.owner.open_hub(vm, history, outbox)
 
-    async def _hand_over(self, vms: dict[str, int], reason: str) -> None:
+    async def _hand_over(self, vms: dict[str, int], reason: str | Mapping[str, str]) -> None:
         """Release VMs cleanly: stop their ports, ship their last output, settle, release.
+
+        `reason` (one for all, or per VM) is what their sessions are told.
 
         Settling tells the next owner that every offset handed out is stored, so it
         continues right at the log's end instead of past this owner's reservation.
@@ -635,7 +648,7 @@ class ClusterNode:
                 # closed, its outbox is that hand-over's, still to ship. Keep it.
                 box = earlier[1]
             self._releasing[vm_id] = (token, box)
-            self._drop(vm_id, reason)
+            self._drop(vm_id, reason if isinstance(reason, str) else reason[vm_id])
         await self._finish_releases()
 
     async def _finish_releases(self) -> None:

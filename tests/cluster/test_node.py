@@ -171,3 +171,30 @@ async def test_a_round_that_releases_a_lease_left_by_a_cut_hand_over_still_ships
     assert await store.holder("vm-a") is None
     assert await store.bounds("vm-a") == (0, 1000)
     assert not node._releasing
+
+
+class _ClosingGateway(_PortlessGateway):
+    """Records why the node closed each hub."""
+
+    def __init__(self) -> None:
+        self.closed: dict[str, str] = {}
+
+    def close_hub(self, vm_id: str, reason: str) -> None:
+        self.closed[vm_id] = reason
+
+
+async def test_a_vm_removed_from_the_configuration_is_released_saying_so(
+    make_store: StoreFactory,
+) -> None:
+    """A held VM the configuration no longer names is handed over (lease released) and its
+    sessions are told it was removed, not that it moved to another gateway."""
+    gateway = _ClosingGateway()
+    store = make_store("gw-1")
+    node = _node(gateway, store)
+    token = await store.claim("vm-gone")
+    assert token is not None
+    node.held["vm-gone"] = token
+    node.outboxes["vm-gone"] = Outbox("vm-gone", token, MIB, lambda: None)
+    await node.round()
+    assert gateway.closed == {"vm-gone": "the console was removed from the configuration"}
+    assert await store.holder("vm-gone") is None
