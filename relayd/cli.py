@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and explain it")
     check.add_argument("path", type=Path)
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the files only, do not reach Redis (the unit's pre-start check: "
+        "a gateway must still start while Redis is down)",
+    )
     return p
 
 
@@ -94,7 +100,7 @@ def _explain(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def _check_config(path: Path) -> int:
+def _check_config(path: Path, *, offline: bool = False) -> int:
     cfg = load_config(path)
     # Load what the daemon would load at start, so a bad key file fails here too.
     from .auth import Authenticator
@@ -107,15 +113,15 @@ def _check_config(path: Path) -> int:
     if cfg.auth.allow_dev_tokens:
         print(f"relayd: warning: {cfg.path}: {DEV_TOKENS_WARNING}", file=sys.stderr)
     # The cluster's checks first: "ok" is printed only once everything passed.
-    cluster = asyncio.run(_check_cluster(cfg)) if cfg.cluster is not None else None
+    cluster = asyncio.run(_check_cluster(cfg, offline)) if cfg.cluster is not None else None
     print(_explain(cfg))
     if cluster is not None:
         print(cluster)
     return 0
 
 
-async def _check_cluster(cfg: Config) -> str:
-    """Load the peer-link material and reach Redis, as the daemon would at start.
+async def _check_cluster(cfg: Config, offline: bool = False) -> str:
+    """Load the peer-link material and reach Redis (unless `offline`), as the daemon would.
 
     Raises:
         ConfigError: a file does not load, or Redis does not answer (naming the key).
@@ -141,6 +147,11 @@ async def _check_cluster(cfg: Config) -> str:
     problem = check_own_certificate(server_ctx, client_ctx, trust, cluster.advertise.host)
     if problem is not None:
         raise ConfigError(str(cfg.path), *problem)
+    if offline:
+        return (
+            f"cluster: gateway {cluster.gateway_id} advertised at {cluster.advertise}, "
+            f"lease {cluster.lease_ttl:g} s; Redis not contacted (--offline)"
+        )
     store = ClusterStore.from_config(cfg)
     try:
         live = await store.live_gateways()
@@ -235,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"dev PKI in {pki.directory}: {names}")
             return 0
         if args.command == "check-config":
-            return _check_config(args.path)
+            return _check_config(args.path, offline=args.offline)
     except ConfigError as exc:
         print(f"relayd: config error: {exc}", file=sys.stderr)
         return 2

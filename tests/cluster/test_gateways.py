@@ -700,9 +700,9 @@ async def test_check_config_reaches_redis_or_names_the_key(
     config = cluster_config("gw-1", far_end.port)
     relayd = Path(sys.executable).parent / "relayd"
 
-    async def check() -> tuple[int, str]:
+    async def check(*options: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            str(relayd), "check-config", str(config.path),
+            str(relayd), "check-config", *options, str(config.path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT)
@@ -718,6 +718,10 @@ async def test_check_config_reaches_redis_or_names_the_key(
     assert "cluster.redis" in out
     assert "cannot reach Redis" in out
     assert ": ok" not in out  # no "ok" above the error
+    # The unit's pre-start check: a Redis outage must not keep a gateway from (re)starting.
+    code, out = await check("--offline")
+    assert code == 0, out
+    assert "Redis not contacted (--offline)" in out
 
 
 async def test_a_second_gateway_with_a_live_gateway_id_is_refused(
