@@ -546,6 +546,7 @@ class Gateway:
         """Before serving: the switch overrides (or no console is served), a first round."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PORTS_TRIED_TIMEOUT
+        waiting = False
         while True:
             try:
                 await cluster.node.load_switches()
@@ -554,6 +555,13 @@ class Gateway:
                 if loop.time() >= deadline:
                     log.error("cluster_start_without_redis", error=str(exc))
                     return  # serve; consoles stay refused until the switches are read
+                if not waiting:  # the listeners are bound only after this: say why
+                    waiting = True
+                    log.warning(
+                        "cluster_waiting_for_redis",
+                        error=str(exc),
+                        serves_without_in=round(deadline - loop.time(), 1),
+                    )
                 await asyncio.sleep(0.5)
         await cluster.node.round()
 
