@@ -15,7 +15,8 @@ stay open, sessions go on), output waits in each outbox (bounded by
 answers again the holders re-assert their leases first (`grace`), so no VM
 changes owner because of an outage. A gateway that was frozen (SIGSTOP) for
 longer than a lease notices on its next round (`stalled`) and closes every
-port it held without touching Redis: by then another gateway may own them.
+port it held whose lease is gone or another's, or every one if Redis does not
+answer that round: by then another gateway may own them.
 """
 
 from __future__ import annotations
@@ -386,6 +387,13 @@ class ClusterNode:
             self.first_round.set()
         except ClusterUnavailableError as exc:
             _reraise_cancellation()
+            if self.held and self.policy.stalled(now):
+                # Frozen for longer than a lease, and Redis does not answer now: another
+                # gateway may hold our leases already. Let go of the ports without asking,
+                # rather than hold them (and type into them) until Redis is back.
+                log.warning("cluster_stalled_ports_closed", vms=len(self.held))
+                for vm_id in list(self.held):
+                    self._drop(vm_id, "this gateway no longer owns the console")
             self.policy.failed(now)
             self._redis_failed("round", exc, now)
         async with self._rounds_seen:
