@@ -499,6 +499,8 @@ class Gateway:
         for key in ("listen", "health_listen", "state_dir"):
             if getattr(config.gateway, key) != getattr(self.config.gateway, key):
                 log.warning("reload_needs_restart", key=f"gateway.{key}")
+        if self.cluster is not None or config.cluster is not None:
+            await self._reload_cluster(config)
         self.config = config
         self.region = config.gateway.region
         self.ssl_context = ssl_context
@@ -532,6 +534,20 @@ class Gateway:
         log.info("config_reloaded", vms=len(self.hubs))
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         return True
+
+    async def _reload_cluster(self, config: Config) -> None:
+        """Follow Redis to a new address at once: the old one may be gone for good, and
+        without it the gateway is cut off from the region until restarted."""
+        cluster, new, old = self.cluster, config.cluster, self.config.cluster
+        if cluster is None or new is None or old is None:
+            log.warning("reload_needs_restart", key="cluster")
+            return
+        if new.redis != cluster.store.url:
+            log.info("cluster_redis_changed")  # the URL may hold a password: not logged
+            await cluster.store.retarget(new.redis)
+        for key in ("gateway_id", "advertise", "peer_ca", "lease_ttl"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload_needs_restart", key=f"cluster.{key}")
 
     async def _shutdown(
         self, accepting: asyncio.Task[None], node_task: asyncio.Task[None] | None

@@ -27,8 +27,8 @@ from websockets.exceptions import InvalidStatus
 
 from relayd.app import Gateway
 from relayd.auth import issue_token
-from relayd.cluster.ownership import preferred_owner
-from relayd.cluster.store import ClusterUnavailableError
+from relayd.cluster.ownership import Lease, preferred_owner
+from relayd.cluster.store import ClusterStore, ClusterUnavailableError, key_prefix
 from relayd.config import Config, load_config
 
 from ..conftest import (
@@ -894,3 +894,38 @@ async def test_a_drained_owner_lets_go_of_a_stalled_port_before_the_next_owner_o
             assert end.max_connections == 1
     finally:
         await end.close()
+
+
+async def test_redis_moved_to_another_address_is_followed_at_a_reload(
+    cluster_config: Callable[..., Config],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The old Redis is gone and the config names its replacement: a reload (SIGHUP) must
+    take it up, or the gateway stays cut off from the region until it is restarted. The
+    new Redis is empty: the owner re-creates its lease there and keeps its port."""
+    moved = RedisServer(tmp_path_factory.mktemp("redis-moved"))
+    await moved.start()
+    try:
+        config = cluster_config("gw-1", far_end.port)
+        async with serving(config) as g1:
+            assert g1.cluster is not None
+            node = g1.cluster.node
+            await until(lambda: "vm-a" in g1.hubs, g1)
+            token = node.held["vm-a"]
+            await redis_server.stop()
+            await until(lambda: not node.redis_up, g1)
+            config.path.write_text(config.path.read_text().replace(redis_server.url, moved.url))
+            assert await g1.reload()
+            await until(lambda: node.redis_up and node.first_round.is_set(), g1)
+            probe = ClusterStore(moved.url, gateway_id="probe", prefix=key_prefix("test"))
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    while await probe.holder("vm-a") != Lease("gw-1", token):
+                        await node.next_round()
+            finally:
+                await probe.close()
+            assert "vm-a" in g1.hubs
+    finally:
+        await moved.stop()
