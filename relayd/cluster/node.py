@@ -418,7 +418,6 @@ class ClusterNode:
             self._down_since = now
         self.redis_up = False
         self.switches_loaded = False
-        self._resync = asyncio.Event()
         if now - self._error_logged >= ERROR_LOG_INTERVAL:
             self._error_logged = now
             log.error("cluster_redis_unavailable", call=call, error=str(exc))
@@ -645,7 +644,12 @@ class ClusterNode:
             self._next_round_now.set()
 
     async def _resync_switches(self) -> None:
-        """Re-read every override whenever the watcher (re)subscribes: changes may be missed."""
+        """Re-read every override whenever the watcher (re)subscribes: changes may be missed.
+
+        A read that fails is tried again (0.1 s doubling to 1 s) until one succeeds: the
+        request is owed, whatever else fails meanwhile.
+        """
+        delay = APPEND_RETRY_MIN
         while True:
             await self._resync.wait()
             self._resync.clear()
@@ -656,7 +660,11 @@ class ClusterNode:
             except ClusterUnavailableError as exc:
                 _reraise_cancellation()
                 self._redis_failed("all_switches", exc, asyncio.get_running_loop().time())
+                await asyncio.sleep(delay)
+                delay = min(APPEND_RETRY_MAX, delay * 2)
+                self._resync.set()
                 continue
+            delay = APPEND_RETRY_MIN
             self.owner.switches_changed()
 
 

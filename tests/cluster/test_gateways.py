@@ -929,3 +929,23 @@ async def test_redis_moved_to_another_address_is_followed_at_a_reload(
             assert "vm-a" in g1.hubs
     finally:
         await moved.stop()
+
+
+async def test_switches_are_read_again_when_the_watcher_resubscribes_after_an_outage(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """A switch change the watcher may have missed is picked up when it subscribes again,
+    after a Redis outage too: a console disabled meanwhile must not stay open here."""
+    async with serving(cluster_config("gw-1", far_end.port)) as g1:
+        assert g1.cluster is not None
+        node = g1.cluster.node
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        await redis_server.stop()
+        await until(lambda: not node.redis_up, g1)
+        await redis_server.start()
+        await until(lambda: node.redis_up, g1)
+        # Changed without a message (as one sent while the watcher was away), then the
+        # watcher's connection drops and it subscribes again: it must read the switches.
+        await redis_server.command("HSET", key_prefix("test") + "switches:vms", "vm-a", "0")
+        await redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+        await until(lambda: node.get("vms", "vm-a") is False, g1)
