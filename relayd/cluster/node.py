@@ -459,6 +459,10 @@ class ClusterNode:
                 else:
                     log.warning("cluster_renew_refused", vm=vm_id, token=renew[vm_id])
                     self._drop(vm_id, "this gateway no longer owns the console")
+            if any((box := self.outboxes.get(vm_id)) and box.chunks for vm_id in kept):
+                # Output may wait for this very renewal: an append refused as "lapsed"
+                # (Redis restarted empty since the last round) is not retried by itself.
+                self._wake.set()
         if self._marks_owed:
             await self._reserve_again(kept)
         if claims:
@@ -628,7 +632,7 @@ class ClusterNode:
                 self.stats.fenced_appends += 1
                 log.warning("cluster_append_fenced", vm=box.vm, token=box.token)
                 self._drop(box.vm, "this gateway no longer owns the console")
-            # "lapsed": the next round re-creates the lease; the output waits for it.
+            # "lapsed": the next round re-creates the lease and wakes us (`_carry_out`).
 
     # -- switches -----------------------------------------------------------------------------
 

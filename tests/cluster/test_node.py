@@ -15,7 +15,7 @@ from relayd.config import VmConfig
 from relayd.hub import ConsoleHub
 
 from ..conftest import TIMEOUT
-from .conftest import StoreFactory
+from .conftest import RedisServer, StoreFactory
 
 pytestmark = pytest.mark.asyncio
 
@@ -171,3 +171,37 @@ async def test_a_round_that_releases_a_lease_left_by_a_cut_hand_over_still_ships
     assert await store.holder("vm-a") is None
     assert await store.bounds("vm-a") == (0, 1000)
     assert not node._releasing
+
+
+async def test_output_refused_for_a_lapsed_lease_goes_once_the_round_re_creates_the_lease(
+    make_store: StoreFactory, redis_server: RedisServer
+) -> None:
+    """Redis restarted empty between two rounds: an append that came first found no lease
+    ("lapsed") and the output waits. The next round re-creates the lease; the output must
+    then go, not wait until the VM prints again (it may print nothing for hours)."""
+    vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
+    store = make_store("gw-1")
+    node = _node(_OneVmGateway(vm), store)
+    token = await store.claim("vm-a")
+    assert token is not None
+    node.held["vm-a"] = token
+    node.policy.claimed("vm-a", token)
+    box = Outbox("vm-a", token, MIB, node._wake.set)
+    node.outboxes["vm-a"] = box
+    await node.round()  # renewed: the node has seen Redis's dataset
+    await redis_server.restart_empty()
+    box.append(0, b"printed as Redis came back")
+    node._wake.clear()  # the appender's own trip, as it makes it:
+    await node._append_once()
+    assert box.chunks  # refused: no lease (yet)
+    await node.round()  # the loss noticed, the lease re-created
+    tasks = [asyncio.create_task(node._appender()), asyncio.create_task(node._rounds())]
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while box.chunks:
+                await node.next_round()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    assert await store.bounds("vm-a") == (0, 26)
