@@ -74,6 +74,20 @@ def _server_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
+def _peer_link_credentials(config: Config) -> tuple[ssl.SSLContext, PeerTrust] | None:
+    """The peer links' client context and gateway trust (None without `[cluster]`).
+
+    Raises:
+        ConfigError: a certificate, key or CA file cannot be loaded.
+    """
+    if config.cluster is None:
+        return None
+    peer_ssl = peer_client_context(
+        config.tls.cert, config.tls.key, config.cluster.peer_ca, min_version=config.tls.min_version
+    )
+    return peer_ssl, PeerTrust.load(config.cluster.peer_ca, config.tls.client_ca)
+
+
 class GatewayCluster:
     """This gateway's cluster membership: the node, the peer-link contexts, the shared log."""
 
@@ -82,10 +96,9 @@ class GatewayCluster:
         cluster = config.cluster
         self.store = ClusterStore.from_config(config)
         self.gateway_id = cluster.gateway_id
-        self.peer_ssl = peer_client_context(
-            config.tls.cert, config.tls.key, cluster.peer_ca, min_version=config.tls.min_version
-        )
-        self.trust = PeerTrust.load(cluster.peer_ca, config.tls.client_ca)
+        credentials = _peer_link_credentials(config)
+        assert credentials is not None
+        self.peer_ssl, self.trust = credentials
         self.forward_timeout = max(2.0, config.gateway.handshake_timeout)
         # A dead owner's lease lapses after lease_ttl and a survivor claims the VM within
         # a round or two; a relay waits three leases (and a margin) before giving up.
@@ -491,6 +504,7 @@ class Gateway:
             ssl_context = _server_context(config)
             authenticator = Authenticator(config.auth)
             cert_expiry = _cert_not_after(config)
+            peer_links = _peer_link_credentials(config) if self.cluster is not None else None
             added = self._open_added_hubs(config) if self.cluster is None else {}
         except (ConfigError, ConsoleLogError) as exc:
             log.error("config_reload_failed", error=str(exc))
@@ -499,6 +513,10 @@ class Gateway:
         for key in ("listen", "health_listen", "state_dir"):
             if getattr(config.gateway, key) != getattr(self.config.gateway, key):
                 log.warning("reload_needs_restart", key=f"gateway.{key}")
+        if self.cluster is not None and peer_links is not None:
+            # Peer links present and trust what the listener does: renewed certificates
+            # and CAs, not the ones read at start (they expire, or are replaced).
+            self.cluster.peer_ssl, self.cluster.trust = peer_links
         if self.cluster is not None or config.cluster is not None:
             await self._reload_cluster(config)
         self.config = config
@@ -545,7 +563,7 @@ class Gateway:
         if new.redis != cluster.store.url:
             log.info("cluster_redis_changed")  # the URL may hold a password: not logged
             await cluster.store.retarget(new.redis)
-        for key in ("gateway_id", "advertise", "peer_ca", "lease_ttl"):
+        for key in ("gateway_id", "advertise", "lease_ttl"):
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload_needs_restart", key=f"cluster.{key}")
 
