@@ -320,19 +320,30 @@ class ClusterNode:
             self._next_round_now.set()
 
     async def _leave(self) -> None:
-        """A clean stop: ship what output is left, release our leases, drop the heartbeat."""
+        """A clean stop: ship what output is left, release our leases, drop the heartbeat.
+
+        Redis errors are retried until the deadline: a deploy during a Redis blip would
+        otherwise lose the output held for Redis, and leave its leases to lapse.
+        """
+        self._begin_hand_over(dict(self.held), "gateway shutting down")
+        delay = APPEND_RETRY_MIN
+        error = ""
         try:
             async with asyncio.timeout(3 * self.store.timeout + 0.5):
-                if self.held:
-                    await self._hand_over(dict(self.held), "gateway shutting down")
-                elif self._releasing:  # a hand-over the stop interrupted
-                    await self._finish_releases()
-                await self.store.leave()
-                await self._announce()  # the others re-rank without us now
-        except (ClusterUnavailableError, TimeoutError) as exc:
-            log.warning("cluster_leave_incomplete", error=str(exc))
-        for vm_id in list(self.held):
-            self._drop(vm_id, "gateway shutting down")
+                while True:
+                    try:
+                        if self._releasing:  # ours, and any a stop or an error cut short
+                            await self._finish_releases()
+                        await self.store.leave()
+                        await self._announce()  # the others re-rank without us now
+                        return
+                    except ClusterUnavailableError as exc:
+                        _reraise_cancellation()
+                        error = str(exc)
+                    await asyncio.sleep(delay)
+                    delay = min(APPEND_RETRY_MAX, delay * 2)
+        except TimeoutError:
+            log.warning("cluster_leave_incomplete", error=error or "timed out")
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
@@ -530,6 +541,11 @@ class ClusterNode:
         Raises:
             ClusterUnavailableError: Redis did not answer (the leases then lapse).
         """
+        self._begin_hand_over(vms, reason)
+        await self._finish_releases()
+
+    def _begin_hand_over(self, vms: Mapping[str, int], reason: str) -> None:
+        """Close the VMs' ports and note what `_finish_releases` must still do."""
         for vm_id, token in vms.items():
             box = self.outboxes.get(vm_id)
             earlier = self._releasing.get(vm_id)
@@ -539,7 +555,6 @@ class ClusterNode:
                 box = earlier[1]
             self._releasing[vm_id] = (token, box)
             self._drop(vm_id, reason)
-        await self._finish_releases()
 
     async def _finish_releases(self) -> None:
         """Ship, settle and release every VM whose hand-over began (see `_hand_over`).
@@ -549,9 +564,19 @@ class ClusterNode:
         """
         pending = dict(self._releasing)
         unshipped = [box for _, box in pending.values() if box is not None]
+        renewed: set[str] = set()
         while unshipped := [box for box in unshipped if box.chunks]:
             shipped = await self._ship(unshipped)
-            if not any(result.ok for _, result in shipped):
+            # Lapsed while Redis was away, and nobody took the VM since: the lease is put
+            # back (once) and the output goes, as a round would do for a VM it keeps.
+            lapsed = {
+                box.vm: box.token
+                for box, result in shipped
+                if result.status == "lapsed" and box.vm not in renewed
+            }
+            renewed |= set(lapsed)
+            back = [vm for vm, ok in (await self.store.renew_many(lapsed)).items() if ok]
+            if not back and not any(result.ok for _, result in shipped):
                 break  # refused (fenced, lapsed): what is left is not ours to store
         for vm_id, (token, left) in pending.items():
             if left is not None and not left.chunks:

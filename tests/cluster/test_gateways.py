@@ -971,3 +971,34 @@ async def test_a_reload_rotates_the_certificates_and_ca_of_peer_links_too(
             assert c.hello["role"] == "writer"
             await c.send(b"through the renewed link\r")
             await far_end.wait_received(lambda got: b"through the renewed link\r" in got)
+
+
+async def test_a_drain_as_redis_comes_back_still_ships_the_output_held_for_it(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """Redis goes away, the owner holds the VM's output for it, and a deploy stops the
+    owner. Redis is back while the owner leaves: the output goes to the log (the lease,
+    lapsed meanwhile, re-created first) instead of going with the port."""
+    async with serving(cluster_config("gw-1", far_end.port)) as g1:
+        assert g1.cluster is not None
+        node = g1.cluster.node
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        hub = g1.hubs["vm-a"]
+        await far_end.connected()
+        await redis_server.stop()
+        await until(lambda: not node.redis_up, g1)
+        await far_end.send(b"printed while Redis was away\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            while hub.end < 30:
+                await hub.next_change()
+        g1.stop()
+        async with asyncio.timeout(TIMEOUT):
+            while hub.port_up:  # leaving: the port is closed, the first try to ship failed
+                await hub.next_change()
+        await redis_server.start()
+    probe = ClusterStore(redis_server.url, gateway_id="probe", prefix=key_prefix("test"))
+    try:
+        assert (await probe.read("vm-a", 0, 1000)).data == b"printed while Redis was away\r\n"
+        assert await probe.holder("vm-a") is None  # released, not left to lapse
+    finally:
+        await probe.close()
