@@ -580,7 +580,13 @@ class ClusterNode:
                 break  # refused (fenced, lapsed): what is left is not ours to store
         for vm_id, (token, left) in pending.items():
             if left is not None and not left.chunks:
-                await self.store.settle(vm_id, token, left.end)
+                settled = await self.store.settle(vm_id, token, left.end)
+                if not settled and vm_id not in renewed:
+                    # Lapsed as Redis stalled: put the lease back (only if nobody took the
+                    # VM) and settle, or the next owner starts past our reservation.
+                    renewed.add(vm_id)
+                    if (await self.store.renew_many({vm_id: token}))[vm_id]:
+                        await self.store.settle(vm_id, token, left.end)
         await self.store.release_many({vm_id: token for vm_id, (token, _) in pending.items()})
         for vm_id, entry in pending.items():
             if self._releasing.get(vm_id) is entry:

@@ -1002,3 +1002,31 @@ async def test_a_drain_as_redis_comes_back_still_ships_the_output_held_for_it(
         assert await probe.holder("vm-a") is None  # released, not left to lapse
     finally:
         await probe.close()
+
+
+async def test_a_drain_while_redis_stalls_past_the_lease_still_settles_the_log(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """Redis stalls (a slow disk, DEBUG SLEEP) for longer than a lease as the owner leaves:
+    its lease lapses before the owner can settle the log's mark. Settling anyway (the lease
+    put back, nobody having taken the VM) lets the next owner continue at the exact end,
+    not past the reservation with a gap of offsets no output was ever printed at."""
+    await redis_server.restart_empty("--enable-debug-command", "yes")
+    async with serving(cluster_config("gw-1", far_end.port)) as g1:
+        assert g1.cluster is not None
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        await far_end.send(b"stored before the stall\r\n")
+        store = g1.cluster.store
+        async with asyncio.timeout(TIMEOUT):
+            while (await store.bounds("vm-a"))[1] < 25:
+                await g1.cluster.node.next_round()
+        stall = asyncio.create_task(redis_server.command("DEBUG", "SLEEP", "1.2"))
+        await redis_server.command("PING")  # queued behind it: the stall has begun
+        g1.stop()
+        await stall
+    probe = ClusterStore(redis_server.url, gateway_id="probe", prefix=key_prefix("test"))
+    try:
+        assert await probe.resume_point("vm-a") == 25  # settled: no reservation left
+        assert await probe.holder("vm-a") is None
+    finally:
+        await probe.close()
