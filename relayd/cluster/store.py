@@ -294,7 +294,8 @@ local function append(lease, fence, log, logmeta, token, at, data)
   end
   -- Offsets a little past what is stored are this owner's: a successor starts after
   -- them, so output handed to clients but never stored is a gap, never a reused offset.
-  if last + ahead > reserved then reserved = last + ahead end
+  -- A re-send that stores nothing leaves the mark: it may come after a settle.
+  if written > 0 and last + ahead > reserved then reserved = last + ahead end
   -- Counted here, not only by the gateway: a call whose answer came too late still stored.
   redis.call('HSET', logmeta, 'start', string.format('%d', first),
              'end', string.format('%d', last), 'bytes', string.format('%d', total),
