@@ -210,8 +210,11 @@ class Gateway:
             self._start_hub(hub)
         return hub
 
-    def close_hub(self, vm_id: str, reason: str) -> None:
-        """This gateway no longer owns the VM: close the port now, send its sessions away."""
+    def close_hub(self, vm_id: str, reason: str) -> asyncio.Task[None] | None:
+        """This gateway no longer owns the VM: close the port now, send its sessions away.
+
+        Returns the hub's task, done once the port is closed (a hand-over waits for it).
+        """
         hub = self.hubs.pop(vm_id, None)
         task = self._hub_tasks.pop(vm_id, None)
         if task is not None:
@@ -220,6 +223,7 @@ class Gateway:
             log.info("cluster_vm_released", vm=vm_id, reason=reason)
             # Relayed sessions move with the console; direct ones get 1001 and reconnect.
             hub.hand_off_all(reason)
+        return task
 
     def owners_changed(self, vms: Collection[str]) -> None:
         """The region named new owners: sessions relayed to the old ones follow (see Relay)."""

@@ -56,6 +56,8 @@ APPEND_RETRY_MAX = 1.0
 #: which reads as Redis being down. The rest goes in the next round trip.
 APPEND_ROUND_TRIP_BYTES = 4 << 20
 ERROR_LOG_INTERVAL = 30.0
+#: How long a hand-over waits for the ports it closed to be gone (a reset: a moment).
+PORT_CLOSE_WAIT = 2.5
 #: The least time between the starts of two rounds: news of claims and releases from
 #: other gateways runs a round early (`OwnershipNews`), but never back to back.
 ROUND_MIN_GAP = 0.05
@@ -82,8 +84,11 @@ class NodeOwner(Protocol):
     def open_hub(self, vm: VmConfig, history: tuple[int, bytes], sink: Outbox) -> ConsoleHub:
         """Start a hub for a VM this gateway now owns (its port opens)."""
 
-    def close_hub(self, vm_id: str, reason: str) -> None:
-        """Stop an owned VM's hub at once: close its port, end its sessions."""
+    def close_hub(self, vm_id: str, reason: str) -> asyncio.Future[None] | None:
+        """Stop an owned VM's hub at once: close its port, end its sessions.
+
+        Returns what finishes once the port is closed (None: it is already).
+        """
 
     def switches_changed(self) -> None:
         """Switch overrides changed: end sessions of consoles now disabled."""
@@ -219,6 +224,7 @@ class ClusterNode:
         # VMs whose hand-over began (port closed) and is not finished: vm -> (token,
         # its outbox). A stop can cut a round short between the two; `_leave` finishes.
         self._releasing: dict[str, tuple[int, Outbox | None]] = {}
+        self._ports_closing: dict[str, asyncio.Future[None]] = {}  # of those hand-overs
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
 
@@ -525,6 +531,7 @@ class ClusterNode:
             log.warning("cluster_vm_offsets_skipped", vm=vm_id, stored_end=end, resume_at=point)
         self.policy.claimed(vm_id, token)
         self._releasing.pop(vm_id, None)  # an old hand-over's lease and output are void now
+        self._ports_closing.pop(vm_id, None)
         self.held[vm_id] = token
         self.stats.owner_changes += 1
         outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point)
@@ -554,7 +561,9 @@ class ClusterNode:
                 # closed, its outbox is that hand-over's, still to ship. Keep it.
                 box = earlier[1]
             self._releasing[vm_id] = (token, box)
-            self._drop(vm_id, reason)
+            closing = self._drop(vm_id, reason)
+            if closing is not None:
+                self._ports_closing[vm_id] = closing
 
     async def _finish_releases(self) -> None:
         """Ship, settle and release every VM whose hand-over began (see `_hand_over`).
@@ -563,6 +572,11 @@ class ClusterNode:
         round short): its output is shipped now instead of being lost.
         """
         pending = dict(self._releasing)
+        # The ports first: what they print until they are gone is ours to ship, and the
+        # next owner may open them as soon as the leases are released.
+        closing = [self._ports_closing.pop(vm) for vm in pending if vm in self._ports_closing]
+        if closing:
+            await asyncio.wait(closing, timeout=PORT_CLOSE_WAIT)
         unshipped = [box for _, box in pending.values() if box is not None]
         renewed: set[str] = set()
         while unshipped := [box for box in unshipped if box.chunks]:
@@ -593,12 +607,16 @@ class ClusterNode:
                 del self._releasing[vm_id]
         await self._announce()
 
-    def _drop(self, vm_id: str, reason: str) -> None:
-        """Stop owning a VM here: port closed, sessions ended, output not shipped any more."""
+    def _drop(self, vm_id: str, reason: str) -> asyncio.Future[None] | None:
+        """Stop owning a VM here: port closed, sessions ended, output not shipped any more.
+
+        Returns what finishes once the port is closed (`NodeOwner.close_hub`).
+        """
         token = self.held.pop(vm_id, None)
         self.outboxes.pop(vm_id, None)
-        if token is not None:
-            self.owner.close_hub(vm_id, reason)
+        if token is None:
+            return None
+        return self.owner.close_hub(vm_id, reason)
 
     # -- console output -----------------------------------------------------------------------
 
