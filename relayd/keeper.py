@@ -82,10 +82,7 @@ async def _keep_port_open(hub: ConsoleHub) -> None:
             hub.stats.last_error = str(group.exceptions[0]) or type(group).__name__
         finally:
             hub.port_closed()  # first: nothing is accepted while it closes
-            # Cancelled: the hub is stopped (in a cluster, its VM given up). Let go of the
-            # port now: a graceful close would hold it for input a hung guest never takes.
-            task = asyncio.current_task()
-            await link.close(at_once=task is not None and task.cancelling() > 0)
+            await link.close()
         hub.stats.reconnects += 1
         bound.info("port_down", error=hub.stats.last_error, retry_in=backoff)
         await asyncio.sleep(backoff)

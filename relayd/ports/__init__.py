@@ -51,8 +51,8 @@ class SerialLink(Protocol):
         """Drop DTR for a moment so getty hangs up (only when `can_hangup`)."""
         ...
 
-    async def close(self, *, at_once: bool = False) -> None:
-        """Release the port (`at_once`: reset it, dropping unsent input); never raises."""
+    async def close(self) -> None:
+        """Release the port; never raises."""
         ...
 
 

@@ -14,7 +14,6 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
-from ..linger import reset_connection
 from .protocol import LinkProtocol
 
 CLOSE_TIMEOUT = 2.0
@@ -66,22 +65,13 @@ class StreamLink:
         """Streams have no DTR."""
         raise NotImplementedError("this port has no DTR line")
 
-    async def close(self, *, at_once: bool = False) -> None:
+    async def close(self) -> None:
         """Close the socket; abort it when the close does not finish in time.
 
         A far end that stopped reading never lets a graceful close flush, and the
         transport (its socket and its unsent bytes) would otherwise stay forever.
-
-        Args:
-            at_once: reset the connection now, dropping input not yet taken. The port
-                is being given up (another gateway may open it next): a single-client
-                chardev serves nobody else while this connection lasts, and a plain
-                close keeps it until the far end has read what was queued for it.
         """
-        if at_once:
-            reset_connection(self._transport)
-        else:
-            self._transport.close()
+        self._transport.close()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await asyncio.shield(self._protocol.closed)

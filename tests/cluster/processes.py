@@ -28,7 +28,6 @@ import ctypes
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -174,13 +173,8 @@ class SerialEnd:
     gateways held the port at the same time.
     """
 
-    def __init__(self, name: str, *, receive_buffer: int | None = None) -> None:
-        """Args:
-        receive_buffer: SO_RCVBUF of its connections (small: a stalled guest's
-            line fills up after a few KiB, and the gateway's writes queue up).
-        """
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.receive_buffer = receive_buffer
         self.port = 0
         self.connections = 0
         self.max_connections = 0
@@ -196,60 +190,14 @@ class SerialEnd:
         self._writer: asyncio.StreamWriter | None = None
         self._server: asyncio.Server | None = None
         self._turn = asyncio.Lock()  # FIFO: waiters are served in the order they came
-        self.stalled = False
-        self._hangup_watch: select.epoll | None = None  # while stalled: the client's hangup
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         """Listen on 127.0.0.1 (port 0 the first time, the same port again after `close`)."""
-        if self.receive_buffer is None:
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        else:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # Set before listen(): accepted connections inherit it, window included.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
-            sock.bind(("127.0.0.1", self.port))
-            self._server = await asyncio.start_server(self._accept, sock=sock)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
-
-    def stall(self) -> None:
-        """The guest stops taking input (a hung VM, a full UART): nothing is read.
-
-        A client that hangs up (a reset) is still noticed, as QEMU watches for a
-        hangup apart from reading; a FIN queued behind unread input never arrives.
-        """
-        self.stalled = True
-        if self._writer is not None:
-            self._stall(self._writer)
-
-    def resume(self) -> None:
-        """The guest takes input again after `stall`."""
-        self.stalled = False
-        self._unwatch()
-        if self._writer is not None:
-            self._writer.transport.resume_reading()
-
-    def _stall(self, writer: asyncio.StreamWriter) -> None:
-        writer.transport.pause_reading()
-        self._unwatch()
-        sock = writer.get_extra_info("socket")
-        watch = select.epoll()
-        watch.register(sock.fileno(), select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP)
-        self._hangup_watch = watch
-        asyncio.get_running_loop().add_reader(watch.fileno(), self._hung_up, writer)
-
-    def _hung_up(self, writer: asyncio.StreamWriter) -> None:
-        self._unwatch()
-        writer.transport.abort()
-
-    def _unwatch(self) -> None:
-        if self._hangup_watch is not None:
-            asyncio.get_running_loop().remove_reader(self._hangup_watch.fileno())
-            self._hangup_watch.close()
-            self._hangup_watch = None
 
     @property
     def url(self) -> str:
@@ -286,7 +234,6 @@ class SerialEnd:
 
     async def close(self) -> None:
         """Stop listening, drop every client, wait for their tasks."""
-        self._unwatch()
         if self._server is not None:
             self._server.close()
         tasks = set(self._tasks)
@@ -314,8 +261,6 @@ class SerialEnd:
         try:
             async with self._turn:
                 self._writer = writer
-                if self.stalled:
-                    self._stall(writer)
                 self.served_peer = writer.get_extra_info("peername")[:2]
                 self.holders.append(self.identify(self.served_peer))
                 self.serves += 1

@@ -44,7 +44,6 @@ from ..conftest import (
     toml_value,
 )
 from .conftest import RedisServer
-from .processes import SerialEnd
 
 pytestmark = pytest.mark.asyncio
 
@@ -860,40 +859,6 @@ async def test_a_relayed_client_whose_console_comes_here_with_its_port_down_stay
         await c.expect(b"output after\r\n")
         assert c.output.count(b"output before") == 1
         assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
-
-
-async def test_a_drained_owner_lets_go_of_a_stalled_port_before_the_next_owner_opens_it(
-    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path]
-) -> None:
-    """A guest that takes no input (hung, its UART full) with typed input queued for it: the
-    owner hands the VM over (a drain). Its port must be gone before the next owner opens it:
-    closed gracefully, it waited for the queued input, then lingered in the kernel behind
-    it, and the single-client port never served the next owner."""
-    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
-    mint = _mint(gateway_pki)
-    end = SerialEnd("vm-a", receive_buffer=4096)
-    await end.start()
-    fast = {"input_bytes_per_s": 10_000_000}  # the queue fills in a moment, not a minute
-    try:
-        async with (
-            serving(cluster_config("gw-1", end.port, **fast)) as g1,
-            serving(cluster_config("gw-2", end.port, **fast)) as g2,
-        ):
-            await until(lambda: ("vm-a" in g1.hubs) != ("vm-a" in g2.hubs), g1, g2)
-            owner, other = _owner(g1, g2)
-            await end.wait_for(lambda e: e.serves == 1, TIMEOUT)
-            end.stall()
-            async with console(owner, ctx, mint("alice")) as c:
-                for _ in range(80):
-                    await c.send(b"x" * 60000)
-                # Far more than the stalled guest's window (8 KiB) is on its way to it.
-                await until(lambda: owner.hubs["vm-a"].stats.bytes_to_port >= 64_000, owner)
-                owner.stop()
-                await until(lambda: "vm-a" in other.hubs, other)
-                await end.wait_for(lambda e: e.serves == 2, TIMEOUT)
-            assert end.max_connections == 1
-    finally:
-        await end.close()
 
 
 async def test_redis_moved_to_another_address_is_followed_at_a_reload(
