@@ -56,7 +56,8 @@ APPEND_RETRY_MAX = 1.0
 #: which reads as Redis being down. The rest goes in the next round trip.
 APPEND_ROUND_TRIP_BYTES = 4 << 20
 ERROR_LOG_INTERVAL = 30.0
-#: How long a hand-over waits for the ports it closed to be gone (a reset: a moment).
+#: How long a hand-over waits for the ports it closed to be gone (a link's close gives
+#: up flushing after 2 s: ports/stream.py's CLOSE_TIMEOUT).
 PORT_CLOSE_WAIT = 2.5
 #: The least time between the starts of two rounds: news of claims and releases from
 #: other gateways runs a round early (`OwnershipNews`), but never back to back.
