@@ -92,7 +92,8 @@ def peer_material(config: Config) -> tuple[ssl.SSLContext, PeerTrust]:
 
 
 #: `[cluster]` keys a running gateway keeps until it restarts (its place in the region).
-CLUSTER_KEYS_NEEDING_RESTART = ("redis", "gateway_id", "advertise", "lease_ttl")
+#: A changed `redis` is followed at once (`Gateway._reload_cluster`).
+CLUSTER_KEYS_NEEDING_RESTART = ("gateway_id", "advertise", "lease_ttl")
 
 
 class GatewayCluster:
@@ -259,8 +260,11 @@ class Gateway:
             self._start_hub(hub)
         return hub
 
-    def close_hub(self, vm_id: str, reason: str) -> None:
-        """This gateway no longer owns the VM: close the port now, send its sessions away."""
+    def close_hub(self, vm_id: str, reason: str) -> asyncio.Task[None] | None:
+        """This gateway no longer owns the VM: close the port now, send its sessions away.
+
+        Returns the hub's task, done once the port is closed (a hand-over waits for it).
+        """
         hub = self.hubs.pop(vm_id, None)
         task = self._hub_tasks.pop(vm_id, None)
         if task is not None:
@@ -269,6 +273,7 @@ class Gateway:
             log.info("cluster_vm_released", vm=vm_id, reason=reason)
             # Relayed sessions move with the console; direct ones get 1001 and reconnect.
             hub.hand_off_all(reason)
+        return task
 
     def owners_changed(self, vms: Collection[str]) -> None:
         """The region named new owners: sessions relayed to the old ones follow (see Relay)."""
@@ -625,7 +630,9 @@ class Gateway:
             authenticator = Authenticator(config.auth)
             cert_expiry = _cert_not_after(config)
             added = self._open_added_hubs(config) if self.cluster is None else {}
-            peer = None if self.cluster is None else peer_material(config)
+            peer = None
+            if self.cluster is not None and config.cluster is not None:
+                peer = peer_material(config)
         except (ConfigError, ConsoleLogError) as exc:
             log.error("config_reload_failed", error=str(exc))
             self.notifier.notify("READY=1", f"STATUS=reload failed; {self.status_line()}")
@@ -638,6 +645,7 @@ class Gateway:
             # New peer links present the new certificate and check the new peer_ca, as the
             # listener's new context does; links already open keep theirs.
             self.cluster.peer_ssl, self.cluster.trust = peer
+        await self._reload_cluster(config)
         self.config = config
         self.region = config.gateway.region
         self.ssl_context = ssl_context
@@ -672,6 +680,16 @@ class Gateway:
         log.info("config_reloaded", vms=len(self.hubs))
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         return True
+
+    async def _reload_cluster(self, config: Config) -> None:
+        """Follow Redis to a new address at once: the old one may be gone for good, and
+        without it the gateway is cut off from the region until restarted."""
+        cluster, new = self.cluster, config.cluster
+        if cluster is None or new is None:
+            return  # adding or removing [cluster] needs a restart (`_warn_...` says so)
+        if new.redis != cluster.store.url:
+            log.info("cluster_redis_changed")  # the URL may hold a password: not logged
+            await cluster.store.retarget(new.redis)
 
     async def _shutdown(
         self, accepting: asyncio.Task[None], node_task: asyncio.Task[None] | None

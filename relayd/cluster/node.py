@@ -15,7 +15,8 @@ stay open, sessions go on), output waits in each outbox (bounded by
 answers again the holders re-assert their leases first (`grace`), so no VM
 changes owner because of an outage. A gateway that was frozen (SIGSTOP) for
 longer than a lease notices on its next round (`stalled`) and closes every
-port it held without touching Redis: by then another gateway may own them.
+port it held whose lease is gone or another's, or every one if Redis does not
+answer that round: by then another gateway may own them.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ APPEND_RETRY_MAX = 1.0
 #: which reads as Redis being down. The rest goes in the next round trip.
 APPEND_ROUND_TRIP_BYTES = 4 << 20
 ERROR_LOG_INTERVAL = 30.0
+#: How long a hand-over waits for the ports it closed to be gone (a link's close gives
+#: up flushing after 2 s: ports/stream.py's CLOSE_TIMEOUT).
+PORT_CLOSE_WAIT = 2.5
 #: The least time between the starts of two rounds: news of claims and releases from
 #: other gateways runs a round early (`OwnershipNews`), but never back to back.
 ROUND_MIN_GAP = 0.05
@@ -97,8 +101,11 @@ class NodeOwner(Protocol):
     def open_hub(self, vm: VmConfig, history: tuple[int, bytes], sink: Outbox) -> ConsoleHub:
         """Start a hub for a VM this gateway now owns (its port opens)."""
 
-    def close_hub(self, vm_id: str, reason: str) -> None:
-        """Stop an owned VM's hub at once: close its port, end its sessions."""
+    def close_hub(self, vm_id: str, reason: str) -> asyncio.Future[None] | None:
+        """Stop an owned VM's hub at once: close its port, end its sessions.
+
+        Returns what finishes once the port is closed (None: it is already).
+        """
 
     def switches_changed(self, change: SwitchChange | None = None) -> None:
         """Switch overrides changed (`change`, or None: re-read): end sessions of consoles
@@ -242,6 +249,7 @@ class ClusterNode:
         # VMs whose hand-over began (port closed) and is not finished: vm -> (token,
         # its outbox). A stop can cut a round short between the two; `_leave` finishes.
         self._releasing: dict[str, tuple[int, Outbox | None]] = {}
+        self._ports_closing: dict[str, asyncio.Future[None]] = {}  # of those hand-overs
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
         self._ask_peer = ask_peer
@@ -357,19 +365,30 @@ class ClusterNode:
             self._next_round_now.set()
 
     async def _leave(self) -> None:
-        """A clean stop: ship what output is left, release our leases, drop the heartbeat."""
+        """A clean stop: ship what output is left, release our leases, drop the heartbeat.
+
+        Redis errors are retried until the deadline: a deploy during a Redis blip would
+        otherwise lose the output held for Redis, and leave its leases to lapse.
+        """
+        self._begin_hand_over(dict(self.held), "gateway shutting down")
+        delay = APPEND_RETRY_MIN
+        error = ""
         try:
             async with asyncio.timeout(3 * self.store.timeout + 0.5):
-                if self.held:
-                    await self._hand_over(dict(self.held), "gateway shutting down")
-                elif self._releasing:  # a hand-over the stop interrupted
-                    await self._finish_releases()
-                await self.store.leave()
-                await self._announce()  # the others re-rank without us now
-        except (ClusterUnavailableError, TimeoutError) as exc:
-            log.warning("cluster_leave_incomplete", error=str(exc))
-        for vm_id in list(self.held):
-            self._drop(vm_id, "gateway shutting down")
+                while True:
+                    try:
+                        if self._releasing:  # ours, and any a stop or an error cut short
+                            await self._finish_releases()
+                        await self.store.leave()
+                        await self._announce()  # the others re-rank without us now
+                        return
+                    except ClusterUnavailableError as exc:
+                        _reraise_cancellation()
+                        error = str(exc)
+                    await asyncio.sleep(delay)
+                    delay = min(APPEND_RETRY_MAX, delay * 2)
+        except TimeoutError:
+            log.warning("cluster_leave_incomplete", error=error or "timed out")
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
@@ -433,6 +452,13 @@ class ClusterNode:
             self.first_round.set()
         except ClusterUnavailableError as exc:
             _reraise_cancellation()
+            if self.held and self.policy.stalled(now):
+                # Frozen for longer than a lease, and Redis does not answer now: another
+                # gateway may hold our leases already. Let go of the ports without asking,
+                # rather than hold them (and type into them) until Redis is back.
+                log.warning("cluster_stalled_ports_closed", vms=len(self.held))
+                for vm_id in list(self.held):
+                    self._drop(vm_id, "this gateway no longer owns the console")
             self.policy.failed(now)
             self._redis_failed("round", exc, now)
             await self._ask_region(now)
@@ -458,7 +484,6 @@ class ClusterNode:
             self._down_since = now
         self.redis_up = False
         self.switches_loaded = False
-        self._resync = asyncio.Event()
         if now - self._error_logged >= ERROR_LOG_INTERVAL:
             self._error_logged = now
             log.error("cluster_redis_unavailable", call=call, error=str(exc))
@@ -571,6 +596,10 @@ class ClusterNode:
                 else:
                     log.warning("cluster_renew_refused", vm=vm_id, token=renew[vm_id])
                     self._drop(vm_id, "this gateway no longer owns the console")
+            if any((box := self.outboxes.get(vm_id)) and box.chunks for vm_id in kept):
+                # Output may wait for this very renewal: an append refused as "lapsed"
+                # (Redis restarted empty since the last round) is not retried by itself.
+                self._wake.set()
         if self._marks_owed:
             await self._reserve_again(kept)
         if claims:
@@ -622,6 +651,7 @@ class ClusterNode:
             log.warning("cluster_vm_offsets_skipped", vm=vm_id, stored_end=end, resume_at=point)
         self.policy.claimed(vm_id, token)
         self._releasing.pop(vm_id, None)  # an old hand-over's lease and output are void now
+        self._ports_closing.pop(vm_id, None)
         self.held[vm_id] = token
         self.stats.owner_changes += 1
         outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point)
@@ -640,6 +670,11 @@ class ClusterNode:
         Raises:
             ClusterUnavailableError: Redis did not answer (the leases then lapse).
         """
+        self._begin_hand_over(vms, reason)
+        await self._finish_releases()
+
+    def _begin_hand_over(self, vms: Mapping[str, int], reason: str | Mapping[str, str]) -> None:
+        """Close the VMs' ports and note what `_finish_releases` must still do."""
         for vm_id, token in vms.items():
             box = self.outboxes.get(vm_id)
             earlier = self._releasing.get(vm_id)
@@ -648,8 +683,9 @@ class ClusterNode:
                 # closed, its outbox is that hand-over's, still to ship. Keep it.
                 box = earlier[1]
             self._releasing[vm_id] = (token, box)
-            self._drop(vm_id, reason if isinstance(reason, str) else reason[vm_id])
-        await self._finish_releases()
+            closing = self._drop(vm_id, reason if isinstance(reason, str) else reason[vm_id])
+            if closing is not None:
+                self._ports_closing[vm_id] = closing
 
     async def _finish_releases(self) -> None:
         """Ship, settle and release every VM whose hand-over began (see `_hand_over`).
@@ -658,26 +694,51 @@ class ClusterNode:
         round short): its output is shipped now instead of being lost.
         """
         pending = dict(self._releasing)
+        # The ports first: what they print until they are gone is ours to ship, and the
+        # next owner may open them as soon as the leases are released.
+        closing = [self._ports_closing.pop(vm) for vm in pending if vm in self._ports_closing]
+        if closing:
+            await asyncio.wait(closing, timeout=PORT_CLOSE_WAIT)
         unshipped = [box for _, box in pending.values() if box is not None]
+        renewed: set[str] = set()
         while unshipped := [box for box in unshipped if box.chunks]:
             shipped = await self._ship(unshipped)
-            if not any(result.ok for _, result in shipped):
+            # Lapsed while Redis was away, and nobody took the VM since: the lease is put
+            # back (once) and the output goes, as a round would do for a VM it keeps.
+            lapsed = {
+                box.vm: box.token
+                for box, result in shipped
+                if result.status == "lapsed" and box.vm not in renewed
+            }
+            renewed |= set(lapsed)
+            back = [vm for vm, ok in (await self.store.renew_many(lapsed)).items() if ok]
+            if not back and not any(result.ok for _, result in shipped):
                 break  # refused (fenced, lapsed): what is left is not ours to store
         for vm_id, (token, left) in pending.items():
             if left is not None and not left.chunks:
-                await self.store.settle(vm_id, token, left.end)
+                settled = await self.store.settle(vm_id, token, left.end)
+                if not settled and vm_id not in renewed:
+                    # Lapsed as Redis stalled: put the lease back (only if nobody took the
+                    # VM) and settle, or the next owner starts past our reservation.
+                    renewed.add(vm_id)
+                    if (await self.store.renew_many({vm_id: token}))[vm_id]:
+                        await self.store.settle(vm_id, token, left.end)
         await self.store.release_many({vm_id: token for vm_id, (token, _) in pending.items()})
         for vm_id, entry in pending.items():
             if self._releasing.get(vm_id) is entry:
                 del self._releasing[vm_id]
         await self._announce()
 
-    def _drop(self, vm_id: str, reason: str) -> None:
-        """Stop owning a VM here: port closed, sessions ended, output not shipped any more."""
+    def _drop(self, vm_id: str, reason: str) -> asyncio.Future[None] | None:
+        """Stop owning a VM here: port closed, sessions ended, output not shipped any more.
+
+        Returns what finishes once the port is closed (`NodeOwner.close_hub`).
+        """
         token = self.held.pop(vm_id, None)
         self.outboxes.pop(vm_id, None)
-        if token is not None:
-            self.owner.close_hub(vm_id, reason)
+        if token is None:
+            return None
+        return self.owner.close_hub(vm_id, reason)
 
     # -- console output -----------------------------------------------------------------------
 
@@ -742,7 +803,7 @@ class ClusterNode:
                 self.stats.fenced_appends += 1
                 log.warning("cluster_append_fenced", vm=box.vm, token=box.token)
                 self._drop(box.vm, "this gateway no longer owns the console")
-            # "lapsed": the next round re-creates the lease; the output waits for it.
+            # "lapsed": the next round re-creates the lease and wakes us (`_carry_out`).
 
     # -- switches -----------------------------------------------------------------------------
 
@@ -758,7 +819,12 @@ class ClusterNode:
             self._next_round_now.set()
 
     async def _resync_switches(self) -> None:
-        """Re-read every override whenever the watcher (re)subscribes: changes may be missed."""
+        """Re-read every override whenever the watcher (re)subscribes: changes may be missed.
+
+        A read that fails is tried again (0.1 s doubling to 1 s) until one succeeds: the
+        request is owed, whatever else fails meanwhile.
+        """
+        delay = APPEND_RETRY_MIN
         while True:
             await self._resync.wait()
             self._resync.clear()
@@ -769,7 +835,11 @@ class ClusterNode:
             except ClusterUnavailableError as exc:
                 _reraise_cancellation()
                 self._redis_failed("all_switches", exc, asyncio.get_running_loop().time())
+                await asyncio.sleep(delay)
+                delay = min(APPEND_RETRY_MAX, delay * 2)
+                self._resync.set()
                 continue
+            delay = APPEND_RETRY_MIN
             self.owner.switches_changed()
 
 

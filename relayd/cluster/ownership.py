@@ -327,6 +327,14 @@ class OwnershipPolicy:
         """Whether a grace period after a Redis outage or data loss is running."""
         return self._grace_until is not None and now < self._grace_until
 
+    def stalled(self, now: float) -> bool:
+        """Whether the previous round ran more than a lease period ago.
+
+        This gateway did not run meanwhile (frozen, SIGSTOP): its leases lapsed, and
+        another gateway may hold them now.
+        """
+        return self._last_round is not None and now - self._last_round > self.lease_ttl
+
     def failed(self, now: float) -> None:
         """A round could not reach Redis: ports stay as they are, nothing is decided."""
         self._last_round = now
@@ -353,7 +361,7 @@ class OwnershipPolicy:
             data_lost: Redis came back without its data (the store's dataset id changed).
             leaving: this gateway drains (see `RoundView.leaving`).
         """
-        stalled = self._last_round is not None and now - self._last_round > self.lease_ttl
+        stalled = self.stalled(now)
         # A blip shorter than half a lease cannot have let a renewed lease lapse: no grace.
         outage = self._failing_since is not None and now - self._failing_since >= self.lease_ttl / 2
         if outage or data_lost or self._last_round is None:

@@ -306,7 +306,8 @@ local function append(lease, fence, log, logmeta, token, at, data)
   end
   -- Offsets a little past what is stored are this owner's: a successor starts after
   -- them, so output handed to clients but never stored is a gap, never a reused offset.
-  if last + ahead > reserved then reserved = last + ahead end
+  -- A re-send that stores nothing leaves the mark: it may come after a settle.
+  if written > 0 and last + ahead > reserved then reserved = last + ahead end
   -- Counted here, not only by the gateway: a call whose answer came too late still stored.
   redis.call('HSET', logmeta, 'start', string.format('%d', first),
              'end', string.format('%d', last), 'bytes', string.format('%d', total),
@@ -514,16 +515,32 @@ class ClusterStore:
         self.reserve_ahead = reserve_ahead
         self._keys_of: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
         self._leases_seen: dict[bytes, Lease | None] = {}
-        self._redis: Redis = Redis.from_url(
+        self.url = url
+        self._redis: Redis = self._client(url)
+        self.switch_watch_up = False  # the switch watcher is subscribed right now
+        # redis-py leaves execute_command unannotated; this is the one typed door to it.
+        self._command: Callable[..., Awaitable[Any]] = self._redis.execute_command
+
+    def _client(self, url: str) -> Redis:
+        return Redis.from_url(
             url,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 1),
-            client_name=f"relayd-{gateway_id}",
+            client_name=f"relayd-{self.gateway_id}",
         )
-        self.switch_watch_up = False  # the switch watcher is subscribed right now
-        # redis-py leaves execute_command unannotated; this is the one typed door to it.
-        self._command: Callable[..., Awaitable[Any]] = self._redis.execute_command
+
+    async def retarget(self, url: str) -> None:
+        """Use the Redis at `url` from now on (a reload moved it), closing the old client.
+
+        Calls under way on the old one fail (the callers' next round is the retry) and
+        the switch watcher subscribes again; a new server is seen as a new dataset.
+        """
+        old = self._redis
+        self.url = url
+        self._redis = self._client(url)
+        self._command = self._redis.execute_command
+        await old.aclose()
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClusterStore:

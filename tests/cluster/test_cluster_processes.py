@@ -522,6 +522,41 @@ async def test_frozen_owner_is_fenced_and_lets_go_when_it_wakes(region: Region) 
     assert single_holder(region) == dict.fromkeys(VM_IDS, 1)
 
 
+async def test_frozen_owner_that_wakes_while_redis_is_down_lets_go_of_its_port(
+    region: Region,
+) -> None:
+    """SIGSTOP the owner until a survivor claims its VM, then Redis goes away, then SIGCONT.
+
+    Awake, the owner cannot ask Redis, but it knows it did not run for longer than a
+    lease: its lease lapsed and may be another's (it is). It lets go at once instead of
+    holding the single-client port, and typing into the VM, for the whole outage.
+    """
+    before = await region.wait_settled()
+    owner = before["vm-3"]
+    end = region.ends["vm-3"]
+    served_before = len(end.holders)
+    redis = region.cluster.redis
+    owner.freeze()
+    try:
+        # A survivor's claim: its connection waits behind the frozen owner's.
+        await end.wait_for(lambda e: e.connections == 2, FAILOVER_TIMEOUT)
+        await redis.stop(keep_data=True)
+    finally:
+        owner.thaw()
+    try:
+        await end.wait_for(
+            lambda e: any(h != owner.gateway_id for h in e.holders[served_before:]),
+            START_TIMEOUT,
+        )
+    finally:
+        await redis.start()
+    assert await region.wait_settled() == before
+    for vm, owned in before.items():
+        if owned is owner:
+            region.ends[vm].reset_max_connections()  # the frozen process held on, as it must
+    assert single_holder(region) == dict.fromkeys(VM_IDS, 1)
+
+
 async def test_last_offsets_and_console_log_agree_on_every_gateway(region: Region) -> None:
     """/console-log of a VM reads the same bytes, with the same offsets, on every gateway."""
     await region.wait_settled()

@@ -28,8 +28,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relayd.app import Gateway
 from relayd.auth import issue_token
-from relayd.cluster.ownership import preferred_owner
-from relayd.cluster.store import ClusterStore, ClusterUnavailableError
+from relayd.cluster.ownership import Lease, preferred_owner
+from relayd.cluster.store import ClusterStore, ClusterUnavailableError, key_prefix
 from relayd.config import Config, load_config
 from relayd.errors import ConfigError
 
@@ -1501,3 +1501,139 @@ async def test_a_client_that_stops_reading_is_dropped_alike_direct_or_relayed(
                     await waiter.wait_for(dropped)
                     assert "port_down" not in await _events_until_closed(ws)
                     assert ws.protocol.close_rcvd is None  # dropped: no Close frame
+
+
+async def test_redis_moved_to_another_address_is_followed_at_a_reload(
+    cluster_config: Callable[..., Config],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The old Redis is gone and the config names its replacement: a reload (SIGHUP) must
+    take it up, or the gateway stays cut off from the region until it is restarted. The
+    new Redis is empty: the owner re-creates its lease there and keeps its port."""
+    moved = RedisServer(tmp_path_factory.mktemp("redis-moved"))
+    await moved.start()
+    try:
+        config = cluster_config("gw-1", far_end.port)
+        async with serving(config) as g1:
+            assert g1.cluster is not None
+            node = g1.cluster.node
+            await until(lambda: "vm-a" in g1.hubs, g1)
+            token = node.held["vm-a"]
+            await redis_server.stop()
+            await until(lambda: not node.redis_up, g1)
+            config.path.write_text(config.path.read_text().replace(redis_server.url, moved.url))
+            assert await g1.reload()
+            await until(lambda: node.redis_up and node.first_round.is_set(), g1)
+            probe = ClusterStore(moved.url, gateway_id="probe", prefix=key_prefix("test"))
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    while await probe.holder("vm-a") != Lease("gw-1", token):
+                        await node.next_round()
+            finally:
+                await probe.close()
+            assert "vm-a" in g1.hubs
+    finally:
+        await moved.stop()
+
+
+async def test_switches_are_read_again_when_the_watcher_resubscribes_after_an_outage(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """A switch change the watcher may have missed is picked up when it subscribes again,
+    after a Redis outage too: a console disabled meanwhile must not stay open here."""
+    async with serving(cluster_config("gw-1", far_end.port)) as g1:
+        assert g1.cluster is not None
+        node = g1.cluster.node
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        await redis_server.stop()
+        await until(lambda: not node.redis_up, g1)
+        await redis_server.start()
+        await until(lambda: node.redis_up, g1)
+        # Changed without a message (as one sent while the watcher was away), then the
+        # watcher's connection drops and it subscribes again: it must read the switches.
+        await redis_server.command("HSET", key_prefix("test") + "switches:vms", "vm-a", "0")
+        await redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+        await until(lambda: node.get("vms", "vm-a") is False, g1)
+
+
+async def test_a_reload_rotates_the_certificates_and_ca_of_peer_links_too(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """Certificates and the peer CA renewed in place, then a reload (SIGHUP) on each
+    gateway: the relayed session must work with the new ones. Peer links kept the
+    certificate and CA read at start, so they failed once the old ones were replaced."""
+    mint = _mint(gateway_pki)
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        renewed = trustme.CA()
+        cert = renewed.issue_cert("localhost", "127.0.0.1", common_name="gw.test")
+        cert.private_key_pem.write_to_path(str(gateway_pki["key"]))
+        cert.cert_chain_pems[0].write_to_path(str(gateway_pki["cert"]))
+        renewed.cert_pem.write_to_path(str(gateway_pki["ca"]))
+        assert await owner.reload()
+        assert await other.reload()
+        ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+        async with console(other, ctx, mint("alice")) as c:
+            assert c.hello["role"] == "writer"
+            await c.send(b"through the renewed link\r")
+            await far_end.wait_received(lambda got: b"through the renewed link\r" in got)
+
+
+async def test_a_drain_as_redis_comes_back_still_ships_the_output_held_for_it(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """Redis goes away, the owner holds the VM's output for it, and a deploy stops the
+    owner. Redis is back while the owner leaves: the output goes to the log (the lease,
+    lapsed meanwhile, re-created first) instead of going with the port."""
+    async with serving(cluster_config("gw-1", far_end.port)) as g1:
+        assert g1.cluster is not None
+        node = g1.cluster.node
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        hub = g1.hubs["vm-a"]
+        await far_end.connected()
+        await redis_server.stop()
+        await until(lambda: not node.redis_up, g1)
+        await far_end.send(b"printed while Redis was away\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            while hub.end < 30:
+                await hub.next_change()
+        g1.stop()
+        async with asyncio.timeout(TIMEOUT):
+            while hub.port_up:  # leaving: the port is closed, the first try to ship failed
+                await hub.next_change()
+        await redis_server.start()
+    probe = ClusterStore(redis_server.url, gateway_id="probe", prefix=key_prefix("test"))
+    try:
+        assert (await probe.read("vm-a", 0, 1000)).data == b"printed while Redis was away\r\n"
+        assert await probe.holder("vm-a") is None  # released, not left to lapse
+    finally:
+        await probe.close()
+
+
+async def test_a_drain_while_redis_stalls_past_the_lease_still_settles_the_log(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """Redis stalls (a slow disk, DEBUG SLEEP) for longer than a lease as the owner leaves:
+    its lease lapses before the owner can settle the log's mark. Settling anyway (the lease
+    put back, nobody having taken the VM) lets the next owner continue at the exact end,
+    not past the reservation with a gap of offsets no output was ever printed at."""
+    await redis_server.restart_empty("--enable-debug-command", "yes")
+    async with serving(cluster_config("gw-1", far_end.port)) as g1:
+        assert g1.cluster is not None
+        await until(lambda: "vm-a" in g1.hubs, g1)
+        await far_end.send(b"stored before the stall\r\n")
+        store = g1.cluster.store
+        async with asyncio.timeout(TIMEOUT):
+            while (await store.bounds("vm-a"))[1] < 25:
+                await g1.cluster.node.next_round()
+        stall = asyncio.create_task(redis_server.command("DEBUG", "SLEEP", "1.2"))
+        await redis_server.command("PING")  # queued behind it: the stall has begun
+        g1.stop()
+        await stall
+    probe = ClusterStore(redis_server.url, gateway_id="probe", prefix=key_prefix("test"))
+    try:
+        assert await probe.resume_point("vm-a") == 25  # settled: no reservation left
+        assert await probe.holder("vm-a") is None
+    finally:
+        await probe.close()

@@ -15,7 +15,7 @@ from relayd.config import VmConfig
 from relayd.hub import ConsoleHub
 
 from ..conftest import TIMEOUT
-from .conftest import StoreFactory
+from .conftest import RedisServer, StoreFactory
 
 pytestmark = pytest.mark.asyncio
 
@@ -198,3 +198,79 @@ async def test_a_vm_removed_from_the_configuration_is_released_saying_so(
     await node.round()
     assert gateway.closed == {"vm-gone": "the console was removed from the configuration"}
     assert await store.holder("vm-gone") is None
+
+
+async def test_output_refused_for_a_lapsed_lease_goes_once_the_round_re_creates_the_lease(
+    make_store: StoreFactory, redis_server: RedisServer
+) -> None:
+    """Redis restarted empty between two rounds: an append that came first found no lease
+    ("lapsed") and the output waits. The next round re-creates the lease; the output must
+    then go, not wait until the VM prints again (it may print nothing for hours)."""
+    vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
+    store = make_store("gw-1")
+    node = _node(_OneVmGateway(vm), store)
+    token = await store.claim("vm-a")
+    assert token is not None
+    node.held["vm-a"] = token
+    node.policy.claimed("vm-a", token)
+    box = Outbox("vm-a", token, MIB, node._wake.set)
+    node.outboxes["vm-a"] = box
+    await node.round()  # renewed: the node has seen Redis's dataset
+    await redis_server.restart_empty()
+    box.append(0, b"printed as Redis came back")
+    node._wake.clear()  # the appender's own trip, as it makes it:
+    await node._append_once()
+    assert box.chunks  # refused: no lease (yet)
+    await node.round()  # the loss noticed, the lease re-created
+    tasks = [asyncio.create_task(node._appender()), asyncio.create_task(node._rounds())]
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while box.chunks:
+                await node.next_round()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    assert await store.bounds("vm-a") == (0, 26)
+
+
+class _SlowClosingGateway(_OneVmGateway):
+    """A port that takes a moment to close, and prints its last output meanwhile (read
+    by the hub before the port is gone)."""
+
+    def __init__(self, vm: VmConfig) -> None:
+        super().__init__(vm)
+        self.box: Outbox | None = None
+
+    def close_hub(self, vm_id: str, reason: str) -> asyncio.Future[None]:
+        closed = asyncio.get_running_loop().create_future()
+
+        def last_output() -> None:
+            assert self.box is not None
+            self.box.append(self.box.end, b"last words\n")
+            closed.set_result(None)
+
+        asyncio.get_running_loop().call_later(0.05, last_output)
+        return closed
+
+
+async def test_a_hand_over_waits_for_the_port_to_close_and_ships_its_last_output(
+    make_store: StoreFactory,
+) -> None:
+    """Handing a VM over, the node closes its port, then ships, settles and releases. The
+    port's last output, read as it closed, belongs in the log, and the lease may go only
+    once the port is closed (the next owner opens it next). Shipping without waiting lost
+    that output, and settling before it arrived left the mark a reservation ahead."""
+    vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
+    store = make_store("gw-1")
+    gateway = _SlowClosingGateway(vm)
+    node = _node(gateway, store)
+    token = await store.claim("vm-a")
+    assert token is not None
+    node.held["vm-a"] = token
+    box = gateway.box = node.outboxes["vm-a"] = Outbox("vm-a", token, MIB, lambda: None)
+    box.append(0, b"printed\n")
+    await node._hand_over({"vm-a": token}, "the console moved to another gateway")
+    assert (await store.read("vm-a", 0, 100)).data == b"printed\nlast words\n"
+    assert await store.resume_point("vm-a") == 19
+    assert await store.holder("vm-a") is None

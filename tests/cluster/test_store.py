@@ -606,3 +606,20 @@ async def test_store_settle_never_lets_a_successor_reuse_offsets_an_owner_skippe
     assert await b.reserve("vm-1", new, start + b.reserve_ahead)
     assert await b.settle("vm-1", new, start)  # nothing printed while b owned it
     assert await a.resume_point("vm-1") == start
+
+
+async def test_store_a_late_resend_after_a_settle_leaves_the_mark_settled(
+    make_store: StoreFactory,
+) -> None:
+    """A hand-over ships the output and settles; an append of the same output, sent earlier
+    by the appender on another connection, arrives after the settle. It stores nothing and
+    must not move the mark a reservation ahead again: the next owner would start there, a
+    gap of offsets where nothing was printed (seen in rolling restarts)."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    token = await a.claim("vm-1")
+    assert token is not None
+    assert (await a.append("vm-1", token, 0, [b"stored\n"])).ok
+    assert await a.settle("vm-1", token, 7)
+    late = await a.append("vm-1", token, 0, [b"stored\n"])
+    assert (late.ok, late.written, late.skipped) == (True, 0, 7)
+    assert await b.resume_point("vm-1") == 7
