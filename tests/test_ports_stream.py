@@ -190,3 +190,26 @@ async def test_stream_link_to_a_missing_socket_raises_oserror(tmp_path: Path) ->
     """Nothing listening: opening fails with the OSError the hub turns into a retry."""
     with pytest.raises(FileNotFoundError):
         await open_unix(str(tmp_path / "absent.sock"))
+
+
+async def test_a_tcp_link_whose_far_end_stopped_reading_is_reset_when_given_up(
+    tmp_path: Path,
+) -> None:
+    """A far end that reads nothing (a hung guest, its UART full) never lets a graceful close
+    flush. After the close's deadline the connection is reset, not handed to the kernel to
+    finish: the orphan would keep a single-client chardev serving it, and deliver input
+    typed for a console that moved on, instead of the next gateway's connection."""
+    async with linked("tcp", tmp_path) as (link, reader, _):
+        queued = bytes(16 << 20)  # more than both sockets' buffers hold
+        link.writer.write_now(queued)
+        await link.close()  # gives up after CLOSE_TIMEOUT: nothing is read meanwhile
+
+        async def read_all() -> int:
+            got = 0
+            async with asyncio.timeout(TIMEOUT):
+                while chunk := await reader.read(1 << 20):
+                    got += len(chunk)
+            return got
+
+        with pytest.raises(ConnectionResetError):
+            await read_all()  # before: every queued byte, then end of stream

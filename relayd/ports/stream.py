@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
+from ..linger import reset_connection
 from .protocol import LinkProtocol
 
 CLOSE_TIMEOUT = 2.0
@@ -69,14 +70,17 @@ class StreamLink:
         """Close the socket; abort it when the close does not finish in time.
 
         A far end that stopped reading never lets a graceful close flush, and the
-        transport (its socket and its unsent bytes) would otherwise stay forever.
+        transport (its socket and its unsent bytes) would otherwise stay forever. The
+        abort resets the connection: closed the usual way, the orphaned socket would
+        keep a single-client chardev (QEMU's) serving it, not the gateway that opens
+        the port next, and deliver input typed for a console that moved on.
         """
         self._transport.close()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await asyncio.shield(self._protocol.closed)
         except TimeoutError:
-            self._transport.abort()
+            reset_connection(self._transport)
         except OSError:
             pass
 
