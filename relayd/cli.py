@@ -156,7 +156,7 @@ async def _check_cluster(cfg: Config, offline: bool = False) -> str:
     try:
         live = await store.live_gateways()
     except ClusterUnavailableError as exc:
-        raise ConfigError(str(cfg.path), "cluster.redis", f"cannot reach Redis: {exc}") from None
+        raise ConfigError(str(cfg.path), "cluster.redis", _redis_problem(exc)) from None
     finally:
         await store.close()
     elsewhere = live.get(cluster.gateway_id)
@@ -169,6 +169,21 @@ async def _check_cluster(cfg: Config, offline: bool = False) -> str:
         f"lease {cluster.lease_ttl:g} s; Redis {cluster.redis_display} answers; "
         f"other live gateways: {others}"
     )
+
+
+def _redis_problem(exc: Exception) -> str:
+    """What `check-config` says when Redis does not serve us: unreachable, or refusing."""
+    from redis.exceptions import AuthenticationError, NoPermissionError
+
+    cause = exc.__cause__
+    if isinstance(cause, AuthenticationError):
+        return f"Redis refused the user or password in the URL: {exc}"
+    if isinstance(cause, NoPermissionError):
+        return (
+            "Redis refused a command to the URL's user (its ACL must allow relayd's keys, "
+            f"its scripts and its channel): {exc}"
+        )
+    return f"cannot reach Redis: {exc}"
 
 
 def _issue(args: argparse.Namespace) -> int:

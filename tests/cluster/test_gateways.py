@@ -722,6 +722,14 @@ async def test_check_config_reaches_redis_or_names_the_key(
     code, out = await check("--offline")
     assert code == 0, out
     assert "Redis not contacted (--offline)" in out
+    # Reached, but refusing the credentials: not "cannot reach".
+    await redis_server.start()
+    url = redis_server.url.replace("unix://", "unix://nobody:wrong@")
+    config = cluster_config("gw-1", far_end.port, cluster={"redis": url})
+    code, out = await check()
+    assert code != 0
+    assert "Redis refused the user or password in the URL" in out
+    assert "wrong" not in out  # the password is never printed
 
 
 async def test_a_second_gateway_with_a_live_gateway_id_is_refused(
