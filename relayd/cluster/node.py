@@ -425,6 +425,9 @@ class ClusterNode:
             self._dataset = state.dataset
             self._redis_answered(now)
             self._last_read, self._live = now, state.live
+            # A round over thousands of VMs is milliseconds of Python: typing on this
+            # gateway waits for it in pieces, between reading, deciding and writing.
+            await asyncio.sleep(0)
             decisions = self.policy.decide(
                 now,
                 state.live,
@@ -442,6 +445,7 @@ class ClusterNode:
                     "needs the same [[vms]]; this gateway keeps it meanwhile",
                 )
             self.policy.not_taken.clear()
+            await asyncio.sleep(0)
             try:
                 await self._carry_out(decisions)
             finally:
