@@ -544,10 +544,14 @@ class ClusterNode:
                 for group in peerview.questions(vms):
                     views.append(await self._ask_peer(advertise, group))
         except (PeerLinkError, TimeoutError) as exc:
+            _reraise_cancellation()
             now = asyncio.get_running_loop().time()
             if now - self._peer_error_logged >= ERROR_LOG_INTERVAL:  # every round otherwise
                 self._peer_error_logged = now
                 log.warning("cluster_peer_not_asked", peer=gateway, error=str(exc) or "timeout")
+            return None
+        except Exception:  # a bug: it must not end the rounds, which keep the ports fenced
+            log.exception("cluster_peer_question_failed", peer=gateway)
             return None
         owners = {vm: owner for view in views for vm, owner in view.owners.items()}
         ages = [v.seen_ago for v in views]
