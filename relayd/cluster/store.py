@@ -126,29 +126,39 @@ class _Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
-_HEARTBEAT = _Script("""
--- KEYS: gw:<id>, gateways, dataset   ARGV: id, advertise, ttl_ms, new dataset id
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[1])
-local ds = redis.call('GET', KEYS[3])
-if not ds then
-  redis.call('SET', KEYS[3], ARGV[4])
-  ds = ARGV[4]
+# The region's dataset id, set by the first to ask: a new one means Redis lost its data.
+_DATASET_OF = """
+local function dataset(key, candidate)
+  local ds = redis.call('GET', key)
+  if not ds then
+    redis.call('SET', key, candidate)
+    ds = candidate
+  end
+  return ds
 end
-return ds
-""")
+"""
+
+_HEARTBEAT = _Script(
+    """
+-- KEYS: gw:<id>, gateways, dataset   ARGV: id, advertise, ttl_ms, new dataset id
+"""
+    + _DATASET_OF
+    + """redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+return dataset(KEYS[3], ARGV[4])
+"""
+)
 
 # The heartbeat's dataset part alone, for a gateway that is leaving: it must still notice
 # Redis losing its data (it may hold VMs until the drain ends, or be the last gateway).
-_DATASET = _Script("""
+_DATASET = _Script(
+    """
 -- KEYS: dataset   ARGV: new dataset id
-local ds = redis.call('GET', KEYS[1])
-if not ds then
-  redis.call('SET', KEYS[1], ARGV[1])
-  ds = ARGV[1]
-end
-return ds
-""")
+"""
+    + _DATASET_OF
+    + """return dataset(KEYS[1], ARGV[1])
+"""
+)
 
 _LIVE = _Script("""
 -- KEYS: gateways   ARGV: prefix of the heartbeat keys ("...gw:")
