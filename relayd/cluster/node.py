@@ -42,6 +42,7 @@ from .store import (
     AppendResult,
     ClusterStore,
     ClusterUnavailableError,
+    Outgoing,
     OwnershipNews,
     SwitchChange,
     SwitchesResync,
@@ -133,10 +134,17 @@ class Outbox:
         self.chunks: deque[tuple[int, bytes]] = deque()
         self.size = 0
         self.dropped = 0
+        self.ahead = 0  # how far past `end` the last `mark` reached
         self._wake = wake
+        # The output rate is measured from here: (when, `end` then), and when the first
+        # byte after it was handed out (an idle VM that starts printing is fast at once).
+        self._measured = (time.monotonic(), start)
+        self._first_since: float | None = None
 
     def append(self, offset: int, data: bytes) -> None:
         """Buffer output that starts at `offset` (called by the hub, never waits)."""
+        if self._first_since is None:
+            self._first_since = time.monotonic()
         self.chunks.append((offset, data))
         self.size += len(data)
         self.end = offset + len(data)
@@ -145,6 +153,24 @@ class Outbox:
             self.size -= len(old)
             self.dropped += len(old)
         self._wake()
+
+    def mark(self, horizon: float, least: int) -> int:
+        """The offset to reserve up to with the next append: past every offset handed
+        out, by what this VM may print in `horizon` seconds at its recent rate (at
+        least `least`). The append stores the mark only once it lands, and the owner
+        goes on handing out offsets meanwhile: were the mark a fixed distance ahead, a
+        VM printing faster than that distance per round trip would outrun it, and a
+        successor after this gateway's death would reuse offsets clients hold.
+        """
+        now = time.monotonic()
+        since, measured_end = self._measured
+        if self._first_since is not None:
+            since = max(since, self._first_since)
+        rate = (self.end - measured_end) / max(now - since, APPEND_COALESCE)
+        self._measured, self._first_since = (now, self.end), None
+        # Slow to shrink: one quiet round trip in a flood does not bring the mark close.
+        self.ahead = max(least, int(rate * horizon), self.ahead // 2)
+        return self.end + self.ahead
 
     def batch(self) -> tuple[int, list[bytes]] | None:
         """What to send now: the first offset and the contiguous chunks from it."""
@@ -252,6 +278,9 @@ class ClusterNode:
         self._ports_closing: dict[str, asyncio.Future[None]] = {}  # of those hand-overs
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
+        # How long output may go on before an append's mark is stored: this call's
+        # deadline, the pause before the next, and its deadline (beyond: Redis is down).
+        self._mark_horizon = 2 * store.timeout + APPEND_COALESCE
         self._ask_peer = ask_peer
         # When the last round that read Redis began (loop time), and the gateways it saw;
         # when the last round that may have renewed or claimed leases ended.
@@ -635,7 +664,8 @@ class ClusterNode:
         for vm_id, token in held.items():
             box = self.outboxes.get(vm_id)
             if box is not None:
-                await self.store.reserve(vm_id, token, box.end + self.store.reserve_ahead)
+                ahead = max(self.store.reserve_ahead, box.ahead)
+                await self.store.reserve(vm_id, token, box.end + ahead)
         self._marks_owed = False  # only now: a Redis error above leaves them owed
         log.info("cluster_offsets_reserved_again", vms=len(held))
 
@@ -779,7 +809,7 @@ class ClusterNode:
         the previous round trip stopped, so every VM's output gets its turn.
         """
         sent: list[Outbox] = []
-        batches: list[tuple[str, int, int, list[bytes]]] = []
+        batches: list[Outgoing] = []
         size = 0
         first = self._ship_turn % len(boxes) if boxes else 0
         for box in itertools.chain(boxes[first:], boxes[:first]):
@@ -788,7 +818,8 @@ class ClusterNode:
             batch = box.batch()
             if batch is not None:
                 sent.append(box)
-                batches.append((box.vm, box.token, batch[0], batch[1]))
+                mark = box.mark(self._mark_horizon, self.store.reserve_ahead)
+                batches.append(Outgoing(box.vm, box.token, batch[0], batch[1], mark))
                 size += sum(map(len, batch[1]))
         self._ship_turn = first + len(sent)
         if not batches:

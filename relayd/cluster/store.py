@@ -62,7 +62,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -80,6 +80,7 @@ __all__ = [
     "ClusterStore",
     "ClusterUnavailableError",
     "LogSlice",
+    "Outgoing",
     "OwnershipNews",
     "RoundState",
     "SwitchChange",
@@ -254,14 +255,16 @@ end
 _APPEND = _Script(
     """
 -- KEYS: lease, fence, log, logmeta per VM
--- ARGV: gateway, capacity, entry bytes, reserve ahead, then token, start offset, data per VM
+-- ARGV: gateway, capacity, entry bytes, reserve ahead, then token, start offset, mark, data
+--       per VM (mark: reserve offsets up to it too; the owner's handed-out end plus what
+--       the VM may print before its next append lands)
 -- -> per VM: {'ok', start, end, written, skipped, gap_from, gap_to} | {'fenced'} | {'lapsed'}
 """
     + _FENCED
     + """local gateway, cap = ARGV[1], tonumber(ARGV[2])
 local piece, ahead = tonumber(ARGV[3]), tonumber(ARGV[4])
 
-local function append(lease, fence, log, logmeta, token, at, data)
+local function append(lease, fence, log, logmeta, token, at, mark, data)
   local status = fenced(lease, fence, gateway, token)
   if status then return {status} end
   local meta = redis.call('HMGET', logmeta, 'start', 'end', 'bytes', 'reserved', 'appended')
@@ -314,10 +317,10 @@ local function append(lease, fence, log, logmeta, token, at, data)
   elseif written > 0 and total == written then
     first = last - written
   end
-  -- Offsets a little past what is stored are this owner's: a successor starts after
-  -- them, so output handed to clients but never stored is a gap, never a reused offset.
+  -- Offsets past what is stored are this owner's: a successor starts after them, so
+  -- output handed to clients but never stored is a gap, never a reused offset.
   -- A re-send that stores nothing leaves the mark: it may come after a settle.
-  if written > 0 and last + ahead > reserved then reserved = last + ahead end
+  if written > 0 then reserved = math.max(reserved, last + ahead, mark) end
   -- Counted here, not only by the gateway: a call whose answer came too late still stored.
   redis.call('HSET', logmeta, 'start', string.format('%d', first),
              'end', string.format('%d', last), 'bytes', string.format('%d', total),
@@ -328,9 +331,9 @@ end
 
 local out = {}
 for i = 1, #KEYS / 4 do
-  local k, a = 4 * (i - 1), 4 + 3 * (i - 1)
+  local k, a = 4 * (i - 1), 4 + 4 * (i - 1)
   out[i] = append(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
-                  ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3])
+                  ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), ARGV[a + 4])
 end
 return out
 """
@@ -412,6 +415,18 @@ class RoundState:
     dataset: str  # changes when Redis lost its data
     live: dict[str, str]  # gateway id -> advertise address
     holders: dict[str, Lease | None]  # vm -> lease
+
+
+class Outgoing(NamedTuple):
+    """One VM's output for `ClusterStore.append_many`."""
+
+    vm: str
+    token: int  # the fencing token our lease was granted with
+    start: int  # absolute offset of the first byte of `chunks`
+    chunks: Sequence[bytes]
+    # Offsets reserved up to here too, if the call stores a byte: past everything the
+    # owner handed out, so a successor never reuses an offset a client holds.
+    mark: int = 0
 
 
 @dataclass(frozen=True)
@@ -930,22 +945,22 @@ class ClusterStore:
 
     # -- console log ----------------------------------------------------------------------
 
-    def _append_call(self, batches: Sequence[tuple[str, int, int, Sequence[bytes]]]) -> _Call:
+    def _append_call(self, batches: Sequence[Outgoing]) -> _Call:
         keys: list[str | bytes] = []
         cap = self.console_log_bytes
         args: list[Any] = [self.gateway_id, cap, self.entry_bytes, self.reserve_ahead]
-        for vm, token, start_offset, chunks in batches:
+        for vm, token, start_offset, chunks, mark in batches:
             data = b"".join(chunks)
             # More than the log holds is cut here, so it never crosses the network.
             if len(data) > cap:
                 start_offset += len(data) - cap
                 data = data[len(data) - cap :]
             keys += self._vm_keys(vm)
-            args += (b"%d" % token, b"%d" % start_offset, data)
+            args += (b"%d" % token, b"%d" % start_offset, b"%d" % mark, data)
         return _Call(_APPEND, keys, args)
 
     async def append(
-        self, vm: str, token: int, start_offset: int, chunks: Sequence[bytes]
+        self, vm: str, token: int, start_offset: int, chunks: Sequence[bytes], mark: int = 0
     ) -> AppendResult:
         """Add console output at `start_offset`, fenced by our token: one round trip.
 
@@ -954,23 +969,23 @@ class ClusterStore:
             token: the fencing token our lease was granted with.
             start_offset: absolute offset of the first byte of `chunks`.
             chunks: the output, in order (stored in entries of at most `entry_bytes`).
+            mark: reserve offsets up to here too (see `Outgoing`); the call always
+                reserves `reserve_ahead` past what it stored.
         """
-        return (await self.append_many([(vm, token, start_offset, chunks)]))[0]
+        return (await self.append_many([Outgoing(vm, token, start_offset, chunks, mark)]))[0]
 
-    async def append_many(
-        self, batches: Sequence[tuple[str, int, int, Sequence[bytes]]]
-    ) -> list[AppendResult]:
-        """`append` for several (vm, token, start_offset, chunks) in one round trip.
+    async def append_many(self, batches: Sequence[Outgoing]) -> list[AppendResult]:
+        """`append` for several VMs in one round trip.
 
         A script call takes up to `SCRIPT_VMS` VMs and about `SCRIPT_BYTES` of output,
         so one call never holds Redis (single-threaded) for long.
         """
         calls: list[_Call] = []
-        group: list[tuple[str, int, int, Sequence[bytes]]] = []
+        group: list[Outgoing] = []
         size = 0
         for batch in batches:
             group.append(batch)
-            size += sum(len(c) for c in batch[3])
+            size += sum(len(c) for c in batch.chunks)
             if len(group) >= SCRIPT_VMS or size >= SCRIPT_BYTES:
                 calls.append(self._append_call(group))
                 group, size = [], 0

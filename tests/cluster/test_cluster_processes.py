@@ -364,6 +364,44 @@ async def test_owner_killed_before_its_output_reached_redis_offsets_are_not_reus
         assert resumed.hello["offset"] >= last
 
 
+async def test_owner_printing_faster_than_its_reservation_killed_offsets_are_not_reused(
+    region: Region,
+) -> None:
+    """A VM printing fast while Redis is slow: its owner hands out offsets well past the
+    last stored byte. Killed then, its successor must still start past every one of them."""
+    end = region.ends["vm-4"]
+    owner = (await region.wait_settled())["vm-4"]
+    redis = region.cluster.redis
+    piece = b"f" * 4000 + b"\r\n"
+    async with region.console(owner, "vm-4", user="alice") as local:
+
+        async def print_for(seconds: float, marker: bytes) -> None:
+            # A steady 400 kB/s (the session's output limit is 1 MiB/s): a load shape,
+            # paced by the clock on purpose.
+            loop = asyncio.get_running_loop()
+            stop = loop.time() + seconds
+            while loop.time() < stop:
+                end.emit(piece)
+                await asyncio.sleep(0.01)
+            end.emit(marker)
+            await local.expect(marker)
+
+        await print_for(1.0, b"steady-output-seen")
+        # Redis stalls writes (shorter than a call's deadline: not an outage) while the
+        # VM goes on printing; the client sees about 200 kB the log does not have yet.
+        assert await redis.command("CLIENT", "PAUSE", "1000", "WRITE") == b"+OK\r\n"
+        await print_for(0.5, b"seen-but-not-logged")
+        assert not [c for c in local.controls if c.get("type") == "output_gap"]
+        last = local.hello["offset"] - local.hello["replay"] + len(local.output)
+        owner.kill()
+        await owner.wait_exit()
+    await region.wait_owner("vm-4", not_on=owner)
+    await region.wait_settled()
+    async with region.console(LB, "vm-4", query=f"from={last}") as resumed:
+        await typed(resumed, b"after-the-fast-loss")
+        assert resumed.hello["offset"] >= last, (resumed.hello, last)
+
+
 async def test_owner_killed_clients_through_other_gateways_get_port_down_up_and_stay(
     region: Region,
 ) -> None:

@@ -16,6 +16,7 @@ from relayd.cluster.store import (
     ClusterStore,
     ClusterUnavailableError,
     LogSlice,
+    Outgoing,
     OwnershipNews,
     SwitchChange,
     SwitchesLost,
@@ -443,7 +444,7 @@ async def test_store_log_many_tiny_entries_read_whole_and_trim_whole(
     a = make_store("gw-a", console_log_bytes=4096, entry_bytes=1024)
     token = await a.claim("vm-1")
     assert token is not None
-    batches = [("vm-1", token, 3 * i, [b"%03d" % i]) for i in range(700)]
+    batches = [Outgoing("vm-1", token, 3 * i, [b"%03d" % i]) for i in range(700)]
     results = await a.append_many(batches)
     assert all(r.ok for r in results)
     whole = b"".join(b"%03d" % i for i in range(700))
@@ -461,7 +462,9 @@ async def test_store_append_many_is_one_call_for_several_vms(make_store: StoreFa
     t2 = await b.claim("vm-2")
     assert t1 is not None
     assert t2 is not None
-    results = await a.append_many([("vm-1", t1, 0, [b"one"]), ("vm-2", t1, 0, [b"two"])])
+    results = await a.append_many(
+        [Outgoing("vm-1", t1, 0, [b"one"]), Outgoing("vm-2", t1, 0, [b"two"])]
+    )
     assert [r.status for r in results] == ["ok", "fenced"]
     assert (await b.read("vm-1", 0, 10)).data == b"one"
     assert await b.bounds("vm-2") == (0, 0)
@@ -478,8 +481,8 @@ async def test_store_append_many_splits_calls_and_keeps_each_vms_result(
     await expire_lease(a, "vm-5")
     await b._command("SET", b._key("fence", "vm-300"), str(tokens["vm-300"] + 1))
     big = bytes(range(256)) * (SCRIPT_BYTES // 256 + 1)
-    batches = [(vm, tokens[vm], 0, [vm.encode(), b"|"]) for vm in vms]
-    batches[7] = ("vm-7", tokens["vm-7"], 0, [big])
+    batches = [Outgoing(vm, tokens[vm], 0, [vm.encode(), b"|"]) for vm in vms]
+    batches[7] = Outgoing("vm-7", tokens["vm-7"], 0, [big])
     results = await a.append_many(batches)
     assert len(results) == len(vms)
     statuses = {vm: r.status for vm, r in zip(vms, results, strict=True)}
@@ -587,6 +590,26 @@ async def test_store_offsets_reserved_ahead_so_a_successor_never_reuses_them(
     assert new is not None
     assert not await a.reserve("vm-1", token, 10_000)  # fenced: the lease is b's
     assert await b.resume_point("vm-1") == 100
+
+
+async def test_store_append_reserves_up_to_the_owners_mark_when_it_stores(
+    make_store: StoreFactory,
+) -> None:
+    """An owner that handed out more than a reservation's worth past what it stores says
+    so with the append: the successor starts past that mark. A re-send that stores
+    nothing moves no mark."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    token = await a.claim("vm-1")
+    assert token is not None
+    far = 5_000_000
+    assert (await a.append("vm-1", token, 0, [b"stored\n"], mark=far)).ok
+    assert await b.resume_point("vm-1") == far
+    # A mark below the usual reservation never lowers it.
+    assert (await a.append("vm-1", token, 7, [b"more\n"], mark=1)).ok
+    assert await b.resume_point("vm-1") == far
+    assert await a.settle("vm-1", token, 12)
+    assert (await a.append("vm-1", token, 0, [b"stored\nmore\n"], mark=far * 2)).written == 0
+    assert await b.resume_point("vm-1") == 12
 
 
 async def test_store_settle_never_lets_a_successor_reuse_offsets_an_owner_skipped_to(
