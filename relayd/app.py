@@ -530,6 +530,22 @@ class Gateway:
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload_needs_restart", key=f"cluster.{key}")
 
+    def _keep_place_in_region(self, config: Config) -> Config:
+        """`config` with the region and the restart-only [cluster] keys as they run now.
+
+        The region names the Redis keys this gateway shares, and its id, address and
+        lease period are its place in that region: a reload cannot move them, so the
+        configuration says what is in force (audit events name the region served).
+        """
+        old, new = self.config.cluster, config.cluster
+        if old is None or new is None:
+            return config
+        kept = {key: getattr(old, key) for key in CLUSTER_KEYS_NEEDING_RESTART}
+        gateway = config.gateway.model_copy(update={"region": self.config.gateway.region})
+        return config.model_copy(
+            update={"gateway": gateway, "cluster": new.model_copy(update=kept)}
+        )
+
     async def _refuse_a_taken_gateway_id(self, cluster: GatewayCluster) -> None:
         """Refuse to start where another live gateway has this one's `gateway_id`.
 
@@ -641,6 +657,7 @@ class Gateway:
             if getattr(config.gateway, key) != getattr(self.config.gateway, key):
                 log.warning("reload_needs_restart", key=f"gateway.{key}")
         self._warn_cluster_keys_need_restart(config)
+        config = self._keep_place_in_region(config)
         if self.cluster is not None and peer is not None:
             # New peer links present the new certificate and check the new peer_ca, as the
             # listener's new context does; links already open keep theirs.

@@ -801,6 +801,29 @@ async def test_reload_moves_peer_links_to_the_new_certificate_and_peer_ca(
             await far_end.wait_received(lambda got: b"after-rotation\r" in got)
 
 
+async def test_reload_keeps_a_cluster_gateways_region_until_it_restarts(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """The region names the Redis keys a gateway shares: a reload cannot move it to another
+    region, so it keeps the old one everywhere (audit events included) and says a restart
+    is needed, instead of auditing under one region while serving another's state."""
+    async with owner_and_relay(cluster_config, far_end) as (owner, _):
+        text = owner.config.path.read_text()
+        owner.config.path.write_text(text.replace('region = "test"', 'region = "elsewhere"'))
+        waiter = LogWaiter()
+        with capture_logs(processors=[waiter]):
+            assert await owner.reload()
+            ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+            async with console(owner, ctx, _mint(gateway_pki)("alice")) as c:
+                assert c.hello["role"] == "writer"
+        restart = waiter.named("reload_needs_restart")
+        assert [e["key"] for e in restart] == ["gateway.region"]
+        started = waiter.named("session_started")
+        assert started
+        assert {e["region"] for e in started} == {"test"}
+        assert owner.config.gateway.region == "test"
+
+
 async def test_ready_requires_port_counts_ports_other_gateways_own(
     cluster_config: Callable[..., Config], far_end: FarEnd
 ) -> None:
