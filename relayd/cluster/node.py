@@ -47,6 +47,7 @@ from .store import (
     SwitchChange,
     SwitchesResync,
     SwitchEvent,
+    vms_digest,
 )
 
 log = get_logger("relayd.cluster")
@@ -278,6 +279,8 @@ class ClusterNode:
         self._ports_closing: dict[str, asyncio.Future[None]] = {}  # of those hand-overs
         self._error_logged = 0.0
         self._ship_turn = 0  # where the next round trip of console output starts
+        self._digest_of: Mapping[str, VmConfig] | None = None
+        self._digest = ""
         # How long output may go on before an append's mark is stored: this call's
         # deadline, the pause before the next, and its deadline (beyond: Redis is down).
         self._mark_horizon = 2 * store.timeout + APPEND_COALESCE
@@ -444,7 +447,9 @@ class ClusterNode:
                 await self.store.leave()
                 self._heartbeat_dropped = True
             began = time.perf_counter()
-            state = await self.store.observe(self.advertise, vms, heartbeat=not leaving)
+            state = await self.store.observe(
+                self.advertise, vms, heartbeat=not leaving, vms_digest=self._vms_digest(vms)
+            )
             self.stats.renew_seconds = time.perf_counter() - began
             data_lost = self._dataset is not None and state.dataset != self._dataset
             if data_lost:
@@ -464,6 +469,7 @@ class ClusterNode:
                 dict(self.held),
                 data_lost=data_lost,
                 leaving=leaving,
+                vm_lists=state.vm_lists,
             )
             for vm_id, gateway_id in self.policy.not_taken:
                 log.warning(
@@ -497,6 +503,12 @@ class ClusterNode:
             await self._ask_region(now)
         async with self._rounds_seen:
             self._rounds_seen.notify_all()
+
+    def _vms_digest(self, vms: Mapping[str, VmConfig]) -> str:
+        """The configured VM ids' digest, computed again only when the config changed."""
+        if self._digest_of is not vms:
+            self._digest_of, self._digest = vms, vms_digest(vms)
+        return self._digest
 
     async def next_round(self) -> None:
         """Wait until the next round has run (for tools and tests that watch ownership)."""

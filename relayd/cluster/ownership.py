@@ -64,9 +64,12 @@ its consoles move at the start of the drain rather than when it exits.
 - "Took what it was handed": a gateway this one released a VM to, that was
   still live but had not claimed it ``patience`` later (the VM is not in its
   configuration: a config rolled out to some gateways only), is not handed
-  that VM again while it stays live. Without this the fallback claims the VM,
-  hands it back at once and claims it again, the port opening and closing
-  every few seconds and the console unusable most of the time.
+  that VM again while it stays live with the same VM list. Without this the
+  fallback claims the VM, hands it back at once and claims it again, the port
+  opening and closing every few seconds and the console unusable most of the
+  time. Each gateway's heartbeat carries a digest of its configured VM ids: when
+  that gateway's list changes (a reload that adds the VM), it is handed the VM
+  again, so a VM returns to its preferred gateway without a restart.
 
 Safety does not rest on these rules but on the store: a claim succeeds only
 where no lease exists, and every token is new, so at most one gateway holds a
@@ -319,7 +322,8 @@ class OwnershipPolicy:
         self._floors: dict[str, int] = {}
         # VMs released to another gateway (to whom, when), until it claims them.
         self._handed: dict[str, tuple[str, float]] = {}
-        self._not_taking: dict[str, str] = {}
+        # VM -> the gateway that did not take it, and that gateway's VM list digest then.
+        self._not_taking: dict[str, tuple[str, str]] = {}
         #: (vm, gateway) pairs found not taken since the caller last cleared it (to log).
         self.not_taken: list[tuple[str, str]] = []
 
@@ -350,6 +354,7 @@ class OwnershipPolicy:
         *,
         data_lost: bool = False,
         leaving: bool = False,
+        vm_lists: Mapping[str, str] | None = None,
     ) -> tuple[Decision, ...]:
         """This round's decisions, from what Redis says and what this gateway holds.
 
@@ -360,6 +365,8 @@ class OwnershipPolicy:
             held: VMs whose port is open here, with their tokens.
             data_lost: Redis came back without its data (the store's dataset id changed).
             leaving: this gateway drains (see `RoundView.leaving`).
+            vm_lists: per live gateway, a digest of its configured VM ids (a change
+                ends its "did not take" mark: see the module docstring).
         """
         stalled = self.stalled(now)
         # A blip shorter than half a lease cannot have let a renewed lease lapse: no grace.
@@ -384,7 +391,7 @@ class OwnershipPolicy:
             self._floors[vm] = max(self._floors.get(vm, 0), token)
         for vm in set(self._unheld_since) - set(holders):
             del self._unheld_since[vm]
-        self._follow_handovers(now, live_now, holders)
+        self._follow_handovers(now, live_now, holders, vm_lists or {})
         decisions = plan(
             RoundView(
                 me=self.me,
@@ -399,7 +406,7 @@ class OwnershipPolicy:
                 floors=self._floors,
                 settled=settled,
                 leaving=leaving,
-                not_taking=self._not_taking,
+                not_taking={vm: gw for vm, (gw, _) in self._not_taking.items()},
             )
         )
         for d in decisions:
@@ -408,20 +415,30 @@ class OwnershipPolicy:
         return decisions
 
     def _follow_handovers(
-        self, now: float, live: frozenset[str], holders: Mapping[str, Lease | None]
+        self,
+        now: float,
+        live: frozenset[str],
+        holders: Mapping[str, Lease | None],
+        vm_lists: Mapping[str, str],
     ) -> None:
-        """Note who did not claim a VM handed to it; forget it once it leaves the region."""
+        """Note who did not claim a VM handed to it; forget it once it leaves the region
+        or its VM list changes (it may have the VM now)."""
         for vm, (to, since) in list(self._handed.items()):
             lease = holders.get(vm)
             if vm not in holders or lease is not None or to not in live:
                 del self._handed[vm]  # taken (by anyone), gone from the config, or gone
             elif now - since >= self.patience and not self.in_grace(now):
                 del self._handed[vm]
-                self._not_taking[vm] = to
+                self._not_taking[vm] = (to, vm_lists.get(to, ""))
                 self.not_taken.append((vm, to))
-        for vm, gw in list(self._not_taking.items()):
+        for vm, (gw, digest) in list(self._not_taking.items()):
             lease = holders.get(vm)
-            if vm not in holders or gw not in live or (lease is not None and lease.gateway == gw):
+            if (
+                vm not in holders
+                or gw not in live
+                or (lease is not None and lease.gateway == gw)
+                or vm_lists.get(gw, "") != digest
+            ):
                 del self._not_taking[vm]
 
     def claimed(self, vm: str, token: int) -> None:

@@ -17,6 +17,8 @@ braces make every key of a region one Redis Cluster hash slot, so the scripts
 may touch several keys; other regions can share the Redis)::
 
     gw:<gateway>        string  advertise address, PX = lease period   (heartbeat)
+    gwvms:<gateway>     string  a digest of the gateway's configured VM ids, PX = lease
+                                period (with the heartbeat; changes when its [[vms]] do)
     gateways            set     gateway ids that heartbeated; dead ones pruned on read
     dataset             string  random id set once; a new one = Redis lost its data
     lease:<vm>          string  "<gateway>:<token>", PX = lease period
@@ -61,7 +63,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from redis.asyncio import Redis
@@ -88,6 +90,7 @@ __all__ = [
     "SwitchesLost",
     "SwitchesResync",
     "key_prefix",
+    "vms_digest",
 ]
 
 log = get_logger(__name__)
@@ -141,10 +144,12 @@ end
 
 _HEARTBEAT = _Script(
     """
--- KEYS: gw:<id>, gateways, dataset   ARGV: id, advertise, ttl_ms, new dataset id
+-- KEYS: gw:<id>, gateways, dataset, gwvms:<id>
+-- ARGV: id, advertise, ttl_ms, new dataset id, digest of the configured VM ids
 """
     + _DATASET_OF
     + """redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 return dataset(KEYS[3], ARGV[4])
 """
@@ -162,13 +167,15 @@ _DATASET = _Script(
 )
 
 _LIVE = _Script("""
--- KEYS: gateways   ARGV: prefix of the heartbeat keys ("...gw:")
+-- KEYS: gateways   ARGV: prefixes of the heartbeat keys ("...gw:") and VM list digests
+-- -> id, advertise, digest ('' if none) per live gateway
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local addr = redis.call('GET', ARGV[1] .. id)
   if addr then
     out[#out + 1] = id
     out[#out + 1] = addr
+    out[#out + 1] = redis.call('GET', ARGV[2] .. id) or ''
   else
     redis.call('SREM', KEYS[1], id)
   end
@@ -415,6 +422,8 @@ class RoundState:
     dataset: str  # changes when Redis lost its data
     live: dict[str, str]  # gateway id -> advertise address
     holders: dict[str, Lease | None]  # vm -> lease
+    # gateway id -> a digest of its configured VM ids ('' from a gateway that sets none)
+    vm_lists: dict[str, str] = field(default_factory=dict)
 
 
 class Outgoing(NamedTuple):
@@ -644,24 +653,31 @@ class ClusterStore:
 
     # -- membership -----------------------------------------------------------------------
 
-    def _heartbeat_call(self, advertise: str) -> _Call:
-        keys = (self._key("gw", self.gateway_id), self._key("gateways"), self._key("dataset"))
+    def _heartbeat_call(self, advertise: str, vms_digest: str) -> _Call:
+        keys = (
+            self._key("gw", self.gateway_id),
+            self._key("gateways"),
+            self._key("dataset"),
+            self._key("gwvms", self.gateway_id),
+        )
         # A fresh candidate each time: Redis keeps the first one it is given, so after
         # data loss the id changes even for the gateway that sets it again.
-        args = (self.gateway_id, advertise, self._ttl_ms, secrets.token_hex(8))
+        args = (self.gateway_id, advertise, self._ttl_ms, secrets.token_hex(8), vms_digest)
         return _Call(_HEARTBEAT, keys, args)
 
     def _live_call(self) -> _Call:
-        return _Call(_LIVE, (self._key("gateways"),), (self._key("gw", ""),))
+        prefixes = (self._key("gw", ""), self._key("gwvms", ""))
+        return _Call(_LIVE, (self._key("gateways"),), prefixes)
 
-    async def heartbeat(self, advertise: str) -> str:
+    async def heartbeat(self, advertise: str, vms_digest: str = "") -> str:
         """Say this gateway is alive for one lease period; returns the dataset id.
 
         A dataset id different from the last one seen means Redis lost its data
         (restarted empty): start the ownership grace period and re-create state.
+        `vms_digest`: `vms_digest` of the configured VM ids, for the other gateways.
         """
         async with self._deadline("heartbeat"):
-            (dataset,) = await self._pipeline([self._heartbeat_call(advertise)])
+            (dataset,) = await self._pipeline([self._heartbeat_call(advertise, vms_digest)])
         return bytes(dataset).decode()
 
     async def leave(self) -> None:
@@ -673,7 +689,7 @@ class ClusterStore:
         """Every gateway with a heartbeat, with its advertise address."""
         async with self._deadline("live_gateways"):
             (flat,) = await self._pipeline([self._live_call()])
-        return _pairs(flat)
+        return _gateways(flat)[0]
 
     async def id_live_elsewhere(self, advertise: str) -> str | None:
         """Where another gateway with this gateway's id is live, if it is (None if not).
@@ -696,18 +712,24 @@ class ClusterStore:
         )
 
     async def observe(
-        self, advertise: str, vms: Iterable[str], *, heartbeat: bool = True
+        self,
+        advertise: str,
+        vms: Iterable[str],
+        *,
+        heartbeat: bool = True,
+        vms_digest: str = "",
     ) -> RoundState:
         """Heartbeat, read the live gateways and every VM's lease: one round trip.
 
         Args:
+            vms_digest: `vms_digest` of this gateway's configured VM ids (heartbeat).
             heartbeat: False for a gateway that is leaving: it watches the region
                 without counting itself in it (see `leave`), and still learns
                 whether Redis lost its data.
         """
         vm_list = list(vms)
         if heartbeat:
-            first = self._heartbeat_call(advertise)
+            first = self._heartbeat_call(advertise, vms_digest)
         else:
             first = _Call(_DATASET, (self._key("dataset"),), (secrets.token_hex(8),))
         calls = [first, self._live_call()]
@@ -717,10 +739,12 @@ class ClusterStore:
             results = await self._pipeline(calls)
         dataset = bytes(results.pop(0)).decode()
         leases = results[1] if vm_list else []
+        live, lists = _gateways(results[0])
         return RoundState(
             dataset=dataset,
-            live=_pairs(results[0]),
+            live=live,
             holders={vm: self._parse_lease(raw) for vm, raw in zip(vm_list, leases, strict=True)},
+            vm_lists=lists,
         )
 
     # -- leases ---------------------------------------------------------------------------
@@ -1051,8 +1075,21 @@ def _groups(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     return (items[i : i + size] for i in range(0, len(items), size))
 
 
-def _pairs(flat: Sequence[bytes]) -> dict[str, str]:
-    return {bytes(flat[i]).decode(): bytes(flat[i + 1]).decode() for i in range(0, len(flat), 2)}
+def _gateways(flat: Sequence[bytes]) -> tuple[dict[str, str], dict[str, str]]:
+    """`_LIVE`'s answer: (gateway -> advertise address, gateway -> VM ids digest)."""
+    live: dict[str, str] = {}
+    lists: dict[str, str] = {}
+    for i in range(0, len(flat), 3):
+        gateway = bytes(flat[i]).decode()
+        live[gateway] = bytes(flat[i + 1]).decode()
+        lists[gateway] = bytes(flat[i + 2]).decode()
+    return live, lists
+
+
+def vms_digest(vm_ids: Iterable[str]) -> str:
+    """A short digest of a set of VM ids: equal for equal sets, in any order."""
+    joined = "\n".join(sorted(vm_ids)).encode()
+    return hashlib.sha256(joined).hexdigest()[:16]
 
 
 def _hash_items(raw: Any) -> Iterable[tuple[bytes, bytes]]:

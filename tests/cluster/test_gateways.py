@@ -824,6 +824,34 @@ async def test_reload_keeps_a_cluster_gateways_region_until_it_restarts(
         assert owner.config.gateway.region == "test"
 
 
+async def test_vm_kept_from_its_preferred_gateway_goes_back_once_a_reload_adds_it_there(
+    cluster_config: Callable[..., Config], far_end: FarEnd
+) -> None:
+    """A config rolled out to one gateway first: the other gateway keeps vm-a while its
+    preferred gateway does not have it, and hands it back as soon as a reload there adds
+    it (no restart), so the region's balance comes back by itself."""
+    preferred_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    other_id = "gw-2" if preferred_id == "gw-1" else "gw-1"
+    full = cluster_config(preferred_id, far_end.port)
+    text = full.path.read_text()
+    assert f'serial = "tcp://127.0.0.1:{far_end.port}"' in text
+    without = text.replace('id = "vm-a"', 'id = "vm-z"').replace(
+        f"tcp://127.0.0.1:{far_end.port}", f"tcp://127.0.0.1:{_free_port()}"
+    )
+    full.path.write_text(without)
+    waiter = LogWaiter()
+    with capture_logs(processors=[waiter]):
+        async with (
+            serving(load_config(full.path)) as preferred,
+            serving(cluster_config(other_id, far_end.port)) as other,
+        ):
+            await waiter.wait_for(lambda: bool(waiter.named("cluster_vm_not_taken")))
+            await until(lambda: "vm-a" in other.hubs, other)
+            full.path.write_text(text)
+            assert await preferred.reload()
+            await until(lambda: "vm-a" in preferred.hubs and "vm-a" not in other.hubs, other)
+
+
 async def test_ready_requires_port_counts_ports_other_gateways_own(
     cluster_config: Callable[..., Config], far_end: FarEnd
 ) -> None:

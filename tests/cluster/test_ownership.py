@@ -528,6 +528,26 @@ def test_policy_vm_handed_to_a_gateway_that_does_not_claim_it_is_kept() -> None:
     )
 
 
+def test_policy_vm_kept_from_a_gateway_is_handed_again_when_its_vm_list_changes() -> None:
+    """The gateway that did not take a VM reloads a config that has it (its VM list digest
+    changes): the VM goes back to it without a restart. Its digest unchanged, it stays."""
+    policy = OwnershipPolicy(ME, lease_ttl=3.0)
+    both = {ME, OTHER}
+    before = {ME: "mine", OTHER: "without-the-vm"}
+    policy.decide(0.0, both, {THEIRS: Lease(ME, 5)}, {THEIRS: 5}, vm_lists=before)
+    policy.decide(6.0, both, {THEIRS: Lease(ME, 5)}, {THEIRS: 5}, vm_lists=before)
+    policy.decide(7.0, both, {THEIRS: None}, {}, vm_lists=before)
+    policy.decide(12.0, both, {THEIRS: None}, {}, vm_lists=before)
+    assert policy.not_taken == [(THEIRS, OTHER)]
+    assert policy.decide(13.0, both, {THEIRS: None}, {}, vm_lists=before) == (Claim(THEIRS, 5),)
+    held = {THEIRS: Lease(ME, 6)}
+    assert policy.decide(20.0, both, held, {THEIRS: 6}, vm_lists=before) == (Renew(THEIRS, 6),)
+    after = {ME: "mine", OTHER: "with-the-vm"}
+    assert policy.decide(21.0, both, held, {THEIRS: 6}, vm_lists=after) == (
+        Release(THEIRS, 6, OTHER),
+    )
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.lists(gateway_ids, min_size=2, max_size=4, unique=True), st.integers(0, 11))
 def test_region_vm_missing_from_its_preferred_gateways_config_is_owned_and_stays(

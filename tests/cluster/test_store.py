@@ -23,6 +23,7 @@ from relayd.cluster.store import (
     SwitchesResync,
     SwitchEvent,
     key_prefix,
+    vms_digest,
 )
 
 from .conftest import RedisServer, StoreFactory
@@ -52,9 +53,12 @@ async def test_store_observe_one_round_trip_reads_everything(make_store: StoreFa
     await b.heartbeat("b:1")
     token = await b.claim("vm-1")
     assert token is not None
-    state = await a.observe("a:1", ["vm-1", "vm-2"])
+    state = await a.observe("a:1", ["vm-1", "vm-2"], vms_digest=vms_digest(["vm-2", "vm-1"]))
     assert state.live == {"gw-a": "a:1", "gw-b": "b:1"}
     assert state.holders == {"vm-1": Lease("gw-b", token), "vm-2": None}
+    # Each gateway's VM list, as a digest (b set none): the others see when it changes.
+    assert state.vm_lists == {"gw-a": vms_digest(["vm-1", "vm-2"]), "gw-b": ""}
+    assert vms_digest(["vm-1"]) != vms_digest(["vm-1", "vm-2"])
     assert state.dataset == await b.heartbeat("b:1")
 
 
