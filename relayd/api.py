@@ -17,6 +17,7 @@ import math
 import re
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from .cluster.forwarding import (
     MAX_OFFSET,
     ForwardedSession,
     Mode,
+    SessionClocks,
     encode_forwarded_request,
     has_forwarded_headers,
     parse_forwarded_headers,
@@ -609,7 +611,7 @@ def _move_here(gw: ApiOwner, request: Request, vm_id: str, fwd: ForwardedSession
     """
     principal = Principal(fwd.principal, fwd.groups, fwd.amr, expires=fwd.expires)
 
-    def here(offset: int, writer: bool) -> ConsoleGrant:
+    def here(offset: int, writer: bool, clocks: SessionClocks) -> ConsoleGrant:
         cluster = gw.cluster
         vm, role = gw.access.authorize(principal, vm_id, request)
         hub = gw.hubs.get(vm.id)
@@ -618,7 +620,7 @@ def _move_here(gw: ApiOwner, request: Request, vm_id: str, fwd: ForwardedSession
         want_writer = writer and at_least(role, "contributor")
         grant = _admit_local(gw, request, hub, principal, role, fwd.session_id, want_writer, offset)
         reattach = _reattach(cluster, request, vm_id, fwd, cluster.gateway_id)
-        return dataclasses.replace(grant, reattach=reattach, here=here)
+        return dataclasses.replace(grant, reattach=reattach, here=here, clocks=clocks)
 
     return here
 
@@ -629,16 +631,19 @@ def _reattach(
     """How a session served by `owner` follows its console to the VM's next owner."""
     path, headers = request.path, _header_lines(request)
 
-    def resuming(offset: int, writer: bool) -> bytes:
-        """The same session (id, principal, role), resuming at `offset`, for a new owner.
+    def resuming(offset: int, writer: bool, clocks: SessionClocks) -> bytes:
+        """The same session (id, principal, role, clocks), resuming at `offset`, for a new owner.
 
         It asks to write only if it was the writer when it moved: a session demoted
-        or evicted on the old owner never takes the console back by moving.
+        or evicted on the old owner never takes the console back by moving. Its clocks
+        go as elapsed times, measured now (forwarding.py says why).
         """
         mode: Mode = "interactive" if writer else "spectate"
-        return encode_forwarded_request(
-            path, headers, dataclasses.replace(fwd, resume_from=offset, mode=mode)
+        age_ms, idle_ms = clocks.elapsed_ms(time.monotonic())
+        moved = dataclasses.replace(
+            fwd, resume_from=offset, mode=mode, age_ms=age_ms, idle_ms=idle_ms
         )
+        return encode_forwarded_request(path, headers, moved)
 
     return Reattach(
         vm=vm_id,
@@ -675,4 +680,8 @@ def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant
     grant = _admit_local(
         gw, client, hub, principal, role, fwd.session_id, want_writer, fwd.resume_from
     )
-    return dataclasses.replace(grant, relayed=True)
+    clocks = None
+    if fwd.age_ms is not None:  # a session that moves here: it keeps its clocks
+        idle_ms = fwd.age_ms if fwd.idle_ms is None else fwd.idle_ms
+        clocks = SessionClocks.from_elapsed_ms(time.monotonic(), fwd.age_ms, idle_ms)
+    return dataclasses.replace(grant, relayed=True, clocks=clocks)

@@ -32,6 +32,7 @@ from websockets.typing import Subprotocol
 
 from . import control
 from .auth import Principal
+from .cluster.forwarding import SessionClocks
 from .cluster.relay import MoveRefused, Reattach, Relay, adopt, reach_owner, relay
 from .config import Config, Role
 from .errors import (
@@ -86,6 +87,7 @@ class ConsoleGrant:
     relayed: bool = False  # another gateway relays the client (and can move it)
     reattach: Reattach | None = None  # cluster: how the session follows a VM that moves away
     here: MoveHere | None = None  # cluster: admit it again here, should the VM come here
+    clocks: SessionClocks | None = None  # a session that moved: its own; None: from now
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,10 @@ class ForwardGrant:
     here: MoveHere | None = None  # admit it here, should this gateway become the owner
 
 
-#: Admits a moving session at this gateway, resuming at an offset as the writer or not
-#: (`PeerError` if it may not: 409 for a writer under `deny`, 503 without the hub).
-MoveHere = Callable[[int, bool], ConsoleGrant]
+#: Admits a moving session at this gateway, resuming at an offset as the writer or not,
+#: with its clocks (`PeerError` if it may not: 409 for a writer under `deny`, 503
+#: without the hub).
+MoveHere = Callable[[int, bool, SessionClocks], ConsoleGrant]
 
 #: How long a session that moves here waits for the VM's port to come up (the
 #: ownership round that named this gateway has just opened it: milliseconds, unless
@@ -462,10 +465,13 @@ class HttpConnection(asyncio.Protocol):
             self.transport.resume_reading()
         for notice in moved_here or ():
             session.send_text(notice)
+        clocks = grant.clocks
         session.start(
             want_writer=grant.want_writer,
             resume_from=grant.resume_from,
             hello=moved_here is None,
+            started=None if clocks is None else clocks.started,
+            last_active=None if clocks is None else clocks.last_active,
         )
         if leftover:
             session.data_received(leftover)
@@ -523,6 +529,7 @@ class HttpConnection(asyncio.Protocol):
             reattach,
             position=session.cursor,
             writer=session.role == "writer",
+            clocks=SessionClocks(session.started, session.last_input),
             on_done=self._relayed,
             on_here=self._take_here if self._here is not None else None,
         )
@@ -544,7 +551,7 @@ class HttpConnection(asyncio.Protocol):
         here, vm, position = self._here, moving.vm, moving.position
         if here is None or vm is None or position is None:
             return False
-        admitted = _admit_here(here, position, moving.writer)
+        admitted = _admit_here(here, position, moving.writer, moving.clocks)
         if admitted is None:
             return False
         hub = admitted[0].hub
@@ -554,7 +561,7 @@ class HttpConnection(asyncio.Protocol):
                     await _port_up(hub)
             # Again, with the same refusals: anything may have changed meanwhile (a writer
             # came under `deny`, the caps filled, the VM moved on).
-            admitted = _admit_here(here, position, moving.writer)
+            admitted = _admit_here(here, position, moving.writer, moving.clocks)
             if admitted is None:
                 return False
         grant, notices = admitted
@@ -628,7 +635,7 @@ def _refusal(status: int, head: bytes, body: bytes) -> HttpResponse:
 
 
 def _admit_here(
-    here: MoveHere, position: int, writer: bool
+    here: MoveHere, position: int, writer: bool, clocks: SessionClocks
 ) -> tuple[ConsoleGrant, list[str]] | None:
     """Admit a moving session here (see `HttpConnection._take_here`): its grant and the
     notices it gets first; None while this gateway does not hold the VM.
@@ -639,11 +646,11 @@ def _admit_here(
     notices: list[str] = []
     try:
         try:
-            grant = here(position, writer)
+            grant = here(position, writer, clocks)
         except ConflictError:  # `deny` and a writer here: spectate, and say why
             if not writer:
                 raise
-            grant = here(position, False)
+            grant = here(position, False, clocks)
             notices.append(
                 control.encode_notice("demoted", by=None, writer=None, reason="writer_exists")
             )

@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -1645,3 +1646,49 @@ async def test_a_drain_while_redis_stalls_past_the_lease_still_settles_the_log(
         assert await probe.holder("vm-a") is None
     finally:
         await probe.close()
+
+
+@pytest.mark.parametrize("via", ["relaying", "owning"])
+@pytest.mark.parametrize(
+    ("limits", "reason"),
+    [
+        (
+            {"max_session_seconds": "6s", "idle_timeout": "8s", "idle_warning": "5s"},
+            "maximum session length 6s reached",
+        ),
+        ({"idle_timeout": "6s", "idle_warning": "3s"}, "idle for 6s"),
+    ],
+    ids=["max_session_seconds", "idle_timeout"],
+)
+async def test_a_moved_session_is_closed_at_its_original_deadline(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    via: str,
+    limits: dict[str, str],
+    reason: str,
+) -> None:
+    """A session's clocks survive a move: a client that never types, moved mid-way (at its
+    idle warning, 3 s in) from the owner to the other gateway, is closed with 4008 at 6 s
+    after it opened, not 6 s after the move. Through the relaying gateway the session moves
+    from a peer link to a session there (the console came to it); on the owner, from a
+    session there to a relay to the new owner (it drains, its client follows the console)."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    deadline = 6.0
+    async with owner_and_relay(
+        cluster_config, far_end, limits=limits, gateway={"drain_seconds": 30}
+    ) as (owner, other):
+        opened = time.monotonic()
+        async with console(other if via == "relaying" else owner, ctx, mint("alice")) as c:
+            await c.control(type="notice", event="idle_warning")
+            owner.stop()
+            await c.control(type="notice", event="port_up")
+            assert "vm-a" in other.hubs
+            moved = time.monotonic() - opened
+            assert moved < deadline - 1.0, moved  # the move is over well before the deadline
+            code, why = await c.closed()
+            closed = time.monotonic() - opened
+    assert (code, why) == (4008, reason)
+    # Sweeps run every second; restarted clocks would close it 6 s after the move (9 s+).
+    assert deadline <= closed < deadline + 2.0, (moved, closed)
