@@ -152,8 +152,8 @@ class ApiOwner(Protocol):
     def cluster(self) -> ClusterView | None:
         """The region's shared state and VM owners; None for a single gateway."""
 
-    def session_counts(self, principal: Principal) -> tuple[int, int]:
-        """Open sessions on the gateway, and those of this principal."""
+    def session_counts(self, principal: Principal, session_id: str) -> tuple[int, int]:
+        """Client sessions the gateway holds, and this principal's, but `session_id`."""
 
     async def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
         """Switch consoles at one level; the number of sessions closed."""
@@ -477,9 +477,10 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
     """Every check of a console upgrade, in the order a client can act on.
 
     In a cluster, a session for a VM that another gateway owns is admitted
-    here (credentials, role, origin) and relayed to the owner, which applies
-    the takeover policy and caps; a forwarded request from a gateway is taken
-    at its word for who the client is, and authorized again.
+    here (credentials, role, origin, this gateway's caps) and relayed to the
+    owner, which applies the takeover policy and its own caps; a forwarded
+    request from a gateway is taken at its word for who the client is, and
+    authorized again.
 
     Raises:
         PeerError: bad mode or offset (400), credentials (401), role, origin or
@@ -531,6 +532,8 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
     )
     hub = gw.hubs.get(vm.id)
     if hub is None:
+        # A relayed client is this gateway's session too: its caps count it.
+        access.check_session_limits(principal, *gw.session_counts(principal, session_id))
         return _forward_grant(gw, request, vm.id, fwd)
     want_writer = mode == "interactive" and at_least(role, "contributor")
     grant = _admit_local(gw, request, hub, principal, role, session_id, want_writer, resume_from)
@@ -568,7 +571,9 @@ def _admit_local(
             "connect with mode=spectate",
             code="writer_exists",
         )
-    gw.access.check_session_limits(principal, *gw.session_counts(principal))
+    # Not this session itself: a relayed one that moves here, or comes back over a
+    # loopback link, is already counted.
+    gw.access.check_session_limits(principal, *gw.session_counts(principal, session_id))
     return ConsoleGrant(hub, principal, role, session_id, want_writer, resume_from, request.peer)
 
 
@@ -595,6 +600,7 @@ def _forward_grant(
         cluster.forward_timeout,
         reattach,
         here=_move_here(gw, request, vm_id, fwd),
+        session=(fwd.session_id, fwd.principal),
     )
 
 

@@ -105,6 +105,7 @@ class ForwardGrant:
     timeout: float
     reattach: Reattach | None = None  # how to follow the session to the VM's next owner
     here: MoveHere | None = None  # admit it here, should this gateway become the owner
+    session: tuple[str, str] | None = None  # (session id, principal id), for the caps
 
 
 #: Admits a moving session at this gateway, resuming at an offset as the writer or not,
@@ -174,6 +175,7 @@ class HttpConnection(asyncio.Protocol):
         self._gateway: str | None = None
         self._relay: Relay | None = None
         self._here: MoveHere | None = None  # cluster: see `_take_here`
+        self._relayed_session: tuple[str, str] | None = None  # see `relayed_session`
         self._cert_not_after: float | None = None
         self._http_paused = False
         self._pending = 0  # bytes received while the current request is being answered
@@ -487,20 +489,29 @@ class HttpConnection(asyncio.Protocol):
         Raises:
             PeerError: (503) the owner cannot be reached; the client may retry.
         """
+        # Counted in this gateway's caps from its admission (no await since the check):
+        # sessions admitted while others wait for their owners never pass the cap.
+        self._relayed_session = grant.session
         try:
             peer, reattach = await reach_owner(
                 grant.host, grant.port, grant.head, grant.ssl_context, grant.timeout, grant.reattach
             )
         except PeerLinkError as exc:
+            self._relayed_session = None
             log.warning("peer_link_failed", peer=self.peer, error=str(exc))
             raise OwnerUnavailableError(
                 "the gateway that owns this console cannot be reached; try again"
             ) from None
+        except BaseException:
+            self._relayed_session = None
+            raise
         transport = self.transport
         if transport is None or transport.is_closing():
+            self._relayed_session = None
             peer.abort()
             return None
         if peer.status != 101:  # a refusal: the link is closed already, never spliced
+            self._relayed_session = None
             return _refusal(peer.status, peer.head, peer.rest)
         leftover, _ = self._h11.trailing_data
         self._cancel_deadline()
@@ -519,6 +530,7 @@ class HttpConnection(asyncio.Protocol):
     def _move(self, session: ConsoleSession, reattach: Reattach) -> None:
         """The VM moved away and the session ended here: relay the client to its next owner."""
         self.session = None
+        self._relayed_session = (session.session_id, session.principal.id)
         self.owner.session_moved(session)
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -574,6 +586,7 @@ class HttpConnection(asyncio.Protocol):
             notices.append(control.encode_notice("port_up", vm=vm))
         leftover = moving.release_client()
         self._relay = None
+        self._relayed_session = None  # a session here from now on, counted as one
         self._start_session(grant, leftover, moved_here=tuple(notices))
         return True
 
@@ -595,6 +608,13 @@ class HttpConnection(asyncio.Protocol):
     def close_moving(self, code: int, reason: str) -> bool:
         """Close a relayed client waiting for its console's next owner (see `Relay`)."""
         return self._relay is not None and self._relay.close_moving(code, reason)
+
+    @property
+    def relayed_session(self) -> tuple[str, str] | None:
+        """(session id, principal id) of the client session this connection relays to
+        another gateway, or is about to (its owner being reached): the gateway's caps
+        count it (`Gateway.session_counts`)."""
+        return self._relayed_session
 
     @property
     def relaying(self) -> bool:
