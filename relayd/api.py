@@ -17,6 +17,7 @@ import math
 import re
 import secrets
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from .cluster.forwarding import (
     MAX_OFFSET,
     ForwardedSession,
     Mode,
+    SessionClocks,
     encode_forwarded_request,
     has_forwarded_headers,
     parse_forwarded_headers,
@@ -150,8 +152,8 @@ class ApiOwner(Protocol):
     def cluster(self) -> ClusterView | None:
         """The region's shared state and VM owners; None for a single gateway."""
 
-    def session_counts(self, principal: Principal) -> tuple[int, int]:
-        """Open sessions on the gateway, and those of this principal."""
+    def session_counts(self, principal: Principal, session_id: str) -> tuple[int, int]:
+        """Client sessions the gateway holds, and this principal's, but `session_id`."""
 
     async def set_console(self, level: Level, key: str, enabled: bool, *, by: str) -> int:
         """Switch consoles at one level; the number of sessions closed."""
@@ -475,9 +477,10 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
     """Every check of a console upgrade, in the order a client can act on.
 
     In a cluster, a session for a VM that another gateway owns is admitted
-    here (credentials, role, origin) and relayed to the owner, which applies
-    the takeover policy and caps; a forwarded request from a gateway is taken
-    at its word for who the client is, and authorized again.
+    here (credentials, role, origin, this gateway's caps) and relayed to the
+    owner, which applies the takeover policy and its own caps; a forwarded
+    request from a gateway is taken at its word for who the client is, and
+    authorized again.
 
     Raises:
         PeerError: bad mode or offset (400), credentials (401), role, origin or
@@ -529,6 +532,8 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
     )
     hub = gw.hubs.get(vm.id)
     if hub is None:
+        # A relayed client is this gateway's session too: its caps count it.
+        access.check_session_limits(principal, *gw.session_counts(principal, session_id))
         return _forward_grant(gw, request, vm.id, fwd)
     want_writer = mode == "interactive" and at_least(role, "contributor")
     grant = _admit_local(gw, request, hub, principal, role, session_id, want_writer, resume_from)
@@ -566,7 +571,9 @@ def _admit_local(
             "connect with mode=spectate",
             code="writer_exists",
         )
-    gw.access.check_session_limits(principal, *gw.session_counts(principal))
+    # Not this session itself: a relayed one that moves here, or comes back over a
+    # loopback link, is already counted.
+    gw.access.check_session_limits(principal, *gw.session_counts(principal, session_id))
     return ConsoleGrant(hub, principal, role, session_id, want_writer, resume_from, request.peer)
 
 
@@ -593,6 +600,7 @@ def _forward_grant(
         cluster.forward_timeout,
         reattach,
         here=_move_here(gw, request, vm_id, fwd),
+        session=(fwd.session_id, fwd.principal),
     )
 
 
@@ -609,7 +617,7 @@ def _move_here(gw: ApiOwner, request: Request, vm_id: str, fwd: ForwardedSession
     """
     principal = Principal(fwd.principal, fwd.groups, fwd.amr, expires=fwd.expires)
 
-    def here(offset: int, writer: bool) -> ConsoleGrant:
+    def here(offset: int, writer: bool, clocks: SessionClocks) -> ConsoleGrant:
         cluster = gw.cluster
         vm, role = gw.access.authorize(principal, vm_id, request)
         hub = gw.hubs.get(vm.id)
@@ -618,7 +626,7 @@ def _move_here(gw: ApiOwner, request: Request, vm_id: str, fwd: ForwardedSession
         want_writer = writer and at_least(role, "contributor")
         grant = _admit_local(gw, request, hub, principal, role, fwd.session_id, want_writer, offset)
         reattach = _reattach(cluster, request, vm_id, fwd, cluster.gateway_id)
-        return dataclasses.replace(grant, reattach=reattach, here=here)
+        return dataclasses.replace(grant, reattach=reattach, here=here, clocks=clocks)
 
     return here
 
@@ -629,16 +637,19 @@ def _reattach(
     """How a session served by `owner` follows its console to the VM's next owner."""
     path, headers = request.path, _header_lines(request)
 
-    def resuming(offset: int, writer: bool) -> bytes:
-        """The same session (id, principal, role), resuming at `offset`, for a new owner.
+    def resuming(offset: int, writer: bool, clocks: SessionClocks) -> bytes:
+        """The same session (id, principal, role, clocks), resuming at `offset`, for a new owner.
 
         It asks to write only if it was the writer when it moved: a session demoted
-        or evicted on the old owner never takes the console back by moving.
+        or evicted on the old owner never takes the console back by moving. Its clocks
+        go as elapsed times, measured now (forwarding.py says why).
         """
         mode: Mode = "interactive" if writer else "spectate"
-        return encode_forwarded_request(
-            path, headers, dataclasses.replace(fwd, resume_from=offset, mode=mode)
+        age_ms, idle_ms = clocks.elapsed_ms(time.monotonic())
+        moved = dataclasses.replace(
+            fwd, resume_from=offset, mode=mode, age_ms=age_ms, idle_ms=idle_ms
         )
+        return encode_forwarded_request(path, headers, moved)
 
     return Reattach(
         vm=vm_id,
@@ -675,4 +686,8 @@ def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant
     grant = _admit_local(
         gw, client, hub, principal, role, fwd.session_id, want_writer, fwd.resume_from
     )
-    return dataclasses.replace(grant, relayed=True)
+    clocks = None
+    if fwd.age_ms is not None:  # a session that moves here: it keeps its clocks
+        idle_ms = fwd.age_ms if fwd.idle_ms is None else fwd.idle_ms
+        clocks = SessionClocks.from_elapsed_ms(time.monotonic(), fwd.age_ms, idle_ms)
+    return dataclasses.replace(grant, relayed=True, clocks=clocks)

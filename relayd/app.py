@@ -314,10 +314,29 @@ class Gateway:
         """Admit a console upgrade, or raise `PeerError`."""
         return await api.open_console(self, request)
 
-    def session_counts(self, principal: Principal) -> tuple[int, int]:
-        """Open sessions on this gateway, and those of this principal."""
-        mine = sum(1 for s in self.sessions.values() if s.principal.id == principal.id)
-        return len(self.sessions), mine
+    def session_counts(self, principal: Principal, session_id: str) -> tuple[int, int]:
+        """Client sessions this gateway holds, and this principal's, but `session_id`.
+
+        The caps (`max_sessions`, `max_sessions_per_principal`) are per gateway, and a
+        gateway holds a session whether it serves it here (its own client, or one
+        another gateway relays to its console) or relays it to another gateway's
+        console (from its admission on): each costs it a connection either way, so
+        a gateway behind a balancer is never filled past its cap by relayed sessions.
+        A session is counted once by its id (a relay and the session it reaches over
+        a loopback link share one); `session_id`, the one being admitted, not at all.
+        """
+        total = mine = 0
+        for sid, session in self.sessions.items():
+            if sid != session_id:
+                total += 1
+                mine += session.principal.id == principal.id
+        for conn in self.connections:
+            relayed = conn.relayed_session
+            if relayed is None or relayed[0] == session_id or relayed[0] in self.sessions:
+                continue
+            total += 1
+            mine += relayed[1] == principal.id
+        return total, mine
 
     def connection_opened(self, conn: HttpConnection) -> None:
         """Track a live connection (drain waits for them)."""

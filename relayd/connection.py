@@ -32,6 +32,7 @@ from websockets.typing import Subprotocol
 
 from . import control
 from .auth import Principal
+from .cluster.forwarding import SessionClocks
 from .cluster.relay import MoveRefused, Reattach, Relay, adopt, reach_owner, relay
 from .config import Config, Role
 from .errors import (
@@ -86,6 +87,7 @@ class ConsoleGrant:
     relayed: bool = False  # another gateway relays the client (and can move it)
     reattach: Reattach | None = None  # cluster: how the session follows a VM that moves away
     here: MoveHere | None = None  # cluster: admit it again here, should the VM come here
+    clocks: SessionClocks | None = None  # a session that moved: its own; None: from now
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,13 @@ class ForwardGrant:
     timeout: float
     reattach: Reattach | None = None  # how to follow the session to the VM's next owner
     here: MoveHere | None = None  # admit it here, should this gateway become the owner
+    session: tuple[str, str] | None = None  # (session id, principal id), for the caps
 
 
-#: Admits a moving session at this gateway, resuming at an offset as the writer or not
-#: (`PeerError` if it may not: 409 for a writer under `deny`, 503 without the hub).
-MoveHere = Callable[[int, bool], ConsoleGrant]
+#: Admits a moving session at this gateway, resuming at an offset as the writer or not,
+#: with its clocks (`PeerError` if it may not: 409 for a writer under `deny`, 503
+#: without the hub).
+MoveHere = Callable[[int, bool, SessionClocks], ConsoleGrant]
 
 #: How long a session that moves here waits for the VM's port to come up (the
 #: ownership round that named this gateway has just opened it: milliseconds, unless
@@ -171,6 +175,7 @@ class HttpConnection(asyncio.Protocol):
         self._gateway: str | None = None
         self._relay: Relay | None = None
         self._here: MoveHere | None = None  # cluster: see `_take_here`
+        self._relayed_session: tuple[str, str] | None = None  # see `relayed_session`
         self._cert_not_after: float | None = None
         self._http_paused = False
         self._pending = 0  # bytes received while the current request is being answered
@@ -462,10 +467,13 @@ class HttpConnection(asyncio.Protocol):
             self.transport.resume_reading()
         for notice in moved_here or ():
             session.send_text(notice)
+        clocks = grant.clocks
         session.start(
             want_writer=grant.want_writer,
             resume_from=grant.resume_from,
             hello=moved_here is None,
+            started=None if clocks is None else clocks.started,
+            last_active=None if clocks is None else clocks.last_active,
         )
         if leftover:
             session.data_received(leftover)
@@ -481,20 +489,29 @@ class HttpConnection(asyncio.Protocol):
         Raises:
             PeerError: (503) the owner cannot be reached; the client may retry.
         """
+        # Counted in this gateway's caps from its admission (no await since the check):
+        # sessions admitted while others wait for their owners never pass the cap.
+        self._relayed_session = grant.session
         try:
             peer, reattach = await reach_owner(
                 grant.host, grant.port, grant.head, grant.ssl_context, grant.timeout, grant.reattach
             )
         except PeerLinkError as exc:
+            self._relayed_session = None
             log.warning("peer_link_failed", peer=self.peer, error=str(exc))
             raise OwnerUnavailableError(
                 "the gateway that owns this console cannot be reached; try again"
             ) from None
+        except BaseException:
+            self._relayed_session = None
+            raise
         transport = self.transport
         if transport is None or transport.is_closing():
+            self._relayed_session = None
             peer.abort()
             return None
         if peer.status != 101:  # a refusal: the link is closed already, never spliced
+            self._relayed_session = None
             return _refusal(peer.status, peer.head, peer.rest)
         leftover, _ = self._h11.trailing_data
         self._cancel_deadline()
@@ -513,6 +530,7 @@ class HttpConnection(asyncio.Protocol):
     def _move(self, session: ConsoleSession, reattach: Reattach) -> None:
         """The VM moved away and the session ended here: relay the client to its next owner."""
         self.session = None
+        self._relayed_session = (session.session_id, session.principal.id)
         self.owner.session_moved(session)
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -523,6 +541,7 @@ class HttpConnection(asyncio.Protocol):
             reattach,
             position=session.cursor,
             writer=session.role == "writer",
+            clocks=SessionClocks(session.started, session.last_input),
             on_done=self._relayed,
             on_here=self._take_here if self._here is not None else None,
         )
@@ -544,7 +563,7 @@ class HttpConnection(asyncio.Protocol):
         here, vm, position = self._here, moving.vm, moving.position
         if here is None or vm is None or position is None:
             return False
-        admitted = _admit_here(here, position, moving.writer)
+        admitted = _admit_here(here, position, moving.writer, moving.clocks)
         if admitted is None:
             return False
         hub = admitted[0].hub
@@ -554,7 +573,7 @@ class HttpConnection(asyncio.Protocol):
                     await _port_up(hub)
             # Again, with the same refusals: anything may have changed meanwhile (a writer
             # came under `deny`, the caps filled, the VM moved on).
-            admitted = _admit_here(here, position, moving.writer)
+            admitted = _admit_here(here, position, moving.writer, moving.clocks)
             if admitted is None:
                 return False
         grant, notices = admitted
@@ -567,6 +586,7 @@ class HttpConnection(asyncio.Protocol):
             notices.append(control.encode_notice("port_up", vm=vm))
         leftover = moving.release_client()
         self._relay = None
+        self._relayed_session = None  # a session here from now on, counted as one
         self._start_session(grant, leftover, moved_here=tuple(notices))
         return True
 
@@ -588,6 +608,13 @@ class HttpConnection(asyncio.Protocol):
     def close_moving(self, code: int, reason: str) -> bool:
         """Close a relayed client waiting for its console's next owner (see `Relay`)."""
         return self._relay is not None and self._relay.close_moving(code, reason)
+
+    @property
+    def relayed_session(self) -> tuple[str, str] | None:
+        """(session id, principal id) of the client session this connection relays to
+        another gateway, or is about to (its owner being reached): the gateway's caps
+        count it (`Gateway.session_counts`)."""
+        return self._relayed_session
 
     @property
     def relaying(self) -> bool:
@@ -628,7 +655,7 @@ def _refusal(status: int, head: bytes, body: bytes) -> HttpResponse:
 
 
 def _admit_here(
-    here: MoveHere, position: int, writer: bool
+    here: MoveHere, position: int, writer: bool, clocks: SessionClocks
 ) -> tuple[ConsoleGrant, list[str]] | None:
     """Admit a moving session here (see `HttpConnection._take_here`): its grant and the
     notices it gets first; None while this gateway does not hold the VM.
@@ -639,11 +666,11 @@ def _admit_here(
     notices: list[str] = []
     try:
         try:
-            grant = here(position, writer)
+            grant = here(position, writer, clocks)
         except ConflictError:  # `deny` and a writer here: spectate, and say why
             if not writer:
                 raise
-            grant = here(position, False)
+            grant = here(position, False, clocks)
             notices.append(
                 control.encode_notice("demoted", by=None, writer=None, reason="writer_exists")
             )

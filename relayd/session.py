@@ -107,7 +107,10 @@ class ConsoleSession:
         )
         # Keystrokes are unmasked there; every other frame is websockets' (see frames.py).
         self._reader = ClientFrameReader(self.ws)
-        self.started = time.monotonic()
+        # The session's clocks (`max_session_seconds`, `idle_timeout`): from now, unless
+        # it moved here with its own (`start`). `attached` is this gateway's part, audited.
+        self.attached = time.monotonic()
+        self.started = self.attached
         self.last_input = self.started
         self.bytes_in = 0
         self.bytes_out = 0
@@ -152,14 +155,31 @@ class ConsoleSession:
 
     # -- attach -------------------------------------------------------------------
 
-    def start(self, *, want_writer: bool, resume_from: int | None, hello: bool = True) -> None:
+    def start(
+        self,
+        *,
+        want_writer: bool,
+        resume_from: int | None,
+        hello: bool = True,
+        started: float | None = None,
+        last_active: float | None = None,
+    ) -> None:
         """Attach to the hub, then send hello, the replay and go live (all in one callback).
 
         Args:
             hello: False for a client that had its hello from another gateway and moved
                 here with its console (cluster mode): it resumes at `resume_from`.
+            started, last_active: a session that moved here keeps its clocks
+                (`time.monotonic()` values), so a move never restarts its session
+                length or idle time; None: from now.
         """
         self.hub.attach(self, writer=want_writer)  # may displace a writer and run on_detach
+        # After attaching: becoming the writer there is no activity of a moving client's.
+        if started is not None:
+            self.started = started
+        if last_active is not None:
+            self.last_input = last_active
+            self._idle_warned = False
         previous_logged_out = self.hub.previous_logged_out
         hub = self.hub
         if resume_from is None:
@@ -418,7 +438,7 @@ class ConsoleSession:
             role=self.role,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
-            duration=round(time.monotonic() - self.started, 3),
+            duration=round(time.monotonic() - self.attached, 3),
             reason=self.end_reason,
         )
         if self.on_lost is not None:

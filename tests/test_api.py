@@ -51,7 +51,7 @@ class FakeApiOwner:
         self.switched: list[tuple[Level, str, bool, str]] = []
         self.sessions = (0, 0)
 
-    def session_counts(self, principal: Principal) -> tuple[int, int]:
+    def session_counts(self, principal: Principal, session_id: str) -> tuple[int, int]:
         """What the test set: (on the gateway, of this principal)."""
         return self.sessions
 

@@ -19,6 +19,7 @@ from relayd.cluster.forwarding import (
     ForwardedSession,
     PeerLinkError,
     ResponseHead,
+    SessionClocks,
     encode_forwarded_request,
     has_forwarded_headers,
     parse_forwarded_headers,
@@ -90,6 +91,9 @@ sessions = st.builds(
     groups=st.lists(any_text, max_size=5).map(tuple),
     amr=st.lists(any_text, max_size=5).map(tuple),
     resume_from=st.none() | st.integers(0, 2**63 - 1),
+    expires=st.none() | st.integers(0, 2**63 - 1),
+    age_ms=st.none() | st.integers(0, 2**63 - 1),
+    idle_ms=st.none() | st.integers(0, 2**63 - 1),
 )
 header_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30).map(
     str.strip
@@ -308,6 +312,10 @@ def test_has_forwarded_headers_detects_any_case() -> None:
         {"resume_from": -1},
         {"resume_from": True},
         {"resume_from": 2**63},
+        {"age_ms": -1},
+        {"age_ms": 1.5},
+        {"idle_ms": True},
+        {"idle_ms": 2**63},
     ],
 )
 def test_forwarded_session_out_of_range_field_raises_value_error(change: dict[str, Any]) -> None:
@@ -387,3 +395,26 @@ def test_parse_response_head_arbitrary_bytes_raise_only_peer_link_error(data: by
     except PeerLinkError:
         return
     assert head is None or head.length <= len(data)
+
+
+@given(
+    started=st.floats(-1e6, 1e6),
+    since_start=st.floats(0, 1e6),
+    idle_part=st.floats(0, 1),
+    transit=st.floats(0, 10),
+    there=st.floats(-1e6, 1e6),
+)
+def test_session_clocks_cross_machines_as_elapsed_time_and_never_gain_time(
+    started: float, since_start: float, idle_part: float, transit: float, there: float
+) -> None:
+    """Clocks sent as elapsed milliseconds and taken on another host (another monotonic
+    base, `there`) say the same age and idle time there, less the transit at most, and
+    rounding never makes the session younger or less idle than it is."""
+    last = started + since_start * (1 - idle_part)
+    now = started + since_start
+    age_ms, idle_ms = SessionClocks(started, last).elapsed_ms(now)
+    assert age_ms >= idle_ms >= 0
+    taken = SessionClocks.from_elapsed_ms(there + transit, age_ms, idle_ms)
+    assert (there + transit) - taken.started >= now - started - 1e-6
+    assert (there + transit) - taken.last_active >= now - last - 1e-6
+    assert (there + transit) - taken.started <= now - started + 0.001 + 1e-6

@@ -30,6 +30,7 @@ from relayd import control
 from relayd.cluster.forwarding import (
     ForwardedSession,
     Mode,
+    SessionClocks,
     encode_forwarded_request,
     parse_forwarded_headers,
 )
@@ -219,11 +220,13 @@ class Resuming:
     def __init__(self, headers: list[tuple[str, str]], *, broken: bool = False) -> None:
         self.headers = headers
         self.broken = broken
+        self.clocks: list[SessionClocks] = []  # what each resumed request carried
 
-    def __call__(self, offset: int, writer: bool) -> bytes:
+    def __call__(self, offset: int, writer: bool, clocks: SessionClocks) -> bytes:
         if self.broken:
             raise ValueError("a bug in the resumed request")
         mode: Mode = "interactive" if writer else "spectate"
+        self.clocks.append(clocks)
         return encode_forwarded_request(
             PATH, self.headers, dataclasses.replace(FWD, resume_from=offset, mode=mode)
         )

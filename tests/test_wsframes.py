@@ -100,9 +100,13 @@ def test_pings_and_pongs_are_counted_however_the_stream_is_cut(
     the owner's pings and the client's pongs: each counted once, in any cut."""
     pongs = sum(1 for opcode, _, _ in frames if opcode is Opcode.PONG)
     pings = sum(1 for opcode, _, _ in frames if opcode is Opcode.PING)
+    messages = sum(1 for opcode, _, _ in frames if opcode in (Opcode.BINARY, Opcode.TEXT))
     client = ClientStream()
     _walk(client, _cuts(_encode(frames, mask=True)[0], points))
     assert client.pongs == pongs
+    # The client's activity, which a moving session's idle clock carries: each message
+    # once (a fragmented paste too), never a ping or a pong.
+    assert client.messages == messages
     server = ServerStream()
     _walk(server, _cuts(_encode(frames, mask=False)[0], points))
     assert server.pings == pings

@@ -25,6 +25,9 @@ The request, exactly::
     Relayd-Forwarded-From: 1234                          (absent without ?from=)
     Relayd-Forwarded-For: 203.0.113.7
     Relayd-Forwarded-Session: 9f86d081884c7d65
+    Relayd-Forwarded-Expires: 1765000000                 (absent unless the credentials expire)
+    Relayd-Forwarded-Age: 95250                          } a session that moves: its clocks
+    Relayd-Forwarded-Idle: 4125                          } (absent for a new session)
 
 - Every client header not in `PASSED_HEADERS` is dropped: a client's own
   `Relayd-Forwarded-*` headers never reach the owner, nor do `Authorization`,
@@ -36,6 +39,14 @@ The request, exactly::
   lone surrogates pass as PyJWT can produce them), lists are comma-separated
   encoded items; the encoding is canonical, so decoding is strict and
   encode/decode is a bijection (property-tested).
+- A session's clocks cross machines as **elapsed milliseconds**, never as
+  monotonic or wall-clock times: `Age` since the session started, `Idle`
+  since its client last acted, each measured by the sending gateway on its
+  own monotonic clock when it encodes the request, and subtracted from the
+  owner's monotonic clock when it admits it (`SessionClocks`). So no two
+  gateways' clocks need agree; the request's transit (one peer-link round
+  trip) is the only error, and rounding up never gives a session time.
+  (`Expires` is the credentials' own wall-clock time, from the token.)
 - Sizes are capped on both sides: a value at `MAX_VALUE_BYTES`, the whole
   head at `MAX_HEAD_BYTES` (the owner's own request-head cap).
 
@@ -50,6 +61,7 @@ caller how long its body is; no I/O here.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -76,6 +88,7 @@ __all__ = [
     "Mode",
     "PeerLinkError",
     "ResponseHead",
+    "SessionClocks",
     "encode_forwarded_request",
     "has_forwarded_headers",
     "parse_forwarded_headers",
@@ -123,8 +136,10 @@ _FROM = "Relayd-Forwarded-From"
 _FOR = "Relayd-Forwarded-For"
 _SESSION = "Relayd-Forwarded-Session"
 _EXPIRES = "Relayd-Forwarded-Expires"
+_AGE = "Relayd-Forwarded-Age"
+_IDLE = "Relayd-Forwarded-Idle"
 _KNOWN = {name.lower(): name for name in (_VERSION, _PRINCIPAL, _GROUPS, _AMR, _ROLE, _MODE)}
-_KNOWN |= {name.lower(): name for name in (_FROM, _FOR, _SESSION, _EXPIRES)}
+_KNOWN |= {name.lower(): name for name in (_FROM, _FOR, _SESSION, _EXPIRES, _AGE, _IDLE)}
 
 _ENCODED = re.compile(r"(?:[A-Za-z0-9_.~-]|%[0-9A-F]{2})*")
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -133,6 +148,38 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _PATH = re.compile(r"/[\x21-\x7e]*")
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9]{2})(?: [\t\x20-\x7e\x80-\xff]*)?")
+
+
+@dataclass(frozen=True)
+class SessionClocks:
+    """When a session started and when its client last acted, on this host's monotonic clock.
+
+    They travel with the session when it moves (to another gateway, or between
+    a relay and a session here), so `[limits] max_session_seconds`, `idle_timeout`
+    and the idle warning count from the session's real start and last activity:
+    a move never gives a session more time. Between gateways they travel as
+    elapsed milliseconds (`elapsed_ms`, `from_elapsed_ms`): monotonic clocks do
+    not cross machines, and wall clocks would add the hosts' skew.
+    """
+
+    started: float
+    last_active: float
+
+    def elapsed_ms(self, now: float) -> tuple[int, int]:
+        """(age, idle) in whole milliseconds as of `now`, rounded up (never a gift of time)."""
+        return _ceil_ms(now - self.started), _ceil_ms(now - self.last_active)
+
+    @classmethod
+    def from_elapsed_ms(cls, now: float, age_ms: int, idle_ms: int) -> SessionClocks:
+        """The clocks of a session `age_ms` old and idle for `idle_ms`, as of `now`.
+
+        Idle longer than the session's age is capped at its age (it was idle since it began).
+        """
+        return cls(now - age_ms / 1000, now - min(idle_ms, age_ms) / 1000)
+
+
+def _ceil_ms(seconds: float) -> int:
+    return max(0, min(MAX_OFFSET, math.ceil(seconds * 1000)))
 
 
 @dataclass(frozen=True)
@@ -151,6 +198,9 @@ class ForwardedSession:
         groups: the principal's groups (`group:ops`), possibly empty.
         amr: the authentication methods of its token (`mfa`), possibly empty.
         resume_from: the client's `?from=` offset, or None.
+        expires: wall-clock seconds when the credentials stop being valid, or None.
+        age_ms, idle_ms: a moving session's clocks (`SessionClocks.elapsed_ms`): the
+            owner continues them; None for a new session (its clocks start at the owner).
 
     Raises:
         ValueError: a field is out of its range (the message says which).
@@ -164,7 +214,9 @@ class ForwardedSession:
     groups: tuple[str, ...] = ()
     amr: tuple[str, ...] = ()
     resume_from: int | None = None
-    expires: int | None = None  # wall-clock seconds when the credentials stop being valid
+    expires: int | None = None
+    age_ms: int | None = None
+    idle_ms: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.principal, str) or not self.principal:
@@ -194,6 +246,11 @@ class ForwardedSession:
             isinstance(self.expires, bool) or not isinstance(self.expires, int) or self.expires < 0
         ):
             raise ValueError("expires must be whole seconds since the epoch, or None")
+        for name, ms in (("age_ms", self.age_ms), ("idle_ms", self.idle_ms)):
+            if ms is not None and (
+                isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= MAX_OFFSET
+            ):
+                raise ValueError(f"{name} must be milliseconds 0..{MAX_OFFSET}, or None")
         if self.resume_from is not None and (
             isinstance(self.resume_from, bool)
             or not isinstance(self.resume_from, int)
@@ -290,6 +347,10 @@ def _forwarded_values(fwd: ForwardedSession) -> list[tuple[str, str]]:
     values += [(_FOR, fwd.client_peer), (_SESSION, fwd.session_id)]
     if fwd.expires is not None:
         values.append((_EXPIRES, str(fwd.expires)))
+    if fwd.age_ms is not None:
+        values.append((_AGE, str(fwd.age_ms)))
+    if fwd.idle_ms is not None:
+        values.append((_IDLE, str(fwd.idle_ms)))
     return values
 
 
@@ -341,6 +402,7 @@ def parse_forwarded_headers(
         if not _OFFSET.fullmatch(found[_EXPIRES]):
             raise ForwardedRequestError(f"{_EXPIRES} must be whole seconds since the epoch")
         expires = int(found[_EXPIRES])
+    age_ms, idle_ms = (_milliseconds(found, header) for header in (_AGE, _IDLE))
     try:
         return ForwardedSession(
             principal=_decode(_PRINCIPAL, found[_PRINCIPAL]),
@@ -352,9 +414,20 @@ def parse_forwarded_headers(
             amr=_decode_list(_AMR, found.get(_AMR)),
             resume_from=resume_from,
             expires=expires,
+            age_ms=age_ms,
+            idle_ms=idle_ms,
         )
     except ValueError as exc:
         raise ForwardedRequestError(f"forwarded session: {exc}") from None
+
+
+def _milliseconds(found: Mapping[str, str], header: str) -> int | None:
+    value = found.get(header)
+    if value is None:
+        return None
+    if not _OFFSET.fullmatch(value):
+        raise ForwardedRequestError(f"{header} must be whole milliseconds")
+    return int(value)
 
 
 def _encode(text: str) -> str:

@@ -38,6 +38,14 @@ no new owner comes in time, or it refuses the session, the client gets a
 Close 1001 with the reason; when the owner died in the middle of a frame, the
 client's connection is reset (no well-formed frame can finish it).
 
+The session's clocks move with it (`forwarding.SessionClocks`): the relay keeps
+when the session started and when the client last sent a message, and gives
+both to every new owner, so `max_session_seconds` and `idle_timeout` count from
+the session's start and its client's last message, never from the move. The
+relay sees frame headers only, so any text or binary message counts as
+activity (an owner counts a writer's accepted input and BREAKs only): a moved
+session may have its idle clock a little younger, never older, than its owner had.
+
 Whatever the relay gives up on, it resets (linger.py): a client or an owner that
 does not flush in `close_timeout`, a frozen owner's link, a client dropped mid-frame.
 A socket merely closed would be kept, orphaned, with its FIN queued behind bytes a
@@ -49,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,6 +68,7 @@ from .. import control
 from ..errors import PeerLinkError
 from ..linger import reset_connection
 from ..log import get_logger
+from .forwarding import SessionClocks
 from .peerlink import CLOSE_TIMEOUT, HIGH_WATER, PeerConnection, open_peer
 from .wsframes import ClientStream, ServerStream, first_frame
 
@@ -107,7 +117,7 @@ class Reattach:
         owner: the gateway id of the owner the session is relayed to first.
         owners: the gateway's view of ownership.
         request: the forwarded upgrade for this session, resuming at an offset, as the
-            writer (interactive) or not (spectate).
+            writer (interactive) or not (spectate), with its clocks as of now.
         ssl_context: the peer-link client context.
         timeout: deadline of each peer link (connection, TLS, answer, hello).
         wait: how long to wait for a new owner before closing the client.
@@ -120,7 +130,7 @@ class Reattach:
     vm: str
     owner: str
     owners: OwnerDirectory
-    request: Callable[[int, bool], bytes]
+    request: Callable[[int, bool, SessionClocks], bytes]
     ssl_context: ssl.SSLContext
     timeout: float
     wait: float
@@ -251,6 +261,7 @@ class Relay:
         high_water: int,
         close_timeout: float,
         on_here: Callable[[Relay], Awaitable[bool]] | None = None,
+        clocks: SessionClocks | None = None,
     ) -> None:
         self.bytes_to_peer = 0
         self.bytes_to_client = 0
@@ -271,6 +282,10 @@ class Relay:
         self._was_writer = False  # whether the client wrote before its latest move
         self._pongs_before = 0  # the client's pongs before the current owner's stream
         self._last_pong = asyncio.get_running_loop().time()  # or when the relay began
+        # The session's clocks (time.monotonic()): a new one starts as its owner's 101 comes.
+        now = time.monotonic()
+        self._started = now if clocks is None else clocks.started
+        self._last_active = now if clocks is None else clocks.last_active
 
     # -- normal relaying --------------------------------------------------------------------
 
@@ -282,10 +297,12 @@ class Relay:
                 self._client.transport.pause_reading()
             return
         frames = self._frames
-        pongs = frames.pongs
+        pongs, messages = frames.pongs, frames.messages
         frames.track(data)
         if frames.pongs != pongs:
             self._last_pong = asyncio.get_running_loop().time()
+        if frames.messages != messages:
+            self._last_active = time.monotonic()
         owner = self._owner
         if owner is not None and not owner.transport.is_closing():
             owner.transport.write(data)
@@ -377,6 +394,11 @@ class Relay:
         server = self._server
         if server.at_boundary and not server.closing and not server.broken:
             self._send_client(_text_frame(text))
+
+    @property
+    def clocks(self) -> SessionClocks:
+        """When the session started and its client last sent a message (see the module doc)."""
+        return SessionClocks(self._started, self._last_active)
 
     @property
     def vm(self) -> str | None:
@@ -596,7 +618,7 @@ class Relay:
                     host.strip("[]"),
                     int(port),
                     reattach.ssl_context,
-                    reattach.request(position, writer),
+                    reattach.request(position, writer, self.clocks),
                     reattach.timeout,
                 )
             except PeerLinkError as exc:
@@ -706,7 +728,10 @@ class Relay:
         """Send the new owner the start of a frame the old one never finished, then the rest."""
         held, self._held = self._held or bytearray(), None
         replay = bytes(self._frames.unfinished) + bytes(held)
+        messages = self._frames.messages
         self._frames.track(held)
+        if self._frames.messages != messages:
+            self._last_active = time.monotonic()
         if replay and not owner.transport.is_closing():
             owner.transport.write(replay)
             self.bytes_to_peer += len(replay)
@@ -766,6 +791,7 @@ def adopt(
     *,
     position: int,
     writer: bool,
+    clocks: SessionClocks,
     on_done: Callable[[Relay], None] | None = None,
     on_here: Callable[[Relay], Awaitable[bool]] | None = None,
     high_water: int = HIGH_WATER,
@@ -776,7 +802,7 @@ def adopt(
     The client stays connected: it is told `port_down` and relayed to the VM's next
     owner as soon as the region names one, resuming at `position` as the writer or
     not, exactly as a relay moves from an owner that died (`reattach.owner` is this
-    gateway). Its stream must be between frames both ways.
+    gateway), and with the session's `clocks`. Its stream must be between frames both ways.
     """
     r = Relay(
         client,
@@ -786,6 +812,7 @@ def adopt(
         high_water=high_water,
         close_timeout=close_timeout,
         on_here=on_here,
+        clocks=clocks,
     )
     r._server = ServerStream(position)
     r._server.writer = writer

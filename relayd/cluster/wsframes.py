@@ -168,6 +168,8 @@ class ClientStream(_FrameWalker):
         unfinished_whole: `unfinished` holds the whole start of that frame
             (false once it grew past `max_unfinished`).
         pongs: Pong frames the client sent (its answers to the owner's pings).
+        messages: text and binary messages the client sent (its keys and requests):
+            what the relay counts as the client's activity (`Relay.clocks`).
     """
 
     _masked = True
@@ -178,10 +180,13 @@ class ClientStream(_FrameWalker):
         self.unfinished = bytearray()
         self.unfinished_whole = True
         self.pongs = 0
+        self.messages = 0
 
     def _start(self, opcode: int, fin: bool) -> None:
         if opcode == _OP_PONG:
             self.pongs += 1
+        elif fin and opcode in (_OP_TEXT, _OP_BINARY):
+            self.messages += 1  # at its final frame: a fragmented message counts once
 
     def track(self, data: bytes | bytearray) -> None:
         """`feed`, keeping `unfinished` up to date."""

@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -1696,3 +1697,121 @@ async def test_a_drain_while_redis_stalls_past_the_lease_still_settles_the_log(
         assert await probe.holder("vm-a") is None
     finally:
         await probe.close()
+
+
+@pytest.mark.parametrize("via", ["relaying", "owning"])
+@pytest.mark.parametrize(
+    ("limits", "reason"),
+    [
+        (
+            {"max_session_seconds": "6s", "idle_timeout": "8s", "idle_warning": "5s"},
+            "maximum session length 6s reached",
+        ),
+        ({"idle_timeout": "6s", "idle_warning": "3s"}, "idle for 6s"),
+    ],
+    ids=["max_session_seconds", "idle_timeout"],
+)
+async def test_a_moved_session_is_closed_at_its_original_deadline(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    via: str,
+    limits: dict[str, str],
+    reason: str,
+) -> None:
+    """A session's clocks survive a move: a client that never types, moved mid-way (at its
+    idle warning, 3 s in) from the owner to the other gateway, is closed with 4008 at 6 s
+    after it opened, not 6 s after the move. Through the relaying gateway the session moves
+    from a peer link to a session there (the console came to it); on the owner, from a
+    session there to a relay to the new owner (it drains, its client follows the console)."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    deadline = 6.0
+    async with owner_and_relay(
+        cluster_config, far_end, limits=limits, gateway={"drain_seconds": 30}
+    ) as (owner, other):
+        opened = time.monotonic()
+        async with console(other if via == "relaying" else owner, ctx, mint("alice")) as c:
+            await c.control(type="notice", event="idle_warning")
+            owner.stop()
+            await c.control(type="notice", event="port_up")
+            assert "vm-a" in other.hubs
+            moved = time.monotonic() - opened
+            assert moved < deadline - 1.0, moved  # the move is over well before the deadline
+            code, why = await c.closed()
+            closed = time.monotonic() - opened
+    assert (code, why) == (4008, reason)
+    # Sweeps run every second; restarted clocks would close it 6 s after the move (9 s+).
+    assert deadline <= closed < deadline + 2.0, (moved, closed)
+
+
+@pytest.mark.parametrize(
+    ("limits", "users"),
+    [
+        ({"max_sessions": 2}, ("alice", "bob", "olga")),
+        ({"max_sessions_per_principal": 2}, ("alice",) * 3),
+    ],
+    ids=["max_sessions", "max_sessions_per_principal"],
+)
+async def test_a_relaying_gateway_counts_the_sessions_it_relays_in_its_caps(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    limits: dict[str, int],
+    users: tuple[str, str, str],
+) -> None:
+    """The caps of the gateway a client reaches count the sessions it relays to another
+    gateway's consoles: with a cap of 2 there (none on the owner) a third session is refused
+    with 429 `session_limit`, and closing one frees its slot. When the console then comes to
+    that gateway, its relayed sessions become its own without being counted twice (they stay),
+    and the cap still holds."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    owner_id = preferred_owner("vm-a", ["gw-1", "gw-2"])
+    relay_id = "gw-2" if owner_id == "gw-1" else "gw-1"
+    url = "wss://localhost:{port}/v1/vms/vm-a/console?mode=spectate"
+    async with (
+        serving(cluster_config(owner_id, far_end.port)) as owner,
+        serving(cluster_config(relay_id, far_end.port, limits=limits)) as relaying,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        cluster = relaying.cluster
+        assert cluster is not None
+        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == owner_id, relaying)
+        await until(lambda: "vm-a" in owner.hubs, owner)
+
+        def relayed() -> int:
+            return sum(conn.relaying for conn in relaying.connections)
+
+        async def refused(user: str) -> tuple[int, str]:
+            return await refused_upgrade(
+                url.format(port=relaying.tls_port),
+                ctx,
+                additional_headers={"Authorization": f"Bearer {mint(user)}"},
+                open_timeout=TIMEOUT,
+            )
+
+        first = await stack.enter_async_context(
+            console(relaying, ctx, mint(users[0]), "mode=spectate")
+        )
+        second = await stack.enter_async_context(
+            console(relaying, ctx, mint(users[1]), "mode=spectate")
+        )
+        assert relayed() == 2
+        assert await refused(users[2]) == (429, "session_limit")
+
+        await first.ws.close()
+        await until(lambda: relayed() == 1, relaying)
+        third = await stack.enter_async_context(
+            console(relaying, ctx, mint(users[2]), "mode=spectate")
+        )
+        assert relayed() == 2
+        assert await refused(users[0]) == (429, "session_limit")
+
+        owner.stop()
+        for c in (second, third):  # both came here, neither refused for counting itself
+            await c.control(type="notice", event="port_up")
+        assert "vm-a" in relaying.hubs
+        assert relayed() == 0
+        assert len(relaying.sessions) == 2
+        assert await refused(users[0]) == (429, "session_limit")
