@@ -330,6 +330,8 @@ class Gateway:
             if sid != session_id:
                 total += 1
                 mine += session.principal.id == principal.id
+        if self.cluster is None:
+            return total, mine  # nothing is relayed: spare the walk over every connection
         for conn in self.connections:
             relayed = conn.relayed_session
             if relayed is None or relayed[0] == session_id or relayed[0] in self.sessions:
