@@ -33,7 +33,15 @@ from websockets.typing import Subprotocol
 from . import control
 from .auth import Principal
 from .cluster.forwarding import SessionClocks
-from .cluster.relay import MoveRefused, Reattach, Relay, adopt, reach_owner, relay
+from .cluster.relay import (
+    MoveRefused,
+    Reattach,
+    Relay,
+    adopt,
+    reach_owner,
+    refusal_close_code,
+    relay,
+)
 from .config import Config, Role
 from .errors import (
     ConflictError,
@@ -677,7 +685,8 @@ def _admit_here(
     except OwnerUnavailableError:
         return None  # not (or no longer) the owner here: the next round says who is
     except PeerError as exc:
-        raise MoveRefused(f"this gateway refused the session ({exc.http_status})") from None
+        code = refusal_close_code(exc.http_status, exc.code)
+        raise MoveRefused(f"this gateway refused the session ({exc.http_status})", code) from None
     return grant, notices
 
 

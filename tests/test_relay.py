@@ -444,11 +444,23 @@ async def test_writer_refused_by_deny_on_the_new_owner_resumes_there_as_a_specta
         assert ws.close_code == 1000
 
 
+@pytest.mark.parametrize(
+    ("status", "error", "close_code", "hint"),
+    [
+        (429, "session_limit", 4029, ""),
+        (403, "console_disabled", 4009, ""),
+        (403, "forbidden", 4003, ""),
+        (404, "unknown_vm", 4004, ""),
+        (500, "internal", 1001, "; reconnect"),
+    ],
+)
 async def test_new_owner_that_refuses_and_hangs_up_closes_the_client_with_its_status(
-    pki: Pki,
+    pki: Pki, status: int, error: str, close_code: int, hint: str
 ) -> None:
-    """A new owner at its session cap answers 429 and closes at once (as relayd does): the
-    client is closed with 1001 naming the refusal, not left waiting at port_down."""
+    """A new owner refuses the moving session and closes at once (as relayd does): the
+    client is closed naming the refusal, not left waiting at port_down, with the contract's
+    close code for that refusal where it has one (a reconnect would meet it again), else
+    1001 (reconnect)."""
     async with (
         FakeOwner(pki, "gw-1") as first,
         FakeOwner(pki, "gw-2") as second,
@@ -464,13 +476,13 @@ async def test_new_owner_that_refuses_and_hangs_up_closes_the_client_with_its_st
             w1.close()
             assert await notice(ws) == "port_down"
             (_, w2), _, _ = await second.next_request()
-            w2.write(refusal(429, "session_limit", "gateway session limit 1 reached", close=True))
+            w2.write(refusal(status, error, "refused for the test", close=True))
             w2.close()
             async with asyncio.timeout(TIMEOUT):
                 await ws.wait_closed()
-            assert ws.close_code == 1001
+            assert ws.close_code == close_code
             assert ws.close_reason == (
-                "console moved: gateway gw-2 refused the session with 429; reconnect"
+                f"console moved: gateway gw-2 refused the session with {status}{hint}"
             )
 
 

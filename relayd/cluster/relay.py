@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -79,11 +80,14 @@ __all__ = [
     "Relay",
     "adopt",
     "reach_owner",
+    "refusal_close_code",
     "relay",
 ]
 
 log = get_logger("relayd.relay")
 
+#: A refusal's body read for its error code, at most (relayd's are a few hundred bytes).
+_MAX_REFUSAL_BYTES = 4096
 #: The start of a client frame kept for a new owner, at most (a larger frame in
 #: flight when the owner dies ends the session).
 MAX_PARTIAL_BYTES = 1 << 20
@@ -139,7 +143,47 @@ class Reattach:
 
 
 class MoveRefused(Exception):
-    """The new owner refused the session (its status or reason is in the message)."""
+    """The new owner refused the session (its status or reason is in the message).
+
+    Attributes:
+        close_code: what the client is closed with: the contract's code for the
+            refusal where it has one (`refusal_close_code`), else 1001 (reconnect).
+    """
+
+    def __init__(self, message: str, close_code: int = control.CLOSE_GOING_AWAY) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+#: The close codes of the contract for the refusals that have one: a moved session
+#: refused for a reason a reconnect would meet again says so, as a new session would.
+_REFUSAL_CLOSE_CODES = {
+    "console_disabled": control.CLOSE_DISABLED,
+    "session_limit": control.CLOSE_SESSION_LIMIT,
+}
+_STATUS_CLOSE_CODES = {
+    401: control.CLOSE_FORBIDDEN,
+    403: control.CLOSE_FORBIDDEN,
+    404: control.CLOSE_UNKNOWN_VM,
+    429: control.CLOSE_SESSION_LIMIT,
+}
+
+
+def refusal_close_code(status: int, error: str | None) -> int:
+    """The close code for a session a new owner refused with `status` and error code
+    `error` (the contract's ``{"error": CODE}``, None if unknown); 1001 for the rest."""
+    if error is not None and error in _REFUSAL_CLOSE_CODES:
+        return _REFUSAL_CLOSE_CODES[error]
+    return _STATUS_CLOSE_CODES.get(status, control.CLOSE_GOING_AWAY)
+
+
+def _refusal_error(body: bytes) -> str | None:
+    """The error code of a refusal's JSON body, if it has one."""
+    try:
+        error = json.loads(body[:_MAX_REFUSAL_BYTES]).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error if isinstance(error, str) else None
 
 
 class _TakenHere(Exception):
@@ -538,7 +582,7 @@ class Relay:
             self._give_up(reattach, f"no gateway took over within {reattach.wait:g} s")
             return
         except MoveRefused as exc:
-            self._give_up(reattach, str(exc))
+            self._give_up(reattach, str(exc), exc.close_code)
             return
         except _TakenHere:
             self._moving = None
@@ -568,12 +612,11 @@ class Relay:
             **how,
         )
 
-    def _give_up(self, reattach: Reattach, why: str) -> None:
+    def _give_up(self, reattach: Reattach, why: str, code: int = control.CLOSE_GOING_AWAY) -> None:
         self._moving = None
-        log.warning("relay_reattach_failed", vm=reattach.vm, reason=why)
-        self._send_client(
-            _close_frame(control.CLOSE_GOING_AWAY, f"console moved: {why}; reconnect")
-        )
+        log.warning("relay_reattach_failed", vm=reattach.vm, reason=why, close_code=code)
+        hint = "; reconnect" if code == control.CLOSE_GOING_AWAY else ""
+        self._send_client(_close_frame(code, f"console moved: {why}{hint}"))
         _close_later(self._client, self._close_timeout)
 
     async def _next_owner(self, reattach: Reattach) -> tuple[_Owner, int, PeerConnection]:
@@ -631,7 +674,10 @@ class Relay:
                 writer = False
                 continue
             if link.status != 101:
-                raise MoveRefused(f"gateway {owner[0]} refused the session with {link.status}")
+                code = refusal_close_code(link.status, _refusal_error(link.rest))
+                raise MoveRefused(
+                    f"gateway {owner[0]} refused the session with {link.status}", code
+                )
             break
         side = _Owner(self, link.transport, live=False)
         reader = link._reader
