@@ -4,6 +4,7 @@ served in turn."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Collection, Mapping
 
 import pytest
@@ -66,6 +67,24 @@ async def _cut_hand_over(store: ClusterStore, node: ClusterNode) -> int:
     box.append(0, b"x" * 1000)
     node._releasing["vm-a"] = (token, box)
     return token
+
+
+async def test_outbox_mark_covers_a_burst_from_an_idle_vm_and_shrinks_slowly() -> None:
+    """A VM quiet since its outbox began prints a MiB at once: the first mark already
+    reaches past what it may print in the horizon at that rate (the quiet time does not
+    dilute it), never less than the least reservation; with no output after, the mark
+    shrinks by halves, not at once."""
+    least, horizon = 65536, 2.0
+    box = Outbox("vm-a", 1, 4 * MIB, lambda: None, start=100)
+    assert box.mark(horizon, least) == 100 + least  # nothing printed: the least
+    box._measured = (time.monotonic() - 60.0, 100)  # as if that mark was a minute ago
+    box.append(100, b"x" * MIB)
+    first = box.mark(horizon, least) - box.end
+    assert first >= MIB  # a MiB in well under the horizon: more than a MiB ahead
+    assert box.mark(horizon, least) - box.end == first // 2
+    for _ in range(64):
+        box.mark(horizon, least)
+    assert box.mark(horizon, least) - box.end == least
 
 
 async def test_many_vms_printing_at_once_go_to_redis_in_bounded_round_trips(
