@@ -409,6 +409,8 @@ class Gateway:
             reasons.append("listener not bound")
         if self.draining:
             reasons.append("draining")
+        if self.cluster is not None and not self.cluster.node.state_read:
+            reasons.append("cluster state not read from Redis yet")
         if self.cert_not_after <= datetime.datetime.now(datetime.UTC):
             reasons.append(f"certificate expired at {self.cert_not_after.isoformat()}")
         if self.config.gateway.ready_requires_port and not self._a_port_is_reachable():

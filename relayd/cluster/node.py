@@ -230,6 +230,8 @@ class ClusterNode:
         self.switches: dict[str, dict[str, bool]] = {}
         self.redis_up = False
         self.switches_loaded = False
+        # Ever loaded (`switches_loaded` turns False again while Redis is away): see `state_read`.
+        self._switches_read = False
         self._resync = asyncio.Event()
         self.first_round = asyncio.Event()
         self._rounds_seen = asyncio.Condition()
@@ -273,6 +275,16 @@ class ClusterNode:
             seen_ago = asyncio.get_running_loop().time() - self._last_read
         return peerview.encode_answer(self.gateway_id, seen_ago, self._live, self.owners, vms)
 
+    @property
+    def state_read(self) -> bool:
+        """Whether this gateway has read the region once: the switches and one round.
+
+        Until then it refuses every console (it knows no switch, owns no VM and knows no
+        owner), so it must not look ready. Never False again: a later Redis outage is
+        every gateway's, and making them all unready would take every console away.
+        """
+        return self._switches_read and self.first_round.is_set()
+
     def get(self, level: str, key: str) -> bool | None:
         """A switch override as the region has it (None: the config's default applies)."""
         return self.switches.get(level, {}).get(key)
@@ -296,7 +308,7 @@ class ClusterNode:
                     await self.store.set_switch(level, key, enabled)
             region = {level: dict(values) for level, values in known.items()}
         self.switches = region
-        self.switches_loaded = True
+        self.switches_loaded = self._switches_read = True
         self._back_up()
 
     def _backed_up(self) -> dict[str, dict[str, bool]]:
