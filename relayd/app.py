@@ -396,6 +396,7 @@ class Gateway:
             owner_changes=stats.owner_changes,
             news_rounds=stats.news_rounds,
             deposed_by_peers=stats.deposed_by_peers,
+            unstored_bytes=stats.unstored_bytes,
         )
 
     def console_enabled(self, vm: VmConfig) -> bool:

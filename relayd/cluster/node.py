@@ -190,6 +190,7 @@ class NodeStats:
     owner_changes: int = 0
     news_rounds: int = 0  # rounds run early because another gateway claimed or released
     deposed_by_peers: int = 0  # ports let go, cut off from Redis, on a peer's reading of it
+    unstored_bytes: int = 0  # console output given up on: Redis did not take it before leaving
     errors_by_call: dict[str, int] = field(default_factory=dict)
 
 
@@ -406,6 +407,29 @@ class ClusterNode:
                     delay = min(APPEND_RETRY_MAX, delay * 2)
         except TimeoutError:
             log.warning("cluster_leave_incomplete", error=error or "timed out")
+            self._unstored_output_lost()
+
+    def _unstored_output_lost(self) -> None:
+        """Say what console output leaving gives up on (Redis never took it), per VM.
+
+        It cannot be stored any more, but it must not vanish silently: an error event
+        per VM with the byte count and offsets (never the bytes), and a counter. The
+        offsets stay below this owner's reservation, so the next owner announces them
+        as a gap to clients that saw them, rather than reusing them.
+        """
+        boxes = {vm: box for vm, (_, box) in self._releasing.items() if box is not None}
+        boxes.update(self.outboxes)
+        for vm_id, box in sorted(boxes.items()):
+            if not box.chunks:
+                continue
+            self.stats.unstored_bytes += box.size
+            log.error(
+                "cluster_output_not_stored",
+                vm=vm_id,
+                bytes=box.size,
+                offsets=[box.chunks[0][0], box.end],
+                reason="Redis did not answer before the gateway left",
+            )
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()

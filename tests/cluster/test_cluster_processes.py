@@ -364,6 +364,40 @@ async def test_owner_killed_before_its_output_reached_redis_offsets_are_not_reus
         assert resumed.hello["offset"] >= last
 
 
+async def test_owner_drained_while_redis_stays_down_says_what_it_did_not_store(
+    region: Region,
+) -> None:
+    """SIGTERM the owner while Redis is down past its leave deadline: the output it holds
+    cannot be stored, and it says so (which VM, how many bytes, never the bytes). The
+    successor, once Redis is back, starts past the owner's reservation: a client resuming
+    at its last offset is told of the gap, never shown other bytes at offsets it holds."""
+    end = region.ends["vm-1"]
+    owner = (await region.wait_settled())["vm-1"]
+    survivor = region.others(owner)[0]
+    redis = region.cluster.redis
+    printed = b"\r\nprinted-while-redis-is-down\r\n"
+    async with region.console(owner, "vm-1", user="rita") as local:
+        await redis.stop(keep_data=True)
+        try:
+            end.emit(printed)
+            await local.expect(printed)
+            last = local.hello["offset"] - local.hello["replay"] + len(local.output)
+            await owner.stop()  # the drain, then a leave that Redis never answers
+        finally:
+            await redis.start()
+    (lost,) = owner.events("cluster_output_not_stored")
+    assert (lost["vm"], lost["bytes"], lost["level"]) == ("vm-1", len(printed), "error")
+    assert lost["offsets"] == [last - len(printed), last]
+    assert b"printed-while-redis-is-down" not in owner.log_path.read_bytes()
+    await region.wait_owner("vm-1", not_on=owner)
+    async with region.console(survivor, "vm-1", user="rita", query=f"from={last}") as resumed:
+        gap = await resumed.control(type="notice", event="output_gap")
+        assert gap["first"] == last
+        assert last < resumed.hello["offset"] <= last + DEFAULT_RESERVE_AHEAD
+        assert gap["last"] == resumed.hello["offset"] - 1
+        assert resumed.output == b""
+
+
 async def test_owner_killed_clients_through_other_gateways_get_port_down_up_and_stay(
     region: Region,
 ) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import trustme
+from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -32,6 +33,7 @@ from relayd.cluster.ownership import Lease, preferred_owner
 from relayd.cluster.store import ClusterStore, ClusterUnavailableError, key_prefix
 from relayd.config import Config, load_config
 from relayd.errors import ConfigError
+from relayd.health import make_registry
 
 from ..conftest import (
     AUDIENCE,
@@ -727,6 +729,32 @@ async def test_a_gateway_started_without_redis_is_not_ready_until_it_read_the_re
     finally:
         gateway.stop()
         await task
+
+
+async def test_output_a_drain_could_not_store_is_logged_and_counted(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """The gateway stops while Redis stays down past its leave deadline: the console output
+    it held is lost, and says so: an error per VM with the byte count, and a counter."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    printed = b"never stored\r\n"
+    with capture_logs() as events:
+        async with serving(cluster_config("gw-1", far_end.port)) as gateway:
+            await until(lambda: "vm-a" in gateway.hubs, gateway)
+            async with console(gateway, ctx, _mint(gateway_pki)("alice")) as c:
+                await redis_server.stop()
+                await far_end.send(printed)
+                await c.expect(printed)
+    lost = [e for e in events if e["event"] == "cluster_output_not_stored"]
+    assert [(e["vm"], e["bytes"], e["log_level"]) for e in lost] == [
+        ("vm-a", len(printed), "error")
+    ]
+    assert "never stored" not in repr(events)
+    metrics = generate_latest(make_registry(gateway))
+    assert b"relayd_cluster_log_unstored_bytes_total %d.0" % len(printed) in metrics
 
 
 async def test_check_config_reaches_redis_or_names_the_key(
