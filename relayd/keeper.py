@@ -167,6 +167,8 @@ async def _lease_held(hub: ConsoleHub) -> None:
     dropped). Returns at once while the lease holds, as it always does on one gateway.
     """
     loop = asyncio.get_running_loop()
+    if loop.time() < hub.lease_expiry:
+        return  # no wait, no closure: this runs for every chunk of queued input
     await wait_until(hub, lambda: loop.time() < hub.lease_expiry)
 
 
