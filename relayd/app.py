@@ -417,6 +417,7 @@ class Gateway:
             owner_changes=stats.owner_changes,
             news_rounds=stats.news_rounds,
             deposed_by_peers=stats.deposed_by_peers,
+            unstored_bytes=stats.unstored_bytes,
         )
 
     def console_enabled(self, vm: VmConfig) -> bool:
@@ -430,6 +431,8 @@ class Gateway:
             reasons.append("listener not bound")
         if self.draining:
             reasons.append("draining")
+        if self.cluster is not None and not self.cluster.node.state_read:
+            reasons.append("cluster state not read from Redis yet")
         if self.cert_not_after <= datetime.datetime.now(datetime.UTC):
             reasons.append(f"certificate expired at {self.cert_not_after.isoformat()}")
         if self.config.gateway.ready_requires_port and not self._a_port_is_reachable():

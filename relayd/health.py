@@ -68,6 +68,7 @@ class ClusterHealth:
     owner_changes: int
     news_rounds: int = 0  # ownership rounds run early on another gateway's claim or release
     deposed_by_peers: int = 0  # ports let go while cut off from Redis, on a peer's reading
+    unstored_bytes: int = 0  # console output given up on when leaving: Redis never took it
 
 
 class HealthSource(Protocol):
@@ -293,6 +294,9 @@ def _cluster_metrics(cluster: ClusterHealth) -> Iterator[Metric]:
         ("relayd_cluster_deposed_by_peers",
          "Ports let go while cut off from Redis, another gateway having claimed the VM",
          cluster.deposed_by_peers),
+        ("relayd_cluster_log_unstored_bytes",
+         "Console output given up on when leaving the region: Redis never took it",
+         cluster.unstored_bytes),
     )  # fmt: skip
     for name, doc, total in counters:
         counter = CounterMetricFamily(name, doc)

@@ -18,6 +18,7 @@ it drains (backpressure, not buffering).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import deque
@@ -171,6 +172,10 @@ class ConsoleHub:
         self.lease = WriterLease(vm.takeover)
         self.clients: dict[str, HubClient] = {}
         self.input = InputQueue(vm.input_rate)
+        # In a cluster, when this gateway's lease on the VM lapses by its own clock (loop
+        # time): no input goes to the port after it until a round renews the lease, since
+        # another gateway may own the VM by then (a freeze). Set by cluster/node.py.
+        self.lease_expiry = math.inf
         self.stats = HubStats(self.input)
         self.port_up = False
         self.resize: tuple[int, int] | None = None
@@ -208,6 +213,11 @@ class ConsoleHub:
         self._link = None
         self._writer = None
         self._set_port_state(False)
+
+    def lease_renewed(self, expiry: float) -> None:
+        """The lease now lasts until `expiry` (loop time): input held for it may go (keeper.py)."""
+        self.lease_expiry = expiry
+        self._changed()
 
     def input_written(self, n: int) -> None:
         """The keeper's operation is done (`n` bytes reached the port): maybe read the writer."""
@@ -437,11 +447,13 @@ class ConsoleHub:
         Typing is the common case: when nothing is queued or being written and the
         line rate allows it, the queue answers "write_now" and the bytes go to the port
         at once (in order, since the writer task is idle), saving a task wake-up per
-        keystroke.
+        keystroke. Past `lease_expiry` they are queued instead, and the keeper holds them
+        until the lease is renewed (or the port closes with the lease lost).
         """
         writer, loop = self._writer, self._loop
         if writer is not None and loop is not None and writer.writable:
-            verdict = self.input.offer(data, loop.time())
+            now = loop.time()
+            verdict = self.input.offer(data, now if now < self.lease_expiry else None)
             if verdict == "write_now":
                 writer.write_now(data)
                 return

@@ -144,15 +144,32 @@ async def _carry_out(hub: ConsoleHub, op: Operation, link: SerialLink) -> int:
     if isinstance(op, Write):
         if op.delay:
             await asyncio.sleep(op.delay)
+        await _lease_held(hub)
         await _write_or_stall(hub, link, op.data)  # handed over either way
         return len(op.data)
+    await _lease_held(hub)
     if isinstance(op, Break):
         await _send_break(hub, link)
         if op.key:
+            await _lease_held(hub)
             await _write_or_stall(hub, link, op.key)
         return 0
     await link.hangup()
     return 0
+
+
+async def _lease_held(hub: ConsoleHub) -> None:
+    """Wait while this gateway's lease on the VM has lapsed by its own clock (cluster mode).
+
+    A gateway that was frozen (SIGSTOP) finds input waiting when it runs again, before
+    its first round can tell it that another gateway owns the VM now: that input waits
+    for the round, which renews the lease (then it goes) or closes the port (then it is
+    dropped). Returns at once while the lease holds, as it always does on one gateway.
+    """
+    loop = asyncio.get_running_loop()
+    if loop.time() < hub.lease_expiry:
+        return  # no wait, no closure: this runs for every chunk of queued input
+    await wait_until(hub, lambda: loop.time() < hub.lease_expiry)
 
 
 async def _send_break(hub: ConsoleHub, link: SerialLink) -> None:

@@ -6,6 +6,8 @@ port matters, the hub's own keeper runs it against a real TCP far end on loopbac
 
 from __future__ import annotations
 
+import asyncio
+
 from structlog.testing import capture_logs
 
 from relayd import control
@@ -245,6 +247,30 @@ async def test_hub_port_loss_drops_queued_input_and_resumes_writer(far_end: FarE
         await far_end.stop()
         await alice.notice("port_down")
         assert not alice.paused
+
+
+async def test_hub_holds_input_past_its_lease_until_the_lease_is_renewed(
+    far_end: FarEnd,
+) -> None:
+    """Cluster mode: past the lease's local expiry (a gateway that wakes from a freeze),
+    keystrokes are neither written at once nor by the keeper; a renewal lets them go."""
+    hub = make_hub(f"tcp://127.0.0.1:{far_end.port}")
+    alice = RecordingClient("w1", "user:alice")
+    hub.attach(alice, writer=True)
+    async with keeping(hub):
+        loop = asyncio.get_running_loop()
+        hub.lease_renewed(loop.time() - 1.0)
+        hub.submit(alice, b"held")
+        assert hub.stats.bytes_to_port == 0  # not written on the keystroke path
+        # Output still flows (and the keeper has had its turns meanwhile).
+        await far_end.send(b"output goes on\r\n")
+        await alice.wait_for(lambda: b"output goes on" in alice.output)
+        assert hub.input.held_bytes == 4
+        assert far_end.received == b""
+        hub.lease_renewed(loop.time() + 3.0)
+        await far_end.wait_received(lambda got: got == b"held")
+        hub.submit(alice, b"!")  # renewed: typing goes straight to the port again
+        await far_end.wait_received(lambda got: got == b"held!")
 
 
 async def test_hub_writer_leaving_runs_on_detach_send(far_end: FarEnd) -> None:

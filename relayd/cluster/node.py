@@ -16,7 +16,11 @@ answers again the holders re-assert their leases first (`grace`), so no VM
 changes owner because of an outage. A gateway that was frozen (SIGSTOP) for
 longer than a lease notices on its next round (`stalled`) and closes every
 port it held whose lease is gone or another's, or every one if Redis does not
-answer that round: by then another gateway may own them.
+answer that round: by then another gateway may own them. Until that round, its
+hubs write no client input (`ConsoleHub.lease_expiry`): each renewal says how
+long its lease lasts by the local clock (a lease from when the renewal was
+sent), and input that arrives after that (keys typed during the freeze) waits
+for a round that renews the lease, or is dropped with the port.
 """
 
 from __future__ import annotations
@@ -213,6 +217,7 @@ class NodeStats:
     owner_changes: int = 0
     news_rounds: int = 0  # rounds run early because another gateway claimed or released
     deposed_by_peers: int = 0  # ports let go, cut off from Redis, on a peer's reading of it
+    unstored_bytes: int = 0  # console output given up on: Redis did not take it before leaving
     errors_by_call: dict[str, int] = field(default_factory=dict)
 
 
@@ -249,6 +254,7 @@ class ClusterNode:
         self.log_bytes = log_bytes
         self.held: dict[str, int] = {}
         self.outboxes: dict[str, Outbox] = {}
+        self._hubs: dict[str, ConsoleHub] = {}  # of the held VMs: told when leases lapse
         # Where each VM is owned, as of the last round: vm -> (gateway, advertise address).
         self.owners: dict[str, tuple[str, str]] = {}
         # The IP addresses the region's live gateways advertise, as of the last round:
@@ -257,6 +263,8 @@ class ClusterNode:
         self.switches: dict[str, dict[str, bool]] = {}
         self.redis_up = False
         self.switches_loaded = False
+        # Ever loaded (`switches_loaded` turns False again while Redis is away): see `state_read`.
+        self._switches_read = False
         self._resync = asyncio.Event()
         self.first_round = asyncio.Event()
         self._rounds_seen = asyncio.Condition()
@@ -305,6 +313,16 @@ class ClusterNode:
             seen_ago = asyncio.get_running_loop().time() - self._last_read
         return peerview.encode_answer(self.gateway_id, seen_ago, self._live, self.owners, vms)
 
+    @property
+    def state_read(self) -> bool:
+        """Whether this gateway has read the region once: the switches and one round.
+
+        Until then it refuses every console (it knows no switch, owns no VM and knows no
+        owner), so it must not look ready. Never False again: a later Redis outage is
+        every gateway's, and making them all unready would take every console away.
+        """
+        return self._switches_read and self.first_round.is_set()
+
     def get(self, level: str, key: str) -> bool | None:
         """A switch override as the region has it (None: the config's default applies)."""
         return self.switches.get(level, {}).get(key)
@@ -328,7 +346,7 @@ class ClusterNode:
                     await self.store.set_switch(level, key, enabled)
             region = {level: dict(values) for level, values in known.items()}
         self.switches = region
-        self.switches_loaded = True
+        self.switches_loaded = self._switches_read = True
         self._back_up()
 
     def _backed_up(self) -> dict[str, dict[str, bool]]:
@@ -421,6 +439,29 @@ class ClusterNode:
                     delay = min(APPEND_RETRY_MAX, delay * 2)
         except TimeoutError:
             log.warning("cluster_leave_incomplete", error=error or "timed out")
+            self._unstored_output_lost()
+
+    def _unstored_output_lost(self) -> None:
+        """Say what console output leaving gives up on (Redis never took it), per VM.
+
+        It cannot be stored any more, but it must not vanish silently: an error event
+        per VM with the byte count and offsets (never the bytes), and a counter. The
+        offsets stay below this owner's reservation, so the next owner announces them
+        as a gap to clients that saw them, rather than reusing them.
+        """
+        boxes = {vm: box for vm, (_, box) in self._releasing.items() if box is not None}
+        boxes.update(self.outboxes)
+        for vm_id, box in sorted(boxes.items()):
+            if not box.chunks:
+                continue
+            self.stats.unstored_bytes += box.size
+            log.error(
+                "cluster_output_not_stored",
+                vm=vm_id,
+                bytes=box.size,
+                offsets=[box.chunks[0][0], box.end],
+                reason="Redis did not answer before the gateway left",
+            )
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
@@ -498,6 +539,11 @@ class ClusterNode:
                 log.warning("cluster_stalled_ports_closed", vms=len(self.held))
                 for vm_id in list(self.held):
                     self._drop(vm_id, "this gateway no longer owns the console")
+            else:
+                # Redis is away but this gateway ran on time: it keeps its ports and their
+                # input flows (issue 16, point 7: a shared outage changes nothing). Cut off
+                # alone, it is deposed by its peers' answer instead (`_ask_region`).
+                self._lease_renewed(self.held, now + self.lease_ttl)
             self.policy.failed(now)
             self._redis_failed("round", exc, now)
             await self._ask_region(now)
@@ -639,12 +685,15 @@ class ClusterNode:
             )
         kept: dict[str, int] = {}
         if renew:
+            # Redis extends the leases after this instant: they last at least a lease from it.
+            sent = asyncio.get_running_loop().time()
             for vm_id, ok in (await self.store.renew_many(renew)).items():
                 if ok:
                     kept[vm_id] = renew[vm_id]
                 else:
                     log.warning("cluster_renew_refused", vm=vm_id, token=renew[vm_id])
                     self._drop(vm_id, "this gateway no longer owns the console")
+            self._lease_renewed(kept, sent + self.lease_ttl)
             if any((box := self.outboxes.get(vm_id)) and box.chunks for vm_id in kept):
                 # Output may wait for this very renewal: an append refused as "lapsed"
                 # (Redis restarted empty since the last round) is not retried by itself.
@@ -652,10 +701,11 @@ class ClusterNode:
         if self._marks_owed:
             await self._reserve_again(kept)
         if claims:
+            sent = asyncio.get_running_loop().time()
             granted = await self.store.claim_many(claims)
             for vm_id, token in granted.items():
                 if token is not None:
-                    await self._take(vm_id, token)
+                    await self._take(vm_id, token, sent + self.lease_ttl)
             if any(token is not None for token in granted.values()):
                 await self._announce()
 
@@ -681,8 +731,17 @@ class ClusterNode:
         self._marks_owed = False  # only now: a Redis error above leaves them owed
         log.info("cluster_offsets_reserved_again", vms=len(held))
 
-    async def _take(self, vm_id: str, token: int) -> None:
-        """A claim was granted: start the hub from the shared log's tail."""
+    def _lease_renewed(self, vms: Iterable[str], expiry: float) -> None:
+        """Our leases on `vms` last until `expiry` (loop time): their hubs write input until
+        then, and hold it after (see `ConsoleHub.lease_expiry`)."""
+        for vm_id in vms:
+            hub = self._hubs.get(vm_id)
+            if hub is not None:
+                hub.lease_renewed(expiry)
+
+    async def _take(self, vm_id: str, token: int, expiry: float) -> None:
+        """A claim was granted (its lease lasts until `expiry`): start the hub from the
+        shared log's tail."""
         vm = self.owner.configured_vms().get(vm_id)
         if vm is None:
             await self.store.release(vm_id, token)
@@ -707,7 +766,9 @@ class ClusterNode:
         outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point)
         self.outboxes[vm_id] = outbox
         log.info("cluster_vm_claimed", vm=vm_id, token=token, offset=end)
-        self.owner.open_hub(vm, history, outbox)
+        hub = self.owner.open_hub(vm, history, outbox)
+        hub.lease_renewed(expiry)
+        self._hubs[vm_id] = hub
 
     async def _hand_over(self, vms: dict[str, int], reason: str | Mapping[str, str]) -> None:
         """Release VMs cleanly: stop their ports, ship their last output, settle, release.
@@ -786,6 +847,7 @@ class ClusterNode:
         """
         token = self.held.pop(vm_id, None)
         self.outboxes.pop(vm_id, None)
+        self._hubs.pop(vm_id, None)
         if token is None:
             return None
         return self.owner.close_hub(vm_id, reason)

@@ -185,6 +185,8 @@ class SerialEnd:
         self.served_peer: tuple[str, int] | None = None
         self.holders: list[str] = []
         """Who each served client was, in order (`identify`'s answers)."""
+        self.received_by: list[bytearray] = []
+        """What each served client sent, in the order of `holders`."""
         self.identify: Callable[[tuple[str, int]], str] = lambda peer: f"{peer[0]}:{peer[1]}"
         """Names a client by its address, at the moment it is served."""
         self._writer: asyncio.StreamWriter | None = None
@@ -263,11 +265,14 @@ class SerialEnd:
                 self._writer = writer
                 self.served_peer = writer.get_extra_info("peername")[:2]
                 self.holders.append(self.identify(self.served_peer))
+                mine = bytearray()
+                self.received_by.append(mine)
                 self.serves += 1
                 self._notify()
                 with contextlib.suppress(ConnectionError):
                     while data := await reader.read(65536):
                         self.received += data
+                        mine += data
                         writer.write(data)  # the guest's tty echoes what is typed
                         self._notify()
         finally:

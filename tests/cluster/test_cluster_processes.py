@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import trustme
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relayd.cluster.store import DEFAULT_RESERVE_AHEAD
 
@@ -402,6 +402,40 @@ async def test_owner_printing_faster_than_its_reservation_killed_offsets_are_not
         assert resumed.hello["offset"] >= last, (resumed.hello, last)
 
 
+async def test_owner_drained_while_redis_stays_down_says_what_it_did_not_store(
+    region: Region,
+) -> None:
+    """SIGTERM the owner while Redis is down past its leave deadline: the output it holds
+    cannot be stored, and it says so (which VM, how many bytes, never the bytes). The
+    successor, once Redis is back, starts past the owner's reservation: a client resuming
+    at its last offset is told of the gap, never shown other bytes at offsets it holds."""
+    end = region.ends["vm-1"]
+    owner = (await region.wait_settled())["vm-1"]
+    survivor = region.others(owner)[0]
+    redis = region.cluster.redis
+    printed = b"\r\nprinted-while-redis-is-down\r\n"
+    async with region.console(owner, "vm-1", user="rita") as local:
+        await redis.stop(keep_data=True)
+        try:
+            end.emit(printed)
+            await local.expect(printed)
+            last = local.hello["offset"] - local.hello["replay"] + len(local.output)
+            await owner.stop()  # the drain, then a leave that Redis never answers
+        finally:
+            await redis.start()
+    (lost,) = owner.events("cluster_output_not_stored")
+    assert (lost["vm"], lost["bytes"], lost["level"]) == ("vm-1", len(printed), "error")
+    assert lost["offsets"] == [last - len(printed), last]
+    assert b"printed-while-redis-is-down" not in owner.log_path.read_bytes()
+    await region.wait_owner("vm-1", not_on=owner)
+    async with region.console(survivor, "vm-1", user="rita", query=f"from={last}") as resumed:
+        gap = await resumed.control(type="notice", event="output_gap")
+        assert gap["first"] == last
+        assert last < resumed.hello["offset"] <= last + DEFAULT_RESERVE_AHEAD
+        assert gap["last"] == resumed.hello["offset"] - 1
+        assert resumed.output == b""
+
+
 async def test_owner_killed_clients_through_other_gateways_get_port_down_up_and_stay(
     region: Region,
 ) -> None:
@@ -588,6 +622,45 @@ async def test_frozen_owner_that_wakes_while_redis_is_down_lets_go_of_its_port(
         )
     finally:
         await redis.start()
+    assert await region.wait_settled() == before
+    for vm, owned in before.items():
+        if owned is owner:
+            region.ends[vm].reset_max_connections()  # the frozen process held on, as it must
+    assert single_holder(region) == dict.fromkeys(VM_IDS, 1)
+
+
+async def test_a_thawed_owner_never_types_into_a_port_another_gateway_took(
+    region: Region,
+) -> None:
+    """SIGSTOP the owner past its lease while its client types, a survivor claims, SIGCONT.
+
+    The keys typed while it was frozen wait in its socket, and more come right after the
+    thaw: all of them arrive before its first round can tell it the lease is gone. It must
+    hold them, since its lease lapsed (another gateway owns the VM now), and never write
+    them to the port: the port receives nothing more from it.
+    """
+    before = await region.wait_settled()
+    owner = before["vm-2"]
+    end = region.ends["vm-2"]
+    async with region.console(owner, "vm-2", user="alice") as local:
+        await typed(local, b"before-the-freeze")
+        serve = len(end.holders) - 1
+        assert end.holders[serve] == owner.gateway_id
+        sent = len(end.received_by[serve])
+        owner.freeze()
+        try:
+            await local.send(b"typed-while-frozen\r")
+            # The survivor's claim: its connection waits behind the frozen owner's.
+            await end.wait_for(lambda e: e.connections == 2, FAILOVER_TIMEOUT)
+            await local.send(b"typed-after-the-takeover\r")
+        finally:
+            owner.thaw()
+        with contextlib.suppress(ConnectionClosed):  # its session may be moved or ended
+            await local.send(b"typed-right-after-the-thaw\r")
+        # The next client served means the thawed owner's connection is gone, read to its end.
+        await end.wait_for(lambda e: len(e.holders) > serve + 1, START_TIMEOUT)
+    assert end.holders[serve + 1] != owner.gateway_id
+    assert bytes(end.received_by[serve][sent:]) == b""
     assert await region.wait_settled() == before
     for vm, owned in before.items():
         if owned is owner:

@@ -23,16 +23,18 @@ from typing import Any
 
 import pytest
 import trustme
+from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from relayd.app import Gateway
+from relayd.app import PORTS_TRIED_TIMEOUT, Gateway
 from relayd.auth import issue_token
 from relayd.cluster.ownership import Lease, preferred_owner
 from relayd.cluster.store import ClusterStore, ClusterUnavailableError, key_prefix
 from relayd.config import Config, load_config
 from relayd.errors import ConfigError
+from relayd.health import make_registry
 
 from ..conftest import (
     AUDIENCE,
@@ -692,6 +694,68 @@ async def test_health_and_metrics_say_redis_is_down_and_readyz_stays_up(
         assert b'relayd_cluster_redis_errors_total{call="round"}' in metrics
         assert "vm-a" in g1.hubs  # no VM changes owner during an outage
         assert g1.hubs["vm-a"].port_up
+
+
+async def test_a_gateway_started_without_redis_is_not_ready_until_it_read_the_region(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """Started while Redis is down, a gateway knows no switch, owns no VM and knows no owner:
+    it refuses every console, so /readyz is 503 (the balancer sends nobody there). Once it
+    has read the region it is ready, and a later outage (shared by every gateway) keeps it so.
+    """
+    await redis_server.stop()
+    gateway = Gateway(cluster_config("gw-1", far_end.port))
+    task = asyncio.create_task(gateway.serve())
+    try:
+        # It serves after waiting for Redis (app.PORTS_TRIED_TIMEOUT), with Redis still away.
+        ready = asyncio.ensure_future(gateway.ready.wait())
+        async with asyncio.timeout(PORTS_TRIED_TIMEOUT + TIMEOUT):
+            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+        status, body = await _health(gateway, "/readyz")
+        assert status == 503, body
+        assert "cluster state not read from Redis yet" in json.loads(body)["reasons"]
+        assert json.loads((await _health(gateway, "/healthz"))[1])["redis"] == "down"
+        await redis_server.start()
+        node = gateway.cluster.node if gateway.cluster is not None else None
+        assert node is not None
+        await until(lambda: node.redis_up and node.switches_loaded, gateway)
+        status, body = await _health(gateway, "/readyz")
+        assert (status, json.loads(body)["reasons"]) == (200, []), body
+        await redis_server.stop()
+        await until(lambda: not node.redis_up, gateway)
+        status, body = await _health(gateway, "/readyz")
+        assert (status, json.loads(body)["reasons"]) == (200, []), body
+    finally:
+        gateway.stop()
+        await task
+
+
+async def test_output_a_drain_could_not_store_is_logged_and_counted(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """The gateway stops while Redis stays down past its leave deadline: the console output
+    it held is lost, and says so: an error per VM with the byte count, and a counter."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    printed = b"never stored\r\n"
+    with capture_logs() as events:
+        async with serving(cluster_config("gw-1", far_end.port)) as gateway:
+            await until(lambda: "vm-a" in gateway.hubs, gateway)
+            async with console(gateway, ctx, _mint(gateway_pki)("alice")) as c:
+                await redis_server.stop()
+                await far_end.send(printed)
+                await c.expect(printed)
+    lost = [e for e in events if e["event"] == "cluster_output_not_stored"]
+    assert [(e["vm"], e["bytes"], e["log_level"]) for e in lost] == [
+        ("vm-a", len(printed), "error")
+    ]
+    assert "never stored" not in repr(events)
+    metrics = generate_latest(make_registry(gateway))
+    assert b"relayd_cluster_log_unstored_bytes_total %d.0" % len(printed) in metrics
 
 
 async def test_check_config_reaches_redis_or_names_the_key(
