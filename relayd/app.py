@@ -418,6 +418,7 @@ class Gateway:
             news_rounds=stats.news_rounds,
             deposed_by_peers=stats.deposed_by_peers,
             unstored_bytes=stats.unstored_bytes,
+            dropped_bytes=stats.dropped_bytes,
         )
 
     def console_enabled(self, vm: VmConfig) -> bool:

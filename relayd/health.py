@@ -69,6 +69,7 @@ class ClusterHealth:
     news_rounds: int = 0  # ownership rounds run early on another gateway's claim or release
     deposed_by_peers: int = 0  # ports let go while cut off from Redis, on a peer's reading
     unstored_bytes: int = 0  # console output given up on when leaving: Redis never took it
+    dropped_bytes: int = 0  # console output let go of while Redis was away (buffer full)
 
 
 class HealthSource(Protocol):
@@ -297,6 +298,9 @@ def _cluster_metrics(cluster: ClusterHealth) -> Iterator[Metric]:
         ("relayd_cluster_log_unstored_bytes",
          "Console output given up on when leaving the region: Redis never took it",
          cluster.unstored_bytes),
+        ("relayd_cluster_log_dropped_bytes",
+         "Console output let go of while Redis was away, past console_log_bytes per VM",
+         cluster.dropped_bytes),
     )  # fmt: skip
     for name, doc, total in counters:
         counter = CounterMetricFamily(name, doc)

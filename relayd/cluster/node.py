@@ -130,7 +130,13 @@ class Outbox:
     """
 
     def __init__(
-        self, vm: str, token: int, limit: int, wake: Callable[[], None], start: int = 0
+        self,
+        vm: str,
+        token: int,
+        limit: int,
+        wake: Callable[[], None],
+        start: int = 0,
+        stats: NodeStats | None = None,
     ) -> None:
         self.vm = vm
         self.token = token
@@ -141,6 +147,7 @@ class Outbox:
         self.dropped = 0
         self.ahead = 0  # how far past `end` the last `mark` reached
         self._wake = wake
+        self._stats = stats  # where what the buffer lets go of is counted
         # The output rate is measured from here: (when, `end` then), and when the first
         # byte after it was handed out (an idle VM that starts printing is fast at once).
         self._measured = (time.monotonic(), start)
@@ -157,6 +164,8 @@ class Outbox:
             _, old = self.chunks.popleft()
             self.size -= len(old)
             self.dropped += len(old)
+            if self._stats is not None:
+                self._stats.dropped_bytes += len(old)
         self._wake()
 
     def mark(self, horizon: float, least: int) -> int:
@@ -218,6 +227,7 @@ class NodeStats:
     news_rounds: int = 0  # rounds run early because another gateway claimed or released
     deposed_by_peers: int = 0  # ports let go, cut off from Redis, on a peer's reading of it
     unstored_bytes: int = 0  # console output given up on: Redis did not take it before leaving
+    dropped_bytes: int = 0  # console output an outbox let go of, full while Redis was away
     errors_by_call: dict[str, int] = field(default_factory=dict)
 
 
@@ -763,7 +773,7 @@ class ClusterNode:
         self._ports_closing.pop(vm_id, None)
         self.held[vm_id] = token
         self.stats.owner_changes += 1
-        outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point)
+        outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point, stats=self.stats)
         self.outboxes[vm_id] = outbox
         log.info("cluster_vm_claimed", vm=vm_id, token=token, offset=end)
         hub = self.owner.open_hub(vm, history, outbox)

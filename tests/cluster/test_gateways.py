@@ -758,6 +758,32 @@ async def test_output_a_drain_could_not_store_is_logged_and_counted(
     assert b"relayd_cluster_log_unstored_bytes_total %d.0" % len(printed) in metrics
 
 
+async def test_output_an_outbox_lets_go_of_during_an_outage_is_counted(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """While Redis is away an owner buffers at most console_log_bytes per VM; what a VM
+    prints beyond it is let go of (the log records a gap). That is counted, so an operator
+    sees output was lost to an outage and how much."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    config = cluster_config(
+        "gw-1", far_end.port, limits={"console_log_bytes": 4096, "replay_bytes": 1024}
+    )
+    async with serving(config) as gateway:
+        await until(lambda: "vm-a" in gateway.hubs, gateway)
+        async with console(gateway, ctx, _mint(gateway_pki)("alice")) as c:
+            await redis_server.stop()
+            for i in range(10):  # ten reads of the port, ten chunks buffered
+                await far_end.send(b"x" * 1000 + b"<%d>" % i)
+                await c.expect(b"<%d>" % i)
+            metrics = generate_latest(make_registry(gateway)).decode()
+            await redis_server.start()
+    (line,) = [m for m in metrics.splitlines() if m.startswith("relayd_cluster_log_dropped_bytes")]
+    assert float(line.split()[1]) >= 10 * 1003 - 4096
+
+
 async def test_check_config_reaches_redis_or_names_the_key(
     cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
 ) -> None:
