@@ -461,17 +461,22 @@ class ClusterNode:
         """
         boxes = {vm: box for vm, (_, box) in self._releasing.items() if box is not None}
         boxes.update(self.outboxes)
-        for vm_id, box in sorted(boxes.items()):
-            if not box.chunks:
-                continue
-            self.stats.unstored_bytes += box.size
-            log.error(
-                "cluster_output_not_stored",
-                vm=vm_id,
-                bytes=box.size,
-                offsets=[box.chunks[0][0], box.end],
-                reason="Redis did not answer before the gateway left",
-            )
+        for _, box in sorted(boxes.items()):
+            self._not_stored(box, "Redis did not answer before the gateway left")
+
+    def _not_stored(self, box: Outbox, reason: str) -> None:
+        """Give up on what `box` holds, saying so (see `_unstored_output_lost`)."""
+        if not box.chunks:
+            return
+        self.stats.unstored_bytes += box.size
+        log.error(
+            "cluster_output_not_stored",
+            vm=box.vm,
+            bytes=box.size,
+            offsets=[box.chunks[0][0], box.end],
+            reason=reason,
+        )
+        box.stored(box.end)
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
@@ -834,7 +839,10 @@ class ClusterNode:
             renewed |= set(lapsed)
             back = [vm for vm, ok in (await self.store.renew_many(lapsed)).items() if ok]
             if not back and not any(result.ok for _, result in shipped):
-                break  # refused (fenced, lapsed): what is left is not ours to store
+                # Refused (fenced, lapsed): what is left is not ours to store any more.
+                for box, result in shipped:
+                    self._not_stored(box, result.status)
+                break
         for vm_id, (token, left) in pending.items():
             if left is not None and not left.chunks:
                 settled = await self.store.settle(vm_id, token, left.end)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Collection, Mapping
 
 import pytest
+from structlog.testing import capture_logs
 
 from relayd.cluster.node import APPEND_ROUND_TRIP_BYTES, ClusterNode, NodeOwner, Outbox
 from relayd.cluster.ownership import Lease
@@ -17,6 +18,7 @@ from relayd.hub import ConsoleHub
 
 from ..conftest import TIMEOUT
 from .conftest import RedisServer, StoreFactory
+from .test_store import expire_lease
 
 pytestmark = pytest.mark.asyncio
 
@@ -162,6 +164,26 @@ async def test_a_stop_that_cuts_a_hand_over_short_still_ships_and_releases(
     await node._leave()
     assert await store.holder("vm-a") is None
     assert await store.bounds("vm-a") == (0, 1000)
+
+
+async def test_a_hand_over_whose_output_is_refused_says_what_it_did_not_store(
+    make_store: StoreFactory,
+) -> None:
+    """A hand-over cut short, and meanwhile another gateway took the VM (its lease lapsed):
+    the output it kept is refused as fenced and cannot be stored. It must not vanish
+    silently: an error naming the VM and the byte count (never the bytes), and counted."""
+    store, other = make_store("gw-1"), make_store("gw-2")
+    node = _node(_PortlessGateway(), store)
+    await _cut_hand_over(store, node)
+    await expire_lease(store, "vm-a")
+    assert await other.claim("vm-a") is not None
+    with capture_logs() as events:
+        await node._leave()
+    lost = [e for e in events if e["event"] == "cluster_output_not_stored"]
+    assert [(e["vm"], e["bytes"], e["reason"]) for e in lost] == [("vm-a", 1000, "fenced")]
+    assert "xxxx" not in repr(events)
+    assert node.stats.unstored_bytes == 1000
+    assert not node._releasing
 
 
 class _OneVmGateway(_PortlessGateway):
