@@ -650,3 +650,36 @@ async def test_store_a_late_resend_after_a_settle_leaves_the_mark_settled(
     late = await a.append("vm-1", token, 0, [b"stored\n"])
     assert (late.ok, late.written, late.skipped) == (True, 0, 7)
     assert await b.resume_point("vm-1") == 7
+
+
+async def test_store_switch_watcher_skips_any_message_and_switches_it_cannot_read(
+    make_store: StoreFactory,
+) -> None:
+    """Anyone who may PUBLISH on the region's channel, or write its switch hashes, is not a
+    gateway: a message nested too deep for the JSON parser (it raised RecursionError, which
+    ended the watcher and so the node and the gateway), not UTF-8, or of the wrong shape is
+    skipped, and the next change still arrives; a switch key that is not UTF-8 is left out."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    events: asyncio.Queue[SwitchEvent] = asyncio.Queue()
+    hostile = [
+        "[" * 100_000,
+        '{"level": "vms", "key": ' + "[" * 100_000 + "}",
+        b"\xff\xfe",
+        '{"level": ["vms"], "key": "vm-1", "enabled": false}',
+        '{"level": "vms", "key": "vm-1", "enabled": 0}',
+        "9" * 5000,
+        "[]",
+    ]
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(b.watch_switches(events.put_nowait))
+        async with asyncio.timeout(5):
+            assert await events.get() == SwitchesResync()
+            for message in hostile:
+                await a._command("PUBLISH", a._key("switches"), message)
+            await a.set_switch("vms", "vm-1", False)
+            assert await events.get() == SwitchChange("vms", "vm-1", False)
+        assert not watcher.done()
+        watcher.cancel()
+    assert events.empty()
+    await a._command("HSET", a._key("switches", "vms"), b"\xff", b"0")
+    assert await b.all_switches() == {"subscriptions": {}, "scale_sets": {}, "vms": {"vm-1": False}}
