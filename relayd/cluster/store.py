@@ -949,7 +949,8 @@ class ClusterStore:
         """
         async with self._deadline("take_ticket"):
             raw = await self._command("GETDEL", self._ticket_key(ticket_id))
-        return None if raw is None else bytes(raw).decode()
+        # Not UTF-8 (no gateway wrote it) becomes a payload the redeemer refuses.
+        return None if raw is None else bytes(raw).decode(errors="replace")
 
     # -- console switches -----------------------------------------------------------------
 

@@ -1815,3 +1815,63 @@ async def test_a_relaying_gateway_counts_the_sessions_it_relays_in_its_caps(
         assert relayed() == 0
         assert len(relaying.sessions) == 2
         assert await refused(users[0]) == (429, "session_limit")
+
+
+async def test_a_ticket_payload_no_gateway_wrote_is_refused_as_a_bad_ticket(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """A ticket's payload comes from Redis, where anything may have written it: one that is
+    not the JSON object a gateway writes (not UTF-8, not JSON, fields missing or of the
+    wrong type, an `expires` that is no finite number) is refused 401 `invalid_ticket`,
+    logged without the ticket, never a 500; a real ticket is served after them."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    good = {
+        "principal": "user:alice",
+        "groups": [],
+        "amr": [],
+        "expires": None,
+        "vm": "vm-a",
+        "mode": "interactive",
+    }
+    payloads: list[str | bytes] = [
+        b"\xff\xfe",
+        "not json",
+        "[" * 100_000,
+        "[]",
+        json.dumps({"vm": "vm-a"}),
+        *(
+            json.dumps(good | change)
+            for change in (
+                {"principal": 7},
+                {"principal": ""},
+                {"groups": "group:ops"},
+                {"amr": [1]},
+                {"expires": "soon"},
+                {"expires": True},
+                {"mode": "write"},
+            )
+        ),
+        json.dumps(good).replace("null", "Infinity"),
+        json.dumps(good).replace("null", "NaN"),
+    ]
+    store = ClusterStore(redis_server.url, gateway_id="intruder", prefix=key_prefix("test"))
+    limits = {"auth_failures_per_minute": 100}  # each refusal is one
+    async with serving(cluster_config("gw-1", far_end.port, limits=limits)) as gateway:
+        await until(lambda: "vm-a" in gateway.hubs, gateway)
+        url = f"wss://localhost:{gateway.tls_port}/v1/vms/vm-a/console"
+        try:
+            for i, payload in enumerate(payloads):
+                ticket = f"forged-ticket-{i}"
+                assert await store.put_ticket(ticket, payload, 30)  # type: ignore[arg-type]
+                with capture_logs() as logs:
+                    got = await refused_upgrade(f"{url}?ticket={ticket}", ctx)
+                assert got == (401, "invalid_ticket"), payload
+                assert ticket not in repr(logs)
+            assert await store.put_ticket("real-one", json.dumps(good), 30)
+        finally:
+            await store.close()
+        async with console(gateway, ctx, "", "ticket=real-one") as c:
+            assert c.hello["role"] == "writer"
