@@ -243,9 +243,12 @@ class ForwardedSession:
             if not isinstance(items, tuple) or not all(isinstance(i, str) for i in items):
                 raise ValueError(f"{name} must be a tuple of strings")
         if self.expires is not None and (
-            isinstance(self.expires, bool) or not isinstance(self.expires, int) or self.expires < 0
+            isinstance(self.expires, bool)
+            or not isinstance(self.expires, int)
+            or not 0 <= self.expires <= MAX_OFFSET
         ):
-            raise ValueError("expires must be whole seconds since the epoch, or None")
+            # Bounded as the parser bounds it: what is encoded is always accepted.
+            raise ValueError(f"expires must be whole seconds 0..{MAX_OFFSET}, or None")
         for name, ms in (("age_ms", self.age_ms), ("idle_ms", self.idle_ms)):
             if ms is not None and (
                 isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= MAX_OFFSET

@@ -1875,3 +1875,18 @@ async def test_a_ticket_payload_no_gateway_wrote_is_refused_as_a_bad_ticket(
             await store.close()
         async with console(gateway, ctx, "", "ticket=real-one") as c:
             assert c.hello["role"] == "writer"
+
+
+async def test_a_token_that_expires_past_2_63_seconds_is_relayed_like_any(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A valid token whose `exp` is past what `Relayd-Forwarded-Expires` carries (19
+    digits) opens a relayed console as it opens a direct one: the relaying gateway caps the
+    expiry it forwards (no earlier end: it is billions of years away). Before, it sent 20
+    digits and the owner refused the forwarded upgrade with 400."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    token = _mint(gateway_pki)("alice", ttl=2**64)
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        for gateway in (owner, other):
+            async with console(gateway, ctx, token) as c:
+                assert c.hello["role"] == "writer"
