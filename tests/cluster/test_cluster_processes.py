@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import trustme
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from relayd.cluster.store import DEFAULT_RESERVE_AHEAD
@@ -189,6 +190,65 @@ async def test_hashed_balancer_in_http_mode_serves_every_vm(
                 assert console.hello["vm"] == vm
                 region.ends[vm].emit(f"\r\nhashed-{vm}\r\n".encode())
                 await console.expect(f"hashed-{vm}".encode())
+    finally:
+        await hashed.stop()
+
+
+async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_are_refused(
+    region: Region, ca: trustme.CA, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """HAProxy in HTTP mode re-encrypting to the gateways with a client certificate from
+    the gateways' CA (its own server certificate, serverAuth and clientAuth) passes every
+    client's headers on. A client without any credential sends the headers a gateway sends
+    for a session it admitted, naming an owner: each gateway refuses it 403, as it would
+    from the client directly. Before, the balancer's certificate made it a peer link and
+    the client had the console as that owner."""
+    await region.wait_settled()
+    frontend = ca.issue_cert("localhost", "127.0.0.1")
+    pem = tmp_path / "lb.pem"
+    frontend.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    backend = ca.issue_cert("localhost", common_name="balancer")
+    client_pem = tmp_path / "lb-client.pem"
+    backend.private_key_and_cert_chain_pem.write_to_path(str(client_pem))
+    front = ("127.0.0.1", free_port("127.0.0.1"))
+    hashed = Haproxy(
+        tmp_path / "hashed",
+        hashed_haproxy_config(
+            frontend=f"{front[0]}:{front[1]}",
+            pem=pem,
+            ca=pki["ca"],
+            servers={g.gateway_id: (g.host, g.tls_port, g.health_port) for g in region.gateways},
+            client_pem=client_pem,
+        ),
+    )
+    forged = {
+        "Relayd-Forwarded-Version": "1",
+        "Relayd-Forwarded-Principal": "user%3Aolga",
+        "Relayd-Forwarded-Role": "owner",
+        "Relayd-Forwarded-Mode": "interactive",
+        "Relayd-Forwarded-For": "203.0.113.7",
+        "Relayd-Forwarded-Session": "f0f0f0f0f0f0f0f0",
+    }
+
+    async def status(vm: str) -> int:
+        try:
+            async with connect(
+                f"wss://{front[0]}:{front[1]}/v1/vms/{vm}/console",
+                ssl=region.ctx,
+                server_hostname="localhost",
+                subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+                additional_headers=forged,
+                open_timeout=TIMEOUT,
+            ):
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    await hashed.start()
+    try:
+        assert {vm: await status(vm) for vm in VM_IDS} == dict.fromkeys(VM_IDS, 403)
+        async with region.console(front, "vm-0") as console:  # a client's own session
+            assert console.hello["role"] == "writer"
     finally:
         await hashed.stop()
 

@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relayd.app import Gateway
 from relayd.auth import issue_token
+from relayd.cluster.forwarding import ForwardedSession, encode_forwarded_request
 from relayd.cluster.ownership import Lease, preferred_owner
 from relayd.cluster.store import ClusterStore, ClusterUnavailableError, key_prefix
 from relayd.config import Config, load_config
@@ -1890,3 +1891,64 @@ async def test_a_token_that_expires_past_2_63_seconds_is_relayed_like_any(
         for gateway in (owner, other):
             async with console(gateway, ctx, token) as c:
                 assert c.hello["role"] == "writer"
+
+
+async def _status_through(
+    port: int, ctx: ssl.SSLContext, request: bytes, *, balancer: str | None = None
+) -> int:
+    """The status of one request over TLS with `ctx`'s certificate; `balancer`: sent from
+    that address with a PROXY header first, as a balancer in HTTP mode that re-encrypts to
+    the gateways with a client certificate sends every client's request."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, local_addr=(balancer, 0) if balancer else None
+    )
+    try:
+        if balancer:
+            writer.write(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n")
+        await writer.start_tls(ctx, server_hostname="localhost")
+        writer.write(request)
+        async with asyncio.timeout(TIMEOUT):
+            line = await reader.readline()
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+async def test_a_gateway_certificate_through_the_balancer_is_a_clients_connection(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A balancer that ends TLS (HTTP mode, to hash paths) and re-encrypts to the gateways
+    with a client certificate passes every client's headers on. Were that certificate one
+    peer_ca vouches for with serverAuth (its own server certificate, from the gateways'
+    private CA), any client could send Relayd-Forwarded-* headers through it and open any
+    console as anyone, token or not. A genuine peer link never comes through the balancer
+    (it dials the owner's advertise address, and a PROXY header marks the balancer's
+    connections), so one that does is a client's: its forwarded upgrade and its owners
+    question are refused 403. The same certificate straight from a gateway is honoured."""
+    lb = "127.0.0.9"
+    proxies = {"trusted_proxies": [f"{lb}/32"]}
+    async with owner_and_relay(cluster_config, far_end, gateway=proxies) as (owner, other):
+        assert other.cluster is not None
+        gateway_ctx = other.cluster.peer_ssl  # the gateway certificate, as a client's
+        forged = ForwardedSession(
+            principal="user:olga",
+            role="owner",
+            mode="interactive",
+            client_peer="203.0.113.7",
+            session_id="f0f0f0f0f0f0f0f0",
+        )
+        handshake = [
+            ("Host", "localhost"),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Protocol", "relayd.console.v1"),
+        ]
+        upgrade = encode_forwarded_request("/v1/vms/vm-a/console", handshake, forged)
+        question = http_request("POST", "/v1/cluster/owners", body=b'{"vms": ["vm-a"]}')
+        assert await _status_through(owner.tls_port, gateway_ctx, question) == 200
+        for request in (upgrade, question):
+            status = await _status_through(owner.tls_port, gateway_ctx, request, balancer=lb)
+            assert status == 403, request[:60]
+        assert await _status_through(owner.tls_port, gateway_ctx, upgrade) == 101
