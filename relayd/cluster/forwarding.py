@@ -142,7 +142,9 @@ _KNOWN = {name.lower(): name for name in (_VERSION, _PRINCIPAL, _GROUPS, _AMR, _
 _KNOWN |= {name.lower(): name for name in (_FROM, _FOR, _SESSION, _EXPIRES, _AGE, _IDLE)}
 
 _ENCODED = re.compile(r"(?:[A-Za-z0-9_.~-]|%[0-9A-F]{2})*")
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]+")
+# What api.open_console makes (secrets.token_hex), and all a session can read: it takes
+# its keepalive spread from the first hex digits.
+_SESSION_ID = re.compile(r"[0-9a-f]+")
 _OFFSET = re.compile(r"0|[1-9][0-9]{0,18}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
@@ -236,9 +238,7 @@ class ForwardedSession:
             or len(self.session_id) > MAX_SESSION_ID_LENGTH
             or not _SESSION_ID.fullmatch(self.session_id)
         ):
-            raise ValueError(
-                f"session_id must be 1-{MAX_SESSION_ID_LENGTH} characters of [A-Za-z0-9_-]"
-            )
+            raise ValueError(f"session_id must be 1-{MAX_SESSION_ID_LENGTH} lower-case hex digits")
         for name, items in (("groups", self.groups), ("amr", self.amr)):
             if not isinstance(items, tuple) or not all(isinstance(i, str) for i in items):
                 raise ValueError(f"{name} must be a tuple of strings")

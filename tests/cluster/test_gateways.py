@@ -1952,3 +1952,39 @@ async def test_a_gateway_certificate_through_the_balancer_is_a_clients_connectio
             status = await _status_through(owner.tls_port, gateway_ctx, request, balancer=lb)
             assert status == 403, request[:60]
         assert await _status_through(owner.tls_port, gateway_ctx, upgrade) == 101
+
+
+async def test_a_forwarded_session_id_the_owner_cannot_use_is_refused_before_the_upgrade(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A session id is 16 hex digits (the receiving gateway's `secrets.token_hex(8)`), and
+    a session reads its keepalive spread from them. One the forwarded format let through
+    but the session cannot read (`forged-1`) is a 400 before the 101; before, the owner
+    wrote the 101, failed to start the session, logged `request_failed` and wrote an HTTP
+    500 onto what was then a WebSocket stream."""
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        assert other.cluster is not None
+        handshake = [
+            ("Host", "localhost"),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Protocol", "relayd.console.v1"),
+        ]
+        head = encode_forwarded_request(
+            "/v1/vms/vm-a/console",
+            handshake,
+            ForwardedSession(
+                principal="user:alice",
+                role="contributor",
+                mode="interactive",
+                client_peer="203.0.113.7",
+                session_id="0123456789abcdef",
+            ),
+        )
+        forged = head.replace(b"0123456789abcdef", b"forged-1")
+        with capture_logs() as logs:
+            status = await _status_through(owner.tls_port, other.cluster.peer_ssl, forged)
+        assert status == 400
+        assert "request_failed" not in [e["event"] for e in logs]
