@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -251,6 +252,41 @@ async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_a
             assert console.hello["role"] == "writer"
     finally:
         await hashed.stop()
+
+
+async def test_no_gateway_logs_a_token_a_ticket_or_a_keystroke(region: Region) -> None:
+    """Tokens, tickets and typed text cross gateways (a ticket issued on one, redeemed
+    through another and relayed to the owner; a password typed through the relay, and
+    directly on the owner): none of it appears in any gateway's log, nor does anything
+    shaped like a JWT."""
+    owner = (await region.wait_settled())["vm-2"]
+    relay = region.others(owner)[0]
+    status, _, body = await region.request(
+        relay, "POST", "/v1/vms/vm-2/console/tickets", user="alice"
+    )
+    assert status == 201, body
+    ticket = json.loads(body)["ticket"]
+    secrets_typed = [f"hunter2-{ticket[:6]}-relayed", f"hunter2-{ticket[:6]}-direct"]
+    sessions = []
+    for target, secret in zip((relay, owner), secrets_typed, strict=True):
+        query = f"ticket={ticket}" if target is relay else ""
+        async with region.console(
+            target, "vm-2", user=None if query else "alice", query=query
+        ) as c:
+            await typed(c, secret.encode())
+            sessions.append(c.hello["session"])
+
+    async def both_ended() -> bool:
+        ended = {e.get("session_id") for e in owner.events("session_ended")}
+        return all(s in ended for s in sessions)
+
+    await poll_until(both_ended, "session_ended of both sessions", TIMEOUT, owner.running)
+    jwt_shaped = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ")
+    for gateway in region.gateways:
+        text = gateway.log_path.read_text(errors="replace")
+        for secret in (ticket, *secrets_typed):
+            assert secret not in text, (gateway.gateway_id, secret)
+        assert not jwt_shaped.search(text), gateway.gateway_id
 
 
 async def test_takeover_from_another_gateway_closes_old_writer_4001(region: Region) -> None:

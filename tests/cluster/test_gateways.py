@@ -1988,3 +1988,32 @@ async def test_a_forwarded_session_id_the_owner_cannot_use_is_refused_before_the
             status = await _status_through(owner.tls_port, other.cluster.peer_ssl, forged)
         assert status == 400
         assert "request_failed" not in [e["event"] for e in logs]
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"Relayd-Forwarded-Principal": "user%3Aolga", "Relayd-Forwarded-Role": "owner"},
+        {"Relayd-Forwarded-For": "10.9.9.9"},
+        {"Relayd-Forwarded-Age": "0", "Relayd-Forwarded-Idle": "0"},
+        {"relayd-forwarded-expires": "99999999999"},
+        {"Relayd-Forwarded-Unknown": "x"},
+    ],
+)
+async def test_a_client_sending_forwarded_headers_is_refused_on_every_gateway(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    forged: dict[str, str],
+) -> None:
+    """A client with a valid token (no gateway certificate) that adds any Relayd-Forwarded-*
+    header (another principal or role, the audited client address, a moved session's
+    clocks, an expiry, a name no version knows) is refused 403 by the owner and by the
+    gateway that would relay it: its own credentials are not enough to be believed."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    headers = {"Authorization": f"Bearer {_mint(gateway_pki)('alice')}", **forged}
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        for gateway in (owner, other):
+            url = f"wss://localhost:{gateway.tls_port}/v1/vms/vm-a/console"
+            got = await refused_upgrade(url, ctx, additional_headers=headers)
+            assert got == (403, "forbidden")
