@@ -4,12 +4,16 @@ console switches, the console-log stream, and Redis being down, frozen or restar
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relayd.cluster.ownership import Lease
 from relayd.cluster.store import (
+    LEVELS,
     SCRIPT_BYTES,
     SCRIPT_VMS,
     AppendResult,
@@ -22,6 +26,8 @@ from relayd.cluster.store import (
     SwitchesLost,
     SwitchesResync,
     SwitchEvent,
+    _channel_event,
+    _lease,
     key_prefix,
     vms_digest,
 )
@@ -683,3 +689,46 @@ async def test_store_switch_watcher_skips_any_message_and_switches_it_cannot_rea
     assert events.empty()
     await a._command("HSET", a._key("switches", "vms"), b"\xff", b"0")
     assert await b.all_switches() == {"subscriptions": {}, "scale_sets": {}, "vms": {"vm-1": False}}
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+
+
+@given(
+    st.binary(max_size=200)
+    | _JSONISH.map(lambda v: json.dumps(v).encode())
+    | st.fixed_dictionaries(
+        {"level": _JSONISH | st.sampled_from(LEVELS), "key": _JSONISH, "enabled": _JSONISH}
+    ).map(lambda v: json.dumps(v).encode())
+    | st.integers(1, 100_000).map(lambda n: b'{"ownership": ' + b"[" * n)
+)
+def test_channel_message_of_any_bytes_is_an_event_or_skipped(data: bytes) -> None:
+    """Whatever arrives on the switches channel is a well-typed event or None (skipped):
+    never an exception, which would end the watcher."""
+    event = _channel_event(data)
+    if isinstance(event, SwitchChange):
+        assert event.level in LEVELS
+        assert isinstance(event.key, str)
+        assert isinstance(event.enabled, bool)
+    else:
+        assert event is None or isinstance(event.gateway, str)
+
+
+@given(
+    st.binary(max_size=40)
+    | st.tuples(st.text(max_size=10), st.integers()).map(lambda t: f"{t[0]}:{t[1]}".encode())
+)
+def test_lease_of_any_bytes_is_a_lease_as_the_scripts_write_it_or_value_error(raw: bytes) -> None:
+    """A lease value is `<gateway>:<decimal token>` exactly, or a ValueError the store turns
+    into "no lease" (logged), never another exception."""
+    try:
+        lease = _lease(raw)
+    except ValueError:
+        return
+    assert f"{lease.gateway}:{lease.token}".encode() == raw
+    assert lease.gateway
+    assert lease.token >= 0
