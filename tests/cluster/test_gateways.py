@@ -1964,25 +1964,7 @@ async def test_a_forwarded_session_id_the_owner_cannot_use_is_refused_before_the
     500 onto what was then a WebSocket stream."""
     async with owner_and_relay(cluster_config, far_end) as (owner, other):
         assert other.cluster is not None
-        handshake = [
-            ("Host", "localhost"),
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ("Sec-WebSocket-Version", "13"),
-            ("Sec-WebSocket-Protocol", "relayd.console.v1"),
-        ]
-        head = encode_forwarded_request(
-            "/v1/vms/vm-a/console",
-            handshake,
-            ForwardedSession(
-                principal="user:alice",
-                role="contributor",
-                mode="interactive",
-                client_peer="203.0.113.7",
-                session_id="0123456789abcdef",
-            ),
-        )
+        head = _forwarded_upgrade("0123456789abcdef")
         forged = head.replace(b"0123456789abcdef", b"forged-1")
         with capture_logs() as logs:
             status = await _status_through(owner.tls_port, other.cluster.peer_ssl, forged)
@@ -2017,3 +1999,86 @@ async def test_a_client_sending_forwarded_headers_is_refused_on_every_gateway(
             url = f"wss://localhost:{gateway.tls_port}/v1/vms/vm-a/console"
             got = await refused_upgrade(url, ctx, additional_headers=headers)
             assert got == (403, "forbidden")
+
+
+def _forwarded_upgrade(session_id: str) -> bytes:
+    """A forwarded upgrade for vm-a as a gateway sends it, spectating."""
+    handshake = [
+        ("Host", "localhost"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Protocol", "relayd.console.v1"),
+    ]
+    fwd = ForwardedSession(
+        principal="user:alice",
+        role="contributor",
+        mode="spectate",
+        client_peer="203.0.113.7",
+        session_id=session_id,
+    )
+    return encode_forwarded_request("/v1/vms/vm-a/console", handshake, fwd)
+
+
+async def test_a_peer_link_dribbling_its_forwarded_upgrade_is_reset_at_the_deadline(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A gateway's connection is exempt from per-address limits, not from deadlines: one
+    that sends its forwarded upgrade a byte at a time (slowloris) is reset once
+    `handshake_timeout` has passed since it connected, bytes still arriving or not."""
+    slow = {"handshake_timeout": 0.5}
+    async with owner_and_relay(cluster_config, far_end, gateway=slow) as (owner, other):
+        assert other.cluster is not None
+        head = _forwarded_upgrade("d1d1d1d1d1d1d1d1")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", owner.tls_port, ssl=other.cluster.peer_ssl, server_hostname="localhost"
+        )
+        sent, dropped = 0, False
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while not dropped and sent < len(head):
+                    writer.write(head[sent : sent + 1])
+                    sent += 1
+                    try:
+                        await writer.drain()
+                        # The attacker's pace (a byte per 50 ms): the input, not a wait.
+                        async with asyncio.timeout(0.05):
+                            dropped = await reader.read(1) == b""
+                    except TimeoutError:
+                        continue
+                    except (ConnectionError, ssl.SSLError):
+                        dropped = True
+        finally:
+            writer.close()
+        assert dropped
+        assert sent < len(head)  # dropped mid-head, at the deadline
+
+
+async def test_many_forwarded_upgrades_at_once_from_one_peer_stop_at_the_owners_cap(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """Upgrades a gateway forwards count against the owner's own session caps, however
+    many arrive at once: with `max_sessions = 3`, eight from one peer, together, open
+    three sessions and get 429 for the rest."""
+    caps = {"max_sessions": 3}
+    async with owner_and_relay(cluster_config, far_end, limits=caps) as (owner, other):
+        assert other.cluster is not None
+        ctx = other.cluster.peer_ssl
+        links: list[asyncio.StreamWriter] = []
+
+        async def upgrade(i: int) -> int:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", owner.tls_port, ssl=ctx, server_hostname="localhost"
+            )
+            links.append(writer)
+            writer.write(_forwarded_upgrade(f"{i:016x}"))
+            async with asyncio.timeout(TIMEOUT):
+                return int((await reader.readline()).split()[1])
+
+        try:
+            statuses = await asyncio.gather(*(upgrade(i) for i in range(8)))
+        finally:
+            for writer in links:
+                writer.close()
+        assert sorted(statuses) == [101] * 3 + [429] * 5
