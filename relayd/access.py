@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import secrets
 import time
 from collections import Counter
@@ -35,10 +36,13 @@ from .errors import (
     SharedStateError,
 )
 from .http import Request
+from .log import get_logger
 from .ratelimit import KeyedLimiter
 from .rbac import Rbac
 from .switches import ConsoleSwitches, Level, scale_set_key
 from .tickets import Ticket, TicketStore
+
+log = get_logger("relayd.access")
 
 
 class SwitchSource(Protocol):
@@ -227,13 +231,15 @@ class AccessPolicy:
             raise SharedStateError(f"ticket not checked: {exc}") from None
         if raw is None:
             raise AuthError("ticket is unknown, already used or expired", code="invalid_ticket")
-        data = json.loads(raw)
-        if data["vm"] != vm_id:
+        try:
+            principal, vm, mode = _shared_ticket(raw)
+        except ValueError as exc:
+            # Not what a gateway writes (`issue_ticket`): someone else wrote the key.
+            log.warning("ticket_payload_malformed", vm=vm_id, error=str(exc))
+            raise AuthError("ticket is not usable", code="invalid_ticket") from None
+        if vm != vm_id:
             raise AuthError("ticket was issued for another vm", code="invalid_ticket")
-        principal = Principal(
-            data["principal"], tuple(data["groups"]), tuple(data["amr"]), data.get("expires")
-        )
-        return Ticket(principal, vm_id, str(data["mode"]), time.monotonic() + self.tickets.ttl)
+        return Ticket(principal, vm_id, mode, time.monotonic() + self.tickets.ttl)
 
     # -- authorization --------------------------------------------------------------------
 
@@ -363,3 +369,39 @@ class AccessPolicy:
         for limiter in (self.auth_limiter, self.conn_limiter):
             if limiter is not None:
                 limiter.prune(now)
+
+
+def _shared_ticket(raw: str) -> tuple[Principal, str, str]:
+    """(principal, VM, mode) of a region ticket's payload, exactly as `issue_ticket` writes it.
+
+    The payload comes from Redis, which any of its clients may write: anything else (a
+    field missing or of another type, an `expires` that is no finite number) would raise
+    later, in the upgrade (a 500) or a session's timers.
+
+    Raises:
+        ValueError: the payload is not such an object (the message says what is wrong).
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    principal, expires = data.get("principal"), data.get("expires")
+    groups: list[str] = data.get("groups")  # type: ignore[assignment]  # checked below
+    amr: list[str] = data.get("amr")  # type: ignore[assignment]
+    vm, mode = data.get("vm"), data.get("mode")
+    if not isinstance(principal, str) or not principal:
+        raise ValueError("principal is not a non-empty string")
+    for name, items in (("groups", groups), ("amr", amr)):
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"{name} is not a list of strings")
+    if expires is not None and (
+        isinstance(expires, bool)
+        or not isinstance(expires, int | float)
+        or not math.isfinite(expires)
+    ):
+        raise ValueError("expires is not a finite number or null")
+    if not isinstance(vm, str) or mode not in ("interactive", "spectate"):
+        raise ValueError("vm or mode is not what a gateway writes")
+    return Principal(principal, tuple(groups), tuple(amr), expires), vm, mode

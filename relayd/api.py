@@ -527,8 +527,12 @@ async def open_console(gw: ApiOwner, request: Request) -> ConsoleGrant | Forward
         groups=principal.groups,
         amr=principal.amr,
         resume_from=resume_from,
-        # Rounded up: the owner never ends a session before its credentials do.
-        expires=None if principal.expires is None else math.ceil(principal.expires),
+        # Rounded up: the owner never ends a session before its credentials do. Capped
+        # where the header's 19 digits end (billions of years away): a valid token's exp
+        # may be larger, and the owner would refuse the forwarded upgrade.
+        expires=None
+        if principal.expires is None
+        else min(math.ceil(principal.expires), MAX_OFFSET),
     )
     hub = gw.hubs.get(vm.id)
     if hub is None:

@@ -49,7 +49,7 @@ from .http import HttpResponse, Request
 from .hub import ConsoleHub
 from .keeper import keep_port
 from .linger import reset_connection
-from .listener import Listener, bind, plain_address
+from .listener import Listener, bind, is_trusted_proxy, plain_address
 from .log import get_logger
 from .sdnotify import Notifier
 from .session import ConsoleSession
@@ -111,6 +111,7 @@ class GatewayCluster:
         self.reattach_wait = 3 * cluster.lease_ttl + 2.0
         self.keepalive_interval = config.limits.keepalive_interval
         self.gateway_sources: dict[str, None] = {}  # see `saw_gateway`
+        self._proxy_warned: float | None = None  # see `gateway_certificate_from_proxy`
         limits = config.limits
         self.node = ClusterNode(
             gateway,
@@ -139,6 +140,21 @@ class GatewayCluster:
     def log(self) -> ClusterStore:
         """The shared console log."""
         return self.store
+
+    def gateway_certificate_from_proxy(self, gateway: str, proxy: str) -> None:
+        """A load balancer presented a gateway's certificate: not honoured, and the
+        operator told (at most once a minute) to give the balancer a certificate of its
+        own, not one from peer_ca with serverAuth."""
+        now = time.monotonic()
+        if self._proxy_warned is None or now - self._proxy_warned >= 60.0:
+            self._proxy_warned = now
+            log.warning(
+                "gateway_certificate_from_proxy",
+                certificate=gateway,
+                proxy=proxy,
+                hint="a trusted proxy presented a certificate peer_ca issues to gateways; "
+                "it is taken for a client's: give the balancer its own client certificate",
+            )
 
     def saw_gateway(self, address: str) -> None:
         """A verified gateway's connection came from `address` (remembered, oldest out)."""
@@ -233,8 +249,15 @@ class Gateway:
         gateway = trust.gateway_identity(ssl_object)
         user = client_cert_cn(transport) if trust.user_certificate_allowed(ssl_object) else None
         peername = transport.get_extra_info("peername")
-        if gateway is not None and isinstance(peername, tuple):
-            self.cluster.saw_gateway(plain_address(str(peername[0])))
+        address = plain_address(str(peername[0])) if isinstance(peername, tuple) else None
+        if gateway is not None and address is not None:
+            if is_trusted_proxy(self.config, address):
+                # Through the load balancer: a client's connection, whatever certificate the
+                # balancer presents for it (one re-encrypting in HTTP mode passes every
+                # client's headers on, Relayd-Forwarded-* too). Peer links dial the owner.
+                self.cluster.gateway_certificate_from_proxy(gateway, address)
+                return user, None
+            self.cluster.saw_gateway(address)
         return user, gateway
 
     def is_gateway_address(self, peer: str) -> bool:

@@ -109,6 +109,18 @@ def _split_hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), number
 
 
+def dialable_address(value: str) -> tuple[str, int]:
+    """(host, port) of a `HOST:PORT` (`[v6]:PORT`) another gateway can dial: port 1-65535.
+
+    Raises:
+        ValueError: anything else (an address read from Redis is checked with this).
+    """
+    host, port = _split_hostport(value, "address")
+    if port == 0:
+        raise ValueError("port 0 cannot be dialled")
+    return host, port
+
+
 @dataclass(frozen=True)
 class Address:
     """A host and port to listen on."""

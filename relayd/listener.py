@@ -98,6 +98,18 @@ def plain_address(text: str) -> str:
     return str(address)
 
 
+def is_trusted_proxy(config: Config, peer: str) -> bool:
+    """Whether `peer` (a TCP peer address) is in `trusted_proxies`: its connections carry
+    a PROXY header, and each is a client's that came through the load balancer."""
+    proxies = config.gateway.trusted_proxies
+    if not proxies:
+        return False
+    with contextlib.suppress(ValueError):
+        address = ipaddress.ip_address(peer)
+        return any(address in net for net in proxies)
+    return False
+
+
 def _reset(conn: socket.socket) -> None:
     """Close a refused connection with a reset: nothing is sent, nothing lingers.
 
@@ -244,13 +256,7 @@ class Listener:
         return key
 
     def _trusted(self, peer: str) -> bool:
-        proxies = self.gateway.config.gateway.trusted_proxies
-        if not proxies:
-            return False
-        with contextlib.suppress(ValueError):
-            address = ipaddress.ip_address(peer)
-            return any(address in net for net in proxies)
-        return False
+        return is_trusted_proxy(self.gateway.config, peer)
 
     async def _read_proxy_header(self, conn: socket.socket, peer: str) -> str:
         """The real client address from the PROXY header; exactly the header is consumed.

@@ -106,6 +106,8 @@ class Pki:
     server_only: Leaf  # peer CA, serverAuth only (a server certificate before peer links)
     rogue: Leaf  # other CA, serverAuth+clientAuth, CN gw-rogue
     far: Leaf  # peer CA, named gw.example.test only
+    expired: Leaf  # peer CA, serverAuth+clientAuth, CN gw-expired, expired yesterday
+    indirect: Leaf  # an intermediate under the peer CA (chain sent), both EKUs, CN gw-sub
 
 
 def issue(
@@ -114,8 +116,11 @@ def issue(
     cn: str,
     usages: Sequence[ObjectIdentifier] = BOTH,
     names: Sequence[str] = ("127.0.0.1", "localhost"),
+    *,
+    expired: bool = False,
 ) -> Leaf:
-    """A leaf signed by `ca` with exactly these extended key usages and names."""
+    """A leaf signed by `ca` with exactly these extended key usages and names (`expired`:
+    valid until yesterday); its file holds the chain up to, not including, the root."""
     ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
@@ -133,15 +138,16 @@ def issue(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(days=3 if expired else 0, hours=1))
+        .not_valid_after(now + datetime.timedelta(days=-1 if expired else 1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     leaf = Leaf(directory / f"{cn}.crt", directory / f"{cn}.key")
-    leaf.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    chain = ca.cert_pem.bytes() if ca.parent_cert is not None else b""  # an intermediate
+    leaf.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + chain)
     leaf.key.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -170,6 +176,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         server_only=issue(peer_ca, d, "gw-old", server),
         rogue=issue(other_ca, d, "gw-rogue"),
         far=issue(peer_ca, d, "gw-far", names=["gw.example.test"]),
+        expired=issue(peer_ca, d, "gw-expired", expired=True),
+        indirect=issue(peer_ca.create_child_ca(), d, "gw-sub"),
     )
 
 
@@ -492,11 +500,12 @@ async def test_open_peer_owner_certificate_for_other_name_is_refused(pki: Pki) -
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
-@pytest.mark.parametrize("leaf_name", ["rogue", "server_only"])
+@pytest.mark.parametrize("leaf_name", ["rogue", "server_only", "expired"])
 async def test_peer_link_unacceptable_client_certificate_is_refused_by_owner(
     pki: Pki, version: Version, leaf_name: str
 ) -> None:
-    """A certificate from another CA, or one without clientAuth, fails the owner's handshake."""
+    """A certificate from another CA, one without clientAuth, or an expired one from the
+    peer CA fails the owner's handshake."""
     leaf = getattr(pki, leaf_name)
     async with Owner(pki, max_version=version) as owner:
         with pytest.raises(PeerLinkError):
@@ -532,6 +541,16 @@ async def test_gateway_identity_client_auth_only_certificate_from_peer_ca_is_not
         assert await identify(owner, pki.user, pki) == (None, True)
         assert await identify(owner, pki.receiver, pki) == ("gw-recv", False)
         assert await identify(owner, None, pki) == (None, False)
+
+
+async def test_gateway_identity_certificate_from_an_intermediate_is_not_a_gateway(
+    pki: Pki,
+) -> None:
+    """A certificate with both EKUs that verifies through an intermediate under the peer CA
+    (its chain sent) passes TLS, but only one issued directly by a peer_ca certificate is a
+    gateway's: an intermediate (a sub-CA for other uses) issues no gateways unless listed."""
+    async with Owner(pki, client_ca=pki.peer_ca) as owner:
+        assert await identify(owner, pki.indirect, pki) == (None, False)
 
 
 async def test_user_certificate_allowed_without_client_ca_is_false(pki: Pki) -> None:

@@ -142,7 +142,9 @@ _KNOWN = {name.lower(): name for name in (_VERSION, _PRINCIPAL, _GROUPS, _AMR, _
 _KNOWN |= {name.lower(): name for name in (_FROM, _FOR, _SESSION, _EXPIRES, _AGE, _IDLE)}
 
 _ENCODED = re.compile(r"(?:[A-Za-z0-9_.~-]|%[0-9A-F]{2})*")
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]+")
+# What api.open_console makes (secrets.token_hex), and all a session can read: it takes
+# its keepalive spread from the first hex digits.
+_SESSION_ID = re.compile(r"[0-9a-f]+")
 _OFFSET = re.compile(r"0|[1-9][0-9]{0,18}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
@@ -236,16 +238,17 @@ class ForwardedSession:
             or len(self.session_id) > MAX_SESSION_ID_LENGTH
             or not _SESSION_ID.fullmatch(self.session_id)
         ):
-            raise ValueError(
-                f"session_id must be 1-{MAX_SESSION_ID_LENGTH} characters of [A-Za-z0-9_-]"
-            )
+            raise ValueError(f"session_id must be 1-{MAX_SESSION_ID_LENGTH} lower-case hex digits")
         for name, items in (("groups", self.groups), ("amr", self.amr)):
             if not isinstance(items, tuple) or not all(isinstance(i, str) for i in items):
                 raise ValueError(f"{name} must be a tuple of strings")
         if self.expires is not None and (
-            isinstance(self.expires, bool) or not isinstance(self.expires, int) or self.expires < 0
+            isinstance(self.expires, bool)
+            or not isinstance(self.expires, int)
+            or not 0 <= self.expires <= MAX_OFFSET
         ):
-            raise ValueError("expires must be whole seconds since the epoch, or None")
+            # Bounded as the parser bounds it: what is encoded is always accepted.
+            raise ValueError(f"expires must be whole seconds 0..{MAX_OFFSET}, or None")
         for name, ms in (("age_ms", self.age_ms), ("idle_ms", self.idle_ms)):
             if ms is not None and (
                 isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= MAX_OFFSET

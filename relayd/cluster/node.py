@@ -761,9 +761,17 @@ class ClusterNode:
         if vm is None:
             await self.store.release(vm_id, token)
             return
-        start, end = await self.store.bounds(vm_id)
-        # Past anything a previous owner may have handed out unstored (see resume_point).
-        point = await self.store.resume_point(vm_id)
+        try:
+            start, end = await self.store.bounds(vm_id)
+            # Past anything a previous owner may have handed out unstored (see resume_point).
+            point = await self.store.resume_point(vm_id)
+        except ValueError as exc:
+            # Marks no gateway wrote (numbers are all the scripts write): no offset is safe
+            # to start at. Let this VM go rather than raise out of the round, which would
+            # end the node and every other console with it; an operator must mend the key.
+            log.error("cluster_vm_log_unreadable", vm=vm_id, error=str(exc)[:200])
+            await self.store.release(vm_id, token)
+            return
         if not await self.store.reserve(vm_id, token, point + self.store.reserve_ahead):
             return  # taken from us already: the next round says so
         history: tuple[int, bytes] = (point, b"")

@@ -60,7 +60,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -72,7 +74,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from ..config import Config
+from ..config import Config, dialable_address
 from ..errors import ClusterUnavailableError
 from ..log import get_logger
 from .ownership import Lease
@@ -110,6 +112,7 @@ SCRIPT_BYTES = 1 << 20
 _CACHE_ENTRIES = 1 << 16  # encoded keys and parsed leases remembered (then started afresh)
 _RECONNECT_MIN = 0.1
 _RECONNECT_MAX = 2.0
+MESSAGE_LOG_INTERVAL = 30.0
 
 
 def key_prefix(region: str) -> str:
@@ -505,11 +508,55 @@ class OwnershipNews:
 SwitchEvent = SwitchChange | SwitchesResync | SwitchesLost | OwnershipNews
 
 
-def _lease(raw: bytes | None) -> Lease | None:
-    if raw is None:
-        return None
-    gateway, _, token = raw.decode().rpartition(":")
-    return Lease(gateway, int(token))
+# A lease as `_CLAIM` and `_RENEW` write it: "<gateway>:<token>", the token in decimal.
+_LEASE = re.compile(rb"(.+):(0|[1-9][0-9]{0,18})", re.DOTALL)
+
+
+def _lease(raw: bytes) -> Lease:
+    """A lease value as the scripts write it.
+
+    Raises:
+        ValueError: anything else (not UTF-8, no gateway, a token that is no decimal number).
+    """
+    match = _LEASE.fullmatch(raw)
+    if match is None:
+        raise ValueError("not <gateway>:<token>")
+    return Lease(match[1].decode(), int(match[2]))
+
+
+class _Malformed:
+    """Values in Redis that no gateway of this version wrote, each logged once.
+
+    Redis holds what any of its clients wrote (another version, an operator's
+    command, a bad restore). A gateway skips such a value rather than raise out of
+    an ownership round, which would end its node and with it the gateway.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, bytes]] = set()
+        self.messages_skipped = 0
+        self._message_logged: float | None = None
+
+    def skip(self, key: str, raw: bytes, why: str) -> None:
+        if (key, raw) in self._seen:
+            return
+        if len(self._seen) >= _CACHE_ENTRIES:
+            self._seen.clear()
+        self._seen.add((key, raw))
+        log.warning("cluster_malformed_state", key=key, value=repr(raw[:64]), error=why)
+
+    def skip_message(self, raw: bytes) -> None:
+        """A channel message this version cannot read (one a newer version may send):
+        logged at most every `MESSAGE_LOG_INTERVAL`, so a flood of them is no log flood."""
+        self.messages_skipped += 1
+        now = time.monotonic()
+        if self._message_logged is None or now - self._message_logged >= MESSAGE_LOG_INTERVAL:
+            self._message_logged = now
+            log.warning(
+                "cluster_channel_message_skipped",
+                skipped=self.messages_skipped,
+                value=repr(raw[:64]),
+            )
 
 
 # --- the store -----------------------------------------------------------------------------
@@ -548,7 +595,8 @@ class ClusterStore:
         self.entry_bytes = max(1, min(entry_bytes, console_log_bytes))
         self.reserve_ahead = reserve_ahead
         self._keys_of: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
-        self._leases_seen: dict[bytes, Lease | None] = {}
+        self._leases_seen: dict[bytes, Lease] = {}
+        self._malformed = _Malformed()
         self.url = url
         self._redis: Redis = self._client(url)
         self.switch_watch_up = False  # the switch watcher is subscribed right now
@@ -678,7 +726,7 @@ class ClusterStore:
         """
         async with self._deadline("heartbeat"):
             (dataset,) = await self._pipeline([self._heartbeat_call(advertise, vms_digest)])
-        return bytes(dataset).decode()
+        return bytes(dataset).decode(errors="backslashreplace")
 
     async def leave(self) -> None:
         """Remove this gateway's heartbeat at once (clean shutdown)."""
@@ -689,7 +737,7 @@ class ClusterStore:
         """Every gateway with a heartbeat, with its advertise address."""
         async with self._deadline("live_gateways"):
             (flat,) = await self._pipeline([self._live_call()])
-        return _gateways(flat)[0]
+        return self._gateways(flat)[0]
 
     async def id_live_elsewhere(self, advertise: str) -> str | None:
         """Where another gateway with this gateway's id is live, if it is (None if not).
@@ -737,15 +785,39 @@ class ClusterStore:
             calls.append(_Call(None, (), ("MGET", *(self._vm_keys(vm)[0] for vm in vm_list))))
         async with self._deadline("observe"):
             results = await self._pipeline(calls)
-        dataset = bytes(results.pop(0)).decode()
+        # Only ever compared: any bytes will do (one no gateway wrote must not raise).
+        dataset = bytes(results.pop(0)).decode(errors="backslashreplace")
         leases = results[1] if vm_list else []
-        live, lists = _gateways(results[0])
+        live, lists = self._gateways(results[0])
         return RoundState(
             dataset=dataset,
             live=live,
-            holders={vm: self._parse_lease(raw) for vm, raw in zip(vm_list, leases, strict=True)},
+            holders={
+                vm: self._parse_lease(vm, raw) for vm, raw in zip(vm_list, leases, strict=True)
+            },
             vm_lists=lists,
         )
+
+    def _gateways(self, flat: Sequence[bytes]) -> tuple[dict[str, str], dict[str, str]]:
+        """`_LIVE`'s answer: (gateway -> advertise address, gateway -> VM ids digest).
+
+        A gateway whose id or address is not what a gateway writes (an address no other
+        gateway could dial) is left out, logged once: routing to it could only fail.
+        """
+        live: dict[str, str] = {}
+        lists: dict[str, str] = {}
+        for i in range(0, len(flat), 3):
+            raw_id, raw_address = bytes(flat[i]), bytes(flat[i + 1])
+            try:
+                gateway, address = raw_id.decode(), raw_address.decode()
+                dialable_address(address)
+            except ValueError as exc:  # UnicodeDecodeError is one
+                key = self._key("gw", raw_id.decode(errors="backslashreplace"))
+                self._malformed.skip(key, raw_address, str(exc))
+                continue
+            live[gateway] = address
+            lists[gateway] = bytes(flat[i + 2]).decode(errors="replace")
+        return live, lists
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -768,15 +840,24 @@ class ClusterStore:
             )
         return keys
 
-    def _parse_lease(self, raw: bytes | None) -> Lease | None:
-        """`_lease`, remembered: a round reads the same few thousand leases each time."""
+    def _parse_lease(self, vm: str, raw: bytes | None) -> Lease | None:
+        """`_lease`, remembered: a round reads the same few thousand leases each time.
+
+        A malformed value reads as no lease (logged once): the VM is never claimed over
+        it (a claim needs the key gone), and a holder whose lease it replaced loses it.
+        """
         if raw is None:
             return None
         lease = self._leases_seen.get(raw)
         if lease is None:
+            try:
+                lease = _lease(raw)
+            except ValueError as exc:
+                self._malformed.skip(self._key("lease", vm), raw, str(exc))
+                return None
             if len(self._leases_seen) >= _CACHE_ENTRIES:
                 self._leases_seen.clear()
-            lease = self._leases_seen[raw] = _lease(raw)
+            self._leases_seen[raw] = lease
         return lease
 
     async def claim(self, vm: str, floor: int = 0) -> int | None:
@@ -843,7 +924,7 @@ class ClusterStore:
             return {}
         async with self._deadline("holders"):
             raw = await self._command("MGET", *(self._vm_keys(vm)[0] for vm in vm_list))
-        return {vm: self._parse_lease(r) for vm, r in zip(vm_list, raw, strict=True)}
+        return {vm: self._parse_lease(vm, r) for vm, r in zip(vm_list, raw, strict=True)}
 
     # -- tickets --------------------------------------------------------------------------
 
@@ -868,7 +949,8 @@ class ClusterStore:
         """
         async with self._deadline("take_ticket"):
             raw = await self._command("GETDEL", self._ticket_key(ticket_id))
-        return None if raw is None else bytes(raw).decode()
+        # Not UTF-8 (no gateway wrote it) becomes a payload the redeemer refuses.
+        return None if raw is None else bytes(raw).decode(errors="replace")
 
     # -- console switches -----------------------------------------------------------------
 
@@ -897,10 +979,15 @@ class ClusterStore:
         calls = [_Call(None, (), ("HGETALL", self._key("switches", level))) for level in LEVELS]
         async with self._deadline("all_switches"):
             results = await self._pipeline(calls)
-        return {
-            level: {bytes(k).decode(): v == b"1" for k, v in _hash_items(raw)}
-            for level, raw in zip(LEVELS, results, strict=True)
-        }
+        switches: dict[Level, dict[str, bool]] = {}
+        for level, raw in zip(LEVELS, results, strict=True):
+            switches[level] = {}
+            for k, v in _hash_items(raw):
+                try:
+                    switches[level][bytes(k).decode()] = v == b"1"
+                except UnicodeDecodeError:  # no gateway wrote it: no configured name matches
+                    self._malformed.skip(self._key("switches", level), bytes(k), "not UTF-8")
+        return switches
 
     async def watch_switches(
         self, on_event: Callable[[SwitchEvent], None], *, ping_interval: float = 1.0
@@ -964,6 +1051,8 @@ class ClusterStore:
                     event = _channel_event(message["data"])
                     if event is not None:
                         on_event(event)
+                    else:
+                        self._malformed.skip_message(bytes(message["data"]))
         finally:
             await pubsub.aclose()
 
@@ -1075,17 +1164,6 @@ def _groups(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
     return (items[i : i + size] for i in range(0, len(items), size))
 
 
-def _gateways(flat: Sequence[bytes]) -> tuple[dict[str, str], dict[str, str]]:
-    """`_LIVE`'s answer: (gateway -> advertise address, gateway -> VM ids digest)."""
-    live: dict[str, str] = {}
-    lists: dict[str, str] = {}
-    for i in range(0, len(flat), 3):
-        gateway = bytes(flat[i]).decode()
-        live[gateway] = bytes(flat[i + 1]).decode()
-        lists[gateway] = bytes(flat[i + 2]).decode()
-    return live, lists
-
-
 def vms_digest(vm_ids: Iterable[str]) -> str:
     """A short digest of a set of VM ids: equal for equal sets, in any order."""
     joined = "\n".join(sorted(vm_ids)).encode()
@@ -1106,7 +1184,9 @@ def _channel_event(data: Any) -> SwitchChange | OwnershipNews | None:
         if isinstance(msg, dict) and isinstance(msg.get("ownership"), str):
             return OwnershipNews(msg["ownership"])
         level, key, enabled = msg["level"], msg["key"], msg["enabled"]
-    except (ValueError, TypeError, KeyError):
+    # RecursionError: "[[[[..." nested too deep for the parser; anyone who may PUBLISH
+    # could send it, and raised here it would end the watcher (and the node with it).
+    except (ValueError, TypeError, KeyError, RecursionError):
         return None
     if level not in LEVELS or not isinstance(key, str) or not isinstance(enabled, bool):
         return None

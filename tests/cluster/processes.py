@@ -600,13 +600,15 @@ def hashed_haproxy_config(
     ca: Path,
     servers: Mapping[str, tuple[str, int, int]],
     source: str = LB_SOURCE,
+    client_pem: Path | None = None,
 ) -> str:
     """HAProxy hashing each console's path to one gateway, which needs HTTP mode.
 
     HAProxy can read the path only with TLS ended at HAProxy (`pem`: its
     certificate and key) and started again to each gateway (verified against
-    `ca`). docs/operations.md says why the operators' config does not do this;
-    it still must work, with forwarding covering what the hash gets wrong.
+    `ca`; `client_pem`: presenting that certificate to them). docs/operations.md
+    says why the operators' config does not do this; it still must work, with
+    forwarding covering what the hash gets wrong.
     """
     (health,) = {health for _, _, health in servers.values()}
     return "\n".join(
@@ -628,7 +630,8 @@ def hashed_haproxy_config(
             "    option httpchk GET /readyz",
             f"    default-server check no-check-ssl port {health} inter 1s fall 2 rise 2"
             " on-marked-down shutdown-sessions send-proxy-v2"
-            f" ssl verify required ca-file {ca} sni str(localhost) alpn http/1.1",
+            f" ssl verify required ca-file {ca} sni str(localhost) alpn http/1.1"
+            + (f" crt {client_pem}" if client_pem else ""),
             *(
                 f"    server {name} {host}:{port} source {source}"
                 for name, (host, port, _) in servers.items()

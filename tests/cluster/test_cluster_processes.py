@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import trustme
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relayd.cluster.store import DEFAULT_RESERVE_AHEAD
@@ -191,6 +193,100 @@ async def test_hashed_balancer_in_http_mode_serves_every_vm(
                 await console.expect(f"hashed-{vm}".encode())
     finally:
         await hashed.stop()
+
+
+async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_are_refused(
+    region: Region, ca: trustme.CA, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """HAProxy in HTTP mode re-encrypting to the gateways with a client certificate from
+    the gateways' CA (its own server certificate, serverAuth and clientAuth) passes every
+    client's headers on. A client without any credential sends the headers a gateway sends
+    for a session it admitted, naming an owner: each gateway refuses it 403, as it would
+    from the client directly. Before, the balancer's certificate made it a peer link and
+    the client had the console as that owner."""
+    await region.wait_settled()
+    frontend = ca.issue_cert("localhost", "127.0.0.1")
+    pem = tmp_path / "lb.pem"
+    frontend.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    backend = ca.issue_cert("localhost", common_name="balancer")
+    client_pem = tmp_path / "lb-client.pem"
+    backend.private_key_and_cert_chain_pem.write_to_path(str(client_pem))
+    front = ("127.0.0.1", free_port("127.0.0.1"))
+    hashed = Haproxy(
+        tmp_path / "hashed",
+        hashed_haproxy_config(
+            frontend=f"{front[0]}:{front[1]}",
+            pem=pem,
+            ca=pki["ca"],
+            servers={g.gateway_id: (g.host, g.tls_port, g.health_port) for g in region.gateways},
+            client_pem=client_pem,
+        ),
+    )
+    forged = {
+        "Relayd-Forwarded-Version": "1",
+        "Relayd-Forwarded-Principal": "user%3Aolga",
+        "Relayd-Forwarded-Role": "owner",
+        "Relayd-Forwarded-Mode": "interactive",
+        "Relayd-Forwarded-For": "203.0.113.7",
+        "Relayd-Forwarded-Session": "f0f0f0f0f0f0f0f0",
+    }
+
+    async def status(vm: str) -> int:
+        try:
+            async with connect(
+                f"wss://{front[0]}:{front[1]}/v1/vms/{vm}/console",
+                ssl=region.ctx,
+                server_hostname="localhost",
+                subprotocols=["relayd.console.v1"],  # type: ignore[list-item]
+                additional_headers=forged,
+                open_timeout=TIMEOUT,
+            ):
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    await hashed.start()
+    try:
+        assert {vm: await status(vm) for vm in VM_IDS} == dict.fromkeys(VM_IDS, 403)
+        async with region.console(front, "vm-0") as console:  # a client's own session
+            assert console.hello["role"] == "writer"
+    finally:
+        await hashed.stop()
+
+
+async def test_no_gateway_logs_a_token_a_ticket_or_a_keystroke(region: Region) -> None:
+    """Tokens, tickets and typed text cross gateways (a ticket issued on one, redeemed
+    through another and relayed to the owner; a password typed through the relay, and
+    directly on the owner): none of it appears in any gateway's log, nor does anything
+    shaped like a JWT."""
+    owner = (await region.wait_settled())["vm-2"]
+    relay = region.others(owner)[0]
+    status, _, body = await region.request(
+        relay, "POST", "/v1/vms/vm-2/console/tickets", user="alice"
+    )
+    assert status == 201, body
+    ticket = json.loads(body)["ticket"]
+    secrets_typed = [f"hunter2-{ticket[:6]}-relayed", f"hunter2-{ticket[:6]}-direct"]
+    sessions = []
+    for target, secret in zip((relay, owner), secrets_typed, strict=True):
+        query = f"ticket={ticket}" if target is relay else ""
+        async with region.console(
+            target, "vm-2", user=None if query else "alice", query=query
+        ) as c:
+            await typed(c, secret.encode())
+            sessions.append(c.hello["session"])
+
+    async def both_ended() -> bool:
+        ended = {e.get("session_id") for e in owner.events("session_ended")}
+        return all(s in ended for s in sessions)
+
+    await poll_until(both_ended, "session_ended of both sessions", TIMEOUT, owner.running)
+    jwt_shaped = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ")
+    for gateway in region.gateways:
+        text = gateway.log_path.read_text(errors="replace")
+        for secret in (ticket, *secrets_typed):
+            assert secret not in text, (gateway.gateway_id, secret)
+        assert not jwt_shaped.search(text), gateway.gateway_id
 
 
 async def test_takeover_from_another_gateway_closes_old_writer_4001(region: Region) -> None:

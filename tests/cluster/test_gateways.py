@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relayd.app import PORTS_TRIED_TIMEOUT, Gateway
 from relayd.auth import issue_token
+from relayd.cluster.forwarding import ForwardedSession, encode_forwarded_request
 from relayd.cluster.ownership import Lease, preferred_owner
 from relayd.cluster.store import ClusterStore, ClusterUnavailableError, key_prefix
 from relayd.config import Config, load_config
@@ -1905,3 +1906,269 @@ async def test_a_relaying_gateway_counts_the_sessions_it_relays_in_its_caps(
         assert relayed() == 0
         assert len(relaying.sessions) == 2
         assert await refused(users[0]) == (429, "session_limit")
+
+
+async def test_a_ticket_payload_no_gateway_wrote_is_refused_as_a_bad_ticket(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """A ticket's payload comes from Redis, where anything may have written it: one that is
+    not the JSON object a gateway writes (not UTF-8, not JSON, fields missing or of the
+    wrong type, an `expires` that is no finite number) is refused 401 `invalid_ticket`,
+    logged without the ticket, never a 500; a real ticket is served after them."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    good = {
+        "principal": "user:alice",
+        "groups": [],
+        "amr": [],
+        "expires": None,
+        "vm": "vm-a",
+        "mode": "interactive",
+    }
+    payloads: list[str | bytes] = [
+        b"\xff\xfe",
+        "not json",
+        "[" * 100_000,
+        "[]",
+        json.dumps({"vm": "vm-a"}),
+        *(
+            json.dumps(good | change)
+            for change in (
+                {"principal": 7},
+                {"principal": ""},
+                {"groups": "group:ops"},
+                {"amr": [1]},
+                {"expires": "soon"},
+                {"expires": True},
+                {"mode": "write"},
+            )
+        ),
+        json.dumps(good).replace("null", "Infinity"),
+        json.dumps(good).replace("null", "NaN"),
+    ]
+    store = ClusterStore(redis_server.url, gateway_id="intruder", prefix=key_prefix("test"))
+    limits = {"auth_failures_per_minute": 100}  # each refusal is one
+    async with serving(cluster_config("gw-1", far_end.port, limits=limits)) as gateway:
+        await until(lambda: "vm-a" in gateway.hubs, gateway)
+        url = f"wss://localhost:{gateway.tls_port}/v1/vms/vm-a/console"
+        try:
+            for i, payload in enumerate(payloads):
+                ticket = f"forged-ticket-{i}"
+                assert await store.put_ticket(ticket, payload, 30)  # type: ignore[arg-type]
+                with capture_logs() as logs:
+                    got = await refused_upgrade(f"{url}?ticket={ticket}", ctx)
+                assert got == (401, "invalid_ticket"), payload
+                assert ticket not in repr(logs)
+            assert await store.put_ticket("real-one", json.dumps(good), 30)
+        finally:
+            await store.close()
+        async with console(gateway, ctx, "", "ticket=real-one") as c:
+            assert c.hello["role"] == "writer"
+
+
+async def test_a_token_that_expires_past_2_63_seconds_is_relayed_like_any(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A valid token whose `exp` is past what `Relayd-Forwarded-Expires` carries (19
+    digits) opens a relayed console as it opens a direct one: the relaying gateway caps the
+    expiry it forwards (no earlier end: it is billions of years away). Before, it sent 20
+    digits and the owner refused the forwarded upgrade with 400."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    token = _mint(gateway_pki)("alice", ttl=2**64)
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        for gateway in (owner, other):
+            async with console(gateway, ctx, token) as c:
+                assert c.hello["role"] == "writer"
+
+
+async def _status_through(
+    port: int, ctx: ssl.SSLContext, request: bytes, *, balancer: str | None = None
+) -> int:
+    """The status of one request over TLS with `ctx`'s certificate; `balancer`: sent from
+    that address with a PROXY header first, as a balancer in HTTP mode that re-encrypts to
+    the gateways with a client certificate sends every client's request."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, local_addr=(balancer, 0) if balancer else None
+    )
+    try:
+        if balancer:
+            writer.write(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n")
+        await writer.start_tls(ctx, server_hostname="localhost")
+        writer.write(request)
+        async with asyncio.timeout(TIMEOUT):
+            line = await reader.readline()
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+async def test_a_gateway_certificate_through_the_balancer_is_a_clients_connection(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A balancer that ends TLS (HTTP mode, to hash paths) and re-encrypts to the gateways
+    with a client certificate passes every client's headers on. Were that certificate one
+    peer_ca vouches for with serverAuth (its own server certificate, from the gateways'
+    private CA), any client could send Relayd-Forwarded-* headers through it and open any
+    console as anyone, token or not. A genuine peer link never comes through the balancer
+    (it dials the owner's advertise address, and a PROXY header marks the balancer's
+    connections), so one that does is a client's: its forwarded upgrade and its owners
+    question are refused 403. The same certificate straight from a gateway is honoured."""
+    lb = "127.0.0.9"
+    proxies = {"trusted_proxies": [f"{lb}/32"]}
+    async with owner_and_relay(cluster_config, far_end, gateway=proxies) as (owner, other):
+        assert other.cluster is not None
+        gateway_ctx = other.cluster.peer_ssl  # the gateway certificate, as a client's
+        forged = ForwardedSession(
+            principal="user:olga",
+            role="owner",
+            mode="interactive",
+            client_peer="203.0.113.7",
+            session_id="f0f0f0f0f0f0f0f0",
+        )
+        handshake = [
+            ("Host", "localhost"),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Protocol", "relayd.console.v1"),
+        ]
+        upgrade = encode_forwarded_request("/v1/vms/vm-a/console", handshake, forged)
+        question = http_request("POST", "/v1/cluster/owners", body=b'{"vms": ["vm-a"]}')
+        assert await _status_through(owner.tls_port, gateway_ctx, question) == 200
+        for request in (upgrade, question):
+            status = await _status_through(owner.tls_port, gateway_ctx, request, balancer=lb)
+            assert status == 403, request[:60]
+        assert await _status_through(owner.tls_port, gateway_ctx, upgrade) == 101
+
+
+async def test_a_forwarded_session_id_the_owner_cannot_use_is_refused_before_the_upgrade(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A session id is 16 hex digits (the receiving gateway's `secrets.token_hex(8)`), and
+    a session reads its keepalive spread from them. One the forwarded format let through
+    but the session cannot read (`forged-1`) is a 400 before the 101; before, the owner
+    wrote the 101, failed to start the session, logged `request_failed` and wrote an HTTP
+    500 onto what was then a WebSocket stream."""
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        assert other.cluster is not None
+        head = _forwarded_upgrade("0123456789abcdef")
+        forged = head.replace(b"0123456789abcdef", b"forged-1")
+        with capture_logs() as logs:
+            status = await _status_through(owner.tls_port, other.cluster.peer_ssl, forged)
+        assert status == 400
+        assert "request_failed" not in [e["event"] for e in logs]
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"Relayd-Forwarded-Principal": "user%3Aolga", "Relayd-Forwarded-Role": "owner"},
+        {"Relayd-Forwarded-For": "10.9.9.9"},
+        {"Relayd-Forwarded-Age": "0", "Relayd-Forwarded-Idle": "0"},
+        {"relayd-forwarded-expires": "99999999999"},
+        {"Relayd-Forwarded-Unknown": "x"},
+    ],
+)
+async def test_a_client_sending_forwarded_headers_is_refused_on_every_gateway(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    forged: dict[str, str],
+) -> None:
+    """A client with a valid token (no gateway certificate) that adds any Relayd-Forwarded-*
+    header (another principal or role, the audited client address, a moved session's
+    clocks, an expiry, a name no version knows) is refused 403 by the owner and by the
+    gateway that would relay it: its own credentials are not enough to be believed."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    headers = {"Authorization": f"Bearer {_mint(gateway_pki)('alice')}", **forged}
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        for gateway in (owner, other):
+            url = f"wss://localhost:{gateway.tls_port}/v1/vms/vm-a/console"
+            got = await refused_upgrade(url, ctx, additional_headers=headers)
+            assert got == (403, "forbidden")
+
+
+def _forwarded_upgrade(session_id: str) -> bytes:
+    """A forwarded upgrade for vm-a as a gateway sends it, spectating."""
+    handshake = [
+        ("Host", "localhost"),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Protocol", "relayd.console.v1"),
+    ]
+    fwd = ForwardedSession(
+        principal="user:alice",
+        role="contributor",
+        mode="spectate",
+        client_peer="203.0.113.7",
+        session_id=session_id,
+    )
+    return encode_forwarded_request("/v1/vms/vm-a/console", handshake, fwd)
+
+
+async def test_a_peer_link_dribbling_its_forwarded_upgrade_is_reset_at_the_deadline(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """A gateway's connection is exempt from per-address limits, not from deadlines: one
+    that sends its forwarded upgrade a byte at a time (slowloris) is reset once
+    `handshake_timeout` has passed since it connected, bytes still arriving or not."""
+    slow = {"handshake_timeout": 0.5}
+    async with owner_and_relay(cluster_config, far_end, gateway=slow) as (owner, other):
+        assert other.cluster is not None
+        head = _forwarded_upgrade("d1d1d1d1d1d1d1d1")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", owner.tls_port, ssl=other.cluster.peer_ssl, server_hostname="localhost"
+        )
+        sent, dropped = 0, False
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while not dropped and sent < len(head):
+                    writer.write(head[sent : sent + 1])
+                    sent += 1
+                    try:
+                        await writer.drain()
+                        # The attacker's pace (a byte per 50 ms): the input, not a wait.
+                        async with asyncio.timeout(0.05):
+                            dropped = await reader.read(1) == b""
+                    except TimeoutError:
+                        continue
+                    except (ConnectionError, ssl.SSLError):
+                        dropped = True
+        finally:
+            writer.close()
+        assert dropped
+        assert sent < len(head)  # dropped mid-head, at the deadline
+
+
+async def test_many_forwarded_upgrades_at_once_from_one_peer_stop_at_the_owners_cap(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """Upgrades a gateway forwards count against the owner's own session caps, however
+    many arrive at once: with `max_sessions = 3`, eight from one peer, together, open
+    three sessions and get 429 for the rest."""
+    caps = {"max_sessions": 3}
+    async with owner_and_relay(cluster_config, far_end, limits=caps) as (owner, other):
+        assert other.cluster is not None
+        ctx = other.cluster.peer_ssl
+        links: list[asyncio.StreamWriter] = []
+
+        async def upgrade(i: int) -> int:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", owner.tls_port, ssl=ctx, server_hostname="localhost"
+            )
+            links.append(writer)
+            writer.write(_forwarded_upgrade(f"{i:016x}"))
+            async with asyncio.timeout(TIMEOUT):
+                return int((await reader.readline()).split()[1])
+
+        try:
+            statuses = await asyncio.gather(*(upgrade(i) for i in range(8)))
+        finally:
+            for writer in links:
+                writer.close()
+        assert sorted(statuses) == [101] * 3 + [429] * 5

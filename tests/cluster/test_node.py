@@ -315,3 +315,66 @@ async def test_a_hand_over_waits_for_the_port_to_close_and_ships_its_last_output
     assert (await store.read("vm-a", 0, 100)).data == b"printed\nlast words\n"
     assert await store.resume_point("vm-a") == 19
     assert await store.holder("vm-a") is None
+
+
+async def test_malformed_leases_and_heartbeats_in_redis_are_skipped_and_rounds_go_on(
+    make_store: StoreFactory,
+) -> None:
+    """Redis holds what any client of it wrote: a lease or a heartbeat that no gateway of
+    this version wrote (not UTF-8, no token, a token that is no decimal number, an address
+    without a port) is logged once and skipped. The round goes on with the rest: the node
+    keeps the VM it holds, never claims a VM whose lease key is taken, and routes only to
+    gateways whose address it can dial. Before, one such value raised out of every round
+    and ended the node's task group, and so the gateway."""
+    vm_a = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
+    vm_b = VmConfig(id="vm-b", subscription="sub-1", serial="tcp://127.0.0.1:1")
+
+    class TwoVms(_PortlessGateway):
+        def configured_vms(self) -> Mapping[str, VmConfig]:
+            return {"vm-a": vm_a, "vm-b": vm_b}
+
+    store = make_store("gw-1")
+    node = _node(TwoVms(), store)
+    token = await store.claim("vm-a")
+    assert token is not None
+    node.held["vm-a"] = token
+    node.policy.claimed("vm-a", token)
+    node.outboxes["vm-a"] = Outbox("vm-a", token, MIB, node._wake.set)
+    lease_b = store._key("lease", "vm-b")
+    bad_gateways = {"gw-x": b"\xff\xfe:1", "gw-y": b"no-port", "gw-z": b"host:99999"}
+    for gw, advertise in bad_gateways.items():
+        await store._command("SET", store._key("gw", gw), advertise)
+        await store._command("SADD", store._key("gateways"), gw)
+    for value in (b"\xff\xfe:12", b"gw-2", b"gw-2:", b"gw-2:1_2", b"gw-2: 12", b"gw-2:1e3"):
+        await store._command("SET", lease_b, value)
+        with capture_logs() as logs:
+            await node.round()
+            await node.round()
+        assert node.held == {"vm-a": token}
+        assert await store._command("GET", lease_b) == value  # never claimed over
+        warned = [e for e in logs if e["event"] == "cluster_malformed_state"]
+        assert [e["key"] for e in warned if "lease" in e["key"]] == [lease_b]
+    assert node.stats.rounds == 12
+    assert set(node._live) == {"gw-1"}  # none of the undialable ones
+    assert await store.holder("vm-a") == Lease("gw-1", token)
+
+
+async def test_a_vm_whose_log_marks_in_redis_are_unreadable_is_let_go_and_rounds_go_on(
+    make_store: StoreFactory,
+) -> None:
+    """A claimed VM's hub starts where the shared log says (`logmeta`): marks that are not
+    numbers leave no safe offset to start at. The node lets that VM go (its lease released,
+    its port never opened, the error logged) and goes on; before, the ValueError raised out
+    of the round and ended the node."""
+    vm = VmConfig(id="vm-a", subscription="sub-1", serial="tcp://127.0.0.1:1")
+    store = make_store("gw-1")
+    node = _node(_OneVmGateway(vm), store)
+    node.policy.grace = 0  # claim at the first round
+    await store._command("HSET", store._key("logmeta", "vm-a"), "start", "0", "end", "x1")
+    with capture_logs() as logs:
+        await node.round()
+        await node.round()
+    assert node.stats.rounds == 2
+    assert not node.held
+    assert await store.holder("vm-a") is None
+    assert "cluster_vm_log_unreadable" in [e["event"] for e in logs]

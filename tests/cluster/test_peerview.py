@@ -108,3 +108,27 @@ def test_parse_question_refuses_an_oversized_question() -> None:
     """A question over the cap is refused before it is parsed."""
     with pytest.raises(ValueError, match="exceeds"):
         parse_question(json.dumps({"vms": ["v" * 100] * 200}).encode())
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+
+
+@given(
+    st.binary(max_size=300)
+    | _JSON.map(lambda v: json.dumps(v).encode())
+    | _JSON.map(lambda v: json.dumps({"vms": v}).encode())
+    | st.integers(min_value=1, max_value=200_000).map(lambda n: b'{"vms": ' + b"[" * n)
+)
+def test_parse_question_any_body_is_a_question_or_value_error(body: bytes) -> None:
+    """Whatever a peer link's body holds, the question is a list of strings whose answer
+    encodes, or a ValueError (the route's 400): never another exception (a 500)."""
+    try:
+        vms = parse_question(body)
+    except ValueError:
+        return
+    assert all(isinstance(vm, str) for vm in vms)
+    json.dumps(encode_answer("gw-1", 0.1, {"gw-1": "10.0.0.5:8443"}, {}, vms))

@@ -4,12 +4,16 @@ console switches, the console-log stream, and Redis being down, frozen or restar
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relayd.cluster.ownership import Lease
 from relayd.cluster.store import (
+    LEVELS,
     SCRIPT_BYTES,
     SCRIPT_VMS,
     AppendResult,
@@ -22,6 +26,8 @@ from relayd.cluster.store import (
     SwitchesLost,
     SwitchesResync,
     SwitchEvent,
+    _channel_event,
+    _lease,
     key_prefix,
     vms_digest,
 )
@@ -650,3 +656,79 @@ async def test_store_a_late_resend_after_a_settle_leaves_the_mark_settled(
     late = await a.append("vm-1", token, 0, [b"stored\n"])
     assert (late.ok, late.written, late.skipped) == (True, 0, 7)
     assert await b.resume_point("vm-1") == 7
+
+
+async def test_store_switch_watcher_skips_any_message_and_switches_it_cannot_read(
+    make_store: StoreFactory,
+) -> None:
+    """Anyone who may PUBLISH on the region's channel, or write its switch hashes, is not a
+    gateway: a message nested too deep for the JSON parser (it raised RecursionError, which
+    ended the watcher and so the node and the gateway), not UTF-8, or of the wrong shape is
+    skipped, and the next change still arrives; a switch key that is not UTF-8 is left out."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    events: asyncio.Queue[SwitchEvent] = asyncio.Queue()
+    hostile = [
+        "[" * 100_000,
+        '{"level": "vms", "key": ' + "[" * 100_000 + "}",
+        b"\xff\xfe",
+        '{"level": ["vms"], "key": "vm-1", "enabled": false}',
+        '{"level": "vms", "key": "vm-1", "enabled": 0}',
+        "9" * 5000,
+        "[]",
+    ]
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(b.watch_switches(events.put_nowait))
+        async with asyncio.timeout(5):
+            assert await events.get() == SwitchesResync()
+            for message in hostile:
+                await a._command("PUBLISH", a._key("switches"), message)
+            await a.set_switch("vms", "vm-1", False)
+            assert await events.get() == SwitchChange("vms", "vm-1", False)
+        assert not watcher.done()
+        watcher.cancel()
+    assert events.empty()
+    await a._command("HSET", a._key("switches", "vms"), b"\xff", b"0")
+    assert await b.all_switches() == {"subscriptions": {}, "scale_sets": {}, "vms": {"vm-1": False}}
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+
+
+@given(
+    st.binary(max_size=200)
+    | _JSONISH.map(lambda v: json.dumps(v).encode())
+    | st.fixed_dictionaries(
+        {"level": _JSONISH | st.sampled_from(LEVELS), "key": _JSONISH, "enabled": _JSONISH}
+    ).map(lambda v: json.dumps(v).encode())
+    | st.integers(1, 100_000).map(lambda n: b'{"ownership": ' + b"[" * n)
+)
+def test_channel_message_of_any_bytes_is_an_event_or_skipped(data: bytes) -> None:
+    """Whatever arrives on the switches channel is a well-typed event or None (skipped):
+    never an exception, which would end the watcher."""
+    event = _channel_event(data)
+    if isinstance(event, SwitchChange):
+        assert event.level in LEVELS
+        assert isinstance(event.key, str)
+        assert isinstance(event.enabled, bool)
+    else:
+        assert event is None or isinstance(event.gateway, str)
+
+
+@given(
+    st.binary(max_size=40)
+    | st.tuples(st.text(max_size=10), st.integers()).map(lambda t: f"{t[0]}:{t[1]}".encode())
+)
+def test_lease_of_any_bytes_is_a_lease_as_the_scripts_write_it_or_value_error(raw: bytes) -> None:
+    """A lease value is `<gateway>:<decimal token>` exactly, or a ValueError the store turns
+    into "no lease" (logged), never another exception."""
+    try:
+        lease = _lease(raw)
+    except ValueError:
+        return
+    assert f"{lease.gateway}:{lease.token}".encode() == raw
+    assert lease.gateway
+    assert lease.token >= 0
