@@ -691,7 +691,7 @@ class ClusterNode:
         claims = {d.vm: d.floor for d in decisions if isinstance(d, Claim)}
         for d in decisions:
             if isinstance(d, Lost):
-                log.warning("cluster_lease_lost", vm=d.vm, token=d.token)
+                log.warning("cluster_lease_lost", vm=d.vm, fence=d.token)
                 self._drop(d.vm, "this gateway no longer owns the console")
         if releases:
             await self._hand_over(
@@ -706,7 +706,7 @@ class ClusterNode:
                 if ok:
                     kept[vm_id] = renew[vm_id]
                 else:
-                    log.warning("cluster_renew_refused", vm=vm_id, token=renew[vm_id])
+                    log.warning("cluster_renew_refused", vm=vm_id, fence=renew[vm_id])
                     self._drop(vm_id, "this gateway no longer owns the console")
             self._lease_renewed(kept, sent + self.lease_ttl)
             if any((box := self.outboxes.get(vm_id)) and box.chunks for vm_id in kept):
@@ -788,7 +788,7 @@ class ClusterNode:
         self.stats.owner_changes += 1
         outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point, stats=self.stats)
         self.outboxes[vm_id] = outbox
-        log.info("cluster_vm_claimed", vm=vm_id, token=token, offset=end)
+        log.info("cluster_vm_claimed", vm=vm_id, fence=token, offset=end)
         hub = self.owner.open_hub(vm, history, outbox)
         hub.lease_renewed(expiry)
         self._hubs[vm_id] = hub
@@ -940,7 +940,7 @@ class ClusterNode:
                     self._wake.set()
             elif result.status == "fenced":
                 self.stats.fenced_appends += 1
-                log.warning("cluster_append_fenced", vm=box.vm, token=box.token)
+                log.warning("cluster_append_fenced", vm=box.vm, fence=box.token)
                 self._drop(box.vm, "this gateway no longer owns the console")
             # "lapsed": the next round re-creates the lease and wakes us (`_carry_out`).
 

@@ -122,6 +122,11 @@ async def test_region_every_vm_port_held_by_exactly_one_gateway(region: Region) 
             next(v for v in lines if v.startswith("relayd_cluster_owned_vms ")).split()[1]
         )
     assert owned == len(VM_IDS)
+    # Each claim is logged with its fencing token: the number an operator follows a
+    # VM's owners by (not a credential, so not redacted).
+    claims = {e["vm"]: e for g in region.gateways for e in g.events("cluster_vm_claimed")}
+    assert set(claims) == set(VM_IDS)
+    assert all(isinstance(e["fence"], int) and e["fence"] > 0 for e in claims.values())
 
 
 async def test_session_through_any_gateway_or_the_balancer_gets_hello_and_echo(
