@@ -184,6 +184,7 @@ class HttpConnection(asyncio.Protocol):
         self._relay: Relay | None = None
         self._here: MoveHere | None = None  # cluster: see `_take_here`
         self._relayed_session: tuple[str, str] | None = None  # see `relayed_session`
+        self._switched = False  # a 101 went out: no HTTP answer may follow
         self._cert_not_after: float | None = None
         self._http_paused = False
         self._pending = 0  # bytes received while the current request is being answered
@@ -372,6 +373,11 @@ class HttpConnection(asyncio.Protocol):
                 response = HttpResponse.error(exc)
             except Exception:  # a bug: answer 500 and log it once, never a silent close
                 log.exception("request_failed", peer=self.peer, path=request.path[:100])
+                if self._switched:
+                    # The stream is WebSocket now: HTTP bytes would be garbage to the client.
+                    if self.transport is not None:
+                        reset_connection(self.transport)
+                    return
                 response = HttpResponse.json(
                     500, {"error": "internal", "message": "internal error; see the gateway log"}
                 )
@@ -438,6 +444,7 @@ class HttpConnection(asyncio.Protocol):
             body = response.body.decode("utf-8", "replace").strip()
             raise PeerError(body or "not a valid WebSocket upgrade", code="bad_upgrade")
         self.transport.write(response.serialize())
+        self._switched = True
         leftover, _ = self._h11.trailing_data
         self._start_session(grant, bytes(leftover))
 
@@ -525,6 +532,7 @@ class HttpConnection(asyncio.Protocol):
         self._cancel_deadline()
         self._release_reading()  # before the relay, which may hold reading back itself
         self._here = grant.here
+        self._switched = True  # the relay writes the owner's 101 first
         self._relay = relay(
             transport,
             peer,

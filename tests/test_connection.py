@@ -62,6 +62,7 @@ class FakeOwner:
         self.opened: list[HttpConnection] = []
         self.closed: list[HttpConnection] = []
         self.sessions: list[ConsoleSession] = []
+        self.session_error: Exception | None = None  # raised by session_started()
         self.gone = asyncio.Event()
 
     @property
@@ -109,7 +110,9 @@ class FakeOwner:
         self.opened.append(conn)
 
     def session_started(self, session: ConsoleSession) -> None:
-        """Record the session."""
+        """Record the session (or raise the error the test set: a bug past the 101)."""
+        if self.session_error is not None:
+            raise self.session_error
         self.sessions.append(session)
 
     def connection_closed(self, conn: HttpConnection) -> None:
@@ -441,6 +444,23 @@ async def test_connection_admitted_upgrade_switches_to_a_console_session() -> No
         )
     assert [s.session_id for s in owner.sessions] == ["c0ffee0000000001"]
     assert owner.handled == []
+
+
+async def test_connection_bug_after_the_101_resets_instead_of_writing_http() -> None:
+    """A bug once the 101 is out cannot be answered with a 500: the stream is WebSocket
+    now, and HTTP bytes in it are garbage to the client. The connection is reset, and
+    the bug logged once."""
+    owner = FakeOwner()
+    owner.grant = console_grant()
+    owner.session_error = RuntimeError("a bug")
+    with capture_logs() as events:
+        async with connected(owner, tcp=True) as client:
+            await client.send(get("/v1/vms/vm-a/console", extra=UPGRADE))
+            status, _, _ = await client.response()
+            assert status == 101
+            assert await client.at_eof()
+            assert b"HTTP/1.1" not in client.buffer
+    assert [e["path"] for e in events if e["event"] == "request_failed"] == ["/v1/vms/vm-a/console"]
 
 
 async def test_connection_refused_upgrade_is_a_plain_http_error() -> None:
