@@ -948,7 +948,10 @@ class ClusterNode:
 
     def _on_switch(self, event: SwitchEvent) -> None:
         if isinstance(event, SwitchChange):
-            self.switches.setdefault(event.level, {})[event.key] = event.enabled
+            level = self.switches.setdefault(event.level, {})
+            if level.get(event.key) is event.enabled:
+                return  # a repeat (anyone may PUBLISH): no file write, no walk over sessions
+            level[event.key] = event.enabled
             self._back_up()
             self.owner.switches_changed(event)
         elif isinstance(event, SwitchesResync):

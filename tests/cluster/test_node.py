@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Collection, Mapping
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -15,6 +16,7 @@ from relayd.cluster.ownership import Lease
 from relayd.cluster.store import ClusterStore, SwitchChange
 from relayd.config import VmConfig
 from relayd.hub import ConsoleHub
+from relayd.switches import ConsoleSwitches
 
 from ..conftest import TIMEOUT
 from .conftest import RedisServer, StoreFactory
@@ -184,6 +186,47 @@ async def test_a_hand_over_whose_output_is_refused_says_what_it_did_not_store(
     assert "xxxx" not in repr(events)
     assert node.stats.unstored_bytes == 1000
     assert not node._releasing
+
+
+class _SwitchCounter(_PortlessGateway):
+    """Counts the switch changes the node passes on."""
+
+    def __init__(self) -> None:
+        self.changes = 0
+
+    def switches_changed(self, change: SwitchChange | None = None) -> None:
+        self.changes += 1
+
+
+async def test_a_switch_message_that_changes_nothing_writes_nothing(
+    make_store: StoreFactory, tmp_path: Path
+) -> None:
+    """Anyone allowed to PUBLISH on the switches channel could repeat a message in a loop:
+    one that sets a switch to the value it has costs no file write (an fsync) and no walk
+    over the sessions; a change still does both."""
+    backup = ConsoleSwitches(tmp_path)
+    gateway = _SwitchCounter()
+    node = ClusterNode(
+        gateway,
+        make_store("gw-1"),
+        gateway_id="gw-1",
+        advertise="127.0.0.1:1",
+        lease_ttl=3.0,
+        ring_bytes=MIB,
+        log_bytes=MIB,
+        backup=backup,
+    )
+    node._on_switch(SwitchChange("vms", "vm-a", False))
+    written = backup.path.stat().st_ino
+    assert gateway.changes == 1
+    for _ in range(3):
+        node._on_switch(SwitchChange("vms", "vm-a", False))
+    assert backup.path.stat().st_ino == written
+    assert gateway.changes == 1
+    node._on_switch(SwitchChange("vms", "vm-a", True))
+    assert backup.path.stat().st_ino != written
+    assert gateway.changes == 2
+    assert backup.get("vms", "vm-a") is True
 
 
 class _OneVmGateway(_PortlessGateway):
