@@ -3,7 +3,8 @@
 Start-up:
   1. build the TLS context, the authenticator and RBAC (a bad file fails here);
   2. start one hub per VM (each opens its port and keeps reconnecting);
-  3. bind the health listener, then the TLS listener;
+  3. bind the health listener; in a cluster, read the region from Redis (waiting
+     for it at most 12 s); bind the TLS listener;
   4. start the keepalive sweeper; set `ready` (systemd READY=1 goes here).
 Shutdown (SIGTERM/SIGINT, or `stop()`):
   1. draining: /readyz turns 503, new requests get 503;
@@ -507,10 +508,8 @@ class Gateway:
                 self._tg = tg
                 for hub in self.hubs.values():
                     self._start_hub(hub)
-                node_task: asyncio.Task[None] | None = None
-                if self.cluster is not None:
-                    await self._join_cluster(self.cluster)
-                    node_task = tg.create_task(self.cluster.node.run(), name="cluster")
+                # Health first: a cluster gateway may wait for Redis below, and a monitor
+                # should hear "Redis down, not ready" meanwhile, not find the port closed.
                 if gw.health_listen is not None:
                     registry = make_registry(self)
                     health_server = await loop.create_server(
@@ -520,6 +519,10 @@ class Gateway:
                         reuse_address=True,
                     )
                     self.health_port = health_server.sockets[0].getsockname()[1]
+                node_task: asyncio.Task[None] | None = None
+                if self.cluster is not None:
+                    await self._join_cluster(self.cluster)
+                    node_task = tg.create_task(self.cluster.node.run(), name="cluster")
                 self.listener = Listener(self, bind(gw.listen.host, gw.listen.port))
                 self.tls_port = self.listener.port
                 accepting = tg.create_task(self.listener.serve(), name="listener")
@@ -624,7 +627,7 @@ class Gateway:
                 if loop.time() >= deadline:
                     log.error("cluster_start_without_redis", error=str(exc))
                     return  # serve; consoles stay refused until the switches are read
-                if not waiting:  # the listeners are bound only after this: say why
+                if not waiting:  # the TLS listener is bound only after this: say why
                     waiting = True
                     log.warning(
                         "cluster_waiting_for_redis",

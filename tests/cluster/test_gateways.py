@@ -733,6 +733,33 @@ async def test_a_gateway_started_without_redis_is_not_ready_until_it_read_the_re
         await task
 
 
+async def test_a_gateway_waiting_for_redis_at_start_answers_its_health_checks(
+    cluster_config: Callable[..., Config], far_end: FarEnd, redis_server: RedisServer
+) -> None:
+    """While a starting gateway waits for Redis (up to app.PORTS_TRIED_TIMEOUT), its health
+    listener answers: /healthz says Redis is down, /readyz says why it is not ready. A
+    monitor that finds the port closed would report the gateway dead instead."""
+    await redis_server.stop()
+    waiter = LogWaiter()
+    with capture_logs(processors=[waiter]):
+        gateway = Gateway(cluster_config("gw-1", far_end.port))
+        task = asyncio.create_task(gateway.serve())
+        try:
+            await waiter.wait_for(lambda: bool(waiter.named("cluster_waiting_for_redis")))
+            assert not task.done()
+            status, body = await _health(gateway, "/healthz")
+            assert (status, json.loads(body)["redis"]) == (200, "down"), body
+            status, body = await _health(gateway, "/readyz")
+            assert status == 503, body
+            assert "listener not bound" in json.loads(body)["reasons"]
+            await redis_server.start()
+            async with asyncio.timeout(TIMEOUT):
+                await gateway.ready.wait()
+        finally:
+            gateway.stop()
+            await task
+
+
 async def test_output_a_drain_could_not_store_is_logged_and_counted(
     cluster_config: Callable[..., Config],
     gateway_pki: dict[str, Path],
