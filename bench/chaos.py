@@ -44,6 +44,7 @@ import datetime
 import json
 import random
 import re
+import shutil
 import string
 import sys
 import tempfile
@@ -650,6 +651,7 @@ async def run(
     fast_vms: int = 2,
     vms: int = 6,
     kinds: tuple[str, ...] = FAULTS,
+    users: tuple[str, ...] = USERS,
 ) -> Outcome:
     """Chaos on `region` for `seconds` (then a calm end: every client catches up)."""
     rng = random.Random(seed)
@@ -666,8 +668,8 @@ async def run(
     tasks: list[asyncio.Task[None]] = []
     for vm in names:
         tasks.append(asyncio.create_task(print_steadily(specs[vm], region.ends[vm], stop_printing)))
-        lb = StreamState(f"{vm}/lb", vm, USERS[len(streams) % len(USERS)])
-        direct = StreamState(f"{vm}/direct", vm, USERS[(len(streams) + 1) % len(USERS)])
+        lb = StreamState(f"{vm}/lb", vm, users[len(streams) % len(users)])
+        direct = StreamState(f"{vm}/direct", vm, users[(len(streams) + 1) % len(users)])
         streams += [lb, direct]
         picker = random.Random(rng.random())
         tasks.append(
@@ -757,11 +759,17 @@ async def main(args: argparse.Namespace) -> int:
                     seed=seed,
                     fast_rate=args.fast_rate,
                     kinds=tuple(args.faults),
+                    users=("rita",) if args.one_user else USERS,
                 )
             finally:
                 await stop_region(region)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            if outcome.violation_count:  # the gateways' logs, to find the cause
+                logs = RESULTS / f"chaos-{stamp}-seed{seed}-logs"
+                logs.mkdir()
+                for gateway in region.gateways:
+                    shutil.copy(gateway.log_path, logs / f"{gateway.gateway_id}.log")
         path = RESULTS / f"chaos-{stamp}-seed{seed}.json"
         path.write_text(json.dumps(outcome.__dict__, indent=2, default=str))
         print(outcome.summary())
@@ -775,5 +783,11 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--seed", type=int, nargs="+", default=[1])
     parser.add_argument("--fast-rate", type=float, default=300_000)
+    parser.add_argument(
+        "--one-user",
+        action="store_true",
+        help="every client as one user: over max_sessions_per_principal, refused (429) "
+        "reconnects load the gateways",
+    )
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
     sys.exit(asyncio.run(main(parser.parse_args())))
