@@ -137,6 +137,10 @@ class LogSink(Protocol):
     def append(self, offset: int, data: bytes) -> None:
         """Record `data`, which starts at absolute `offset`."""
 
+    def hold(self, data: bytes) -> bool:
+        """Whether to keep `data` from everyone for now (True: the sink has it, and gives
+        it back through `publish` once it may be handed out, or drops it)."""
+
 
 class ConsoleHub:
     """Everything about one VM's console that outlives client sessions."""
@@ -273,7 +277,14 @@ class ConsoleHub:
         self.broadcast(control.encode_notice("port_up" if up else "port_down", vm=self.vm.id))
 
     def publish(self, data: bytes) -> None:
-        """Record console output (log first, then ring) and hand it to every client."""
+        """Record console output (log first, then ring) and hand it to every client.
+
+        A cluster owner's sink may hold it first: an owner that was frozen past its
+        lease must not give the output an offset before it knows the lease is still
+        its own (another gateway may already hand out those offsets).
+        """
+        if self.sink is not None and self.sink.hold(data):
+            return
         self._log_append(data)
         offset = self.ring.append(data)
         if self.sink is not None:

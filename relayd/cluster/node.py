@@ -137,7 +137,13 @@ class Outbox:
         wake: Callable[[], None],
         start: int = 0,
         stats: NodeStats | None = None,
+        stalled: Callable[[], bool] | None = None,
     ) -> None:
+        """Args:
+        stats: where output let go of past `limit` is counted.
+        stalled: whether this gateway has not run a round for longer than a lease
+            (frozen): then output is held (`hold`) until a round renews the lease.
+        """
         self.vm = vm
         self.token = token
         self.end = start  # the offset after the last byte handed out (clients know it)
@@ -152,6 +158,33 @@ class Outbox:
         # byte after it was handed out (an idle VM that starts printing is fast at once).
         self._measured = (time.monotonic(), start)
         self._first_since: float | None = None
+        self._stalled = stalled
+        self.held: list[bytes] | None = None  # output kept from everyone (see `hold`)
+        self.publish: Callable[[bytes], None] | None = None  # the hub's, for `release`
+
+    def hold(self, data: bytes) -> bool:
+        """Keep output from clients while this gateway may have slept through its lease.
+
+        Frozen (SIGSTOP) past its lease, an owner wakes with the VM's output piled up
+        in the port's socket, and reads it before its round learns that another gateway
+        took the VM, from this owner's reservation mark on: handed out, the pile would
+        take offsets the new owner gives other bytes. Held, it waits for the round:
+        `release` when the lease was renewed, dropped with the outbox when it is lost.
+        """
+        if self.held is None:
+            if self._stalled is None or not self._stalled():
+                return False
+            self.held = []
+            log.warning("cluster_output_held", vm=self.vm, reason="no round for a lease period")
+        self.held.append(data)
+        return True
+
+    def release(self) -> None:
+        """The lease was renewed after a stall: hand out what `hold` kept, in order."""
+        held, self.held = self.held, None
+        if held and self.publish is not None:
+            for data in held:
+                self.publish(data)
 
     def append(self, offset: int, data: bytes) -> None:
         """Buffer output that starts at `offset` (called by the hub, never waits)."""
@@ -565,6 +598,14 @@ class ClusterNode:
         async with self._rounds_seen:
             self._rounds_seen.notify_all()
 
+    def _stalled_now(self) -> bool:
+        """Whether the last round ran more than a lease ago (see `Outbox.hold`); a
+        stall also asks for a round at once."""
+        stalled = self.policy.stalled(asyncio.get_running_loop().time())
+        if stalled:
+            self._next_round_now.set()
+        return stalled
+
     def _vms_digest(self, vms: Mapping[str, VmConfig]) -> str:
         """The configured VM ids' digest, computed again only when the config changed."""
         if self._digest_of is not vms:
@@ -709,6 +750,12 @@ class ClusterNode:
                     log.warning("cluster_renew_refused", vm=vm_id, fence=renew[vm_id])
                     self._drop(vm_id, "this gateway no longer owns the console")
             self._lease_renewed(kept, sent + self.lease_ttl)
+            for vm_id in kept:
+                box = self.outboxes.get(vm_id)
+                if box is not None and box.held is not None:
+                    # Renewed by this round, which began after the output was held: the
+                    # lease was ours all along, and the offsets are.
+                    box.release()
             if any((box := self.outboxes.get(vm_id)) and box.chunks for vm_id in kept):
                 # Output may wait for this very renewal: an append refused as "lapsed"
                 # (Redis restarted empty since the last round) is not retried by itself.
@@ -786,12 +833,21 @@ class ClusterNode:
         self._ports_closing.pop(vm_id, None)
         self.held[vm_id] = token
         self.stats.owner_changes += 1
-        outbox = Outbox(vm_id, token, self.log_bytes, self._wake.set, start=point, stats=self.stats)
+        outbox = Outbox(
+            vm_id,
+            token,
+            self.log_bytes,
+            self._wake.set,
+            start=point,
+            stats=self.stats,
+            stalled=self._stalled_now,
+        )
         self.outboxes[vm_id] = outbox
         log.info("cluster_vm_claimed", vm=vm_id, fence=token, offset=end)
         hub = self.owner.open_hub(vm, history, outbox)
         hub.lease_renewed(expiry)
         self._hubs[vm_id] = hub
+        outbox.publish = hub.publish
 
     async def _hand_over(self, vms: dict[str, int], reason: str | Mapping[str, str]) -> None:
         """Release VMs cleanly: stop their ports, ship their last output, settle, release.
