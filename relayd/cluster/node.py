@@ -150,7 +150,6 @@ class Outbox:
         self.limit = limit
         self.chunks: deque[tuple[int, bytes]] = deque()
         self.size = 0
-        self.dropped = 0
         self.ahead = 0  # how far past `end` the last `mark` reached
         self._wake = wake
         self._stats = stats  # where what the buffer lets go of is counted
@@ -196,7 +195,6 @@ class Outbox:
         while self.size > self.limit and len(self.chunks) > 1:
             _, old = self.chunks.popleft()
             self.size -= len(old)
-            self.dropped += len(old)
             if self._stats is not None:
                 self._stats.dropped_bytes += len(old)
         self._wake()
