@@ -52,6 +52,7 @@ from .keeper import keep_port
 from .linger import reset_connection
 from .listener import Listener, bind, is_trusted_proxy, plain_address
 from .log import get_logger
+from .revocation import Revocations, load_revocations
 from .sdnotify import Notifier
 from .session import ConsoleSession
 from .switches import Level
@@ -88,8 +89,27 @@ def peer_material(config: Config) -> tuple[ssl.SSLContext, PeerTrust]:
     """
     assert config.cluster is not None
     tls, peer_ca = config.tls, config.cluster.peer_ca
-    ssl_ctx = peer_client_context(tls.cert, tls.key, peer_ca, min_version=tls.min_version)
+    ssl_ctx = peer_client_context(
+        tls.cert, tls.key, peer_ca, min_version=tls.min_version, crl=tls.crl
+    )
     return ssl_ctx, PeerTrust.load(peer_ca, tls.client_ca)
+
+
+def _revocations(config: Config) -> Revocations | None:
+    """`[tls] crl`, read and checked (revocation.py); what in it will refuse certificates
+    nobody revoked (a CA without a CRL, an expired CRL) is logged, not fatal.
+
+    Raises:
+        ConfigError: the CRL (or a CA file) cannot be read, or no configured CA signed it.
+    """
+    tls = config.tls
+    if tls.crl is None:
+        return None
+    peer_ca = None if config.cluster is None else config.cluster.peer_ca
+    revocations, problems = load_revocations(tls.crl, tls.client_ca, peer_ca)
+    for problem in problems:
+        log.warning("tls_crl_problem", problem=problem)
+    return revocations
 
 
 #: `[cluster]` keys a running gateway keeps until it restarts (its place in the region).
@@ -202,6 +222,7 @@ class Gateway:
         self.config = config
         self.region = config.gateway.region
         self.ssl_context = _server_context(config)
+        self.revocations = _revocations(config)
         self.access = AccessPolicy(config)
         self.cluster: GatewayCluster | None = None
         if config.cluster is not None:
@@ -385,6 +406,31 @@ class Gateway:
             session.end_by(None)
             return
         session.end_by(time.monotonic() + (expires - time.time()))
+
+    @property
+    def crl_next_update(self) -> datetime.datetime | None:
+        """When the first CRL of `[tls] crl` expires (/metrics: renew it before then)."""
+        return None if self.revocations is None else self.revocations.next_update()
+
+    def _end_revoked(self) -> None:
+        """End the connections whose certificate the CRL now revokes (4003): OpenSSL
+        checked each only at its handshake. A gateway's peer link ends every session it
+        relays: what a revoked gateway says about its clients is no longer believed. A
+        session relayed to an owner whose certificate is revoked ends with 1001."""
+        revocations = self.revocations
+        if revocations is None:
+            return
+        for conn in list(self.connections):
+            der = conn.peer_certificate()
+            if der is not None and revocations.revokes(der):
+                log.warning("revoked_certificate_closed", peer=conn.peer, gateway=conn.gateway)
+                conn.end(control.CLOSE_FORBIDDEN, "client certificate revoked")
+                continue
+            der = conn.owner_certificate()
+            if der is not None and revocations.revokes(der):
+                # The client did nothing wrong: it reconnects, and reaches a trusted owner.
+                log.warning("revoked_owner_link_closed", peer=conn.peer, vm=conn.relayed_vm)
+                conn.end(control.CLOSE_GOING_AWAY, "the console's owner is no longer trusted")
 
     def _reauthorize_sessions(self) -> None:
         """After a reload, every live session keeps only what the new policy grants it."""
@@ -694,6 +740,7 @@ class Gateway:
         try:
             config = load_config(self.config.path)
             ssl_context = _server_context(config)
+            revocations = _revocations(config)
             authenticator = Authenticator(config.auth)
             cert_expiry = _cert_not_after(config)
             added = self._open_added_hubs(config) if self.cluster is None else {}
@@ -717,6 +764,7 @@ class Gateway:
         self.config = config
         self.region = config.gateway.region
         self.ssl_context = ssl_context
+        self.revocations = revocations
         self.access.reload(config, authenticator)
         self.cert_not_after = cert_expiry
         wanted = {vm.id: vm for vm in config.vms}
@@ -745,6 +793,7 @@ class Gateway:
                 hub.close_all(control.CLOSE_DISABLED, "serial console disabled by configuration")
         self._close_disabled_moves("serial console disabled by configuration")
         self._reauthorize_sessions()
+        self._end_revoked()
         log.info("config_reloaded", vms=len(self.hubs))
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         return True

@@ -112,6 +112,13 @@ def _check_config(path: Path, *, offline: bool = False) -> int:
     Authenticator(cfg.auth)
     if cfg.auth.allow_dev_tokens:
         print(f"relayd: warning: {cfg.path}: {DEV_TOKENS_WARNING}", file=sys.stderr)
+    if cfg.tls.crl is not None:
+        from .revocation import load_revocations
+
+        peer_ca = None if cfg.cluster is None else cfg.cluster.peer_ca
+        _, problems = load_revocations(cfg.tls.crl, cfg.tls.client_ca, peer_ca)
+        for problem in problems:
+            print(f"relayd: warning: {cfg.tls.crl}: tls.crl: {problem}", file=sys.stderr)
     # The cluster's checks first: "ok" is printed only once everything passed.
     cluster = asyncio.run(_check_cluster(cfg, offline)) if cfg.cluster is not None else None
     print(_explain(cfg))
@@ -139,7 +146,7 @@ async def _check_cluster(cfg: Config, offline: bool = False) -> str:
     cluster = cfg.cluster
     assert cluster is not None
     client_ctx = peer_client_context(
-        cfg.tls.cert, cfg.tls.key, cluster.peer_ca, min_version=cfg.tls.min_version
+        cfg.tls.cert, cfg.tls.key, cluster.peer_ca, min_version=cfg.tls.min_version, crl=cfg.tls.crl
     )
     trust = PeerTrust.load(cluster.peer_ca, cfg.tls.client_ca)
     server_ctx = server_context(cfg.tls)

@@ -229,6 +229,8 @@ class TlsConfig(_Model):
     key: Path
     min_version: Literal["1.2", "1.3"] = "1.2"
     client_ca: Path | None = None
+    # PEM CRLs of the CAs that issue client and gateway certificates (revocation.py).
+    crl: Path | None = None
 
 
 # Clock skew tolerated on `exp`/`nbf`: more keeps an expired (or revoked) token usable.
@@ -543,6 +545,12 @@ class Config(_Model):
 def _check_references(cfg: Config) -> None:
     """Cross-checks pydantic cannot express; raise with the offending key."""
     path = str(cfg.path)
+    if cfg.tls.crl is not None and cfg.tls.client_ca is None and cfg.cluster is None:
+        raise ConfigError(
+            path,
+            "tls.crl",
+            "no client certificate is verified without tls.client_ca or [cluster] peer_ca",
+        )
     subs = [s.id for s in cfg.subscriptions]
     for i, sid in enumerate(subs):
         if subs.index(sid) != i:

@@ -606,6 +606,30 @@ class HttpConnection(asyncio.Protocol):
         self._start_session(grant, leftover, moved_here=tuple(notices))
         return True
 
+    def peer_certificate(self) -> bytes | None:
+        """The client's certificate (DER), verified at the handshake; None if it had none."""
+        ssl_object = None if self.transport is None else self.transport.get_extra_info("ssl_object")
+        return None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+
+    def owner_certificate(self) -> bytes | None:
+        """The certificate (DER) of the owner a relayed session is linked to, if any."""
+        return None if self._relay is None else self._relay.owner_certificate()
+
+    @property
+    def gateway(self) -> str | None:
+        """The peer gateway this connection comes from (its certificate's name), if any."""
+        return self._gateway
+
+    def end(self, code: int, reason: str) -> None:
+        """End what this connection carries with `code`: its session here, the session it
+        relays, or its request (which has no close code to hear)."""
+        if self.session is not None:
+            self.session.close(code, reason)
+        elif self._relay is not None:
+            self._relay.end(code, reason)
+        elif self.transport is not None:
+            self.transport.close()
+
     def going_away(self, reason: str) -> None:
         """The gateway stops: a relayed session is closed with 1001 (others end with it)."""
         if self._relay is not None:

@@ -96,6 +96,10 @@ class HealthSource(Protocol):
         """The server certificate's expiry."""
 
     @property
+    def crl_next_update(self) -> datetime.datetime | None:
+        """When the first CRL of `[tls] crl` expires (None: no CRL, or none says)."""
+
+    @property
     def draining(self) -> bool:
         """True while shutting down."""
 
@@ -147,6 +151,14 @@ class GatewayCollector(Collector):
         )
         expiry.add_metric([], gw.cert_not_after.timestamp())
         yield expiry
+        crl_next_update = gw.crl_next_update
+        if crl_next_update is not None:
+            crl = GaugeMetricFamily(
+                "relayd_crl_next_update_timestamp_seconds",
+                "nextUpdate of the first CRL in [tls] crl to expire",
+            )
+            crl.add_metric([], crl_next_update.timestamp())
+            yield crl
         draining = GaugeMetricFamily("relayd_draining", "1 while shutting down")
         draining.add_metric([], 1 if gw.draining else 0)
         yield draining

@@ -126,6 +126,8 @@ HINTS = {
         "not TLS: a PROXY header from an address not in trusted_proxies (list the "
         "balancer's source address there), or a client that does not speak TLS"
     ),
+    "crl_missing": "tls.crl holds no CRL of the CA that issued the client's certificate",
+    "crl_expired": "a CRL in tls.crl is past its nextUpdate: load a fresh one (SIGHUP)",
     "proxy_header": (
         "no valid PROXY header from an address in trusted_proxies: enable send-proxy-v2 "
         "on the balancer, or take the address out of trusted_proxies (peer links and "
@@ -134,12 +136,18 @@ HINTS = {
 }
 
 
+#: OpenSSL's verify codes (X509_V_ERR_*) that `[tls] crl` brings, as handshake failure reasons.
+_VERIFY_REASONS = {3: "crl_missing", 12: "crl_expired", 23: "certificate_revoked"}
+
+
 def _reason(exc: BaseException) -> str:
     """A short, bounded label for a failed handshake (a metric label, not a message)."""
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, proxy_protocol.ProxyProtocolError):
         return "proxy_header"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "certificate_verify_failed")
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "ssl_error").lower()
         return reason if len(reason) <= 48 else "ssl_error"

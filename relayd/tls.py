@@ -2,12 +2,16 @@
 
 TLS 1.0 and 1.1 fail at the handshake (the context's minimum version), as
 do RSA key exchange and CBC suites. With `client_ca` set, a client may
-present a certificate; it is verified against that CA only.
+present a certificate; it is verified against that CA only, and against
+`crl` when one is set (revocation.py).
 """
 
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
+
+from cryptography import x509
 
 from .config import TlsConfig
 from .errors import ConfigError
@@ -45,4 +49,35 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(str(cfg.client_ca), "tls.client_ca", f"cannot load: {exc}") from None
         ctx.verify_mode = ssl.CERT_OPTIONAL
+    if cfg.crl is not None:
+        apply_crl(ctx, cfg.crl)
     return ctx
+
+
+def read_certificates(path: Path, key: str) -> tuple[x509.Certificate, ...]:
+    """The PEM certificates in a CA file (`key` names it in errors).
+
+    Raises:
+        ConfigError: the file cannot be read or holds no PEM certificate.
+    """
+    try:
+        return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
+    except FileNotFoundError:
+        raise ConfigError(str(path), key, "file not found") from None
+    except OSError as exc:
+        raise ConfigError(str(path), key, f"cannot read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(str(path), key, f"not PEM certificates: {exc}") from None
+
+
+def apply_crl(ctx: ssl.SSLContext, crl: Path) -> None:
+    """Make `ctx` refuse revoked leaf certificates (`[tls] crl`, see revocation.py).
+
+    Raises:
+        ConfigError: the file cannot be loaded.
+    """
+    try:
+        ctx.load_verify_locations(cafile=crl)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(str(crl), "tls.crl", f"cannot load: {exc}") from None
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF

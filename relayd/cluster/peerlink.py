@@ -49,7 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError, PeerLinkError
 from ..linger import reset_connection
-from ..tls import CIPHERS_TLS12
+from ..tls import CIPHERS_TLS12, apply_crl, read_certificates
 from .forwarding import parse_response_head
 
 __all__ = [
@@ -77,7 +77,12 @@ CLOSE_TIMEOUT = 10.0
 
 
 def peer_client_context(
-    cert: Path, key: Path, peer_ca: Path, *, min_version: Literal["1.2", "1.3"] = "1.2"
+    cert: Path,
+    key: Path,
+    peer_ca: Path,
+    *,
+    min_version: Literal["1.2", "1.3"] = "1.2",
+    crl: Path | None = None,
 ) -> ssl.SSLContext:
     """The context a gateway uses to reach an owner.
 
@@ -89,6 +94,7 @@ def peer_client_context(
         cert, key: the gateway's own certificate chain and key (`[tls]`).
         peer_ca: the CA file that issues gateway certificates (`[cluster]`).
         min_version: the TLS floor, as `[tls] min_version`.
+        crl: `[tls] crl`: an owner whose certificate it revokes is refused.
 
     Raises:
         ConfigError: a file cannot be loaded (the message names it and the key).
@@ -103,6 +109,8 @@ def peer_client_context(
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(str(cert), "tls.cert", f"cannot load certificate/key: {exc}") from None
     _load_cas(ctx, peer_ca)
+    if crl is not None:
+        apply_crl(ctx, crl)
     return ctx
 
 
@@ -196,18 +204,6 @@ def _load_cas(ctx: ssl.SSLContext, peer_ca: Path) -> None:
         raise ConfigError(str(peer_ca), "cluster.peer_ca", f"cannot load: {exc}") from None
 
 
-def _read_cas(path: Path, key: str) -> tuple[x509.Certificate, ...]:
-    try:
-        cas = tuple(x509.load_pem_x509_certificates(path.read_bytes()))
-    except FileNotFoundError:
-        raise ConfigError(str(path), key, "file not found") from None
-    except OSError as exc:
-        raise ConfigError(str(path), key, f"cannot read: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(str(path), key, f"not PEM certificates: {exc}") from None
-    return cas
-
-
 class PeerTrust:
     """Tells, on the owner's listener, gateway certificates from user certificates.
 
@@ -235,8 +231,8 @@ class PeerTrust:
         Raises:
             ConfigError: a file cannot be read or holds no PEM certificate.
         """
-        peer_cas = _read_cas(peer_ca, "cluster.peer_ca")
-        client_cas = None if client_ca is None else _read_cas(client_ca, "tls.client_ca")
+        peer_cas = read_certificates(peer_ca, "cluster.peer_ca")
+        client_cas = None if client_ca is None else read_certificates(client_ca, "tls.client_ca")
         return cls(peer_cas, client_cas)
 
     def gateway_identity(self, ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:

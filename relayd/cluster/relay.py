@@ -407,10 +407,22 @@ class Relay:
         The owner's session ends as its link closes; the client reconnects with
         `?from=` through another gateway.
         """
+        self.end(control.CLOSE_GOING_AWAY, reason)
+
+    def owner_certificate(self) -> bytes | None:
+        """The certificate (DER) of the owner this relay is linked to now, if any."""
+        owner = self._owner
+        if owner is None or owner.lost:
+            return None
+        ssl_object = owner.transport.get_extra_info("ssl_object")
+        return None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+
+    def end(self, code: int, reason: str) -> None:
+        """Close the client with `code` (between frames: else it is cut), and the owner's link."""
         if self._moving is not None:
             self._moving.cancel()
         if self._server.at_boundary and not self._server.closing and not self._server.broken:
-            self._send_client(_close_frame(control.CLOSE_GOING_AWAY, reason))
+            self._send_client(_close_frame(code, reason))
         self.close()
 
     def close_moving(self, code: int, reason: str) -> bool:

@@ -50,6 +50,7 @@ from ..conftest import (
     refused_upgrade,
     toml_value,
 )
+from ..crl import crl_pem
 from ..logevents import LogWaiter
 from .conftest import RedisServer
 from .processes import SerialEnd
@@ -1756,6 +1757,48 @@ async def test_a_reload_rotates_the_certificates_and_ca_of_peer_links_too(
             assert c.hello["role"] == "writer"
             await c.send(b"through the renewed link\r")
             await far_end.wait_received(lambda got: b"through the renewed link\r" in got)
+
+
+@pytest.mark.parametrize(
+    ("reloaded", "closed"),
+    [
+        ("owner", (4003, "client certificate revoked")),
+        ("relay", (1001, "the console's owner is no longer trusted")),
+    ],
+)
+async def test_a_reload_whose_crl_revokes_a_gateway_ends_the_sessions_it_links(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    reloaded: str,
+    closed: tuple[int, str],
+) -> None:
+    """A gateway's certificate revoked (`[tls] crl`) and a gateway reloaded: a verified peer
+    may name any principal, and an owner holds the console, so every session linked through
+    the revoked certificate ends at once instead of living on until it expires: on the owner
+    the sessions a revoked gateway relays (4003), on a relaying gateway the sessions it
+    relays to a revoked owner (1001: the client did nothing wrong). New links are refused."""
+    peers = trustme.CA()
+    shared = peers.issue_cert("localhost", "127.0.0.1", common_name="gw.test")
+    shared.private_key_pem.write_to_path(str(gateway_pki["key"]))
+    shared.cert_chain_pems[0].write_to_path(str(gateway_pki["cert"]))
+    peers.cert_pem.write_to_path(str(gateway_pki["ca"]))
+    crl = gateway_pki["ca"].with_name("crl.pem")
+    crl.write_bytes(crl_pem(peers))
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    async with owner_and_relay(cluster_config, far_end) as (owner, other):
+        gateway = owner if reloaded == "owner" else other
+        async with console(other, ctx, _mint(gateway_pki)("alice")) as c:
+            assert c.hello["role"] == "writer"
+            text = gateway.config.path.read_text()
+            gateway.config.path.write_text(text.replace("[tls]\n", f'[tls]\ncrl = "{crl}"\n'))
+            crl.write_bytes(crl_pem(peers, [shared]))
+            assert await gateway.reload()
+            assert await c.closed() == closed
+        with pytest.raises(InvalidStatus) as refused:
+            async with console(other, ctx, _mint(gateway_pki)("alice")):
+                pass
+        assert refused.value.response.status_code in (502, 503)
 
 
 async def test_a_drain_as_redis_comes_back_still_ships_the_output_held_for_it(
