@@ -306,6 +306,8 @@ class ClusterNode:
         self.switches_loaded = False
         # Ever loaded (`switches_loaded` turns False again while Redis is away): see `state_read`.
         self._switches_read = False
+        self._switches_dataset: str | None = None  # Redis's dataset id at the last read
+        self._switches_lost = False  # a round saw Redis lose its data since the last read
         self._resync = asyncio.Event()
         self.first_round = asyncio.Event()
         self._rounds_seen = asyncio.Condition()
@@ -374,21 +376,55 @@ class ClusterNode:
         Raises:
             ClusterUnavailableError: Redis did not answer.
         """
-        switches = await self.store.all_switches()
+        switches, dataset = await self.store.switches_and_dataset()
         region: dict[str, dict[str, bool]] = {
             level: dict(values) for level, values in switches.items()
         }
-        known = self.switches if self.switches_loaded else self._backed_up()
-        if not any(region.values()) and any(known.values()):
-            # Redis lost its data (or was replaced) while overrides existed: put them back.
-            log.warning("cluster_switches_restored", count=sum(map(len, known.values())))
-            for level in LEVELS:
-                for key, enabled in known.get(level, {}).items():
-                    await self.store.set_switch(level, key, enabled)
-            region = {level: dict(values) for level, values in known.items()}
+        if self._switches_read:
+            # Running: Redis lost its data (overrides included) since the last read when
+            # the dataset is another, or gone until a heartbeat sets a new one.
+            lost = self._switches_lost or (
+                self._switches_dataset is not None and dataset != self._switches_dataset
+            )
+            known = self.switches
+        else:
+            # Starting: only an empty region is one that lost its overrides; a region that
+            # has some is newer than this gateway's copy, which may be weeks old.
+            lost, known = not any(region.values()), self._backed_up()
+        if lost and any(known.values()):
+            region = await self._write_back(known, region)
+        self._switches_dataset, self._switches_lost = dataset, False
         self.switches = region
         self.switches_loaded = self._switches_read = True
         self._back_up()
+
+    async def _write_back(
+        self, known: Mapping[str, Mapping[str, bool]], region: Mapping[str, Mapping[str, bool]]
+    ) -> dict[str, dict[str, bool]]:
+        """Put back the overrides Redis lost, merged with what other gateways put back first.
+
+        Each gateway writes back what it knew, and one may have missed a change (its
+        watcher was down): the first to write must not decide for all. So an override
+        missing from the region is written if still unset, and a console this gateway
+        knows disabled is disabled whatever the region says now; where two gateways
+        disagree, disabled wins (a console closed by mistake is seen and enabled again,
+        one opened by mistake is not seen). Returns the region as it then is.
+
+        Raises:
+            ClusterUnavailableError: Redis did not answer.
+        """
+        written = 0
+        for level in LEVELS:
+            have = region.get(level, {})
+            for key, enabled in known.get(level, {}).items():
+                if not enabled and have.get(key) is not False:
+                    written += await self.store.set_switch(level, key, False)
+                elif enabled and key not in have:
+                    written += await self.store.set_switch(level, key, True, if_unset=True)
+        if written:
+            log.warning("cluster_switches_restored", count=written)
+        switches, _ = await self.store.switches_and_dataset()
+        return {level: dict(values) for level, values in switches.items()}
 
     def _backed_up(self) -> dict[str, dict[str, bool]]:
         return self.backup.snapshot() if self.backup is not None else {}
@@ -541,7 +577,8 @@ class ClusterNode:
             data_lost = self._dataset is not None and state.dataset != self._dataset
             if data_lost:
                 log.warning("cluster_redis_data_lost")
-                self._resync.set()  # the switch overrides are written back if they are gone
+                self._switches_lost = True
+                self._resync.set()  # the switch overrides are written back (`load_switches`)
                 self._marks_owed = True
             self._dataset = state.dataset
             self._redis_answered(now)

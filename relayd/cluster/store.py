@@ -239,7 +239,8 @@ return 0
 """)
 
 _SET_SWITCH = _Script("""
--- KEYS: switches:<level>   ARGV: key, "1"/"0", channel, message
+-- KEYS: switches:<level>   ARGV: key, "1"/"0", channel, message, "nx" (only if unset) or ""
+if ARGV[5] == 'nx' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
@@ -954,15 +955,26 @@ class ClusterStore:
 
     # -- console switches -----------------------------------------------------------------
 
-    async def set_switch(self, level: Level, key: str, enabled: bool) -> None:
+    async def set_switch(
+        self, level: Level, key: str, enabled: bool, *, if_unset: bool = False
+    ) -> bool:
         """Persist a switch override and announce it to every gateway (atomically).
 
         `key` is the subscription id, ``sub/rg/ss`` for a scale set, or the VM id.
+        `if_unset`: only if the region has no override for it (a write-back after Redis
+        lost its data must not undo what another gateway wrote back).
+
+        Returns:
+            Whether it was written.
         """
         message = json.dumps({"level": level, "key": key, "enabled": enabled})
-        args = (key, "1" if enabled else "0", self._key("switches"), message)
+        value, nx = "1" if enabled else "0", "nx" if if_unset else ""
+        args = (key, value, self._key("switches"), message, nx)
         async with self._deadline("set_switch"):
-            await self._pipeline([_Call(_SET_SWITCH, (self._key("switches", level),), args)])
+            (written,) = await self._pipeline(
+                [_Call(_SET_SWITCH, (self._key("switches", level),), args)]
+            )
+        return bool(written)
 
     async def announce_owners(self) -> None:
         """Tell every gateway that leases changed hands here (on the switches channel).
@@ -976,9 +988,18 @@ class ClusterStore:
 
     async def all_switches(self) -> dict[Level, dict[str, bool]]:
         """Every persisted override, per level (one round trip)."""
+        return (await self.switches_and_dataset())[0]
+
+    async def switches_and_dataset(self) -> tuple[dict[Level, dict[str, bool]], str | None]:
+        """Every persisted override, per level, and the dataset id they belong to (None
+        until a heartbeat sets one): a different id than at the last read means Redis lost
+        its data in between, overrides included (one round trip)."""
         calls = [_Call(None, (), ("HGETALL", self._key("switches", level))) for level in LEVELS]
+        calls.append(_Call(None, (), ("GET", self._key("dataset"))))
         async with self._deadline("all_switches"):
             results = await self._pipeline(calls)
+        raw_dataset = results.pop()
+        dataset = None if raw_dataset is None else bytes(raw_dataset).decode("ascii", "replace")
         switches: dict[Level, dict[str, bool]] = {}
         for level, raw in zip(LEVELS, results, strict=True):
             switches[level] = {}
@@ -987,7 +1008,7 @@ class ClusterStore:
                     switches[level][bytes(k).decode()] = v == b"1"
                 except UnicodeDecodeError:  # no gateway wrote it: no configured name matches
                     self._malformed.skip(self._key("switches", level), bytes(k), "not UTF-8")
-        return switches
+        return switches, dataset
 
     async def watch_switches(
         self, on_event: Callable[[SwitchEvent], None], *, ping_interval: float = 1.0

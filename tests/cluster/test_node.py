@@ -229,6 +229,52 @@ async def test_a_switch_message_that_changes_nothing_writes_nothing(
     assert backup.get("vms", "vm-a") is True
 
 
+def _switch_node(store: ClusterStore, gateway_id: str, backup: ConsoleSwitches) -> ClusterNode:
+    return ClusterNode(
+        _PortlessGateway(),
+        store,
+        gateway_id=gateway_id,
+        advertise="127.0.0.1:1",
+        lease_ttl=3.0,
+        ring_bytes=MIB,
+        log_bytes=MIB,
+        backup=backup,
+    )
+
+
+async def test_after_redis_loses_its_data_every_gateway_puts_back_what_it_knew(
+    make_store: StoreFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """gw-1 missed changes (its watcher was down) when Redis restarted empty, and put its
+    overrides back first: what gw-2 knew must not be lost with the first writer's view.
+    Missing overrides come back from whoever knew them, and where the two disagree the
+    console stays disabled. A plain re-read that finds the region changed (same dataset)
+    takes the region's word: a gateway's stale view never undoes a newer change."""
+    stores = {gw: make_store(gw) for gw in ("gw-1", "gw-2")}
+    nodes = {
+        gw: _switch_node(store, gw, ConsoleSwitches(tmp_path / gw)) for gw, store in stores.items()
+    }
+    for gw, store in stores.items():
+        await store.heartbeat("127.0.0.1:1")
+        await nodes[gw].load_switches()
+    # What each knew when Redis lost its data (gw-1 missed vm-5 and vm-7's disabling).
+    nodes["gw-1"].switches = {"vms": {"vm-3": False, "vm-7": True, "vm-8": True}}
+    nodes["gw-2"].switches = {"vms": {"vm-3": False, "vm-5": False, "vm-7": False}}
+    await redis_server.restart_empty()
+    await nodes["gw-1"].load_switches()
+    await stores["gw-1"].heartbeat("127.0.0.1:1")  # a new dataset id, before gw-2 reads
+    await nodes["gw-2"].load_switches()
+    want = {"vm-3": False, "vm-5": False, "vm-7": False, "vm-8": True}
+    assert (await stores["gw-1"].all_switches())["vms"] == want
+    assert nodes["gw-2"].switches["vms"] == want
+    # No loss: vm-5 enabled by an operator while gw-1 was away; gw-1's old view yields.
+    await stores["gw-2"].set_switch("vms", "vm-5", True)
+    await nodes["gw-1"].load_switches()
+    await nodes["gw-1"].load_switches()
+    assert (await stores["gw-1"].all_switches())["vms"]["vm-5"] is True
+    assert nodes["gw-1"].switches["vms"]["vm-5"] is True
+
+
 class _OneVmGateway(_PortlessGateway):
     """Configures one VM (its hub was closed before the test begins)."""
 
