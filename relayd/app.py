@@ -282,6 +282,10 @@ class Gateway:
             self.cluster.saw_gateway(address)
         return user, gateway
 
+    def is_peer_link(self, protocol: asyncio.BaseProtocol) -> bool:
+        """Whether a connection is a verified gateway's (see `is_gateway_address`)."""
+        return isinstance(protocol, HttpConnection) and protocol.gateway is not None
+
     def is_gateway_address(self, peer: str) -> bool:
         """Whether `peer` is another gateway of the region (the listener asks, before TLS).
 

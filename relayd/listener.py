@@ -35,7 +35,7 @@ from typing import Protocol
 
 from . import proxy_protocol
 from .config import Config
-from .linger import linger_zero
+from .linger import linger_zero, reset_connection
 from .log import get_logger
 from .ratelimit import HandshakeSlots, address_key
 
@@ -61,6 +61,9 @@ class ListenerOwner(Protocol):
 
     def is_gateway_address(self, peer: str) -> bool:
         """Whether `peer` is another gateway of the region: no per-address limits for it."""
+
+    def is_peer_link(self, protocol: asyncio.BaseProtocol) -> bool:
+        """Whether a connection (its protocol, after the handshake) is a verified gateway's."""
 
 
 BACKLOG = 4096
@@ -193,7 +196,9 @@ class Listener:
                     gateway = not proxied and self.gateway.is_gateway_address(peer)
                     key = None if proxied or gateway else address_key(peer)
                     if self._admit(peer, key):
-                        tg.create_task(self._handshake(conn, peer, key, proxied=proxied))
+                        tg.create_task(
+                            self._handshake(conn, peer, key, proxied=proxied, gateway=gateway)
+                        )
                     else:
                         _reset(conn)
                     accepted += 1
@@ -216,8 +221,15 @@ class Listener:
         return True
 
     async def _handshake(
-        self, conn: socket.socket, peer: str, key: str | None, *, proxied: bool
+        self, conn: socket.socket, peer: str, key: str | None, *, proxied: bool, gateway: bool
     ) -> None:
+        """TLS (after the PROXY header of a trusted proxy), then the connection's protocol.
+
+        Args:
+            gateway: `peer` is a gateway's address, so the connection was not counted at
+                accept; it is now unless it proves to be a gateway's (a client sharing
+                the address, behind one NAT, gets the address's limits).
+        """
         gw = self.gateway
         loop = asyncio.get_running_loop()
         timeout = gw.config.gateway.handshake_timeout
@@ -230,13 +242,17 @@ class Listener:
                     if key is None:
                         _reset(conn)
                         return
-                await loop.connect_accepted_socket(
+                transport, protocol = await loop.connect_accepted_socket(
                     lambda: gw.new_connection(peer),
                     conn,
                     ssl=gw.ssl_context,
                     ssl_handshake_timeout=timeout,
                 )
             self.handshakes += 1
+            if gateway and not gw.is_peer_link(protocol) and gw.admit_connection(peer):
+                self.handshake_failures["rate_limited"] += 1
+                log.info("connection_refused", peer=peer, reason="rate_limited")
+                reset_connection(transport)
         except (OSError, TimeoutError, EOFError, proxy_protocol.ProxyProtocolError) as exc:
             reason = _reason(exc)
             self.handshake_failures[reason] += 1

@@ -67,6 +67,10 @@ class FakeListenerOwner:
         """No cluster here."""
         return False
 
+    def is_peer_link(self, protocol: asyncio.BaseProtocol) -> bool:
+        """No cluster here."""
+        return False
+
 
 @asynccontextmanager
 async def listening(

@@ -1526,11 +1526,13 @@ async def test_peer_links_are_not_one_clients_connections_to_the_owner(
 ) -> None:
     """Per-address connection limits count clients, not the gateway that relays them: six
     clients from six addresses open vm-a through the other gateway at once, as they could
-    on the owner, although their six peer links all come from one gateway's address."""
+    on the owner, although their six peer links all come from one gateway's address. A
+    client that shares the gateways' address (one NAT) gets no such pass: without a
+    gateway's certificate its connections are counted once their handshake shows it."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
     tight = {"connections_per_second_per_ip": 1, "max_handshakes_per_ip": 2}
-    async with owner_and_relay(cluster_config, far_end, limits=tight) as (_, other):
+    async with owner_and_relay(cluster_config, far_end, limits=tight) as (owner, other):
 
         async def spectate(source: str) -> str:
             async with console(other, ctx, mint("alice"), "mode=spectate", source=source) as c:
@@ -1538,6 +1540,21 @@ async def test_peer_links_are_not_one_clients_connections_to_the_owner(
 
         roles = await asyncio.gather(*(spectate(f"127.0.1.{i}") for i in range(1, 7)))
         assert roles == ["spectator"] * 6
+
+        async def listed_on_owner() -> bool:
+            try:
+                status, _, _ = await https_exchange(
+                    owner.tls_port, ctx, http_request("GET", "/v1/vms", bearer=mint("alice"))
+                )
+            except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+                return False
+            return status == 200
+
+        # From 127.0.0.1, the address both gateways advertise: 2 a burst, then 1 a second.
+        served = await asyncio.gather(*(listed_on_owner() for _ in range(8)))
+        assert 2 <= served.count(True) < 8
+        assert owner.listener is not None
+        assert owner.listener.handshake_failures["rate_limited"] == served.count(False)
 
 
 async def test_a_handshake_header_given_twice_is_forwarded_whole(
