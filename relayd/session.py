@@ -201,8 +201,28 @@ class ConsoleSession:
                     **extra,
                 )
             )
+        if resume_from is not None and resume_from > hub.end:
+            self._offsets_reused(resume_from)
         self._pump()
         self._audit("session_started", role=self.role, resume_from=resume_from)
+
+    def _offsets_reused(self, resume_from: int) -> None:
+        """The client resumes past the end of the output: it holds bytes at offsets this
+        console hands out again (its history was lost: a wiped log, a region's Redis
+        emptied), so what it has there is not what comes. Said, not clamped silently: the
+        stream goes on at the end, and the client knows its view may not be this console's."""
+        end = self.hub.end
+        self._info("offsets_reused", resume_from=resume_from, end=end)
+        self.send_text(
+            control.encode_notice(
+                "offsets_reused",
+                first=end,
+                last=resume_from - 1,
+                bytes=resume_from - end,
+                message=f"offset {resume_from} is past the end of this console's output; "
+                f"output goes on at {end}",
+            )
+        )
 
     # -- HubClient ------------------------------------------------------------------
 
