@@ -489,6 +489,7 @@ class HttpConnection(asyncio.Protocol):
             hello=moved_here is None,
             started=None if clocks is None else clocks.started,
             last_active=None if clocks is None else clocks.last_active,
+            warned=None if clocks is None else clocks.warned,
         )
         if leftover:
             session.data_received(leftover)
@@ -557,7 +558,7 @@ class HttpConnection(asyncio.Protocol):
             reattach,
             position=session.cursor,
             writer=session.role == "writer",
-            clocks=SessionClocks(session.started, session.last_input),
+            clocks=SessionClocks(session.started, session.last_input, session.idle_warned_at),
             on_done=self._relayed,
             on_here=self._take_here if self._here is not None else None,
         )

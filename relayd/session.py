@@ -71,6 +71,8 @@ PUMP_CHUNK = 65536
 # Past its high-water mark a client is not read, so only the answers to what one read
 # held (pongs, errors) and notices can pile up; over this much more, it is dropped.
 MAX_UNREAD_BYTES = 2**20
+# Clocks that crossed gateways are whole milliseconds, each rounded up (forwarding.py).
+WARNED_SLACK = 0.005
 
 
 class ConsoleSession:
@@ -132,7 +134,8 @@ class ConsoleSession:
         self._reading_paused = False
         # Unread output that drops the client (see the module docstring).
         self._max_buffered = output_queue_bytes + MAX_UNREAD_BYTES
-        self._idle_warned = False
+        # When the client was sent its idle warning (monotonic); None: not since it last acted.
+        self.idle_warned_at: float | None = None
         # Monotonic time when the credentials that opened the session expire, when the
         # gateway ends sessions then (`[auth] disconnect_expired`); None: never.
         self._credentials_end: float | None = None
@@ -163,6 +166,7 @@ class ConsoleSession:
         hello: bool = True,
         started: float | None = None,
         last_active: float | None = None,
+        warned: float | None = None,
     ) -> None:
         """Attach to the hub, then send hello, the replay and go live (all in one callback).
 
@@ -172,6 +176,8 @@ class ConsoleSession:
             started, last_active: a session that moved here keeps its clocks
                 (`time.monotonic()` values), so a move never restarts its session
                 length or idle time; None: from now.
+            warned: when such a session's client was sent an idle warning, if it was:
+                kept when it was this idle period's, so the client is not warned twice.
         """
         self.hub.attach(self, writer=want_writer)  # may displace a writer and run on_detach
         # After attaching: becoming the writer there is no activity of a moving client's.
@@ -179,7 +185,7 @@ class ConsoleSession:
             self.started = started
         if last_active is not None:
             self.last_input = last_active
-            self._idle_warned = False
+            self.idle_warned_at = warned if self._warned_this_period(warned) else None
         previous_logged_out = self.hub.previous_logged_out
         hub = self.hub
         if resume_from is None:
@@ -205,6 +211,16 @@ class ConsoleSession:
             self._offsets_reused(resume_from)
         self._pump()
         self._audit("session_started", role=self.role, resume_from=resume_from)
+
+    def _warned_this_period(self, warned: float | None) -> bool:
+        """Whether an idle warning sent at `warned` was for the idle period that began at
+        `last_input`: sent once that period was old enough to warn. One a relay saw sent
+        just as the client typed (the key on its way) was the period before's."""
+        limits = self.hub.limits
+        if warned is None or limits.idle_timeout is None:
+            return False
+        due = limits.idle_timeout - limits.idle_warning
+        return warned - self.last_input >= due - WARNED_SLACK
 
     def _offsets_reused(self, resume_from: int) -> None:
         """The client resumes past the end of the output: it holds bytes at offsets this
@@ -514,8 +530,8 @@ class ConsoleSession:
                 self.hub.stats.idle_closes += 1
                 self.close(control.CLOSE_IDLE, f"idle for {limits.idle_timeout:g}s")
                 return
-            if idle >= limits.idle_timeout - limits.idle_warning and not self._idle_warned:
-                self._idle_warned = True
+            if idle >= limits.idle_timeout - limits.idle_warning and self.idle_warned_at is None:
+                self.idle_warned_at = now
                 closes_in = round(limits.idle_timeout - idle, 1)
                 self.send_text(control.encode_notice("idle_warning", closes_in=closes_in))
         if now >= self._next_ping:
@@ -691,7 +707,7 @@ class ConsoleSession:
         (it cannot act, but a refused key still shows someone is there).
         """
         self.last_input = time.monotonic()
-        self._idle_warned = False
+        self.idle_warned_at = None
 
     def _audit(self, event: str, **fields: object) -> None:
         audit(

@@ -45,6 +45,8 @@ the session's start and its client's last message, never from the move. The
 relay sees frame headers only, so any text or binary message counts as
 activity (an owner counts a writer's accepted input and BREAKs only): a moved
 session may have its idle clock a little younger, never older, than its owner had.
+It also notes when the owner sends the client an `idle_warning` (a notice it
+decodes anyway), so that the next owner does not warn again for the same period.
 
 Whatever the relay gives up on, it resets (linger.py): a client or an owner that
 does not flush in `close_timeout`, a frozen owner's link, a client dropped mid-frame.
@@ -330,6 +332,8 @@ class Relay:
         now = time.monotonic()
         self._started = now if clocks is None else clocks.started
         self._last_active = now if clocks is None else clocks.last_active
+        self._warned = None if clocks is None else clocks.warned  # the last idle_warning
+        self._server.on_idle_warning = self._idle_warned
 
     # -- normal relaying --------------------------------------------------------------------
 
@@ -441,8 +445,13 @@ class Relay:
 
     @property
     def clocks(self) -> SessionClocks:
-        """When the session started and its client last sent a message (see the module doc)."""
-        return SessionClocks(self._started, self._last_active)
+        """When the session started, its client last sent a message and was last sent an
+        idle warning (see the module doc)."""
+        return SessionClocks(self._started, self._last_active, self._warned)
+
+    def _idle_warned(self) -> None:
+        """The owner sent the client an idle warning: the next owner need not send it again."""
+        self._warned = time.monotonic()
 
     @property
     def vm(self) -> str | None:
@@ -702,6 +711,7 @@ class Relay:
             raise
         end, first, payload = found
         stream = ServerStream()
+        stream.on_idle_warning = self._idle_warned
         if first == 0x81:  # a final text frame: the hello
             stream.message(payload)
         if stream.hello is None or stream.position is None or stream.position < position:
@@ -861,6 +871,7 @@ def adopt(
         clocks=clocks,
     )
     r._server = ServerStream(position)
+    r._server.on_idle_warning = r._idle_warned
     r._server.writer = writer
     r._held = bytearray()
     client.set_write_buffer_limits(high=high_water)

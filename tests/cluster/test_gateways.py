@@ -1839,9 +1839,10 @@ async def test_a_moved_session_is_closed_at_its_original_deadline(
 ) -> None:
     """A session's clocks survive a move: a client that never types, moved mid-way (at its
     idle warning, 3 s in) from the owner to the other gateway, is closed with 4008 at 6 s
-    after it opened, not 6 s after the move. Through the relaying gateway the session moves
-    from a peer link to a session there (the console came to it); on the owner, from a
-    session there to a relay to the new owner (it drains, its client follows the console)."""
+    after it opened, not 6 s after the move, and is not warned a second time. Through the
+    relaying gateway the session moves from a peer link to a session there (the console
+    came to it); on the owner, from a session there to a relay to the new owner (it drains,
+    its client follows the console)."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
     deadline = 6.0
@@ -1859,6 +1860,7 @@ async def test_a_moved_session_is_closed_at_its_original_deadline(
             code, why = await c.closed()
             closed = time.monotonic() - opened
     assert (code, why) == (4008, reason)
+    assert [m for m in c.controls if m.get("event") == "idle_warning"] == []  # one per period
     # Sweeps run every second; restarted clocks would close it 6 s after the move (9 s+).
     assert deadline <= closed < deadline + 2.0, (moved, closed)
 
