@@ -491,7 +491,9 @@ class HttpConnection(asyncio.Protocol):
             last_active=None if clocks is None else clocks.last_active,
             warned=None if clocks is None else clocks.warned,
         )
-        if leftover:
+        if moved_here is not None and not grant.hub.port_up:
+            session.hold_input(leftover, control.MOVED_INPUT_WAIT)  # as a relay would
+        elif leftover:
             session.data_received(leftover)
 
     async def _forward(self, grant: ForwardGrant) -> HttpResponse | None:
@@ -572,7 +574,8 @@ class HttpConnection(asyncio.Protocol):
         keys go to the session once it is up, so it waits for that up to `PORT_UP_WAIT`.
         A port that stays down does not keep the client from its session (as at any
         owner, `port_up` comes when the port does): waiting longer would close it when
-        the move's own wait runs out.
+        the move's own wait runs out. Its input then waits in the session instead
+        (`ConsoleSession.hold_input`), as a relay holds it for a new owner elsewhere.
 
         Raises:
             MoveRefused: this gateway refuses the session (its access rules, its caps).

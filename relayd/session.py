@@ -126,6 +126,9 @@ class ConsoleSession:
             TokenBucket(rate, max(PUMP_CHUNK, rate // 4), now=self._loop.time()) if rate else None
         )
         self._throttle_timer: asyncio.TimerHandle | None = None
+        # Set while input that came with the session (it moved here) waits for the port.
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._held = b""
         self._replaying = True
         self._write_paused = False
         self._awaiting_pong = False
@@ -374,6 +377,46 @@ class ConsoleSession:
         if self._close_timer is None:
             self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._reset)
 
+    def hold_input(self, held: bytes, seconds: float) -> None:
+        """The session moved here and the port is not up yet: what its client sent on the
+        way (`held`) and sends next waits for `port_up`, for at most `seconds`, as a relay
+        holds it for a new owner elsewhere (control.MOVED_INPUT_WAIT).
+
+        The client is not read meanwhile (TCP holds the rest: backpressure, no buffer
+        here), and its pong waits with its keys, not held against it. Then it is read
+        in order, as any session's: refused with `port_down` if the port is still down.
+        """
+        self._held = held
+        self._reading_paused = True
+        self.transport.pause_reading()
+        self._hold_timer = self._loop.call_later(seconds, self._release_held)
+        self._watch_port()
+
+    def _watch_port(self) -> None:
+        self.hub.next_change().add_done_callback(self._port_changed)
+
+    def _port_changed(self, _: object) -> None:
+        """The hub changed (port, lease, sessions): release the input once the port is up."""
+        if self._hold_timer is None:
+            return
+        if self.hub.port_up:
+            self._release_held()
+        else:
+            self._watch_port()
+
+    def _release_held(self) -> None:
+        """The port is up, or the wait is over: take the held input, read the client again."""
+        timer, self._hold_timer = self._hold_timer, None
+        if timer is not None:
+            timer.cancel()
+        held, self._held = self._held, b""
+        if self._closed:
+            return
+        self._reading_paused = False
+        if held:
+            self.data_received(held)
+        self._read_again()
+
     def _movable(self) -> bool:
         """Open both ways, and between frames both ways: a relay can take over from here."""
         return (
@@ -381,6 +424,7 @@ class ConsoleSession:
             and self.ws.state is State.OPEN
             and self._reader.at_boundary
             and not self._fragments
+            and self._hold_timer is None  # held input cannot follow it (it is closed instead)
         )
 
     def _move_away(self, reason: str) -> None:
@@ -406,6 +450,8 @@ class ConsoleSession:
         self._open = False
         self.ws.send_close(code, control.close_reason(reason))
         self._flush()  # arms the close timer: websockets now expects the peer to close
+        if self._hold_timer is not None:
+            self._release_held()  # its keys go nowhere now; its Close must be read
 
     # -- transport events -------------------------------------------------------------
 
@@ -462,9 +508,10 @@ class ConsoleSession:
             return
         self._closed = True
         self._open = False
-        for timer in (self._close_timer, self._throttle_timer):
+        for timer in (self._close_timer, self._throttle_timer, self._hold_timer):
             if timer is not None:
                 timer.cancel()
+        self._hold_timer = None
         self.hub.detach(self)
         if not self.end_reason:
             code = self.ws.close_code

@@ -21,7 +21,10 @@ position is. That lets it move the session when the owner dies:
    which starts exactly at the client's position (an `output_gap` notice
    first if the new owner no longer holds those bytes). The held input follows,
    including the start of a frame the dead owner got only part of (it never
-   acted on it), and the relay goes on.
+   acted on it), and the relay goes on. Input waits for the new owner's port
+   only so long (`control.MOVED_INPUT_WAIT`, as a session that moves to this
+   gateway holds it): then the owner gets it, and refuses keys with `port_down`
+   if its port is still down, as it refuses any.
 
 The same happens when the owner lets go of the VM without a Close frame (it
 hands the console to another gateway, or drains for a deploy: it ends a
@@ -325,6 +328,7 @@ class Relay:
         self._frames = ClientStream(MAX_PARTIAL_BYTES)
         self._held: bytearray | None = None  # client input while no owner is attached
         self._moving: asyncio.Task[None] | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None  # see `_attach`
         self._was_writer = False  # whether the client wrote before its latest move
         self._pongs_before = 0  # the client's pongs before the current owner's stream
         self._last_pong = asyncio.get_running_loop().time()  # or when the relay began
@@ -777,11 +781,26 @@ class Relay:
             owner.transport.pause_reading()
         if self._server.port_up and self._held is not None:
             self._flush_held(owner)
-        # Else the input waits for the new owner's port_up: sent now, it would be refused
-        # (`port_down` errors) and lost.
+        elif self._held is not None:
+            # The input waits for the new owner's port_up: sent now, it would be refused
+            # (`port_down` errors) and lost. Not for ever: past MOVED_INPUT_WAIT it goes
+            # and is refused so, as a session here would refuse it (and the client's pongs,
+            # held with it, reach the owner before it drops the client for missing them).
+            self._hold_timer = asyncio.get_running_loop().call_later(
+                control.MOVED_INPUT_WAIT, self._hold_over, owner
+            )
+
+    def _hold_over(self, owner: _Owner) -> None:
+        """The new owner's port stayed down: its session gets the held input now."""
+        self._hold_timer = None
+        if self._held is not None and owner is self._owner and not owner.lost:
+            self._flush_held(owner)
 
     def _flush_held(self, owner: _Owner) -> None:
         """Send the new owner the start of a frame the old one never finished, then the rest."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         held, self._held = self._held or bytearray(), None
         replay = bytes(self._frames.unfinished) + bytes(held)
         messages = self._frames.messages
