@@ -649,9 +649,15 @@ def _reattach(
         go as elapsed times, measured now (forwarding.py says why).
         """
         mode: Mode = "interactive" if writer else "spectate"
-        age_ms, idle_ms = clocks.elapsed_ms(time.monotonic())
+        now = time.monotonic()
+        age_ms, idle_ms = clocks.elapsed_ms(now)
         moved = dataclasses.replace(
-            fwd, resume_from=offset, mode=mode, age_ms=age_ms, idle_ms=idle_ms
+            fwd,
+            resume_from=offset,
+            mode=mode,
+            age_ms=age_ms,
+            idle_ms=idle_ms,
+            warned_ms=clocks.warned_ms(now),
         )
         return encode_forwarded_request(path, headers, moved)
 
@@ -693,5 +699,5 @@ def _admit_forwarded(gw: ApiOwner, request: Request, vm_id: str) -> ConsoleGrant
     clocks = None
     if fwd.age_ms is not None:  # a session that moves here: it keeps its clocks
         idle_ms = fwd.age_ms if fwd.idle_ms is None else fwd.idle_ms
-        clocks = SessionClocks.from_elapsed_ms(time.monotonic(), fwd.age_ms, idle_ms)
+        clocks = SessionClocks.from_elapsed_ms(time.monotonic(), fwd.age_ms, idle_ms, fwd.warned_ms)
     return dataclasses.replace(grant, relayed=True, clocks=clocks)

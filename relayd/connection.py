@@ -489,8 +489,11 @@ class HttpConnection(asyncio.Protocol):
             hello=moved_here is None,
             started=None if clocks is None else clocks.started,
             last_active=None if clocks is None else clocks.last_active,
+            warned=None if clocks is None else clocks.warned,
         )
-        if leftover:
+        if moved_here is not None and not grant.hub.port_up:
+            session.hold_input(leftover, control.MOVED_INPUT_WAIT)  # as a relay would
+        elif leftover:
             session.data_received(leftover)
 
     async def _forward(self, grant: ForwardGrant) -> HttpResponse | None:
@@ -557,7 +560,7 @@ class HttpConnection(asyncio.Protocol):
             reattach,
             position=session.cursor,
             writer=session.role == "writer",
-            clocks=SessionClocks(session.started, session.last_input),
+            clocks=SessionClocks(session.started, session.last_input, session.idle_warned_at),
             on_done=self._relayed,
             on_here=self._take_here if self._here is not None else None,
         )
@@ -571,7 +574,8 @@ class HttpConnection(asyncio.Protocol):
         keys go to the session once it is up, so it waits for that up to `PORT_UP_WAIT`.
         A port that stays down does not keep the client from its session (as at any
         owner, `port_up` comes when the port does): waiting longer would close it when
-        the move's own wait runs out.
+        the move's own wait runs out. Its input then waits in the session instead
+        (`ConsoleSession.hold_input`), as a relay holds it for a new owner elsewhere.
 
         Raises:
             MoveRefused: this gateway refuses the session (its access rules, its caps).

@@ -35,6 +35,13 @@ CLOSE_IDLE = 4008
 CLOSE_DISABLED = 4009
 CLOSE_SESSION_LIMIT = 4029
 
+# What a client sends while its console moves waits for the new owner's port (held by the
+# relay, or unread by the session that takes it here), at most this long once the new owner
+# has the session: as long as the keeper waits for a port that takes no input (keeper.py's
+# STALL_SECONDS). Past it the input is answered as any is with the port down (`port_down`):
+# keys and SysRq typed into a console that is not back must not reach it much later.
+MOVED_INPUT_WAIT = 5.0
+
 # RFC 6455 5.5: a control frame carries at most 125 bytes; a Close spends 2 on its code.
 MAX_CLOSE_REASON_BYTES = 123
 

@@ -71,6 +71,8 @@ PUMP_CHUNK = 65536
 # Past its high-water mark a client is not read, so only the answers to what one read
 # held (pongs, errors) and notices can pile up; over this much more, it is dropped.
 MAX_UNREAD_BYTES = 2**20
+# Clocks that crossed gateways are whole milliseconds, each rounded up (forwarding.py).
+WARNED_SLACK = 0.005
 
 
 class ConsoleSession:
@@ -124,6 +126,9 @@ class ConsoleSession:
             TokenBucket(rate, max(PUMP_CHUNK, rate // 4), now=self._loop.time()) if rate else None
         )
         self._throttle_timer: asyncio.TimerHandle | None = None
+        # Set while input that came with the session (it moved here) waits for the port.
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._held = b""
         self._replaying = True
         self._write_paused = False
         self._awaiting_pong = False
@@ -132,7 +137,8 @@ class ConsoleSession:
         self._reading_paused = False
         # Unread output that drops the client (see the module docstring).
         self._max_buffered = output_queue_bytes + MAX_UNREAD_BYTES
-        self._idle_warned = False
+        # When the client was sent its idle warning (monotonic); None: not since it last acted.
+        self.idle_warned_at: float | None = None
         # Monotonic time when the credentials that opened the session expire, when the
         # gateway ends sessions then (`[auth] disconnect_expired`); None: never.
         self._credentials_end: float | None = None
@@ -163,6 +169,7 @@ class ConsoleSession:
         hello: bool = True,
         started: float | None = None,
         last_active: float | None = None,
+        warned: float | None = None,
     ) -> None:
         """Attach to the hub, then send hello, the replay and go live (all in one callback).
 
@@ -172,6 +179,8 @@ class ConsoleSession:
             started, last_active: a session that moved here keeps its clocks
                 (`time.monotonic()` values), so a move never restarts its session
                 length or idle time; None: from now.
+            warned: when such a session's client was sent an idle warning, if it was:
+                kept when it was this idle period's, so the client is not warned twice.
         """
         self.hub.attach(self, writer=want_writer)  # may displace a writer and run on_detach
         # After attaching: becoming the writer there is no activity of a moving client's.
@@ -179,7 +188,7 @@ class ConsoleSession:
             self.started = started
         if last_active is not None:
             self.last_input = last_active
-            self._idle_warned = False
+            self.idle_warned_at = warned if self._warned_this_period(warned) else None
         previous_logged_out = self.hub.previous_logged_out
         hub = self.hub
         if resume_from is None:
@@ -201,8 +210,38 @@ class ConsoleSession:
                     **extra,
                 )
             )
+        if resume_from is not None and resume_from > hub.end:
+            self._offsets_reused(resume_from)
         self._pump()
         self._audit("session_started", role=self.role, resume_from=resume_from)
+
+    def _warned_this_period(self, warned: float | None) -> bool:
+        """Whether an idle warning sent at `warned` was for the idle period that began at
+        `last_input`: sent once that period was old enough to warn. One a relay saw sent
+        just as the client typed (the key on its way) was the period before's."""
+        limits = self.hub.limits
+        if warned is None or limits.idle_timeout is None:
+            return False
+        due = limits.idle_timeout - limits.idle_warning
+        return warned - self.last_input >= due - WARNED_SLACK
+
+    def _offsets_reused(self, resume_from: int) -> None:
+        """The client resumes past the end of the output: it holds bytes at offsets this
+        console hands out again (its history was lost: a wiped log, a region's Redis
+        emptied), so what it has there is not what comes. Said, not clamped silently: the
+        stream goes on at the end, and the client knows its view may not be this console's."""
+        end = self.hub.end
+        self._info("offsets_reused", resume_from=resume_from, end=end)
+        self.send_text(
+            control.encode_notice(
+                "offsets_reused",
+                first=end,
+                last=resume_from - 1,
+                bytes=resume_from - end,
+                message=f"offset {resume_from} is past the end of this console's output; "
+                f"output goes on at {end}",
+            )
+        )
 
     # -- HubClient ------------------------------------------------------------------
 
@@ -338,6 +377,46 @@ class ConsoleSession:
         if self._close_timer is None:
             self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._reset)
 
+    def hold_input(self, held: bytes, seconds: float) -> None:
+        """The session moved here and the port is not up yet: what its client sent on the
+        way (`held`) and sends next waits for `port_up`, for at most `seconds`, as a relay
+        holds it for a new owner elsewhere (control.MOVED_INPUT_WAIT).
+
+        The client is not read meanwhile (TCP holds the rest: backpressure, no buffer
+        here), and its pong waits with its keys, not held against it. Then it is read
+        in order, as any session's: refused with `port_down` if the port is still down.
+        """
+        self._held = held
+        self._reading_paused = True
+        self.transport.pause_reading()
+        self._hold_timer = self._loop.call_later(seconds, self._release_held)
+        self._watch_port()
+
+    def _watch_port(self) -> None:
+        self.hub.next_change().add_done_callback(self._port_changed)
+
+    def _port_changed(self, _: object) -> None:
+        """The hub changed (port, lease, sessions): release the input once the port is up."""
+        if self._hold_timer is None:
+            return
+        if self.hub.port_up:
+            self._release_held()
+        else:
+            self._watch_port()
+
+    def _release_held(self) -> None:
+        """The port is up, or the wait is over: take the held input, read the client again."""
+        timer, self._hold_timer = self._hold_timer, None
+        if timer is not None:
+            timer.cancel()
+        held, self._held = self._held, b""
+        if self._closed:
+            return
+        self._reading_paused = False
+        if held:
+            self.data_received(held)
+        self._read_again()
+
     def _movable(self) -> bool:
         """Open both ways, and between frames both ways: a relay can take over from here."""
         return (
@@ -345,6 +424,7 @@ class ConsoleSession:
             and self.ws.state is State.OPEN
             and self._reader.at_boundary
             and not self._fragments
+            and self._hold_timer is None  # held input cannot follow it (it is closed instead)
         )
 
     def _move_away(self, reason: str) -> None:
@@ -370,6 +450,8 @@ class ConsoleSession:
         self._open = False
         self.ws.send_close(code, control.close_reason(reason))
         self._flush()  # arms the close timer: websockets now expects the peer to close
+        if self._hold_timer is not None:
+            self._release_held()  # its keys go nowhere now; its Close must be read
 
     # -- transport events -------------------------------------------------------------
 
@@ -426,9 +508,10 @@ class ConsoleSession:
             return
         self._closed = True
         self._open = False
-        for timer in (self._close_timer, self._throttle_timer):
+        for timer in (self._close_timer, self._throttle_timer, self._hold_timer):
             if timer is not None:
                 timer.cancel()
+        self._hold_timer = None
         self.hub.detach(self)
         if not self.end_reason:
             code = self.ws.close_code
@@ -494,8 +577,8 @@ class ConsoleSession:
                 self.hub.stats.idle_closes += 1
                 self.close(control.CLOSE_IDLE, f"idle for {limits.idle_timeout:g}s")
                 return
-            if idle >= limits.idle_timeout - limits.idle_warning and not self._idle_warned:
-                self._idle_warned = True
+            if idle >= limits.idle_timeout - limits.idle_warning and self.idle_warned_at is None:
+                self.idle_warned_at = now
                 closes_in = round(limits.idle_timeout - idle, 1)
                 self.send_text(control.encode_notice("idle_warning", closes_in=closes_in))
         if now >= self._next_ping:
@@ -671,7 +754,7 @@ class ConsoleSession:
         (it cannot act, but a refused key still shows someone is there).
         """
         self.last_input = time.monotonic()
-        self._idle_warned = False
+        self.idle_warned_at = None
 
     def _audit(self, event: str, **fields: object) -> None:
         audit(

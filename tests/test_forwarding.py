@@ -94,6 +94,7 @@ sessions = st.builds(
     expires=st.none() | st.integers(0, 2**63 - 1),
     age_ms=st.none() | st.integers(0, 2**63 - 1),
     idle_ms=st.none() | st.integers(0, 2**63 - 1),
+    warned_ms=st.none() | st.integers(0, 2**63 - 1),
 )
 header_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30).map(
     str.strip
@@ -368,6 +369,8 @@ def test_has_forwarded_headers_detects_any_case() -> None:
         {"age_ms": 1.5},
         {"idle_ms": True},
         {"idle_ms": 2**63},
+        {"warned_ms": -1},
+        {"warned_ms": False},
         {"expires": -1},
         {"expires": 2**63},
     ],

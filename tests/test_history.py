@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import ssl
 from collections.abc import Callable
@@ -91,6 +92,34 @@ async def test_restart_keeps_offsets_and_replays_from_disk(
             assert out == before[1000:] + b"after restart|"
         async with open_console(gw, "vm-a") as fresh:
             assert fresh.hello["replay"] == 100
+
+
+async def test_resume_past_the_end_after_the_log_was_lost_says_offsets_are_reused(
+    write_config: Callable[..., Any],
+    far_end: FarEnd,
+    open_console: Callable[..., Any],
+) -> None:
+    """The console log is gone between two runs (state_dir wiped): offsets start again, so a
+    client resuming at its old position holds bytes at offsets the gateway hands out anew.
+    It is told (`offsets_reused`, the offsets it holds that will carry other bytes), and the
+    stream goes on at the new end, as the hello says: nothing printed since is skipped."""
+    config = write_config(vms=[{"id": "vm-a", "serial": f"tcp://127.0.0.1:{far_end.port}"}])
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        await far_end.send(b"before the wipe|" * 10)
+        await wait_hub(gw, "vm-a", lambda hub: hub.end >= 160)
+    shutil.rmtree(config.gateway.state_dir / "consolelog")
+    async with running(config) as gw:
+        await wait_port_up(gw, "vm-a")
+        await far_end.send(b"new|")
+        await wait_hub(gw, "vm-a", lambda hub: hub.end == 4)
+        async with open_console(gw, "vm-a", resume_from=160) as console:
+            assert (console.hello["offset"], console.hello["replay"]) == (4, 0)
+            reused = await console.control(type="notice", event="offsets_reused")
+            assert (reused["first"], reused["last"], reused["bytes"]) == (4, 159, 156)
+            await far_end.send(b"after|")
+            assert await console.expect(b"after|") == b"after|"
+            assert not [c for c in console.controls if c.get("event") == "output_gap"]
 
 
 async def test_unreadable_log_on_resume_skips_to_memory_with_exact_gap(

@@ -444,6 +444,43 @@ async def test_writer_refused_by_deny_on_the_new_owner_resumes_there_as_a_specta
         assert ws.close_code == 1000
 
 
+async def test_input_held_for_a_new_owner_whose_port_stays_down_goes_after_the_wait(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new owner's port is down (its hello says so) and stays down: the input held
+    for it goes after `MOVED_INPUT_WAIT` (shortened here) for the owner to refuse, pong
+    and all, rather than waiting until the owner drops the client for a missing pong."""
+    monkeypatch.setattr(control, "MOVED_INPUT_WAIT", 0.2)
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        Front(pki, directory := Directory(first.named)) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100))
+        ws = await upgrading
+        async with ws:
+            assert (await control_message(ws))["role"] == "writer"
+            w1.close()
+            assert await notice(ws) == "port_down"
+            await ws.send(b"held")
+            await directory.name(second.named)
+            (r2, w2), request, fwd = await second.next_request()
+            assert fwd.resume_from == 100
+            w2.write(switching(request) + hello("writer", 100, port="down"))
+            assert await client_frame(r2) == (Opcode.BINARY.value, b"held")
+            await ws.send(b"more")  # and from then on, straight through
+            assert await client_frame(r2) == (Opcode.BINARY.value, b"more")
+
+            closing = asyncio.create_task(ws.close())
+            opcode, payload = await client_frame(r2)
+            assert opcode == Opcode.CLOSE.value
+            w2.write(Frame(Opcode.CLOSE, payload).serialize(mask=False))
+            w2.close()
+            await closing
+
+
 @pytest.mark.parametrize(
     ("status", "error", "close_code", "hint"),
     [

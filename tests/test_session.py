@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -137,11 +138,13 @@ async def attached(
     session_id: str = "a1b2c3d4e5f60718",
     sndbuf: int | None = None,
     tcp: bool = False,
+    **moved: float,
 ) -> AsyncIterator[tuple[ConsoleSession, WsPeer]]:
     """A session started on one end of a socket pair; the peer on the other end.
 
     `tcp`: a loopback TCP connection instead, the peer's receive buffer as small as
     the kernel allows (a client that reads nothing holds the gateway's output at once).
+    `moved`: the clocks of a session that moved here (`started`, `last_active`, `warned`).
     """
     ours, theirs = _tcp_pair() if tcp else socket.socketpair()
     if sndbuf is not None:
@@ -159,7 +162,7 @@ async def attached(
         output_queue_bytes=hub.limits.output_queue_bytes,
     )
     transport.set_protocol(session)  # type: ignore[arg-type]
-    session.start(want_writer=writer, resume_from=resume_from)
+    session.start(want_writer=writer, resume_from=resume_from, **moved)
     peer = WsPeer(theirs)
     try:
         yield session, peer
@@ -217,6 +220,33 @@ async def test_session_resume_from_offset_replays_from_there() -> None:
         hello = await peer.message(type="hello")
         assert (hello["role"], hello["offset"], hello["replay"]) == ("spectator", 10, 6)
         assert await peer.read_output(6) == b"456789"
+
+
+@pytest.mark.parametrize(("warned_after", "warned_again"), [(4.0, False), (0.5, True)])
+async def test_session_that_moved_here_is_warned_once_per_idle_period(
+    warned_after: float, warned_again: bool
+) -> None:
+    """A session that moves here 5 s into an idle period (the warning due at 3 s) is not
+    warned again when its client was warned in that period (4 s in); it is when the
+    warning it had came 0.5 s after its last message (that message was on its way to the
+    old owner as it warned: the period before's warning)."""
+    hub = make_hub(idle_timeout=10.0, idle_warning=7.0)
+    now = time.monotonic()
+    last = now - 5.0
+    warned = last + warned_after
+    async with attached(hub, writer=False, started=last - 1.0, last_active=last, warned=warned) as (
+        session,
+        peer,
+    ):
+        await peer.message(type="hello")
+        session.sweep(now)
+        session.send_text(control.encode_notice("marker"))
+        await peer.message(type="notice", event="marker")
+        warnings = [
+            m for m in peer.received if isinstance(m, dict) and m.get("event") == "idle_warning"
+        ]
+        assert len(warnings) == (1 if warned_again else 0)
+        assert session.idle_warned_at == (now if warned_again else warned)
 
 
 async def test_session_live_output_arrives_as_binary_frames_in_order() -> None:

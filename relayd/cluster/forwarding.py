@@ -28,6 +28,7 @@ The request, exactly::
     Relayd-Forwarded-Expires: 1765000000                 (absent unless the credentials expire)
     Relayd-Forwarded-Age: 95250                          } a session that moves: its clocks
     Relayd-Forwarded-Idle: 4125                          } (absent for a new session)
+    Relayd-Forwarded-Warned: 2040                        (absent unless warned since idle)
 
 - Every client header not in `PASSED_HEADERS` is dropped: a client's own
   `Relayd-Forwarded-*` headers never reach the owner, nor do `Authorization`,
@@ -46,6 +47,8 @@ The request, exactly::
   owner's monotonic clock when it admits it (`SessionClocks`). So no two
   gateways' clocks need agree; the request's transit (one peer-link round
   trip) is the only error, and rounding up never gives a session time.
+  `Warned` is the time since the client's last `idle_warning`, so the new
+  owner sends none again for the same idle period (`SessionClocks.warned`).
   (`Expires` is the credentials' own wall-clock time, from the token.)
 - Sizes are capped on both sides: a value at `MAX_VALUE_BYTES`, the whole
   head at `MAX_HEAD_BYTES` (the owner's own request-head cap).
@@ -138,8 +141,10 @@ _SESSION = "Relayd-Forwarded-Session"
 _EXPIRES = "Relayd-Forwarded-Expires"
 _AGE = "Relayd-Forwarded-Age"
 _IDLE = "Relayd-Forwarded-Idle"
+_WARNED = "Relayd-Forwarded-Warned"
 _KNOWN = {name.lower(): name for name in (_VERSION, _PRINCIPAL, _GROUPS, _AMR, _ROLE, _MODE)}
 _KNOWN |= {name.lower(): name for name in (_FROM, _FOR, _SESSION, _EXPIRES, _AGE, _IDLE)}
+_KNOWN[_WARNED.lower()] = _WARNED
 
 _ENCODED = re.compile(r"(?:[A-Za-z0-9_.~-]|%[0-9A-F]{2})*")
 # What api.open_console makes (secrets.token_hex), and all a session can read: it takes
@@ -162,22 +167,35 @@ class SessionClocks:
     a move never gives a session more time. Between gateways they travel as
     elapsed milliseconds (`elapsed_ms`, `from_elapsed_ms`): monotonic clocks do
     not cross machines, and wall clocks would add the hosts' skew.
+
+    `warned` is when the client was last sent an `idle_warning` (None: not
+    known to have been), so that it gets one per idle period, not one per
+    owner: a session decides with `warned_since_active` whether that warning
+    was this idle period's.
     """
 
     started: float
     last_active: float
+    warned: float | None = None
 
     def elapsed_ms(self, now: float) -> tuple[int, int]:
         """(age, idle) in whole milliseconds as of `now`, rounded up (never a gift of time)."""
         return _ceil_ms(now - self.started), _ceil_ms(now - self.last_active)
 
+    def warned_ms(self, now: float) -> int | None:
+        """Milliseconds since the idle warning as of `now`, rounded up; None: no warning."""
+        return None if self.warned is None else _ceil_ms(now - self.warned)
+
     @classmethod
-    def from_elapsed_ms(cls, now: float, age_ms: int, idle_ms: int) -> SessionClocks:
+    def from_elapsed_ms(
+        cls, now: float, age_ms: int, idle_ms: int, warned_ms: int | None = None
+    ) -> SessionClocks:
         """The clocks of a session `age_ms` old and idle for `idle_ms`, as of `now`.
 
         Idle longer than the session's age is capped at its age (it was idle since it began).
         """
-        return cls(now - age_ms / 1000, now - min(idle_ms, age_ms) / 1000)
+        warned = None if warned_ms is None else now - min(warned_ms, age_ms) / 1000
+        return cls(now - age_ms / 1000, now - min(idle_ms, age_ms) / 1000, warned)
 
 
 def _ceil_ms(seconds: float) -> int:
@@ -203,6 +221,8 @@ class ForwardedSession:
         expires: wall-clock seconds when the credentials stop being valid, or None.
         age_ms, idle_ms: a moving session's clocks (`SessionClocks.elapsed_ms`): the
             owner continues them; None for a new session (its clocks start at the owner).
+        warned_ms: how long ago the moving session's client was sent an `idle_warning`
+            (`SessionClocks.warned_ms`); None: not since it last acted, as far as known.
 
     Raises:
         ValueError: a field is out of its range (the message says which).
@@ -219,6 +239,7 @@ class ForwardedSession:
     expires: int | None = None
     age_ms: int | None = None
     idle_ms: int | None = None
+    warned_ms: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.principal, str) or not self.principal:
@@ -249,7 +270,11 @@ class ForwardedSession:
         ):
             # Bounded as the parser bounds it: what is encoded is always accepted.
             raise ValueError(f"expires must be whole seconds 0..{MAX_OFFSET}, or None")
-        for name, ms in (("age_ms", self.age_ms), ("idle_ms", self.idle_ms)):
+        for name, ms in (
+            ("age_ms", self.age_ms),
+            ("idle_ms", self.idle_ms),
+            ("warned_ms", self.warned_ms),
+        ):
             if ms is not None and (
                 isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= MAX_OFFSET
             ):
@@ -354,6 +379,8 @@ def _forwarded_values(fwd: ForwardedSession) -> list[tuple[str, str]]:
         values.append((_AGE, str(fwd.age_ms)))
     if fwd.idle_ms is not None:
         values.append((_IDLE, str(fwd.idle_ms)))
+    if fwd.warned_ms is not None:
+        values.append((_WARNED, str(fwd.warned_ms)))
     return values
 
 
@@ -405,7 +432,7 @@ def parse_forwarded_headers(
         if not _OFFSET.fullmatch(found[_EXPIRES]):
             raise ForwardedRequestError(f"{_EXPIRES} must be whole seconds since the epoch")
         expires = int(found[_EXPIRES])
-    age_ms, idle_ms = (_milliseconds(found, header) for header in (_AGE, _IDLE))
+    age_ms, idle_ms, warned_ms = (_milliseconds(found, header) for header in (_AGE, _IDLE, _WARNED))
     try:
         return ForwardedSession(
             principal=_decode(_PRINCIPAL, found[_PRINCIPAL]),
@@ -419,6 +446,7 @@ def parse_forwarded_headers(
             expires=expires,
             age_ms=age_ms,
             idle_ms=idle_ms,
+            warned_ms=warned_ms,
         )
     except ValueError as exc:
         raise ForwardedRequestError(f"forwarded session: {exc}") from None

@@ -21,7 +21,10 @@ position is. That lets it move the session when the owner dies:
    which starts exactly at the client's position (an `output_gap` notice
    first if the new owner no longer holds those bytes). The held input follows,
    including the start of a frame the dead owner got only part of (it never
-   acted on it), and the relay goes on.
+   acted on it), and the relay goes on. Input waits for the new owner's port
+   only so long (`control.MOVED_INPUT_WAIT`, as a session that moves to this
+   gateway holds it): then the owner gets it, and refuses keys with `port_down`
+   if its port is still down, as it refuses any.
 
 The same happens when the owner lets go of the VM without a Close frame (it
 hands the console to another gateway, or drains for a deploy: it ends a
@@ -45,6 +48,8 @@ the session's start and its client's last message, never from the move. The
 relay sees frame headers only, so any text or binary message counts as
 activity (an owner counts a writer's accepted input and BREAKs only): a moved
 session may have its idle clock a little younger, never older, than its owner had.
+It also notes when the owner sends the client an `idle_warning` (a notice it
+decodes anyway), so that the next owner does not warn again for the same period.
 
 Whatever the relay gives up on, it resets (linger.py): a client or an owner that
 does not flush in `close_timeout`, a frozen owner's link, a client dropped mid-frame.
@@ -323,6 +328,7 @@ class Relay:
         self._frames = ClientStream(MAX_PARTIAL_BYTES)
         self._held: bytearray | None = None  # client input while no owner is attached
         self._moving: asyncio.Task[None] | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None  # see `_attach`
         self._was_writer = False  # whether the client wrote before its latest move
         self._pongs_before = 0  # the client's pongs before the current owner's stream
         self._last_pong = asyncio.get_running_loop().time()  # or when the relay began
@@ -330,6 +336,8 @@ class Relay:
         now = time.monotonic()
         self._started = now if clocks is None else clocks.started
         self._last_active = now if clocks is None else clocks.last_active
+        self._warned = None if clocks is None else clocks.warned  # the last idle_warning
+        self._server.on_idle_warning = self._idle_warned
 
     # -- normal relaying --------------------------------------------------------------------
 
@@ -453,8 +461,13 @@ class Relay:
 
     @property
     def clocks(self) -> SessionClocks:
-        """When the session started and its client last sent a message (see the module doc)."""
-        return SessionClocks(self._started, self._last_active)
+        """When the session started, its client last sent a message and was last sent an
+        idle warning (see the module doc)."""
+        return SessionClocks(self._started, self._last_active, self._warned)
+
+    def _idle_warned(self) -> None:
+        """The owner sent the client an idle warning: the next owner need not send it again."""
+        self._warned = time.monotonic()
 
     @property
     def vm(self) -> str | None:
@@ -714,6 +727,7 @@ class Relay:
             raise
         end, first, payload = found
         stream = ServerStream()
+        stream.on_idle_warning = self._idle_warned
         if first == 0x81:  # a final text frame: the hello
             stream.message(payload)
         if stream.hello is None or stream.position is None or stream.position < position:
@@ -779,11 +793,26 @@ class Relay:
             owner.transport.pause_reading()
         if self._server.port_up and self._held is not None:
             self._flush_held(owner)
-        # Else the input waits for the new owner's port_up: sent now, it would be refused
-        # (`port_down` errors) and lost.
+        elif self._held is not None:
+            # The input waits for the new owner's port_up: sent now, it would be refused
+            # (`port_down` errors) and lost. Not for ever: past MOVED_INPUT_WAIT it goes
+            # and is refused so, as a session here would refuse it (and the client's pongs,
+            # held with it, reach the owner before it drops the client for missing them).
+            self._hold_timer = asyncio.get_running_loop().call_later(
+                control.MOVED_INPUT_WAIT, self._hold_over, owner
+            )
+
+    def _hold_over(self, owner: _Owner) -> None:
+        """The new owner's port stayed down: its session gets the held input now."""
+        self._hold_timer = None
+        if self._held is not None and owner is self._owner and not owner.lost:
+            self._flush_held(owner)
 
     def _flush_held(self, owner: _Owner) -> None:
         """Send the new owner the start of a frame the old one never finished, then the rest."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         held, self._held = self._held or bytearray(), None
         replay = bytes(self._frames.unfinished) + bytes(held)
         messages = self._frames.messages
@@ -873,6 +902,7 @@ def adopt(
         clocks=clocks,
     )
     r._server = ServerStream(position)
+    r._server.on_idle_warning = r._idle_warned
     r._server.writer = writer
     r._held = bytearray()
     client.set_write_buffer_limits(high=high_water)

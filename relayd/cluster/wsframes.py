@@ -26,6 +26,7 @@ No I/O.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TypeGuard
 
 __all__ = [
@@ -223,6 +224,8 @@ class ServerStream(_FrameWalker):
         closing: the owner has begun a Close frame (its session is ending on
             purpose: the relay passes that on and never switches owners).
         pings: Ping frames the owner sent (its keepalive; the client must answer).
+        on_idle_warning: called when an `idle_warning` notice passes (the relay keeps
+            the time with the session's clocks).
     """
 
     _masked = False
@@ -235,6 +238,7 @@ class ServerStream(_FrameWalker):
         self.writer = False
         self.closing = False
         self.pings = 0
+        self.on_idle_warning: Callable[[], None] | None = None
         self._text: bytearray | None = None  # the text message being collected
         self._text_fin = False
         self._binary = False
@@ -292,6 +296,8 @@ class ServerStream(_FrameWalker):
                 self.port_up = True
             elif event == "demoted" or (event == "writer_changed" and msg.get("you") == "evicted"):
                 self.writer = False
+            elif event == "idle_warning" and self.on_idle_warning is not None:
+                self.on_idle_warning()
 
 
 def _is_offset(value: object) -> TypeGuard[int]:

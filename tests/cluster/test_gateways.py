@@ -1899,9 +1899,10 @@ async def test_a_moved_session_is_closed_at_its_original_deadline(
 ) -> None:
     """A session's clocks survive a move: a client that never types, moved mid-way (at its
     idle warning, 3 s in) from the owner to the other gateway, is closed with 4008 at 6 s
-    after it opened, not 6 s after the move. Through the relaying gateway the session moves
-    from a peer link to a session there (the console came to it); on the owner, from a
-    session there to a relay to the new owner (it drains, its client follows the console)."""
+    after it opened, not 6 s after the move, and is not warned a second time. Through the
+    relaying gateway the session moves from a peer link to a session there (the console
+    came to it); on the owner, from a session there to a relay to the new owner (it drains,
+    its client follows the console)."""
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
     mint = _mint(gateway_pki)
     deadline = 6.0
@@ -1919,8 +1920,41 @@ async def test_a_moved_session_is_closed_at_its_original_deadline(
             code, why = await c.closed()
             closed = time.monotonic() - opened
     assert (code, why) == (4008, reason)
+    assert [m for m in c.controls if m.get("event") == "idle_warning"] == []  # one per period
     # Sweeps run every second; restarted clocks would close it 6 s after the move (9 s+).
     assert deadline <= closed < deadline + 2.0, (moved, closed)
+
+
+async def test_keys_sent_as_the_console_moves_here_wait_for_its_port(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """The console of a relayed writer comes to the relaying gateway while its port is down
+    (it stays down past the second that gateway waits for it before taking the session):
+    the keys typed meanwhile wait for the port and then reach it, as a relay holds them for
+    a new owner elsewhere, instead of being refused with `port_down` errors and lost."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        owner_and_relay(cluster_config, far_end) as (owner, other),
+        console(other, ctx, mint("alice")) as c,
+    ):
+        assert c.hello["role"] == "writer"
+        await far_end.stop()  # down for whoever owns the port next, too
+        await c.control(type="notice", event="port_down")
+        owner.stop()
+        await c.control(type="notice", event="port_down")  # the console moves
+        await c.send(b"typed while it moved\r")
+        await until(
+            lambda: len(other.sessions) == 1 and not any(x.relaying for x in other.connections),
+            other,
+        )
+        assert not other.hubs["vm-a"].port_up  # a session here now, its port still down
+        await far_end.start()
+        await c.control(type="notice", event="port_up")
+        await far_end.wait_received(lambda got: b"typed while it moved\r" in got)
+        await c.send(b"and after\r")
+        await far_end.wait_received(lambda got: b"and after\r" in got)
+        assert [m for m in c.controls if m.get("type") == "error"] == []
 
 
 @pytest.mark.parametrize(

@@ -291,6 +291,14 @@ function onNotice(notice) {
       updateConsoleData();
       break;
     }
+    case 'offsets_reused': {
+      // The offsets this page holds past `first` are handed out again: their history is gone.
+      const note = `console history was reset: output goes on at offset ${notice.first}`;
+      setStatus('st-gap', `Offsets reused: ${note}; earlier output may not match.`, 'warn');
+      term.write(`\r\n\x1b[7m[relayd: ${note}]\x1b[0m\r\n`);
+      updateConsoleData();
+      break;
+    }
     case 'idle_warning':
       showBanner('warning', `Idle: this session closes in ${Math.round(notice.closes_in)} s unless you type.`);
       break;
