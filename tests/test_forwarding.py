@@ -246,7 +246,6 @@ GOOD = headers_of(FWD)
         ("Relayd-Forwarded-Session", "ABCD", "session_id"),
         ("Relayd-Forwarded-Session", "a" * 65, "session_id"),
         ("Relayd-Forwarded-Amr", "x" * (MAX_VALUE_BYTES + 1), str(MAX_VALUE_BYTES)),
-        ("Relayd-Forwarded-Vm", "vm-a", "unknown forwarded header"),
     ],
 )
 def test_parse_forwarded_headers_bad_value_raises_400(
@@ -256,6 +255,12 @@ def test_parse_forwarded_headers_bad_value_raises_400(
     with pytest.raises(ForwardedRequestError, match=message) as info:
         parse_forwarded_headers(replaced(GOOD, name, value))
     assert info.value.http_status == 400
+
+
+def test_parse_forwarded_headers_ignores_a_header_it_does_not_know() -> None:
+    """A newer gateway's advisory header (a rolling upgrade) does not refuse the session."""
+    pairs = [*GOOD, ("Relayd-Forwarded-Newer-Hint", "x"), ("relayd-forwarded-newer-hint", "y")]
+    assert parse_forwarded_headers(pairs) == FWD
 
 
 def test_parse_forwarded_headers_repeated_header_raises() -> None:

@@ -52,6 +52,11 @@ The request, exactly::
   (`Expires` is the credentials' own wall-clock time, from the token.)
 - Sizes are capped on both sides: a value at `MAX_VALUE_BYTES`, the whole
   head at `MAX_HEAD_BYTES` (the owner's own request-head cap).
+- A `Relayd-Forwarded-*` header the owner does not know is ignored, so that a
+  region mid-way through a rolling upgrade keeps moving sessions between old
+  and new gateways: a newer gateway may add advisory headers (as `Warned` was
+  added). A header that narrows what a session may do must never be added so:
+  it comes with a new `Relayd-Forwarded-Version`, which an older owner refuses.
 
 The owner must honour these headers only on a connection whose client
 certificate is a gateway's (`peerlink.PeerTrust.gateway_identity`); from
@@ -396,8 +401,9 @@ def parse_forwarded_headers(
             ignored.
 
     Raises:
-        ForwardedRequestError: (400) a forwarded header is unknown, repeated,
-            missing, too long or not in the format; the message names it.
+        ForwardedRequestError: (400) a forwarded header is repeated, missing, too
+            long or not in the format; the message names it. One this gateway does
+            not know is ignored (rolling upgrades).
     """
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     found: dict[str, str] = {}
@@ -407,7 +413,7 @@ def parse_forwarded_headers(
             continue
         canonical = _KNOWN.get(lower)
         if canonical is None:
-            raise ForwardedRequestError(f"unknown forwarded header {name[:64]!r}")
+            continue  # a newer gateway's advisory header (see the module docstring)
         if canonical in found:
             raise ForwardedRequestError(f"{canonical} appears more than once")
         if len(value) > MAX_VALUE_BYTES:
