@@ -43,6 +43,40 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). A real
+# region (redis-server, three `relayd serve`, HAProxy) is a CPU-heavy load: the modules that
+# start one keep to one worker, one after another, so two regions never compete for the
+# cores, and their tests run in file order on the module's one region. The QEMU guests are
+# booted once per worker that asks (tests/guest/conftest.py's session pool), so their tests
+# keep to one worker too. Every other test binds port 0 and keeps to its own tmp_path, so it
+# may run beside any of them. (xdist's own `xdist_group` marks do nothing on pytest 9.2,
+# which no longer lets a plugin rename a test: hence a scheduler that groups by path.)
+XDIST_GROUPS = {
+    "tests/cluster/test_chaos.py": "region",
+    "tests/cluster/test_cluster_processes.py": "region",
+    "tests/cluster/test_run_cluster.py": "region",
+    "tests/guest/": "guest",
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under `--dist loadgroup`: the XDIST_GROUPS' tests by group, every other test alone."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class PathGroupScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        """LoadScope's scheduling (largest work units first), grouped by XDIST_GROUPS."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            for prefix, group in XDIST_GROUPS.items():
+                if nodeid.startswith(prefix):
+                    return group
+            return nodeid
+
+    return PathGroupScheduling(config, log)
+
+
 ISSUER = "https://login.test/tenant"
 AUDIENCE = "relayd"
 TIMEOUT = 10.0
