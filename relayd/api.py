@@ -118,6 +118,9 @@ class ClusterView(Protocol):
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """(gateway id, advertise host:port) of the VM's owner."""
 
+    def fence_of(self, vm_id: str) -> int | None:
+        """The fencing token of the owner's lease on the VM (None: unknown)."""
+
     async def next_round(self) -> None:
         """Wait until the next ownership round has run."""
 
@@ -661,9 +664,11 @@ def _reattach(
         )
         return encode_forwarded_request(path, headers, moved)
 
+    named = cluster.owner_of(vm_id)
     return Reattach(
         vm=vm_id,
         owner=owner,
+        fence=cluster.fence_of(vm_id) if named is not None and named[0] == owner else None,
         owners=cluster,
         request=resuming,
         ssl_context=cluster.peer_ssl,

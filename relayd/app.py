@@ -194,6 +194,10 @@ class GatewayCluster:
         """(gateway id, advertise address) of the VM's owner, as of the last round."""
         return self.node.owner_of(vm_id)
 
+    def fence_of(self, vm_id: str) -> int | None:
+        """The fencing token of the owner's lease on the VM, as of the last round."""
+        return self.node.fence_of(vm_id)
+
     async def next_round(self) -> None:
         """Wait until the next ownership round has run (a relay waits for a new owner)."""
         await self.node.next_round()

@@ -191,22 +191,27 @@ class FakeOwner:
 class Directory:
     """The relaying gateway's view of ownership (`OwnerDirectory`), set by the test."""
 
-    def __init__(self, owner: tuple[str, str] | None) -> None:
+    def __init__(self, owner: tuple[str, str] | None, fence: int | None = None) -> None:
         self.owner = owner
+        self.fence = fence
         self._round = asyncio.Condition()
 
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """The owner the test last named."""
         return self.owner if vm_id == VM else None
 
+    def fence_of(self, vm_id: str) -> int | None:
+        """The fencing token the test last named with it (None: unknown)."""
+        return self.fence if vm_id == VM else None
+
     async def next_round(self) -> None:
         """Until the test names an owner again."""
         async with self._round:
             await self._round.wait()
 
-    async def name(self, owner: tuple[str, str] | None) -> None:
-        """An ownership round that names `owner`."""
-        self.owner = owner
+    async def name(self, owner: tuple[str, str] | None, fence: int | None = None) -> None:
+        """An ownership round that names `owner` (and its lease's `fence`)."""
+        self.owner, self.fence = owner, fence
         async with self._round:
             self._round.notify_all()
 
@@ -305,6 +310,7 @@ class Front:
         reattach = Reattach(
             vm=VM,
             owner=owner[0],
+            fence=self.owners.fence_of(VM),
             owners=self.owners,
             request=Resuming(headers, broken=self.broken),
             ssl_context=self.peer_context,
@@ -474,6 +480,39 @@ async def test_input_held_for_a_new_owner_whose_port_stays_down_goes_after_the_w
             assert await client_frame(r2) == (Opcode.BINARY.value, b"more")
 
             closing = asyncio.create_task(ws.close())
+            opcode, payload = await client_frame(r2)
+            assert opcode == Opcode.CLOSE.value
+            w2.write(Frame(Opcode.CLOSE, payload).serialize(mask=False))
+            w2.close()
+            await closing
+
+
+async def test_owner_that_hung_up_and_took_the_console_back_is_asked_again(pki: Pki) -> None:
+    """The owner lets go and, by this gateway's next round, holds the console again
+    under a new lease (this gateway saw no round in between: frozen, or its rounds
+    failed). The relay asks it again, where a gateway id alone would look unchanged
+    and keep the client at port_down until the move gave up."""
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        Front(pki, directory := Directory(first.named, fence=7)) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100) + binary(b"abc"))
+        ws = await upgrading
+        async with ws:
+            assert (await control_message(ws))["role"] == "writer"
+            assert await received(ws) == b"abc"
+            w1.close()
+            assert await notice(ws) == "port_down"
+            await directory.name(first.named, fence=9)
+            (r2, w2), request, fwd = await first.next_request()
+            assert (fwd.mode, fwd.resume_from) == ("interactive", 103)
+            w2.write(switching(request) + hello("writer", 103) + binary(b"def"))
+            assert await notice(ws) == "port_up"
+            assert await received(ws) == b"def"
+
+            closing = asyncio.create_task(ws.close())  # the session ends on purpose
             opcode, payload = await client_frame(r2)
             assert opcode == Opcode.CLOSE.value
             w2.write(Frame(Opcode.CLOSE, payload).serialize(mask=False))

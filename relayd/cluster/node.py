@@ -296,8 +296,10 @@ class ClusterNode:
         self.held: dict[str, int] = {}
         self.outboxes: dict[str, Outbox] = {}
         self._hubs: dict[str, ConsoleHub] = {}  # of the held VMs: told when leases lapse
-        # Where each VM is owned, as of the last round: vm -> (gateway, advertise address).
+        # Where each VM is owned, as of the last round: vm -> (gateway, advertise address),
+        # and the fencing token of that owner's lease (absent when a peer named the owner).
         self.owners: dict[str, tuple[str, str]] = {}
+        self.fences: dict[str, int] = {}
         # The IP addresses the region's live gateways advertise, as of the last round:
         # their peer links are not clients' connections (see `Gateway.is_gateway_address`).
         self.gateway_addresses: frozenset[str] = frozenset()
@@ -348,6 +350,11 @@ class ClusterNode:
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """(gateway id, advertise address) of the VM's owner, None while nobody owns it."""
         return self.owners.get(vm_id)
+
+    def fence_of(self, vm_id: str) -> int | None:
+        """The fencing token of the owner's lease on the VM, as of the last round (None:
+        unknown). A gateway that lost a VM and took it back holds it under a new one."""
+        return self.fences.get(vm_id)
 
     def view_for_peer(self, vms: Iterable[str]) -> dict[str, object]:
         """What the last round read from Redis about `vms`, for a peer cut off from it."""
@@ -698,7 +705,7 @@ class ClusterNode:
         if not fresh:
             return
         view = min(fresh, key=lambda v: v.seen_ago or 0.0)
-        routes = dict(self.owners)
+        routes, fences = dict(self.owners), dict(self.fences)
         for vm in vms:
             owner = view.owners.get(vm)
             if vm not in self.held or owner is None or owner == self.gateway_id:
@@ -706,12 +713,13 @@ class ClusterNode:
             log.warning("cluster_deposed_while_cut_off", vm=vm, owner=owner, told_by=view.gateway)
             self.stats.deposed_by_peers += 1
             self._drop(vm, "another gateway owns the console now")
+            fences.pop(vm, None)  # a peer's answer names the owner, not its lease
             address = view.live.get(owner)
             if address is not None:
                 routes[vm] = (owner, address)
             else:
                 routes.pop(vm, None)
-        self._set_owners(routes)
+        self._set_owners(routes, fences)
 
     async def _ask_one(self, gateway: str, advertise: str, vms: Sequence[str]) -> PeerView | None:
         """One peer's reading for `vms` (merged over as many questions as they need)."""
@@ -738,6 +746,7 @@ class ClusterNode:
 
     def _note_owners(self, holders: Mapping[str, Lease | None], live: Mapping[str, str]) -> None:
         owners: dict[str, tuple[str, str]] = {}
+        fences: dict[str, int] = {}
         for vm_id, lease in holders.items():
             if lease is None:
                 continue
@@ -746,17 +755,20 @@ class ClusterNode:
                     owners[vm_id] = (self.gateway_id, self.advertise)
             elif lease.gateway in live:
                 owners[vm_id] = (lease.gateway, live[lease.gateway])
+                fences[vm_id] = lease.token
         self.gateway_addresses = frozenset(
             address for advertised in live.values() if (address := _ip_of(advertised))
         )
-        self._set_owners(owners)
+        self._set_owners(owners, fences)
 
-    def _set_owners(self, owners: dict[str, tuple[str, str]]) -> None:
-        """Route by `owners` from now on; sessions relayed to a VM that moved follow it."""
-        for vm_id in self.held:
+    def _set_owners(self, owners: dict[str, tuple[str, str]], fences: dict[str, int]) -> None:
+        """Route by `owners` (their leases' `fences`) from now on; sessions relayed to a VM
+        that moved follow it."""
+        for vm_id, token in self.held.items():
             owners[vm_id] = (self.gateway_id, self.advertise)
+            fences[vm_id] = token
         before = self.owners
-        self.owners = owners
+        self.owners, self.fences = owners, fences
         moved = [vm for vm, now in owners.items() if before.get(vm, ("",))[0] != now[0]]
         if moved:
             self.owner.owners_changed(moved)

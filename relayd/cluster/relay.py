@@ -113,6 +113,9 @@ class OwnerDirectory(Protocol):
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """(gateway id, advertise host:port) of the VM's owner, None while nobody owns it."""
 
+    def fence_of(self, vm_id: str) -> int | None:
+        """The fencing token of that owner's lease on the VM (None: unknown)."""
+
     async def next_round(self) -> None:
         """Wait until the gateway's next ownership round has run."""
 
@@ -125,6 +128,7 @@ class Reattach:
         vm: the VM.
         owner: the gateway id of the owner the session is relayed to first.
         owners: the gateway's view of ownership.
+        fence: the fencing token of `owner`'s lease, as `owners` named it (None: unknown).
         request: the forwarded upgrade for this session, resuming at an offset, as the
             writer (interactive) or not (spectate), with its clocks as of now.
         ssl_context: the peer-link client context.
@@ -145,6 +149,7 @@ class Reattach:
     wait: float
     me: str | None = None
     keepalive: float | None = None
+    fence: int | None = None
 
 
 class MoveRefused(Exception):
@@ -270,6 +275,17 @@ class _Owner(asyncio.Protocol):
             self.relay._owner_lost(self)
 
 
+def _another_lease(
+    owner: tuple[str, str] | None, fence: int | None, gateway: str | None, known: int | None
+) -> bool:
+    """Whether the view (`owner`, its lease's `fence`) names another lease than the one
+    `gateway` held (`known`): no owner, another gateway, or the same one under another
+    token. An unknown token (a peer named the owner) counts as the same lease."""
+    if owner is None or owner[0] != gateway:
+        return True
+    return fence is not None and known is not None and fence != known
+
+
 def _close_later(end: _Client | _Owner, close_timeout: float) -> None:
     """Flush, then close; reset if the flush takes longer than `close_timeout`."""
     if end.lost or end.close_timer is not None:
@@ -318,6 +334,7 @@ class Relay:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reattach = reattach
         self._owner_id = None if reattach is None else reattach.owner
+        self._owner_fence = None if reattach is None else reattach.fence  # its lease's token
         self._on_done = on_done
         self._on_here = on_here
         self._high_water = high_water
@@ -648,14 +665,18 @@ class Relay:
         """Wait for a live owner and open the session on it, resuming at the client's position.
 
         The gateway that died stays in the view until its lease lapses: it is
-        tried again only once the view has named someone else (or no one),
-        as when it restarts and takes its share back.
+        tried again only once the view has named someone else (or no one), or
+        the same gateway under another lease (fencing token), as when it
+        restarts and takes its share back. Gateway ids alone would miss that
+        when this gateway saw no round in between (frozen, or its rounds
+        failed): the client would wait at port_down for an owner never named.
         """
-        dead = self._owner_id
+        dead, dead_fence = self._owner_id, self._owner_fence
         moved = False
         while True:
-            owner = reattach.owners.owner_of(reattach.vm)
-            if owner is None or owner[0] != dead:
+            owners = reattach.owners
+            owner, fence = owners.owner_of(reattach.vm), owners.fence_of(reattach.vm)
+            if _another_lease(owner, fence, dead, dead_fence):
                 moved = True
             if owner is not None and moved:
                 if owner[0] == reattach.me and self._on_here is not None:
@@ -664,9 +685,9 @@ class Relay:
                 else:
                     attached = await self._try_owner(reattach, owner)
                     if attached is not None:
-                        self._owner_id = owner[0]
+                        self._owner_id, self._owner_fence = owner[0], fence
                         return attached
-            await reattach.owners.next_round()
+            await owners.next_round()
 
     async def _try_owner(
         self, reattach: Reattach, owner: tuple[str, str]
@@ -959,7 +980,8 @@ async def reach_owner(
             while True:
                 await reattach.owners.next_round()
                 owner = reattach.owners.owner_of(reattach.vm)
-                moved = moved or owner is None or owner[0] != reattach.owner
+                fence = reattach.owners.fence_of(reattach.vm)  # of the same round, as `owner`
+                moved = moved or _another_lease(owner, fence, reattach.owner, reattach.fence)
                 if owner is None or not moved:
                     continue
                 owner_host, _, owner_port = owner[1].rpartition(":")
@@ -976,7 +998,7 @@ async def reach_owner(
                 if first is not None:
                     first.abort()
                 log.info("relay_routed_again", vm=reattach.vm, owner=reattach.owner, to=owner[0])
-                return answer, dataclasses.replace(reattach, owner=owner[0])
+                return answer, dataclasses.replace(reattach, owner=owner[0], fence=fence)
     except TimeoutError:
         pass
     if first is not None:

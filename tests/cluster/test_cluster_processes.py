@@ -553,6 +553,40 @@ async def test_owner_killed_clients_through_other_gateways_get_port_down_up_and_
         await typed(remote, b"still-here")
 
 
+async def test_client_of_a_frozen_gateway_follows_its_vm_back_to_the_owner_it_lost(
+    region: Region,
+) -> None:
+    """Found by the chaos checker: the gateway relaying a client is frozen while the VM's
+    owner dies and, restarted, takes the VM back under a new lease. Thawed, the relay sees
+    the link gone and the region naming the same gateway: it must go back to it, not wait
+    for another owner that never comes (the client sat at port_down until 1001)."""
+    vm = "vm-4"
+    before = await region.wait_settled()
+    owner = before[vm]
+    relaying = region.others(owner)[0]
+    async with region.console(relaying, vm, user="alice") as remote:
+        await typed(remote, b"before-the-freeze")
+        relaying.freeze()
+        try:
+            owner.kill()
+            await owner.wait_exit()
+            await owner.start(region.cluster.python)
+            # Its own share: it claims after its grace, the other live gateway only after
+            # `patience` (and the frozen one is not live).
+            assert await region.wait_owner(vm) is owner
+        finally:
+            relaying.thaw()
+        await remote.control(type="notice", event="port_down")
+        await remote.control(type="notice", event="port_up")
+        await typed(remote, b"after-the-thaw")
+    # The frozen gateway's own VMs were claimed while it still held their ports (two
+    # connections at once, as it must be): at rest again, count from here.
+    await region.wait_settled()
+    for held, gateway in before.items():
+        if gateway is relaying:
+            region.ends[held].reset_max_connections()
+
+
 async def test_killed_gateway_rejoins_and_takes_back_only_its_share(region: Region) -> None:
     """A gateway killed and started again: its VMs move away and back, never two holders."""
     before = await region.wait_settled()
