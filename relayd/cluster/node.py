@@ -61,6 +61,9 @@ PeerView = peerview.PeerView
 AskPeer = Callable[[str, Sequence[str]], Awaitable[PeerView]]
 
 APPEND_COALESCE = 0.025
+#: How long a gateway remembers where a VM it handed over left its offsets, in lease
+#: periods: the next owner claims it within a few, and re-reserves past it itself.
+HANDED_OVER_KEEP_LEASES = 10
 APPEND_RETRY_MIN = 0.1
 APPEND_RETRY_MAX = 1.0
 #: Console output sent to Redis in one round trip, at most (beyond one VM's batch):
@@ -319,6 +322,10 @@ class ClusterNode:
         # Redis lost the log's marks and ours are not back yet: owed until a round puts
         # them back, so a round that fails on its way does not forget them.
         self._marks_owed = False
+        # VMs handed over lately: vm -> (the offset past all we handed out, when, loop
+        # time). Until another gateway holds the VM, only this gateway knows that mark
+        # if Redis loses it (`_reserve_again`).
+        self._handed_over: dict[str, tuple[int, float]] = {}
         self._down_since: float | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -830,15 +837,24 @@ class ClusterNode:
         """Redis lost the log's marks: put back ours, past every offset we handed out.
 
         Without them a successor (after this gateway dies) would start the log at
-        0 again and hand out offsets our clients already hold.
+        0 again and hand out offsets our clients already hold. The same for a VM this
+        gateway handed over lately: its clients hold offsets up to the hand-over, and
+        the gateway that claims it next (maybe not yet) must start past them.
         """
         for vm_id, token in held.items():
             box = self.outboxes.get(vm_id)
             if box is not None:
                 ahead = max(self.store.reserve_ahead, box.ahead)
                 await self.store.reserve(vm_id, token, box.end + ahead)
+        now = asyncio.get_running_loop().time()
+        keep = HANDED_OVER_KEEP_LEASES * self.lease_ttl
+        self._handed_over = {
+            vm: (mark, at) for vm, (mark, at) in self._handed_over.items() if now - at < keep
+        }
+        floors = {vm: mark for vm, (mark, _) in self._handed_over.items() if vm not in held}
+        await self.store.raise_floors(floors)
         self._marks_owed = False  # only now: a Redis error above leaves them owed
-        log.info("cluster_offsets_reserved_again", vms=len(held))
+        log.info("cluster_offsets_reserved_again", vms=len(held), handed_over=len(floors))
 
     def _lease_renewed(self, vms: Iterable[str], expiry: float) -> None:
         """Our leases on `vms` last until `expiry` (loop time): their hubs write input until
@@ -964,6 +980,11 @@ class ClusterNode:
                     if (await self.store.renew_many({vm_id: token}))[vm_id]:
                         await self.store.settle(vm_id, token, left.end)
         await self.store.release_many({vm_id: token for vm_id, (token, _) in pending.items()})
+        now = asyncio.get_running_loop().time()
+        for vm_id, (_, left) in pending.items():
+            if left is not None:
+                mark = left.end + max(self.store.reserve_ahead, left.ahead)
+                self._handed_over[vm_id] = (mark, now)
         for vm_id, entry in pending.items():
             if self._releasing.get(vm_id) is entry:
                 del self._releasing[vm_id]

@@ -374,6 +374,18 @@ return {'ok', reserved}
 """
 )
 
+_RAISE_FLOOR = _Script("""
+-- KEYS: logmeta   ARGV: offset   -> the floor now
+-- Not fenced: it only ever raises where a new owner's offsets start (a gap at worst).
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
+local want = tonumber(ARGV[1])
+if want > reserved then
+  redis.call('HSET', KEYS[1], 'reserved', string.format('%d', want))
+  return want
+end
+return reserved
+""")
+
 _READ = _Script("""
 -- KEYS: log, logmeta   ARGV: from offset, max bytes   -> {start, end, data offset, data}
 local meta = redis.call('HMGET', KEYS[2], 'start', 'end')
@@ -1159,6 +1171,18 @@ class ClusterStore:
         async with self._deadline("reserve"):
             (result,) = await self._pipeline([call])
         return bytes(result[0]) == b"ok"
+
+    async def raise_floors(self, floors: Mapping[str, int]) -> None:
+        """Make each VM's next owner start its offsets at or past `floors[vm]`, whoever
+        holds the lease (or nobody): a gateway that handed a VM over puts back the mark
+        Redis lost with its data, before another gateway claims the VM at 0."""
+        calls = [
+            _Call(_RAISE_FLOOR, (self._key("logmeta", vm),), (offset,))
+            for vm, offset in floors.items()
+        ]
+        if calls:
+            async with self._deadline("raise_floors"):
+                await self._pipeline(calls)
 
     async def settle(self, vm: str, token: int, end: int) -> bool:
         """Everything we handed out (offsets below `end`) is stored: the next owner may

@@ -303,6 +303,26 @@ async def test_a_round_that_releases_a_lease_left_by_a_cut_hand_over_still_ships
     assert not node._releasing
 
 
+async def test_a_vm_handed_over_before_redis_lost_its_data_is_not_claimed_at_offset_0(
+    make_store: StoreFactory, redis_server: RedisServer
+) -> None:
+    """A gateway hands a VM over (its clients hold offsets up to 1000), and Redis restarts
+    empty before any gateway claims it: only the gateway that handed it over knows where
+    its offsets stood, and it puts that back in its first round after the loss, so the
+    next owner starts past them instead of at 0 (seen by the chaos soak: two different
+    bytes at one offset)."""
+    store = make_store("gw-1")
+    node = _node(_PortlessGateway(), store)
+    await node.round()  # the dataset as it was
+    await _cut_hand_over(store, node)
+    await node._finish_releases()
+    assert await store.holder("vm-a") is None
+    await redis_server.restart_empty()
+    assert await make_store("gw-2").resume_point("vm-a") == 0
+    await node.round()  # notices the new dataset
+    assert await make_store("gw-2").resume_point("vm-a") >= 1000
+
+
 class _ClosingGateway(_PortlessGateway):
     """Records why the node closed each hub."""
 
