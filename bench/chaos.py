@@ -765,7 +765,7 @@ async def main(args: argparse.Namespace) -> int:
                 await stop_region(region)
             RESULTS.mkdir(parents=True, exist_ok=True)
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            if outcome.violation_count:  # the gateways' logs, to find the cause
+            if outcome.violation_count or outcome.stalls:  # the gateways' logs, for the cause
                 logs = RESULTS / f"chaos-{stamp}-seed{seed}-logs"
                 logs.mkdir()
                 for gateway in region.gateways:
