@@ -55,6 +55,7 @@ from .hub import ConsoleHub
 from .linger import reset_connection
 from .log import get_logger
 from .session import WS_LOGGER, ConsoleSession
+from .tls import peer_certificate
 
 log = get_logger("relayd.connection")
 
@@ -612,8 +613,7 @@ class HttpConnection(asyncio.Protocol):
 
     def peer_certificate(self) -> bytes | None:
         """The client's certificate (DER), verified at the handshake; None if it had none."""
-        ssl_object = None if self.transport is None else self.transport.get_extra_info("ssl_object")
-        return None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+        return None if self.transport is None else peer_certificate(self.transport)
 
     def owner_certificate(self) -> bytes | None:
         """The certificate (DER) of the owner a relayed session is linked to, if any."""

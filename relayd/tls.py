@@ -8,6 +8,7 @@ present a certificate; it is verified against that CA only, and against
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 
@@ -81,3 +82,10 @@ def apply_crl(ctx: ssl.SSLContext, crl: Path) -> None:
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(str(crl), "tls.crl", f"cannot load: {exc}") from None
     ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
+def peer_certificate(transport: asyncio.BaseTransport) -> bytes | None:
+    """The certificate (DER) the other end of a TLS transport presented, verified at its
+    handshake; None without TLS or without a certificate."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return None if ssl_object is None else ssl_object.getpeercert(binary_form=True)

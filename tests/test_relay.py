@@ -365,6 +365,18 @@ async def notice(ws: ClientConnection) -> str:
     return str(message["event"])
 
 
+async def close_on_purpose(
+    ws: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """The client ends the session: its Close reaches the owner, whose answer ends it."""
+    closing = asyncio.create_task(ws.close())
+    opcode, payload = await client_frame(reader)
+    assert opcode == Opcode.CLOSE.value
+    writer.write(Frame(Opcode.CLOSE, payload).serialize(mask=False))
+    writer.close()
+    await closing
+
+
 # -- moving to a new owner --------------------------------------------------------------------
 
 
@@ -441,12 +453,7 @@ async def test_writer_refused_by_deny_on_the_new_owner_resumes_there_as_a_specta
             assert await received(ws) == b"ghi"
             assert second.requests.empty()
 
-            closing = asyncio.create_task(ws.close())  # the session ends on purpose
-            opcode, payload = await client_frame(r2)
-            assert opcode == Opcode.CLOSE.value
-            w2.write(Frame(Opcode.CLOSE, payload).serialize(mask=False))
-            w2.close()
-            await closing
+            await close_on_purpose(ws, r2, w2)
         assert ws.close_code == 1000
 
 
@@ -479,12 +486,7 @@ async def test_input_held_for_a_new_owner_whose_port_stays_down_goes_after_the_w
             await ws.send(b"more")  # and from then on, straight through
             assert await client_frame(r2) == (Opcode.BINARY.value, b"more")
 
-            closing = asyncio.create_task(ws.close())
-            opcode, payload = await client_frame(r2)
-            assert opcode == Opcode.CLOSE.value
-            w2.write(Frame(Opcode.CLOSE, payload).serialize(mask=False))
-            w2.close()
-            await closing
+            await close_on_purpose(ws, r2, w2)
 
 
 async def test_owner_that_hung_up_and_took_the_console_back_is_asked_again(pki: Pki) -> None:
@@ -512,12 +514,7 @@ async def test_owner_that_hung_up_and_took_the_console_back_is_asked_again(pki: 
             assert await notice(ws) == "port_up"
             assert await received(ws) == b"def"
 
-            closing = asyncio.create_task(ws.close())  # the session ends on purpose
-            opcode, payload = await client_frame(r2)
-            assert opcode == Opcode.CLOSE.value
-            w2.write(Frame(Opcode.CLOSE, payload).serialize(mask=False))
-            w2.close()
-            await closing
+            await close_on_purpose(ws, r2, w2)
 
 
 @pytest.mark.parametrize(

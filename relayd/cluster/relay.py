@@ -74,6 +74,7 @@ from .. import control
 from ..errors import PeerLinkError
 from ..linger import reset_connection
 from ..log import get_logger
+from ..tls import peer_certificate
 from .forwarding import SessionClocks
 from .peerlink import CLOSE_TIMEOUT, HIGH_WATER, PeerConnection, open_peer
 from .wsframes import ClientStream, ServerStream, first_frame
@@ -439,8 +440,7 @@ class Relay:
         owner = self._owner
         if owner is None or owner.lost:
             return None
-        ssl_object = owner.transport.get_extra_info("ssl_object")
-        return None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+        return peer_certificate(owner.transport)
 
     def end(self, code: int, reason: str) -> None:
         """Close the client with `code` (between frames: else it is cut), and the owner's link."""
