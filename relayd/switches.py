@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +42,9 @@ class ConsoleSwitches:
         self.path = state_dir / FILENAME
         self.temp_path = self.path.with_suffix(".tmp")
         self._state: dict[str, dict[str, bool]] = {level: {} for level in LEVELS}
+        # In a cluster, when each override last changed (`ClusterStore.set_switch`): what
+        # this gateway puts back after Redis loses its data is ordered by it.
+        self._times: dict[str, dict[str, int]] = {level: {} for level in LEVELS}
 
     def load(self) -> None:
         """Read the file if it exists.
@@ -55,14 +58,23 @@ class ConsoleSwitches:
             return
         except (OSError, ValueError) as exc:
             raise ConfigError(str(self.path), "", f"cannot read console switches: {exc}") from None
-        ok = isinstance(raw, dict) and all(
+        if not (isinstance(raw, dict) and isinstance(raw.get("times", {}), dict)):
+            raise ConfigError(str(self.path), "", "not a console switch file (edit or remove it)")
+        times = raw.get("times", {})
+        ok = all(
             isinstance(raw.get(level, {}), dict)
             and all(isinstance(v, bool) for v in raw.get(level, {}).values())
+            and isinstance(times.get(level, {}), dict)
+            and all(
+                isinstance(t, int) and not isinstance(t, bool)
+                for t in times.get(level, {}).values()
+            )
             for level in LEVELS
         )
         if not ok:
             raise ConfigError(str(self.path), "", "not a console switch file (edit or remove it)")
         self._state = {level: dict(raw.get(level, {})) for level in LEVELS}
+        self._times = {level: dict(times.get(level, {})) for level in LEVELS}
 
     def get(self, level: Level, key: str) -> bool | None:
         """The override at this level, or None when the config default applies."""
@@ -78,7 +90,7 @@ class ConsoleSwitches:
         state = {name: dict(overrides) for name, overrides in self._state.items()}
         state[level][key] = enabled
         try:
-            self._write(json.dumps(state, indent=1, sort_keys=True).encode() + b"\n")
+            self._write(self._dump(state))
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             log.error("state_write_failed", path=str(self.path), error=reason)
@@ -91,14 +103,22 @@ class ConsoleSwitches:
         """Every override, per level (a copy)."""
         return {level: dict(overrides) for level, overrides in self._state.items()}
 
-    def replace(self, state: dict[str, dict[str, bool]]) -> None:
-        """Keep `state` as the whole set of overrides (a cluster's local copy of the region's).
+    def times(self) -> dict[str, dict[str, int]]:
+        """When each override last changed, where known (a copy; see `replace`)."""
+        return {level: dict(times) for level, times in self._times.items()}
+
+    def replace(
+        self, state: Mapping[str, Mapping[str, bool]], times: Mapping[str, Mapping[str, int]]
+    ) -> None:
+        """Keep `state` as the whole set of overrides (a cluster's local copy of the region's),
+        with when each changed.
 
         Raises:
             OSError: the file could not be written; memory keeps the new state anyway.
         """
         self._state = {level: dict(state.get(level, {})) for level in LEVELS}
-        self._write(json.dumps(self._state, indent=1, sort_keys=True).encode() + b"\n")
+        self._times = {level: dict(times.get(level, {})) for level in LEVELS}
+        self._write(self._dump(self._state))
 
     def adopt_legacy_scale_sets(self, scale_sets: Iterable[tuple[str, str, str]]) -> None:
         """Rewrite scale-set keys of the old form `sub/name` for the configured scale sets.
@@ -143,9 +163,15 @@ class ConsoleSwitches:
                 log.warning("legacy_switch_adopted", key=key, enabled=False, scale_sets=targets)
         if changed:
             try:
-                self._write(json.dumps(self._state, indent=1, sort_keys=True).encode() + b"\n")
+                self._write(self._dump(self._state))
             except OSError as exc:
                 log.warning("legacy_switch_not_saved", path=str(self.path), error=str(exc))
+
+    def _dump(self, state: Mapping[str, Mapping[str, bool]]) -> bytes:
+        data: dict[str, object] = dict(state)
+        if any(self._times.values()):  # a cluster's copy; a single gateway has none
+            data["times"] = self._times
+        return json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"
 
     def _write(self, data: bytes) -> None:
         """Replace the file atomically: temp file, fsync, rename (the commit), fsync the directory.

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from relayd.errors import ConfigError
 from relayd.switches import ConsoleSwitches
 
 from .conftest import FarEnd, http_request, https_exchange, running, wait_port_up
@@ -59,6 +60,25 @@ def test_switches_set_then_reload_reads_the_same_state(tmp_path: Path) -> None:
     assert again.get("vms", "vm-a") is False
     assert again.get("subscriptions", "sub-1") is True
     assert not switches.temp_path.exists()
+
+
+def test_switches_keep_a_clusters_times_and_refuse_a_file_whose_times_are_not_numbers(
+    tmp_path: Path,
+) -> None:
+    """A cluster gateway's copy keeps when each override changed (what it puts back after
+    Redis loses its data is ordered by it), through a restart and a single-gateway set; a
+    times section that is not numbers stops the start like any unreadable file."""
+    switches = ConsoleSwitches(tmp_path / "state")
+    switches.replace({"vms": {"vm-a": False}}, {"vms": {"vm-a": 1_700_000_000_123}})
+    switches.set("vms", "vm-b", True)
+    again = ConsoleSwitches(tmp_path / "state")
+    again.load()
+    assert again.snapshot()["vms"] == {"vm-a": False, "vm-b": True}
+    assert again.times()["vms"] == {"vm-a": 1_700_000_000_123}
+    for times in ('{"vms": {"vm-a": "soon"}}', '{"vms": {"vm-a": true}}', "[]", '{"vms": 3}'):
+        switches.path.write_text('{"vms": {"vm-a": false}, "times": ' + times + "}")
+        with pytest.raises(ConfigError, match="not a console switch file"):
+            ConsoleSwitches(tmp_path / "state").load()
 
 
 @pytest.mark.parametrize("how", OBSTRUCTIONS)

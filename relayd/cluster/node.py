@@ -47,8 +47,10 @@ from .store import (
     ClusterStore,
     ClusterUnavailableError,
     Outgoing,
+    Override,
     OwnershipNews,
     SwitchChange,
+    SwitchesRead,
     SwitchesResync,
     SwitchEvent,
     vms_digest,
@@ -307,6 +309,7 @@ class ClusterNode:
         # their peer links are not clients' connections (see `Gateway.is_gateway_address`).
         self.gateway_addresses: frozenset[str] = frozenset()
         self.switches: dict[str, dict[str, bool]] = {}
+        self.switch_times: dict[str, dict[str, int]] = {}  # each override's last change
         self.redis_up = False
         self.switches_loaded = False
         # Ever loaded (`switches_loaded` turns False again while Redis is away): see `state_read`.
@@ -385,70 +388,95 @@ class ClusterNode:
         return self.switches.get(level, {}).get(key)
 
     async def load_switches(self) -> None:
-        """Read every switch override (before serving, and after each resubscription).
+        """Read every switch override (before serving, and after each resubscription),
+        and put back what the region lost of what this gateway knew.
 
         Raises:
             ClusterUnavailableError: Redis did not answer.
         """
-        switches, dataset = await self.store.switches_and_dataset()
-        region: dict[str, dict[str, bool]] = {
-            level: dict(values) for level, values in switches.items()
-        }
+        read = await self.store.read_switches()
         if self._switches_read:
             # Running: Redis lost its data (overrides included) since the last read when
             # the dataset is another, or gone until a heartbeat sets a new one.
             lost = self._switches_lost or (
-                self._switches_dataset is not None and dataset != self._switches_dataset
+                self._switches_dataset is not None and read.dataset != self._switches_dataset
             )
-            known = self.switches
+            known, known_times = self.switches, self.switch_times
         else:
-            # Starting: only an empty region is one that lost its overrides; a region that
-            # has some is newer than this gateway's copy, which may be weeks old.
-            lost, known = not any(region.values()), self._backed_up()
-        if lost and any(known.values()):
-            region = await self._write_back(known, region)
-        self._switches_dataset, self._switches_lost = dataset, False
-        self.switches = region
+            # Starting: this gateway's copy, which may be weeks old; its timed overrides
+            # yield to any later change, so only the untimed ones need an empty region.
+            lost = not any(read.switches.values())
+            known, known_times = self._backed_up()
+        if any(known.values()):
+            read = await self._write_back(known, known_times, read, untimed_too=lost)
+        self._switches_dataset, self._switches_lost = read.dataset, False
+        switches: dict[str, dict[str, bool]] = {
+            level: dict(values) for level, values in read.switches.items()
+        }
+        times: dict[str, dict[str, int]] = {
+            level: dict(values) for level, values in read.times.items()
+        }
+        # A change the watcher heard while this read was on its way is newer than it.
+        for level, heard in self.switch_times.items():
+            for key, at in heard.items():
+                if at > times.get(level, {}).get(key, 0) and key in self.switches.get(level, {}):
+                    switches.setdefault(level, {})[key] = self.switches[level][key]
+                    times.setdefault(level, {})[key] = at
+        self.switches, self.switch_times = switches, times
         self.switches_loaded = self._switches_read = True
         self._back_up()
 
     async def _write_back(
-        self, known: Mapping[str, Mapping[str, bool]], region: Mapping[str, Mapping[str, bool]]
-    ) -> dict[str, dict[str, bool]]:
-        """Put back the overrides Redis lost, merged with what other gateways put back first.
+        self,
+        known: Mapping[str, Mapping[str, bool]],
+        times: Mapping[str, Mapping[str, int]],
+        read: SwitchesRead,
+        *,
+        untimed_too: bool,
+    ) -> SwitchesRead:
+        """Put back the overrides the region lacks or holds an older change of.
 
-        Each gateway writes back what it knew, and one may have missed a change (its
-        watcher was down): the first to write must not decide for all. So an override
-        missing from the region is written if still unset, and a console this gateway
-        knows disabled is disabled whatever the region says now; where two gateways
-        disagree, disabled wins (a console closed by mistake is seen and enabled again,
-        one opened by mistake is not seen). Returns the region as it then is.
+        Each gateway puts back what it knew, and one may have missed a change (its
+        watcher was down), so the first to write must not decide for all: each override
+        is written only where it is the later change (`ClusterStore.restore_switches`),
+        and every gateway ends with the same region whatever the order. An override
+        without a time (from a release before them) is put back only when the region
+        lost its data (`untimed_too`), and then a disabled one wins a tie. A region the
+        same as this gateway's view costs no write. Returns the region as it then is.
 
         Raises:
             ClusterUnavailableError: Redis did not answer.
         """
-        written = 0
+        overrides = []
         for level in LEVELS:
-            have = region.get(level, {})
+            have, had = read.switches.get(level, {}), read.times.get(level, {})
             for key, enabled in known.get(level, {}).items():
-                if not enabled and have.get(key) is not False:
-                    written += await self.store.set_switch(level, key, False)
-                elif enabled and key not in have:
-                    written += await self.store.set_switch(level, key, True, if_unset=True)
+                at = times.get(level, {}).get(key, 0)
+                if not at and not untimed_too:
+                    continue
+                theirs, their_at = have.get(key), had.get(key, 0)
+                # As the script decides: also a same value with an older time, or a
+                # third gateway's change between the two times would wrongly win.
+                if theirs is None or at > their_at or (at == their_at and theirs and not enabled):
+                    overrides.append(Override(level, key, enabled, at))
+        if not overrides:
+            return read
+        written = await self.store.restore_switches(overrides)
         if written:
             log.warning("cluster_switches_restored", count=written)
-        switches, _ = await self.store.switches_and_dataset()
-        return {level: dict(values) for level, values in switches.items()}
+        return await self.store.read_switches()
 
-    def _backed_up(self) -> dict[str, dict[str, bool]]:
-        return self.backup.snapshot() if self.backup is not None else {}
+    def _backed_up(self) -> tuple[dict[str, dict[str, bool]], dict[str, dict[str, int]]]:
+        if self.backup is None:
+            return {}, {}
+        return self.backup.snapshot(), self.backup.times()
 
     def _back_up(self) -> None:
         """Keep the local copy of the overrides (best effort: Redis holds the truth)."""
         if self.backup is None:
             return
         try:
-            self.backup.replace(self.switches)
+            self.backup.replace(self.switches, self.switch_times)
         except OSError as exc:
             log.warning("cluster_switch_backup_failed", error=str(exc))
 
@@ -458,8 +486,9 @@ class ClusterNode:
         Raises:
             ClusterUnavailableError: Redis did not take it (nothing changed).
         """
-        await self.store.set_switch(level, key, enabled)
+        at = await self.store.set_switch(level, key, enabled)
         self.switches.setdefault(level, {})[key] = enabled
+        self.switch_times.setdefault(level, {})[key] = at
         self._back_up()
 
     # -- the tasks --------------------------------------------------------------------------
@@ -1073,11 +1102,15 @@ class ClusterNode:
     def _on_switch(self, event: SwitchEvent) -> None:
         if isinstance(event, SwitchChange):
             level = self.switches.setdefault(event.level, {})
-            if level.get(event.key) is event.enabled:
+            times = self.switch_times.setdefault(event.level, {})
+            changed = level.get(event.key) is not event.enabled
+            if not changed and times.get(event.key, 0) == event.at:
                 return  # a repeat (anyone may PUBLISH): no file write, no walk over sessions
             level[event.key] = event.enabled
+            times[event.key] = event.at
             self._back_up()
-            self.owner.switches_changed(event)
+            if changed:
+                self.owner.switches_changed(event)
         elif isinstance(event, SwitchesResync):
             self._resync.set()
         elif isinstance(event, OwnershipNews) and event.gateway != self.gateway_id:

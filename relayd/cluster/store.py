@@ -28,6 +28,8 @@ may touch several keys; other regions can share the Redis)::
                                 reserved (offset), appended (bytes ever stored)
     ticket:<sha256>     string  ticket payload (JSON), PX = ticket lifetime
     switches:<level>    hash    key -> "1"/"0" per level: subscriptions, scale_sets, vms
+    switch-times:<level> hash   key -> the time of the override's last change (ms, the
+                                server's clock; orders what gateways put back after a loss)
     switches            channel a JSON message per switch change, and {"ownership": gw}
                                 when a gateway claimed or released VMs (look now)
 
@@ -64,7 +66,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -85,11 +87,13 @@ __all__ = [
     "ClusterUnavailableError",
     "LogSlice",
     "Outgoing",
+    "Override",
     "OwnershipNews",
     "RoundState",
     "SwitchChange",
     "SwitchEvent",
     "SwitchesLost",
+    "SwitchesRead",
     "SwitchesResync",
     "key_prefix",
     "vms_digest",
@@ -238,11 +242,47 @@ end
 return 0
 """)
 
-_SET_SWITCH = _Script("""
--- KEYS: switches:<level>   ARGV: key, "1"/"0", channel, message, "nx" (only if unset) or ""
-if ARGV[5] == 'nx' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+# A switch's time orders changes made on different gateways (last writer wins when
+# they put back what Redis lost): the server's clock in milliseconds, and always past
+# the time the key had, so a clock that went back never makes a change look older.
+_SWITCH_TIME = """
+local function switch_time(times, key)
+  local now = redis.call('TIME')
+  local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local had = tonumber(redis.call('HGET', times, key) or '0') or 0
+  if had >= at then at = had + 1 end
+  return at
+end
+"""
+
+_SET_SWITCH = _Script(
+    _SWITCH_TIME
+    + """
+-- KEYS: switches:<level>, switch-times:<level>
+-- ARGV: key, "1"/"0", channel, message (a JSON object the time is added to) -> the time
+local at = string.format('%d', switch_time(KEYS[2], ARGV[1]))
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[1], at)
+redis.call('PUBLISH', ARGV[3], string.sub(ARGV[4], 1, -2) .. ', "at": ' .. at .. '}')
+return at
+"""
+)
+
+# Putting back an override Redis lost (or never got): written only if it is the later
+# change, by time; on a tie, a disabled console stays disabled. Every gateway puts back
+# what it knew, in any order, and the region ends the same.
+_RESTORE_SWITCH = _Script("""
+-- KEYS: switches:<level>, switch-times:<level>
+-- ARGV: key, "1"/"0", time, channel, message (with its time)   -> 1 written, 0 not
+local have = redis.call('HGET', KEYS[1], ARGV[1])
+if have then
+  local had = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') or 0
+  local at = tonumber(ARGV[3])
+  if had > at or (had == at and (have == ARGV[2] or have ~= '1')) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """)
 
@@ -497,6 +537,28 @@ class SwitchChange:
     level: Level
     key: str
     enabled: bool
+    at: int = field(default=0, compare=False)  # its time; 0 from an older release
+
+
+@dataclass(frozen=True)
+class Override:
+    """A switch override with its time, as a gateway puts it back (`restore_switches`)."""
+
+    level: Level
+    key: str
+    enabled: bool
+    at: int
+
+
+@dataclass
+class SwitchesRead:
+    """The region's overrides, their times (absent: none known) and its dataset id (None
+    until a heartbeat sets one: a different one than at the last read means Redis lost
+    its data in between, overrides included)."""
+
+    switches: dict[Level, dict[str, bool]]
+    times: dict[Level, dict[str, int]]
+    dataset: str | None
 
 
 @dataclass(frozen=True)
@@ -967,26 +1029,42 @@ class ClusterStore:
 
     # -- console switches -----------------------------------------------------------------
 
-    async def set_switch(
-        self, level: Level, key: str, enabled: bool, *, if_unset: bool = False
-    ) -> bool:
+    async def set_switch(self, level: Level, key: str, enabled: bool) -> int:
         """Persist a switch override and announce it to every gateway (atomically).
 
         `key` is the subscription id, ``sub/rg/ss`` for a scale set, or the VM id.
-        `if_unset`: only if the region has no override for it (a write-back after Redis
-        lost its data must not undo what another gateway wrote back).
 
         Returns:
-            Whether it was written.
+            The change's time (`_SWITCH_TIME`), which orders it against what other
+            gateways put back after Redis loses its data (`restore_switches`).
         """
         message = json.dumps({"level": level, "key": key, "enabled": enabled})
-        value, nx = "1" if enabled else "0", "nx" if if_unset else ""
-        args = (key, value, self._key("switches"), message, nx)
+        args = (key, "1" if enabled else "0", self._key("switches"), message)
         async with self._deadline("set_switch"):
-            (written,) = await self._pipeline(
-                [_Call(_SET_SWITCH, (self._key("switches", level),), args)]
-            )
-        return bool(written)
+            (at,) = await self._pipeline([_Call(_SET_SWITCH, self._switch_keys(level), args)])
+        return int(at)
+
+    async def restore_switches(self, overrides: Sequence[Override]) -> int:
+        """Put back overrides the region may have lost; each only where it is the later
+        change (`_RESTORE_SWITCH`), and announced like a change when written (one round
+        trip).
+
+        Returns:
+            How many were written.
+        """
+        calls = []
+        for o in overrides:
+            message = json.dumps({"level": o.level, "key": o.key, "enabled": o.enabled, "at": o.at})
+            value = "1" if o.enabled else "0"
+            args = (o.key, value, o.at, self._key("switches"), message)
+            calls.append(_Call(_RESTORE_SWITCH, self._switch_keys(o.level), args))
+        if not calls:
+            return 0
+        async with self._deadline("restore_switches"):
+            return sum(int(written) for written in await self._pipeline(calls))
+
+    def _switch_keys(self, level: Level) -> tuple[str, str]:
+        return self._key("switches", level), self._key("switch-times", level)
 
     async def announce_owners(self) -> None:
         """Tell every gateway that leases changed hands here (on the switches channel).
@@ -1000,27 +1078,36 @@ class ClusterStore:
 
     async def all_switches(self) -> dict[Level, dict[str, bool]]:
         """Every persisted override, per level (one round trip)."""
-        return (await self.switches_and_dataset())[0]
+        return (await self.read_switches()).switches
 
-    async def switches_and_dataset(self) -> tuple[dict[Level, dict[str, bool]], str | None]:
-        """Every persisted override, per level, and the dataset id they belong to (None
-        until a heartbeat sets one): a different id than at the last read means Redis lost
-        its data in between, overrides included (one round trip)."""
-        calls = [_Call(None, (), ("HGETALL", self._key("switches", level))) for level in LEVELS]
+    async def read_switches(self) -> SwitchesRead:
+        """Every persisted override with its time, and the dataset id they belong to (one
+        round trip)."""
+        calls = [
+            _Call(None, (), ("HGETALL", key))
+            for level in LEVELS
+            for key in self._switch_keys(level)
+        ]
         calls.append(_Call(None, (), ("GET", self._key("dataset"))))
         async with self._deadline("all_switches"):
             results = await self._pipeline(calls)
         raw_dataset = results.pop()
         dataset = None if raw_dataset is None else bytes(raw_dataset).decode("ascii", "replace")
-        switches: dict[Level, dict[str, bool]] = {}
-        for level, raw in zip(LEVELS, results, strict=True):
-            switches[level] = {}
-            for k, v in _hash_items(raw):
+        read = SwitchesRead({}, {}, dataset)
+        for i, level in enumerate(LEVELS):
+            values, times = results[2 * i], dict(_hash_items(results[2 * i + 1]))
+            read.switches[level], read.times[level] = {}, {}
+            for k, v in _hash_items(values):
                 try:
-                    switches[level][bytes(k).decode()] = v == b"1"
+                    name = bytes(k).decode()
                 except UnicodeDecodeError:  # no gateway wrote it: no configured name matches
                     self._malformed.skip(self._key("switches", level), bytes(k), "not UTF-8")
-        return switches, dataset
+                    continue
+                read.switches[level][name] = v == b"1"
+                # No time (set by an older release, or by hand): older than any change.
+                with suppress(KeyError, ValueError):
+                    read.times[level][name] = int(times[k])
+        return read
 
     async def watch_switches(
         self, on_event: Callable[[SwitchEvent], None], *, ping_interval: float = 1.0
@@ -1233,9 +1320,12 @@ def _channel_event(data: Any) -> SwitchChange | OwnershipNews | None:
     # could send it, and raised here it would end the watcher (and the node with it).
     except (ValueError, TypeError, KeyError, RecursionError):
         return None
+    at = msg.get("at", 0)
     if level not in LEVELS or not isinstance(key, str) or not isinstance(enabled, bool):
         return None
-    return SwitchChange(level, key, enabled)
+    if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+        at = 0  # unordered, as from a release before times: never a reason to drop a change
+    return SwitchChange(level, key, enabled, at)
 
 
 def _append_result(raw: Sequence[Any]) -> AppendResult:

@@ -275,6 +275,80 @@ async def test_after_redis_loses_its_data_every_gateway_puts_back_what_it_knew(
     assert nodes["gw-1"].switches["vms"]["vm-5"] is True
 
 
+@pytest.mark.parametrize("first", ["gw-1", "gw-2"])
+async def test_after_redis_loses_its_data_the_last_change_of_a_switch_wins(
+    make_store: StoreFactory, redis_server: RedisServer, tmp_path: Path, first: str
+) -> None:
+    """gw-2 disabled vm-7, then gw-1 enabled it again while gw-2 was not listening. When
+    Redis comes back empty both put back what they knew, in either order: the later
+    change is the one that stays, not whichever is the disabled one."""
+    stores = {gw: make_store(gw) for gw in ("gw-1", "gw-2")}
+    nodes = {
+        gw: _switch_node(store, gw, ConsoleSwitches(tmp_path / gw)) for gw, store in stores.items()
+    }
+    for gw, store in stores.items():
+        await store.heartbeat("127.0.0.1:1")
+        await nodes[gw].load_switches()
+    await nodes["gw-2"].set_switch("vms", "vm-7", False)
+    await nodes["gw-2"].set_switch("vms", "vm-8", True)
+    await nodes["gw-1"].load_switches()  # gw-1 hears both
+    await nodes["gw-1"].set_switch("vms", "vm-7", True)  # gw-2 does not hear this one
+    await nodes["gw-2"].set_switch("vms", "vm-8", False)  # nor gw-1 this one
+    await redis_server.restart_empty()
+    second = "gw-2" if first == "gw-1" else "gw-1"
+    await nodes[first].load_switches()
+    await stores[first].heartbeat("127.0.0.1:1")  # a new dataset id, before the other reads
+    await nodes[second].load_switches()
+    await nodes[first].load_switches()  # a plain re-read: Redis's word
+    want = {"vm-7": True, "vm-8": False}
+    assert (await stores["gw-1"].all_switches())["vms"] == want
+    assert nodes["gw-1"].switches["vms"] == want
+    assert nodes["gw-2"].switches["vms"] == want
+
+
+async def test_a_region_started_on_an_empty_redis_keeps_the_last_change_each_backup_knew(
+    make_store: StoreFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Every gateway and Redis restarted, Redis empty: the overrides come back from the
+    gateways' state files, and where two files disagree the later change wins there too."""
+    stores = {gw: make_store(gw) for gw in ("gw-1", "gw-2")}
+    nodes = {
+        gw: _switch_node(store, gw, ConsoleSwitches(tmp_path / gw)) for gw, store in stores.items()
+    }
+    for gw, store in stores.items():
+        await store.heartbeat("127.0.0.1:1")
+        await nodes[gw].load_switches()
+    await nodes["gw-2"].set_switch("vms", "vm-7", False)
+    await nodes["gw-1"].load_switches()
+    await nodes["gw-1"].set_switch("vms", "vm-7", True)  # gw-2 stops before it hears this
+    await redis_server.restart_empty()
+    backups = {gw: ConsoleSwitches(tmp_path / gw) for gw in nodes}
+    for gw, backup in backups.items():
+        backup.load()
+        await stores[gw].heartbeat("127.0.0.1:1")
+    restarted = {gw: _switch_node(stores[gw], gw, backups[gw]) for gw in ("gw-2", "gw-1")}
+    for node in restarted.values():
+        await node.load_switches()
+    assert (await stores["gw-1"].all_switches())["vms"] == {"vm-7": True}
+
+
+async def test_a_switch_change_a_redis_failover_lost_is_put_back_at_the_next_read(
+    make_store: StoreFactory, tmp_path: Path
+) -> None:
+    """Replication is asynchronous: a new primary may lack a change the old one took, with
+    the same dataset. The gateways that knew it put it back when they read the region
+    again (every watcher subscribes again after a failover); an older one stays as it is."""
+    store = make_store("gw-1")
+    node = _switch_node(store, "gw-1", ConsoleSwitches(tmp_path))
+    await store.heartbeat("127.0.0.1:1")
+    await node.load_switches()
+    await node.set_switch("vms", "vm-7", False)
+    for table in ("switches", "switch-times"):  # what the new primary never got
+        await store._command("HDEL", store._key(table, "vms"), "vm-7")
+    await node.load_switches()
+    assert (await store.all_switches())["vms"] == {"vm-7": False}
+
+
 class _OneVmGateway(_PortlessGateway):
     """Configures one VM (its hub was closed before the test begins)."""
 

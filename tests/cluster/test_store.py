@@ -21,6 +21,7 @@ from relayd.cluster.store import (
     ClusterUnavailableError,
     LogSlice,
     Outgoing,
+    Override,
     OwnershipNews,
     SwitchChange,
     SwitchesLost,
@@ -254,6 +255,49 @@ async def test_store_switch_set_is_persisted_and_published(make_store: StoreFact
         "scale_sets": {"sub-1/rg-1/ss-1": False},
         "vms": {},
     }
+
+
+async def test_store_switch_changes_are_timed_and_a_restore_writes_only_a_later_change(
+    make_store: StoreFactory,
+) -> None:
+    """Each change of an override gets a time past the key's last one, carried in its
+    message; putting an override back writes it only where it is the later change (a tie:
+    disabled stays), so gateways putting back what they knew, in any order, agree."""
+    a, b = make_store("gw-a"), make_store("gw-b")
+    events: asyncio.Queue[SwitchEvent] = asyncio.Queue()
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(b.watch_switches(events.put_nowait))
+        async with asyncio.timeout(5):
+            assert await events.get() == SwitchesResync()
+            first = await a.set_switch("vms", "vm-1", False)
+            heard = await events.get()
+            assert isinstance(heard, SwitchChange)
+            assert heard.at == first
+            # The key's time ahead of the clock (a Redis whose clock went back): still later.
+            await a._command("HSET", a._key("switch-times", "vms"), "vm-1", first + 10**9)
+            second = await a.set_switch("vms", "vm-1", True)
+            assert second == first + 10**9 + 1
+            assert (await events.get()).at == second  # type: ignore[union-attr]
+            older = Override("vms", "vm-1", False, second - 1)
+            tie = Override("vms", "vm-1", False, second)
+            assert await b.restore_switches([older]) == 0
+            assert await b.restore_switches([tie]) == 1  # enabled then disabled at one time
+            assert await events.get() == SwitchChange("vms", "vm-1", False)
+            assert await b.restore_switches([Override("vms", "vm-1", True, second)]) == 0
+            missing = Override("subscriptions", "sub-1", True, 0)  # untimed: only if unset
+            assert await b.restore_switches([missing, missing]) == 1
+            assert await events.get() == SwitchChange("subscriptions", "sub-1", True)
+        watcher.cancel()
+    read = await a.read_switches()
+    assert read.switches == {
+        "subscriptions": {"sub-1": True},
+        "scale_sets": {},
+        "vms": {"vm-1": False},
+    }
+    assert read.times["vms"] == {"vm-1": second}
+    assert read.times["subscriptions"] == {"sub-1": 0}
+    await a._command("HSET", a._key("switch-times", "vms"), "vm-1", "soon")
+    assert (await a.read_switches()).times["vms"] == {}  # not a number: untimed
 
 
 async def test_store_ownership_news_reaches_watchers_and_unknown_messages_are_ignored(
@@ -702,7 +746,8 @@ _JSONISH = st.recursive(
     st.binary(max_size=200)
     | _JSONISH.map(lambda v: json.dumps(v).encode())
     | st.fixed_dictionaries(
-        {"level": _JSONISH | st.sampled_from(LEVELS), "key": _JSONISH, "enabled": _JSONISH}
+        {"level": _JSONISH | st.sampled_from(LEVELS), "key": _JSONISH, "enabled": _JSONISH},
+        optional={"at": _JSONISH},
     ).map(lambda v: json.dumps(v).encode())
     | st.integers(1, 100_000).map(lambda n: b'{"ownership": ' + b"[" * n)
 )
@@ -714,6 +759,8 @@ def test_channel_message_of_any_bytes_is_an_event_or_skipped(data: bytes) -> Non
         assert event.level in LEVELS
         assert isinstance(event.key, str)
         assert isinstance(event.enabled, bool)
+        assert isinstance(event.at, int)
+        assert event.at >= 0
     else:
         assert event is None or isinstance(event.gateway, str)
 
