@@ -333,6 +333,9 @@ class ClusterNode:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._next_round_now = asyncio.Event()
+        # Kept by `run`: the output path asks the time per chunk (`_stalled_now`), and on
+        # 3.11 every get_running_loop() is a getpid() syscall.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.leaving = False  # draining: hand everything over, claim nothing (see `leave_soon`)
         self._heartbeat_dropped = False
         self._heard_news = False
@@ -495,6 +498,7 @@ class ClusterNode:
 
     async def run(self) -> None:
         """Rounds, appends and switch changes until `stop()`; then leave the region."""
+        self._loop = asyncio.get_running_loop()
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -679,7 +683,7 @@ class ClusterNode:
     def _stalled_now(self) -> bool:
         """Whether the last round ran more than a lease ago (see `Outbox.hold`); a
         stall also asks for a round at once."""
-        stalled = self.policy.stalled(asyncio.get_running_loop().time())
+        stalled = self.policy.stalled((self._loop or asyncio.get_running_loop()).time())
         if stalled:
             self._next_round_now.set()
         return stalled

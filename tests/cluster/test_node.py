@@ -242,6 +242,20 @@ def _switch_node(store: ClusterStore, gateway_id: str, backup: ConsoleSwitches) 
     )
 
 
+async def _switch_region(
+    make_store: StoreFactory, tmp_path: Path
+) -> tuple[dict[str, ClusterStore], dict[str, ClusterNode]]:
+    """Two gateways of one region that have read its switches (no watcher runs)."""
+    stores = {gw: make_store(gw) for gw in ("gw-1", "gw-2")}
+    nodes = {
+        gw: _switch_node(store, gw, ConsoleSwitches(tmp_path / gw)) for gw, store in stores.items()
+    }
+    for gw, store in stores.items():
+        await store.heartbeat("127.0.0.1:1")
+        await nodes[gw].load_switches()
+    return stores, nodes
+
+
 async def test_after_redis_loses_its_data_every_gateway_puts_back_what_it_knew(
     make_store: StoreFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -250,13 +264,7 @@ async def test_after_redis_loses_its_data_every_gateway_puts_back_what_it_knew(
     Missing overrides come back from whoever knew them, and where the two disagree the
     console stays disabled. A plain re-read that finds the region changed (same dataset)
     takes the region's word: a gateway's stale view never undoes a newer change."""
-    stores = {gw: make_store(gw) for gw in ("gw-1", "gw-2")}
-    nodes = {
-        gw: _switch_node(store, gw, ConsoleSwitches(tmp_path / gw)) for gw, store in stores.items()
-    }
-    for gw, store in stores.items():
-        await store.heartbeat("127.0.0.1:1")
-        await nodes[gw].load_switches()
+    stores, nodes = await _switch_region(make_store, tmp_path)
     # What each knew when Redis lost its data (gw-1 missed vm-5 and vm-7's disabling).
     nodes["gw-1"].switches = {"vms": {"vm-3": False, "vm-7": True, "vm-8": True}}
     nodes["gw-2"].switches = {"vms": {"vm-3": False, "vm-5": False, "vm-7": False}}
@@ -282,13 +290,7 @@ async def test_after_redis_loses_its_data_the_last_change_of_a_switch_wins(
     """gw-2 disabled vm-7, then gw-1 enabled it again while gw-2 was not listening. When
     Redis comes back empty both put back what they knew, in either order: the later
     change is the one that stays, not whichever is the disabled one."""
-    stores = {gw: make_store(gw) for gw in ("gw-1", "gw-2")}
-    nodes = {
-        gw: _switch_node(store, gw, ConsoleSwitches(tmp_path / gw)) for gw, store in stores.items()
-    }
-    for gw, store in stores.items():
-        await store.heartbeat("127.0.0.1:1")
-        await nodes[gw].load_switches()
+    stores, nodes = await _switch_region(make_store, tmp_path)
     await nodes["gw-2"].set_switch("vms", "vm-7", False)
     await nodes["gw-2"].set_switch("vms", "vm-8", True)
     await nodes["gw-1"].load_switches()  # gw-1 hears both
@@ -311,13 +313,7 @@ async def test_a_region_started_on_an_empty_redis_keeps_the_last_change_each_bac
 ) -> None:
     """Every gateway and Redis restarted, Redis empty: the overrides come back from the
     gateways' state files, and where two files disagree the later change wins there too."""
-    stores = {gw: make_store(gw) for gw in ("gw-1", "gw-2")}
-    nodes = {
-        gw: _switch_node(store, gw, ConsoleSwitches(tmp_path / gw)) for gw, store in stores.items()
-    }
-    for gw, store in stores.items():
-        await store.heartbeat("127.0.0.1:1")
-        await nodes[gw].load_switches()
+    stores, nodes = await _switch_region(make_store, tmp_path)
     await nodes["gw-2"].set_switch("vms", "vm-7", False)
     await nodes["gw-1"].load_switches()
     await nodes["gw-1"].set_switch("vms", "vm-7", True)  # gw-2 stops before it hears this
