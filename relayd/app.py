@@ -35,7 +35,7 @@ from .certs import certificate_not_after
 from .cluster import peerview
 from .cluster.node import ClusterNode, Outbox
 from .cluster.peerlink import PeerTrust, peer_client_context, trust_peer_ca
-from .cluster.store import ClusterStore, SwitchChange
+from .cluster.store import ClusterStore, RedisTarget, SwitchChange
 from .config import Config, VmConfig, load_config
 from .connection import ConsoleGrant, ForwardGrant, HttpConnection, client_cert_cn
 from .errors import (
@@ -113,7 +113,9 @@ def _revocations(config: Config) -> Revocations | None:
 
 
 #: `[cluster]` keys a running gateway keeps until it restarts (its place in the region).
-#: A changed `redis` is followed at once (`Gateway._reload_cluster`).
+#: A changed `redis` (or how the gateway proves itself to Redis: `redis_ca`, `redis_cert`,
+#: `redis_key`, the password in `redis_password_file`) is followed at once
+#: (`Gateway._reload_cluster`).
 CLUSTER_KEYS_NEEDING_RESTART = ("gateway_id", "advertise", "lease_ttl")
 
 
@@ -812,9 +814,14 @@ class Gateway:
         cluster, new = self.cluster, config.cluster
         if cluster is None or new is None:
             return  # adding or removing [cluster] needs a restart (`_warn_...` says so)
-        if new.redis != cluster.store.url:
+        try:
+            target = RedisTarget.from_config(new)
+        except ValueError as exc:  # the password file went since the config was checked
+            log.error("cluster_redis_password_unreadable", error=str(exc))
+            return
+        if target != cluster.store.target:
             log.info("cluster_redis_changed")  # the URL may hold a password: not logged
-            await cluster.store.retarget(new.redis)
+            await cluster.store.retarget(target)
 
     async def _shutdown(
         self, accepting: asyncio.Task[None], node_task: asyncio.Task[None] | None

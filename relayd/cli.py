@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import Config, load_config, parse_duration
+from .config import ClusterConfig, Config, load_config, parse_duration
 from .errors import ConfigError, RelaydError
 from .log import configure_logging
 
@@ -163,7 +163,7 @@ async def _check_cluster(cfg: Config, offline: bool = False) -> str:
     try:
         live = await store.live_gateways()
     except ClusterUnavailableError as exc:
-        raise ConfigError(str(cfg.path), "cluster.redis", _redis_problem(exc)) from None
+        raise ConfigError(str(cfg.path), "cluster.redis", _redis_problem(exc, cluster)) from None
     finally:
         await store.close()
     elsewhere = live.get(cluster.gateway_id)
@@ -178,17 +178,33 @@ async def _check_cluster(cfg: Config, offline: bool = False) -> str:
     )
 
 
-def _redis_problem(exc: Exception) -> str:
+def _redis_problem(exc: Exception, cluster: ClusterConfig) -> str:
     """What `check-config` says when Redis does not serve us: unreachable, or refusing."""
     from redis.exceptions import AuthenticationError, NoPermissionError
 
     cause = exc.__cause__
     if isinstance(cause, AuthenticationError):
-        return f"Redis refused the user or password in the URL: {exc}"
+        where = "redis_password_file" if cluster.redis_password_file else "the URL"
+        return f"Redis refused the user or password in {where}: {exc}"
     if isinstance(cause, NoPermissionError):
         return (
             "Redis refused a command to the URL's user (its ACL must allow relayd's keys, "
             f"its scripts and its channel): {exc}"
+        )
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            "Redis's certificate does not verify (against redis_ca, or the system CAs "
+            f"without it), or does not name the URL's host: {exc}"
+        )
+    # TLS 1.3 checks the client's certificate after the handshake: Redis's refusal may
+    # arrive as its alert, or as the connection reset before the alert is read.
+    hung_up = "reset by peer" in text or "closed by server" in text.lower()
+    no_cert = cluster.redis_cert is None and cluster.redis.startswith("rediss:")
+    if "CERTIFICATE_REQUIRED" in text or "bad certificate" in text.lower() or (hung_up and no_cert):
+        return (
+            "Redis wants a client certificate it trusts (redis_cert and redis_key, issued "
+            f"by its tls-ca-cert-file CA): {exc}"
         )
     return f"cannot reach Redis: {exc}"
 

@@ -452,6 +452,23 @@ def _check_redis_url(value: object) -> object:
     return value
 
 
+def _read_password(path: Path) -> str:
+    """A password file's text, less the line end an editor adds.
+
+    Raises:
+        ValueError: it cannot be read, is not UTF-8, or is empty.
+    """
+    try:
+        password = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not password:
+        raise ValueError(f"{path} is empty")
+    return password
+
+
 def redact_url(value: str) -> str:
     """The URL with any password replaced by ``***``: safe to print or log."""
     url = urlsplit(value)
@@ -470,6 +487,14 @@ class ClusterConfig(_Model):
     advertise: ListenAddress
     peer_ca: Path
     lease_ttl: PositiveDuration = 3.0
+    # rediss:// only. A Redis inside the region usually has a private CA, and one that
+    # takes writes only from the gateways asks them for a certificate (tls-auth-clients).
+    redis_ca: Path | None = None
+    redis_cert: Path | None = None
+    redis_key: Path | None = Field(default=None, validate_default=True)
+    # The ACL user's password (the URL names the user), so the config itself holds no
+    # secret: systemd's LoadCredential= puts it under $CREDENTIALS_DIRECTORY.
+    redis_password_file: Path | None = None
 
     @field_validator("gateway_id")
     @classmethod
@@ -507,6 +532,43 @@ class ClusterConfig(_Model):
                 f"lease_ttl {value:g}s is out of range {MIN_LEASE_TTL:g}s..{MAX_LEASE_TTL:g}s"
             )
         return value
+
+    @field_validator("redis_ca", "redis_cert", "redis_key")
+    @classmethod
+    def _redis_tls_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if info.field_name == "redis_key" and (value is None) != (
+            info.data.get("redis_cert") is None
+        ):
+            raise ValueError("redis_cert and redis_key go together (the client certificate)")
+        if value is None:
+            return value
+        if not value.is_file():
+            raise ValueError(f"{value} does not exist or is not a file")
+        redis = info.data.get("redis")
+        if isinstance(redis, str) and urlsplit(redis).scheme != "rediss":
+            raise ValueError("needs a rediss:// URL (TLS to Redis)")
+        return value
+
+    @field_validator("redis_password_file")
+    @classmethod
+    def _redis_password_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return value
+        redis = info.data.get("redis")
+        if isinstance(redis, str) and urlsplit(redis).password is not None:
+            raise ValueError("the redis URL holds a password too: keep one of the two")
+        _read_password(value)  # now, rather than at the first connection
+        return value
+
+    def redis_password(self) -> str | None:
+        """The password from `redis_password_file` (None: none, or the URL's).
+
+        Raises:
+            ValueError: the file cannot be read, is empty, or is not UTF-8 text.
+        """
+        return (
+            None if self.redis_password_file is None else _read_password(self.redis_password_file)
+        )
 
     @property
     def redis_display(self) -> str:
@@ -641,7 +703,12 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     _resolve(base, raw, "tls", ("cert", "key", "client_ca"))
     _resolve(base, raw, "auth", ("jwks_file", "hs256_secret_file"))
     _resolve(base, raw, "gateway", ("state_dir",))
-    _resolve(base, raw, "cluster", ("peer_ca",))
+    _resolve(
+        base,
+        raw,
+        "cluster",
+        ("peer_ca", "redis_ca", "redis_cert", "redis_key", "redis_password_file"),
+    )
     if "path" in raw:
         raise ConfigError(str(path), "path", "unknown key")
     try:

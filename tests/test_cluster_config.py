@@ -31,8 +31,12 @@ peer_ca = "peer-ca.pem"
 
 
 def write(tmp_path: Path, cluster: str) -> Path:
-    """A config file with this [cluster] text, beside an existing peer CA file."""
-    (tmp_path / "peer-ca.pem").write_text("not parsed here\n")
+    """A config file with this [cluster] text, beside an existing peer CA file (and the
+    files the Redis access keys name: a CA, a client certificate and key, a password)."""
+    for name in ("peer-ca.pem", "redis-ca.pem", "redis.crt", "redis.key"):
+        (tmp_path / name).write_text("not parsed here\n")
+    (tmp_path / "redis-password").write_text("s3cret\n")
+    (tmp_path / "empty").write_text("\n")
     path = tmp_path / "relayd.toml"
     path.write_text(BASE + "\n" + cluster, encoding="utf-8")
     return path
@@ -136,7 +140,24 @@ BAD_CASES: list[tuple[str, str, str, str, str]] = [
     ("ttl off", "[cluster]", '[cluster]\nlease_ttl = "off"', "cluster.lease_ttl", "positive"),
     ("ttl garbage", "[cluster]", '[cluster]\nlease_ttl = "soon"', "cluster.lease_ttl", "duration"),
     ("typo key", "[cluster]", '[cluster]\nlease_tll = "3s"', "cluster.lease_tll", "unknown key"),
-]
+    ("redis ca without tls", "[cluster]", '[cluster]\nredis_ca = "redis-ca.pem"',
+     "cluster.redis_ca", "rediss://"),
+    ("redis cert without tls", "[cluster]",
+     '[cluster]\nredis_cert = "redis.crt"\nredis_key = "redis.key"',
+     "cluster.redis_cert", "rediss://"),
+    ("redis cert without key", 'redis = "redis://', 'redis_cert = "redis.crt"\nredis = "rediss://',
+     "cluster.redis_key", "go together"),
+    ("redis key without cert", 'redis = "redis://', 'redis_key = "redis.key"\nredis = "rediss://',
+     "cluster.redis_key", "go together"),
+    ("missing redis ca", 'redis = "redis://', 'redis_ca = "nope.pem"\nredis = "rediss://',
+     "cluster.redis_ca", "does not exist"),
+    ("two passwords", 'redis = "redis://', 'redis_password_file = "redis-password"\nredis = "redis://u:pw@',
+     "cluster.redis_password_file", "keep one"),
+    ("empty password", "[cluster]", '[cluster]\nredis_password_file = "empty"',
+     "cluster.redis_password_file", "is empty"),
+    ("missing password", "[cluster]", '[cluster]\nredis_password_file = "nope"',
+     "cluster.redis_password_file", "cannot read"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -155,6 +176,25 @@ def test_cluster_bad_input_raises_config_error_naming_file_and_key(
     assert err.path == str(path.resolve())
     assert err.key == key
     assert words in err.message
+
+
+def test_cluster_redis_tls_and_password_file_resolve_beside_the_config(tmp_path: Path) -> None:
+    """The files that prove the gateway to Redis resolve against the config's directory,
+    and the password is the file's text without its line end (editors add one)."""
+    extra = (
+        'redis_ca = "redis-ca.pem"\nredis_cert = "redis.crt"\nredis_key = "redis.key"\n'
+        'redis_password_file = "redis-password"\n'
+    )
+    text = edited('"redis://127.0.0.1:6379/0"', '"rediss://relayd@redis.internal:6380/0"')
+    cluster = load_config(write(tmp_path, text + extra)).cluster
+    assert cluster is not None
+    assert cluster.redis_ca == (tmp_path / "redis-ca.pem").resolve()
+    assert (cluster.redis_cert, cluster.redis_key) == (
+        (tmp_path / "redis.crt").resolve(),
+        (tmp_path / "redis.key").resolve(),
+    )
+    assert cluster.redis_password() == "s3cret"
+    assert "s3cret" not in repr(cluster)
 
 
 def test_cluster_bad_redis_url_error_never_shows_the_password(tmp_path: Path) -> None:

@@ -64,11 +64,14 @@ import hashlib
 import json
 import re
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -76,8 +79,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from ..config import Config, dialable_address
-from ..errors import ClusterUnavailableError
+from ..config import ClusterConfig, Config, dialable_address
+from ..errors import ClusterUnavailableError, ConfigError
 from ..log import get_logger
 from .ownership import Lease
 
@@ -89,6 +92,7 @@ __all__ = [
     "Outgoing",
     "Override",
     "OwnershipNews",
+    "RedisTarget",
     "RoundState",
     "SwitchChange",
     "SwitchEvent",
@@ -637,12 +641,52 @@ class _Malformed:
 # --- the store -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where Redis is and how this gateway proves itself to it (`[cluster]`)."""
+
+    url: str = field(repr=False)  # may hold a password
+    ca: Path | None = None  # rediss://: Redis's certificate verifies against this CA
+    cert: Path | None = None  # rediss://: this gateway's client certificate
+    key: Path | None = None
+    password: str | None = field(default=None, repr=False)  # the URL's user's (a file's)
+
+    @classmethod
+    def from_config(cls, cluster: ClusterConfig) -> RedisTarget:
+        """The target `cluster` names, its password read from its file now (a rotated
+        password is read again at a reload).
+
+        Raises:
+            ValueError: the password file cannot be read (or is empty).
+        """
+        return cls(
+            cluster.redis,
+            cluster.redis_ca,
+            cluster.redis_cert,
+            cluster.redis_key,
+            cluster.redis_password(),
+        )
+
+    def client_options(self) -> dict[str, Any]:
+        """redis-py's connection options beyond the URL's."""
+        options: dict[str, Any] = {}
+        if self.password is not None:
+            options["password"] = self.password
+        if urlsplit(self.url).scheme == "rediss":
+            options["ssl_min_version"] = ssl.TLSVersion.TLSv1_2
+            if self.ca is not None:
+                options["ssl_ca_certs"] = str(self.ca)
+            if self.cert is not None and self.key is not None:
+                options["ssl_certfile"], options["ssl_keyfile"] = str(self.cert), str(self.key)
+        return options
+
+
 class ClusterStore:
     """One gateway's handle on the region's shared state in Redis."""
 
     def __init__(
         self,
-        url: str,
+        target: RedisTarget | str,
         *,
         gateway_id: str,
         prefix: str,
@@ -653,7 +697,8 @@ class ClusterStore:
         reserve_ahead: int = DEFAULT_RESERVE_AHEAD,
     ) -> None:
         """Args:
-        url: redis://, rediss:// or unix:// URL (validated by the config).
+        target: the Redis to use, or only its redis://, rediss:// or unix:// URL
+            (validated by the config).
         gateway_id: this gateway (leases, heartbeats and appends are in its name).
         prefix: the key prefix, normally `key_prefix(region)`.
         lease_ttl: seconds a lease and a heartbeat last without renewal.
@@ -672,30 +717,32 @@ class ClusterStore:
         self._keys_of: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
         self._leases_seen: dict[bytes, Lease] = {}
         self._malformed = _Malformed()
-        self.url = url
-        self._redis: Redis = self._client(url)
+        self.target = target if isinstance(target, RedisTarget) else RedisTarget(target)
+        self._redis: Redis = self._client(self.target)
         self.switch_watch_up = False  # the switch watcher is subscribed right now
         # redis-py leaves execute_command unannotated; this is the one typed door to it.
         self._command: Callable[..., Awaitable[Any]] = self._redis.execute_command
 
-    def _client(self, url: str) -> Redis:
+    def _client(self, target: RedisTarget) -> Redis:
         return Redis.from_url(
-            url,
+            target.url,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 1),
             client_name=f"relayd-{self.gateway_id}",
+            **target.client_options(),
         )
 
-    async def retarget(self, url: str) -> None:
-        """Use the Redis at `url` from now on (a reload moved it), closing the old client.
+    async def retarget(self, target: RedisTarget) -> None:
+        """Use `target` from now on (a reload moved Redis, or changed how this gateway
+        proves itself to it), closing the old client.
 
         Calls under way on the old one fail (the callers' next round is the retry) and
         the switch watcher subscribes again; a new server is seen as a new dataset.
         """
         old = self._redis
-        self.url = url
-        self._redis = self._client(url)
+        self.target = target
+        self._redis = self._client(target)
         self._command = self._redis.execute_command
         await old.aclose()
 
@@ -705,11 +752,16 @@ class ClusterStore:
 
         Raises:
             ValueError: the config has no `[cluster]` section.
+            ConfigError: the Redis password file cannot be read (any more).
         """
         if cfg.cluster is None:
             raise ValueError("the config has no [cluster] section")
+        try:
+            target = RedisTarget.from_config(cfg.cluster)
+        except ValueError as exc:
+            raise ConfigError(str(cfg.path), "cluster.redis_password_file", str(exc)) from None
         return cls(
-            cfg.cluster.redis,
+            target,
             gateway_id=cfg.cluster.gateway_id,
             prefix=key_prefix(cfg.gateway.region),
             lease_ttl=cfg.cluster.lease_ttl,
@@ -1127,6 +1179,8 @@ class ClusterStore:
         while True:
             try:
                 await self._watch_once(on_event, ping_interval)
+                delay = _RECONNECT_MIN
+                continue  # `retarget`: subscribe on the new client at once
             except ClusterUnavailableError as exc:
                 if self.switch_watch_up:
                     self.switch_watch_up = False
@@ -1142,14 +1196,18 @@ class ClusterStore:
     async def _watch_once(
         self, on_event: Callable[[SwitchEvent], None], ping_interval: float
     ) -> None:
-        pubsub = self._redis.pubsub()
+        client = self._redis
+        pubsub = client.pubsub()
         try:
             async with self._deadline("subscribe"):
                 await pubsub.subscribe(self._key("switches"))
             loop = asyncio.get_running_loop()
             heard = loop.time()
             pinged = False
-            while True:
+            # Until `retarget` replaces the client (at most `ping_interval` later): the
+            # subscription's connection would reconnect as the old client, to the old
+            # server, and hear nothing the region says on the new one.
+            while self._redis is client:
                 async with self._deadline("pubsub", ping_interval + self.timeout):
                     message = await pubsub.get_message(timeout=ping_interval)
                 now = loop.time()

@@ -1,4 +1,5 @@
-"""A real redis-server per test, on a unix socket, that tests can stop, freeze and restart empty.
+"""A real redis-server per test, on a unix socket, that tests can stop, freeze and restart empty;
+and the region's gateway configs (`gateway_pki`, `cluster_config`).
 
 Start-up waits for the server's own "ready to accept connections" line, with a
 deadline; nothing sleeps. Persistence is off (`--save ''`, `--appendonly no`), so
@@ -13,11 +14,17 @@ import shutil
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
 from redis.asyncio import Redis
 
 from relayd.cluster.store import ClusterStore
+from relayd.config import Config, load_config
+
+from ..conftest import AUDIENCE, ISSUER, toml_value
+from .processes import free_port
 
 START_TIMEOUT = 10.0
 
@@ -142,3 +149,97 @@ async def make_store(redis_server: RedisServer) -> AsyncIterator[StoreFactory]:
     yield make
     for store in stores:
         await store.close()
+
+
+@pytest.fixture
+def gateway_pki(tmp_path: Path) -> dict[str, Path]:
+    """A CA whose server certificates carry a CN and both EKUs (gateways present them)."""
+    ca = trustme.CA()
+    d = tmp_path / "pki"
+    d.mkdir()
+    cert = ca.issue_cert("localhost", "127.0.0.1", common_name="gw.test")
+    cert.private_key_pem.write_to_path(str(d / "server.key"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "server.crt"))
+    ca.cert_pem.write_to_path(str(d / "ca.crt"))
+    (d / "hs256.key").write_text("x" * 64)
+    return {
+        "cert": d / "server.crt",
+        "key": d / "server.key",
+        "ca": d / "ca.crt",
+        "secret": d / "hs256.key",
+    }
+
+
+@pytest.fixture
+def cluster_config(
+    tmp_path: Path, gateway_pki: dict[str, Path], redis_server: RedisServer
+) -> Callable[..., Config]:
+    """`cluster_config("gw-1", far_end_port)`: a gateway of the test region."""
+
+    def write(
+        gateway_id: str,
+        serial_port: int,
+        auth: dict[str, Any] | None = None,
+        gateway: dict[str, Any] | None = None,
+        cluster: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        **vm: Any,
+    ) -> Config:
+        port = free_port("127.0.0.1")
+        d = tmp_path / gateway_id
+        d.mkdir(exist_ok=True)
+        values = {
+            "[gateway]": {
+                "region": "test",
+                "listen": f"127.0.0.1:{port}",
+                "health_listen": "127.0.0.1:0",
+                "state_dir": str(d / "state"),
+                "drain_seconds": 0.2,
+                **(gateway or {}),
+            },
+            "[tls]": {"cert": gateway_pki["cert"], "key": gateway_pki["key"]},
+            "[auth]": {
+                "issuer": ISSUER,
+                "audience": AUDIENCE,
+                "hs256_secret_file": gateway_pki["secret"],
+                **(auth or {}),
+            },
+            "[cluster]": {
+                "redis": redis_server.url,
+                "gateway_id": gateway_id,
+                "advertise": f"127.0.0.1:{port}",
+                "peer_ca": gateway_pki["ca"],
+                "lease_ttl": "1s",
+                **(cluster or {}),
+            },
+            "[limits]": limits or {},
+        }
+        lines: list[str] = []
+        for section, items in values.items():
+            lines.append(section)
+            lines += [f"{k} = {toml_value(v)}" for k, v in items.items()]
+        lines += [
+            "[[subscriptions]]",
+            'id = "sub-1"',
+            "[[vms]]",
+            'id = "vm-a"',
+            'subscription = "sub-1"',
+            f'serial = "tcp://127.0.0.1:{serial_port}"',
+        ]
+        lines += [f"{k} = {toml_value(v)}" for k, v in vm.items()]
+        for principal, role in (
+            ("user:alice", "contributor"),
+            ("user:bob", "contributor"),
+            ("user:olga", "owner"),
+        ):
+            lines += [
+                "[[role_assignments]]",
+                f'principal = "{principal}"',
+                f'role = "{role}"',
+                'scope = "/subscriptions/sub-1"',
+            ]
+        path = d / "relayd.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return load_config(path)
+
+    return write

@@ -53,109 +53,9 @@ from ..conftest import (
 from ..crl import crl_pem
 from ..logevents import LogWaiter
 from .conftest import RedisServer
-from .processes import SerialEnd
+from .processes import SerialEnd, free_port
 
 pytestmark = pytest.mark.asyncio
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def gateway_pki(tmp_path: Path) -> dict[str, Path]:
-    """A CA whose server certificates carry a CN and both EKUs (gateways present them)."""
-    ca = trustme.CA()
-    d = tmp_path / "pki"
-    d.mkdir()
-    cert = ca.issue_cert("localhost", "127.0.0.1", common_name="gw.test")
-    cert.private_key_pem.write_to_path(str(d / "server.key"))
-    cert.cert_chain_pems[0].write_to_path(str(d / "server.crt"))
-    ca.cert_pem.write_to_path(str(d / "ca.crt"))
-    (d / "hs256.key").write_text("x" * 64)
-    return {
-        "cert": d / "server.crt",
-        "key": d / "server.key",
-        "ca": d / "ca.crt",
-        "secret": d / "hs256.key",
-    }
-
-
-@pytest.fixture
-def cluster_config(
-    tmp_path: Path, gateway_pki: dict[str, Path], redis_server: RedisServer
-) -> Callable[..., Config]:
-    """`cluster_config("gw-1", far_end_port)`: a gateway of the test region."""
-
-    def write(
-        gateway_id: str,
-        serial_port: int,
-        auth: dict[str, Any] | None = None,
-        gateway: dict[str, Any] | None = None,
-        cluster: dict[str, Any] | None = None,
-        limits: dict[str, Any] | None = None,
-        **vm: Any,
-    ) -> Config:
-        port = _free_port()
-        d = tmp_path / gateway_id
-        d.mkdir(exist_ok=True)
-        values = {
-            "[gateway]": {
-                "region": "test",
-                "listen": f"127.0.0.1:{port}",
-                "health_listen": "127.0.0.1:0",
-                "state_dir": str(d / "state"),
-                "drain_seconds": 0.2,
-                **(gateway or {}),
-            },
-            "[tls]": {"cert": gateway_pki["cert"], "key": gateway_pki["key"]},
-            "[auth]": {
-                "issuer": ISSUER,
-                "audience": AUDIENCE,
-                "hs256_secret_file": gateway_pki["secret"],
-                **(auth or {}),
-            },
-            "[cluster]": {
-                "redis": redis_server.url,
-                "gateway_id": gateway_id,
-                "advertise": f"127.0.0.1:{port}",
-                "peer_ca": gateway_pki["ca"],
-                "lease_ttl": "1s",
-                **(cluster or {}),
-            },
-            "[limits]": limits or {},
-        }
-        lines: list[str] = []
-        for section, items in values.items():
-            lines.append(section)
-            lines += [f"{k} = {toml_value(v)}" for k, v in items.items()]
-        lines += [
-            "[[subscriptions]]",
-            'id = "sub-1"',
-            "[[vms]]",
-            'id = "vm-a"',
-            'subscription = "sub-1"',
-            f'serial = "tcp://127.0.0.1:{serial_port}"',
-        ]
-        lines += [f"{k} = {toml_value(v)}" for k, v in vm.items()]
-        for principal, role in (
-            ("user:alice", "contributor"),
-            ("user:bob", "contributor"),
-            ("user:olga", "owner"),
-        ):
-            lines += [
-                "[[role_assignments]]",
-                f'principal = "{principal}"',
-                f'role = "{role}"',
-                'scope = "/subscriptions/sub-1"',
-            ]
-        path = d / "relayd.toml"
-        path.write_text("\n".join(lines) + "\n")
-        return load_config(path)
-
-    return write
 
 
 @contextlib.asynccontextmanager
@@ -957,7 +857,7 @@ async def test_vm_kept_from_its_preferred_gateway_goes_back_once_a_reload_adds_i
     text = full.path.read_text()
     assert f'serial = "tcp://127.0.0.1:{far_end.port}"' in text
     without = text.replace('id = "vm-a"', 'id = "vm-z"').replace(
-        f"tcp://127.0.0.1:{far_end.port}", f"tcp://127.0.0.1:{_free_port()}"
+        f"tcp://127.0.0.1:{far_end.port}", f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
     )
     full.path.write_text(without)
     waiter = LogWaiter()
