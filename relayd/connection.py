@@ -601,8 +601,9 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or moving is not self._relay:
             return False
-        if grant.hub.end < position:
-            raise MoveRefused("this gateway would resume the session at the wrong offset")
+        # A hub whose output ends before `position` (its log lost what the client saw: a
+        # Redis that lost its data) resumes the session at its end, and the session says
+        # so with `offsets_reused`, as it answers a `?from=` past the end.
         if grant.hub.port_up:
             notices.append(control.encode_notice("port_up", vm=vm))
         leftover = moving.release_client()

@@ -19,7 +19,10 @@ position is. That lets it move the session when the owner dies:
    a session); the client gets `port_up` (unless the new owner's port is not
    up yet: it says `port_up` itself when it is), then the new owner's stream,
    which starts exactly at the client's position (an `output_gap` notice
-   first if the new owner no longer holds those bytes). The held input follows,
+   first if the new owner no longer holds those bytes; an `offsets_reused`
+   notice first if the new owner's output ends before that position, its log
+   lost with Redis's data: the session goes on at the new owner's end, as a
+   reconnect with `?from=` would). The held input follows,
    including the start of a frame the dead owner got only part of (it never
    acted on it), and the relay goes on. Input waits for the new owner's port
    only so long (`control.MOVED_INPUT_WAIT`, as a session that moves to this
@@ -285,6 +288,20 @@ def _another_lease(
     if owner is None or owner[0] != gateway:
         return True
     return fence is not None and known is not None and fence != known
+
+
+def _resumed(hello: dict[str, object], at: int, position: int) -> bool:
+    """Whether a new owner's `hello`, resuming at `at`, resumes a client at `position`.
+
+    At it or past it: a later position is the owner's to explain (an `output_gap`
+    notice comes next). Before it only when the owner's whole output ends before the
+    client's position (its log lost what the client saw: a Redis that lost its data),
+    with no replay: the owner then resumes at its end and says so with an
+    `offsets_reused` notice next, as it answers a `?from=` past the end, and the
+    client's position is the owner's from there on. Any other earlier position would
+    repeat bytes the client has.
+    """
+    return at >= position or (hello.get("replay") == 0 and hello.get("offset") == at)
 
 
 def _close_later(end: _Client | _Owner, close_timeout: float) -> None:
@@ -751,9 +768,11 @@ class Relay:
         stream.on_idle_warning = self._idle_warned
         if first == 0x81:  # a final text frame: the hello
             stream.message(payload)
-        if stream.hello is None or stream.position is None or stream.position < position:
-            # Not a resumption at the client's position: it would repeat bytes. (A later
-            # position is the owner's to explain: an output_gap notice comes next.)
+        if (
+            stream.hello is None
+            or stream.position is None
+            or not _resumed(stream.hello, stream.position, position)
+        ):
             link.transport.abort()
             raise MoveRefused(f"gateway {owner[0]} resumed the session at the wrong offset")
         self._was_writer = self._server.writer

@@ -1132,6 +1132,42 @@ async def test_relayed_client_stays_attached_when_the_owner_is_killed(
             assert (await c.closed())[0] == 4009
 
 
+async def test_a_relayed_client_whose_console_comes_here_with_its_log_lost_goes_on_here(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """The owner is killed and Redis restarts empty before anyone put its marks back: the
+    console comes to the relaying gateway with its offsets starting again, behind what the
+    client holds. The client goes on there, told with `offsets_reused` (as a reconnect with
+    `?from=` would be told), instead of being closed with 1001 to reconnect and get it."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with killable_owner_and_relay(cluster_config, far_end) as (victim, relaying):
+        await far_end.connected()
+        async with console(relaying, ctx, mint("alice")) as c:
+            await far_end.send(b"output before the loss\r\n")
+            await c.expect(b"output before the loss\r\n")
+            position = c.hello["offset"] - c.hello["replay"] + len(c.output)
+            victim.proc.send_signal(signal.SIGKILL)
+            await victim.proc.wait()
+            await c.control(type="notice", event="port_down")
+            await redis_server.restart_empty()
+            await c.control(type="notice", event="port_up")
+            reused = await c.control(type="notice", event="offsets_reused")
+            assert reused["last"] == position - 1
+            assert reused["first"] < position
+            assert "vm-a" in relaying.hubs
+            assert c.hello["session"] in relaying.sessions  # a session here, not a relay
+            await c.send(b"after\r")
+            await far_end.wait_received(lambda got: b"after\r" in got)
+            await far_end.send(b"output after\r\n")
+            await c.expect(b"output after\r\n")
+            assert c.output.count(b"output before the loss") == 1
+            assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
+
+
 async def test_relayed_client_moves_with_the_console_when_the_owner_stops(
     cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
 ) -> None:
