@@ -27,7 +27,9 @@ position is. That lets it move the session when the owner dies:
    acted on it), and the relay goes on. Input waits for the new owner's port
    only so long (`control.MOVED_INPUT_WAIT`, as a session that moves to this
    gateway holds it): then the owner gets it, and refuses keys with `port_down`
-   if its port is still down, as it refuses any.
+   if its port is still down, as it refuses any. If the console moves again
+   before that port is up, the input stays held for the next owner, until the
+   same deadline.
 
 The same happens when the owner lets go of the VM without a Close frame (it
 hands the console to another gateway, or drains for a deploy: it ends a
@@ -364,6 +366,9 @@ class Relay:
         self._held: bytearray | None = None  # client input while no owner is attached
         self._moving: asyncio.Task[None] | None = None
         self._hold_timer: asyncio.TimerHandle | None = None  # see `_attach`
+        # When held input goes to the owner whatever its port says (loop time; None: no
+        # owner has had the held input's session yet). Set once per hold, kept across moves.
+        self._hold_deadline: float | None = None
         self._was_writer = False  # whether the client wrote before its latest move
         self._pongs_before = 0  # the client's pongs before the current owner's stream
         self._last_pong = asyncio.get_running_loop().time()  # or when the relay began
@@ -571,7 +576,8 @@ class Relay:
         if self._reattach is None or server.closing or self._client.transport.is_closing():
             _close_later(self._client, self._close_timeout)  # the owner's Close reaches it
             return
-        if not owner.left and self._client_unresponsive():
+        holding = self._held is not None  # the client's input, pongs too, never reached it
+        if not owner.left and not holding and self._client_unresponsive():
             # The owner reset the link because of the client: it missed a pong or left its
             # output unread (session.py drops a direct client so, with a reset). Moved, the
             # client would only be dropped again; it is dropped alike, not told port_down.
@@ -596,7 +602,13 @@ class Relay:
         if not self._frames.unfinished_whole:  # a client frame too long to keep was in flight
             self._give_up(self._reattach, "a long message was in flight")
             return
-        self._held = bytearray()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self._held is None:
+            self._held = bytearray()
+        # Else the input held for this owner's port waits for the next owner's, until the
+        # same deadline (`_attach`).
         log.info("relay_owner_lost", vm=self._reattach.vm, owner=self._owner_id, outcome="moving")
         self._send_client(_text_frame(control.encode_notice("port_down", vm=self._reattach.vm)))
         self._moving = asyncio.get_running_loop().create_task(self._move(self._reattach))
@@ -791,6 +803,12 @@ class Relay:
         """Whether the client is the writer, as its current owner last said."""
         return self._server.writer
 
+    @property
+    def hold_deadline(self) -> float | None:
+        """When the client's held input goes to its owner whatever its port says (loop
+        time), or None: no owner has had the session since the input began to be held."""
+        return self._hold_deadline
+
     def release_client(self) -> bytes:
         """Let go of the client, whose session goes on at this gateway (the VM came here).
 
@@ -838,9 +856,15 @@ class Relay:
             # (`port_down` errors) and lost. Not for ever: past MOVED_INPUT_WAIT it goes
             # and is refused so, as a session here would refuse it (and the client's pongs,
             # held with it, reach the owner before it drops the client for missing them).
-            self._hold_timer = asyncio.get_running_loop().call_later(
-                control.MOVED_INPUT_WAIT, self._hold_over, owner
-            )
+            # In all: an owner that lets go before its port is up hands the hold on to the
+            # next owner with the deadline it had.
+            loop = asyncio.get_running_loop()
+            if self._hold_deadline is None:
+                self._hold_deadline = loop.time() + control.MOVED_INPUT_WAIT
+            if self._hold_deadline <= loop.time():
+                self._flush_held(owner)
+            else:
+                self._hold_timer = loop.call_at(self._hold_deadline, self._hold_over, owner)
 
     def _hold_over(self, owner: _Owner) -> None:
         """The new owner's port stayed down: its session gets the held input now."""
@@ -853,6 +877,7 @@ class Relay:
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
+        self._hold_deadline = None
         held, self._held = self._held or bytearray(), None
         replay = bytes(self._frames.unfinished) + bytes(held)
         messages = self._frames.messages
@@ -919,6 +944,8 @@ def adopt(
     position: int,
     writer: bool,
     clocks: SessionClocks,
+    held: bytes = b"",
+    hold_until: float | None = None,
     on_done: Callable[[Relay], None] | None = None,
     on_here: Callable[[Relay], Awaitable[bool]] | None = None,
     high_water: int = HIGH_WATER,
@@ -930,6 +957,10 @@ def adopt(
     owner as soon as the region names one, resuming at `position` as the writer or
     not, exactly as a relay moves from an owner that died (`reattach.owner` is this
     gateway), and with the session's `clocks`. Its stream must be between frames both ways.
+
+    `held`: what the client sent that the session here held for its port (it came here
+    with its console, and the port was not up yet), from a frame's start; it waits for
+    the next owner's port until `hold_until` (loop time), as if held by this relay.
     """
     r = Relay(
         client,
@@ -944,10 +975,12 @@ def adopt(
     r._server = ServerStream(position)
     r._server.on_idle_warning = r._idle_warned
     r._server.writer = writer
-    r._held = bytearray()
+    r._held = bytearray(held)
+    r._hold_deadline = hold_until
     client.set_write_buffer_limits(high=high_water)
     client.set_protocol(r._client)
-    client.resume_reading()
+    if len(r._held) <= high_water:
+        client.resume_reading()
     r._send_client(_text_frame(control.encode_notice("port_down", vm=reattach.vm)))
     log.info("relay_owner_lost", vm=reattach.vm, owner=reattach.owner, outcome="moving")
     r._moving = asyncio.get_running_loop().create_task(r._move(reattach))
