@@ -48,6 +48,7 @@ from .store import (
     ClusterUnavailableError,
     Outgoing,
     OwnershipNews,
+    RoundState,
     SwitchChange,
     SwitchesResync,
     SwitchEvent,
@@ -578,6 +579,7 @@ class ClusterNode:
         """One ownership round: observe, decide, carry out (errors change nothing)."""
         now = asyncio.get_running_loop().time()
         vms = self.owner.configured_vms()
+        state: RoundState | None = None
         try:
             leaving = self.leaving
             if leaving and not self._heartbeat_dropped:
@@ -641,6 +643,10 @@ class ClusterNode:
                 # input flows (issue 16, point 7: a shared outage changes nothing). Cut off
                 # alone, it is deposed by its peers' answer instead (`_ask_region`).
                 self._lease_renewed(self.held, now + self.lease_ttl)
+            # The round may have opened or closed ports before it failed (a claim's hub
+            # opened, then the next claim's read timed out): route by them now, not by the
+            # last round that finished, which may name a gateway that no longer holds them.
+            self._note_ports(state)
             self.policy.failed(now)
             self._redis_failed("round", exc, now)
             await self._ask_region(now)
@@ -767,6 +773,16 @@ class ClusterNode:
             address for advertised in live.values() if (address := _ip_of(advertised))
         )
         self._set_owners(owners, fences)
+
+    def _note_ports(self, state: RoundState | None) -> None:
+        """After a failed round: the owners as this round read them (`state`, None if it
+        read nothing: the last round's), except that this gateway owns exactly the VMs
+        whose ports it holds now."""
+        if state is not None:
+            self._note_owners(state.holders, state.live)
+            return
+        owners = {vm: at for vm, at in self.owners.items() if at[0] != self.gateway_id}
+        self._set_owners(owners, {vm: f for vm, f in self.fences.items() if vm in owners})
 
     def _set_owners(self, owners: dict[str, tuple[str, str]], fences: dict[str, int]) -> None:
         """Route by `owners` (their leases' `fences`) from now on; sessions relayed to a VM
