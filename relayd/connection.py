@@ -450,10 +450,17 @@ class HttpConnection(asyncio.Protocol):
         self._start_session(grant, bytes(leftover))
 
     def _start_session(
-        self, grant: ConsoleGrant, leftover: bytes, *, moved_here: tuple[str, ...] | None = None
+        self,
+        grant: ConsoleGrant,
+        leftover: bytes,
+        *,
+        moved_here: tuple[str, ...] | None = None,
+        hold_until: float | None = None,
     ) -> None:
         """Hand the transport to a new session; `moved_here`: it came with its console from
-        another gateway (no hello: these notices, if any, then the stream from its offset)."""
+        another gateway (no hello: these notices, if any, then the stream from its offset);
+        `hold_until`: the deadline (loop time) of the input its relay held for an owner's
+        port already (None: none did)."""
         assert self.transport is not None
         self._release_reading()  # before the session, which may hold reading back itself
         self._here = grant.here
@@ -492,8 +499,13 @@ class HttpConnection(asyncio.Protocol):
             last_active=None if clocks is None else clocks.last_active,
             warned=None if clocks is None else clocks.warned,
         )
-        if moved_here is not None and not grant.hub.port_up:
-            session.hold_input(leftover, control.MOVED_INPUT_WAIT)  # as a relay would
+        hold = 0.0
+        if moved_here is not None and not grant.hub.port_up:  # the input waits, as a relay's
+            hold = control.MOVED_INPUT_WAIT
+            if hold_until is not None:  # no longer in all than it would have waited there
+                hold = hold_until - asyncio.get_running_loop().time()
+        if hold > 0:
+            session.hold_input(leftover, hold)
         elif leftover:
             session.data_received(leftover)
 
@@ -556,11 +568,14 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             self._forget()
             return
+        held, hold_until = session.held_input()  # keys it held for the port follow it
         self._relay = adopt(
             transport,
             reattach,
             position=session.cursor,
             writer=session.role == "writer",
+            held=held,
+            hold_until=hold_until,
             clocks=SessionClocks(session.started, session.last_input, session.idle_warned_at),
             on_done=self._relayed,
             on_here=self._take_here if self._here is not None else None,
@@ -601,14 +616,16 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or moving is not self._relay:
             return False
-        if grant.hub.end < position:
-            raise MoveRefused("this gateway would resume the session at the wrong offset")
+        hold_until = moving.hold_deadline  # input it held for an owner's port already
+        # A hub whose output ends before `position` (its log lost what the client saw: a
+        # Redis that lost its data) resumes the session at its end, and the session says
+        # so with `offsets_reused`, as it answers a `?from=` past the end.
         if grant.hub.port_up:
             notices.append(control.encode_notice("port_up", vm=vm))
         leftover = moving.release_client()
         self._relay = None
         self._relayed_session = None  # a session here from now on, counted as one
-        self._start_session(grant, leftover, moved_here=tuple(notices))
+        self._start_session(grant, leftover, moved_here=tuple(notices), hold_until=hold_until)
         return True
 
     def peer_certificate(self) -> bytes | None:

@@ -129,6 +129,7 @@ class ConsoleSession:
         # Set while input that came with the session (it moved here) waits for the port.
         self._hold_timer: asyncio.TimerHandle | None = None
         self._held = b""
+        self._hold_until: float | None = None  # when it goes whatever the port says (loop time)
         self._replaying = True
         self._write_paused = False
         self._awaiting_pong = False
@@ -387,6 +388,7 @@ class ConsoleSession:
         in order, as any session's: refused with `port_down` if the port is still down.
         """
         self._held = held
+        self._hold_until = self._loop.time() + seconds
         self._reading_paused = True
         self.transport.pause_reading()
         self._hold_timer = self._loop.call_later(seconds, self._release_held)
@@ -410,6 +412,7 @@ class ConsoleSession:
         if timer is not None:
             timer.cancel()
         held, self._held = self._held, b""
+        self._hold_until = None
         if self._closed:
             return
         self._reading_paused = False
@@ -424,8 +427,14 @@ class ConsoleSession:
             and self.ws.state is State.OPEN
             and self._reader.at_boundary
             and not self._fragments
-            and self._hold_timer is None  # held input cannot follow it (it is closed instead)
         )
+
+    def held_input(self) -> tuple[bytes, float | None]:
+        """The input held for the port (see `hold_input`) and when it goes whatever the
+        port says (loop time; None: nothing is held). A session that moves away while it
+        holds input hands both to the relay that takes its client: the client's keys
+        wait for the next owner's port, until the same deadline."""
+        return self._held, self._hold_until
 
     def _move_away(self, reason: str) -> None:
         """Leave the client's connection to a relay that moves it to the VM's next owner.

@@ -583,3 +583,110 @@ async def test_a_bug_while_moving_closes_the_client_instead_of_stranding_it(pki:
             assert ws.close_reason == "console moved: internal error; reconnect"
             failed = [e for e in logs if e["event"] == "relay_move_crashed"]
             assert [(e["vm"], e["exc_info"]) for e in failed] == [(VM, True)]
+
+
+async def test_a_new_owner_whose_log_is_behind_the_client_resumes_it_with_offsets_reused(
+    pki: Pki,
+) -> None:
+    """The new owner's output ends before the client's position (Redis lost the log and its
+    marks, and no gateway put them back): it resumes the session at its own end and says
+    so with `offsets_reused`, as it answers a `?from=` past the end. The relay goes on
+    there, at the new owner's position, rather than closing the client with 1001 only for
+    it to reconnect and get the same; the next move resumes from that position."""
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        FakeOwner(pki, "gw-3") as third,
+        Front(pki, directory := Directory(first.named)) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100) + binary(b"abc"))
+        ws = await upgrading
+        async with ws:
+            relayed = await front.next_relay()
+            assert (await control_message(ws))["role"] == "writer"
+            assert await received(ws) == b"abc"
+            w1.close()
+            assert await notice(ws) == "port_down"
+            await directory.name(second.named)
+
+            (_, w2), request, fwd = await second.next_request()
+            assert (fwd.mode, fwd.resume_from) == ("interactive", 103)
+            reused = control.encode_notice(
+                "offsets_reused", first=40, last=102, bytes=63, message="past the end"
+            )
+            w2.write(switching(request) + hello("writer", 40) + text(reused) + binary(b"new"))
+            assert await notice(ws) == "port_up"
+            told = await control_message(ws)
+            assert (told["event"], told["first"], told["last"]) == ("offsets_reused", 40, 102)
+            assert await received(ws) == b"new"
+            assert relayed.position == 43
+            assert relayed.reattached == 1
+
+            w2.close()
+            assert await notice(ws) == "port_down"
+            await directory.name(third.named)
+            (r3, w3), request, fwd = await third.next_request()
+            assert fwd.resume_from == 43
+            w3.write(switching(request) + hello("writer", 43) + binary(b"more"))
+            assert await notice(ws) == "port_up"
+            assert await received(ws) == b"more"
+            await close_on_purpose(ws, r3, w3)
+        assert ws.close_code == 1000
+
+
+async def test_input_held_for_a_new_owner_follows_the_console_when_it_moves_again(
+    pki: Pki,
+) -> None:
+    """The console moves again while the relay holds the client's input for the new
+    owner's port (its hello said the port is down): the relay follows it to the next owner
+    with the input still held, and lets it go at that owner's port_up. The hold keeps the
+    deadline it had from the first owner that took the session (input waits at most
+    `MOVED_INPUT_WAIT` in all), and the client's pong held with the input does not make
+    the relay take the hang-up for a drop of an unresponsive client."""
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        FakeOwner(pki, "gw-3") as third,
+        Front(pki, directory := Directory(first.named)) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100))
+        ws = await upgrading
+        async with ws:
+            relayed = await front.next_relay()
+            assert (await control_message(ws))["role"] == "writer"
+            w1.close()
+            assert await notice(ws) == "port_down"
+            await ws.send(b"held")
+            await directory.name(second.named)
+            (_, w2), request, fwd = await second.next_request()
+            assert fwd.resume_from == 100
+            w2.write(switching(request) + hello("writer", 100, port="down") + binary(b"x"))
+            assert await received(ws) == b"x"  # attached: the hold for its port has begun
+            attached = asyncio.get_running_loop().time()
+            w2.write(Frame(Opcode.PING, b"").serialize(mask=False) + binary(b"z"))
+            assert await received(ws) == b"z"  # the ping came first: the pong has gone
+            await ws.send(b" and more")
+            w2.close()  # the console moves on before gw-2's port comes up
+            assert await notice(ws) == "port_down"
+            await directory.name(third.named)
+            (r3, w3), request, fwd = await third.next_request()
+            assert (fwd.mode, fwd.resume_from) == ("interactive", 102)
+            w3.write(switching(request) + hello("writer", 102, port="down") + binary(b"y"))
+            assert await received(ws) == b"y"
+            deadline = relayed.hold_deadline
+            assert deadline is not None
+            assert deadline <= attached + control.MOVED_INPUT_WAIT  # gw-2's, not a new one
+            w3.write(text(control.encode_notice("port_up", vm=VM)))
+            assert await notice(ws) == "port_up"
+            assert await client_frame(r3) == (Opcode.BINARY.value, b"held")
+            assert await client_frame(r3) == (Opcode.PONG.value, b"")
+            assert await client_frame(r3) == (Opcode.BINARY.value, b" and more")
+            assert relayed.hold_deadline is None
+            await ws.send(b"straight through")
+            assert await client_frame(r3) == (Opcode.BINARY.value, b"straight through")
+            await close_on_purpose(ws, r3, w3)
+        assert ws.close_code == 1000

@@ -9,8 +9,9 @@ It also keeps every owned VM's console output flowing into the VM's Redis
 stream (`Outbox`, one shared appender task, fenced by the lease's token) and
 mirrors the console switches that any gateway sets.
 
-Redis trouble never breaks what works: a failed round changes nothing (ports
-stay open, sessions go on), output waits in each outbox (bounded by
+Redis trouble never breaks what works: a failed round closes no port it did not
+close before failing (ports stay open, sessions go on; only the owner map follows
+what it did, `_note_ports`), output waits in each outbox (bounded by
 `console_log_bytes`; what overflows becomes a recorded gap), and when Redis
 answers again the holders re-assert their leases first (`grace`), so no VM
 changes owner because of an outage. A gateway that was frozen (SIGSTOP) for
@@ -49,6 +50,7 @@ from .store import (
     Outgoing,
     Override,
     OwnershipNews,
+    RoundState,
     SwitchChange,
     SwitchesRead,
     SwitchesResync,
@@ -608,9 +610,10 @@ class ClusterNode:
             await asyncio.sleep(max(0.0, started + ROUND_MIN_GAP - loop.time()))
 
     async def round(self) -> None:
-        """One ownership round: observe, decide, carry out (errors change nothing)."""
+        """One ownership round: observe, decide, carry out (an error stops it where it is)."""
         now = asyncio.get_running_loop().time()
         vms = self.owner.configured_vms()
+        state: RoundState | None = None
         try:
             leaving = self.leaving
             if leaving and not self._heartbeat_dropped:
@@ -674,6 +677,10 @@ class ClusterNode:
                 # input flows (issue 16, point 7: a shared outage changes nothing). Cut off
                 # alone, it is deposed by its peers' answer instead (`_ask_region`).
                 self._lease_renewed(self.held, now + self.lease_ttl)
+            # The round may have opened or closed ports before it failed (a claim's hub
+            # opened, then the next claim's read timed out): route by them now, not by the
+            # last round that finished, which may name a gateway that no longer holds them.
+            self._note_ports(state)
             self.policy.failed(now)
             self._redis_failed("round", exc, now)
             await self._ask_region(now)
@@ -800,6 +807,16 @@ class ClusterNode:
             address for advertised in live.values() if (address := _ip_of(advertised))
         )
         self._set_owners(owners, fences)
+
+    def _note_ports(self, state: RoundState | None) -> None:
+        """After a failed round: the owners as this round read them (`state`, None if it
+        read nothing: the last round's), except that this gateway owns exactly the VMs
+        whose ports it holds now."""
+        if state is not None:
+            self._note_owners(state.holders, state.live)
+            return
+        owners = {vm: at for vm, at in self.owners.items() if at[0] != self.gateway_id}
+        self._set_owners(owners, {vm: f for vm, f in self.fences.items() if vm in owners})
 
     def _set_owners(self, owners: dict[str, tuple[str, str]], fences: dict[str, int]) -> None:
         """Route by `owners` (their leases' `fences`) from now on; sessions relayed to a VM

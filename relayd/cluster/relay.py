@@ -19,12 +19,17 @@ position is. That lets it move the session when the owner dies:
    a session); the client gets `port_up` (unless the new owner's port is not
    up yet: it says `port_up` itself when it is), then the new owner's stream,
    which starts exactly at the client's position (an `output_gap` notice
-   first if the new owner no longer holds those bytes). The held input follows,
+   first if the new owner no longer holds those bytes; an `offsets_reused`
+   notice first if the new owner's output ends before that position, its log
+   lost with Redis's data: the session goes on at the new owner's end, as a
+   reconnect with `?from=` would). The held input follows,
    including the start of a frame the dead owner got only part of (it never
    acted on it), and the relay goes on. Input waits for the new owner's port
    only so long (`control.MOVED_INPUT_WAIT`, as a session that moves to this
    gateway holds it): then the owner gets it, and refuses keys with `port_down`
-   if its port is still down, as it refuses any.
+   if its port is still down, as it refuses any. If the console moves again
+   before that port is up, the input stays held for the next owner, until the
+   same deadline.
 
 The same happens when the owner lets go of the VM without a Close frame (it
 hands the console to another gateway, or drains for a deploy: it ends a
@@ -287,6 +292,20 @@ def _another_lease(
     return fence is not None and known is not None and fence != known
 
 
+def _resumed(hello: dict[str, object], at: int, position: int) -> bool:
+    """Whether a new owner's `hello`, resuming at `at`, resumes a client at `position`.
+
+    At it or past it: a later position is the owner's to explain (an `output_gap`
+    notice comes next). Before it only when the owner's whole output ends before the
+    client's position (its log lost what the client saw: a Redis that lost its data),
+    with no replay: the owner then resumes at its end and says so with an
+    `offsets_reused` notice next, as it answers a `?from=` past the end, and the
+    client's position is the owner's from there on. Any other earlier position would
+    repeat bytes the client has.
+    """
+    return at >= position or (hello.get("replay") == 0 and hello.get("offset") == at)
+
+
 def _close_later(end: _Client | _Owner, close_timeout: float) -> None:
     """Flush, then close; reset if the flush takes longer than `close_timeout`."""
     if end.lost or end.close_timer is not None:
@@ -347,6 +366,9 @@ class Relay:
         self._held: bytearray | None = None  # client input while no owner is attached
         self._moving: asyncio.Task[None] | None = None
         self._hold_timer: asyncio.TimerHandle | None = None  # see `_attach`
+        # When held input goes to the owner whatever its port says (loop time; None: no
+        # owner has had the held input's session yet). Set once per hold, kept across moves.
+        self._hold_deadline: float | None = None
         self._was_writer = False  # whether the client wrote before its latest move
         self._pongs_before = 0  # the client's pongs before the current owner's stream
         self._last_pong = asyncio.get_running_loop().time()  # or when the relay began
@@ -554,7 +576,8 @@ class Relay:
         if self._reattach is None or server.closing or self._client.transport.is_closing():
             _close_later(self._client, self._close_timeout)  # the owner's Close reaches it
             return
-        if not owner.left and self._client_unresponsive():
+        holding = self._held is not None  # the client's input, pongs too, never reached it
+        if not owner.left and not holding and self._client_unresponsive():
             # The owner reset the link because of the client: it missed a pong or left its
             # output unread (session.py drops a direct client so, with a reset). Moved, the
             # client would only be dropped again; it is dropped alike, not told port_down.
@@ -579,7 +602,13 @@ class Relay:
         if not self._frames.unfinished_whole:  # a client frame too long to keep was in flight
             self._give_up(self._reattach, "a long message was in flight")
             return
-        self._held = bytearray()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self._held is None:
+            self._held = bytearray()
+        # Else the input held for this owner's port waits for the next owner's, until the
+        # same deadline (`_attach`).
         log.info("relay_owner_lost", vm=self._reattach.vm, owner=self._owner_id, outcome="moving")
         self._send_client(_text_frame(control.encode_notice("port_down", vm=self._reattach.vm)))
         self._moving = asyncio.get_running_loop().create_task(self._move(self._reattach))
@@ -751,9 +780,11 @@ class Relay:
         stream.on_idle_warning = self._idle_warned
         if first == 0x81:  # a final text frame: the hello
             stream.message(payload)
-        if stream.hello is None or stream.position is None or stream.position < position:
-            # Not a resumption at the client's position: it would repeat bytes. (A later
-            # position is the owner's to explain: an output_gap notice comes next.)
+        if (
+            stream.hello is None
+            or stream.position is None
+            or not _resumed(stream.hello, stream.position, position)
+        ):
             link.transport.abort()
             raise MoveRefused(f"gateway {owner[0]} resumed the session at the wrong offset")
         self._was_writer = self._server.writer
@@ -771,6 +802,12 @@ class Relay:
     def writer(self) -> bool:
         """Whether the client is the writer, as its current owner last said."""
         return self._server.writer
+
+    @property
+    def hold_deadline(self) -> float | None:
+        """When the client's held input goes to its owner whatever its port says (loop
+        time), or None: no owner has had the session since the input began to be held."""
+        return self._hold_deadline
 
     def release_client(self) -> bytes:
         """Let go of the client, whose session goes on at this gateway (the VM came here).
@@ -819,9 +856,15 @@ class Relay:
             # (`port_down` errors) and lost. Not for ever: past MOVED_INPUT_WAIT it goes
             # and is refused so, as a session here would refuse it (and the client's pongs,
             # held with it, reach the owner before it drops the client for missing them).
-            self._hold_timer = asyncio.get_running_loop().call_later(
-                control.MOVED_INPUT_WAIT, self._hold_over, owner
-            )
+            # In all: an owner that lets go before its port is up hands the hold on to the
+            # next owner with the deadline it had.
+            loop = asyncio.get_running_loop()
+            if self._hold_deadline is None:
+                self._hold_deadline = loop.time() + control.MOVED_INPUT_WAIT
+            if self._hold_deadline <= loop.time():
+                self._flush_held(owner)
+            else:
+                self._hold_timer = loop.call_at(self._hold_deadline, self._hold_over, owner)
 
     def _hold_over(self, owner: _Owner) -> None:
         """The new owner's port stayed down: its session gets the held input now."""
@@ -834,6 +877,7 @@ class Relay:
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
+        self._hold_deadline = None
         held, self._held = self._held or bytearray(), None
         replay = bytes(self._frames.unfinished) + bytes(held)
         messages = self._frames.messages
@@ -900,6 +944,8 @@ def adopt(
     position: int,
     writer: bool,
     clocks: SessionClocks,
+    held: bytes = b"",
+    hold_until: float | None = None,
     on_done: Callable[[Relay], None] | None = None,
     on_here: Callable[[Relay], Awaitable[bool]] | None = None,
     high_water: int = HIGH_WATER,
@@ -911,6 +957,10 @@ def adopt(
     owner as soon as the region names one, resuming at `position` as the writer or
     not, exactly as a relay moves from an owner that died (`reattach.owner` is this
     gateway), and with the session's `clocks`. Its stream must be between frames both ways.
+
+    `held`: what the client sent that the session here held for its port (it came here
+    with its console, and the port was not up yet), from a frame's start; it waits for
+    the next owner's port until `hold_until` (loop time), as if held by this relay.
     """
     r = Relay(
         client,
@@ -925,10 +975,12 @@ def adopt(
     r._server = ServerStream(position)
     r._server.on_idle_warning = r._idle_warned
     r._server.writer = writer
-    r._held = bytearray()
+    r._held = bytearray(held)
+    r._hold_deadline = hold_until
     client.set_write_buffer_limits(high=high_water)
     client.set_protocol(r._client)
-    client.resume_reading()
+    if len(r._held) <= high_water:
+        client.resume_reading()
     r._send_client(_text_frame(control.encode_notice("port_down", vm=reattach.vm)))
     log.info("relay_owner_lost", vm=reattach.vm, owner=reattach.owner, outcome="moving")
     r._moving = asyncio.get_running_loop().create_task(r._move(reattach))

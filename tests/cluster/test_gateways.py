@@ -28,10 +28,11 @@ from structlog.testing import capture_logs
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from relayd import control
 from relayd.app import PORTS_TRIED_TIMEOUT, Gateway
 from relayd.auth import issue_token
 from relayd.cluster.forwarding import ForwardedSession, encode_forwarded_request
-from relayd.cluster.ownership import Lease, preferred_owner
+from relayd.cluster.ownership import Lease, preferred_owner, ranking
 from relayd.cluster.store import ClusterStore, ClusterUnavailableError, key_prefix
 from relayd.config import Config, load_config
 from relayd.errors import ConfigError
@@ -1032,6 +1033,42 @@ async def test_relayed_client_stays_attached_when_the_owner_is_killed(
             assert (await c.closed())[0] == 4009
 
 
+async def test_a_relayed_client_whose_console_comes_here_with_its_log_lost_goes_on_here(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    redis_server: RedisServer,
+) -> None:
+    """The owner is killed and Redis restarts empty before anyone put its marks back: the
+    console comes to the relaying gateway with its offsets starting again, behind what the
+    client holds. The client goes on there, told with `offsets_reused` (as a reconnect with
+    `?from=` would be told), instead of being closed with 1001 to reconnect and get it."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with killable_owner_and_relay(cluster_config, far_end) as (victim, relaying):
+        await far_end.connected()
+        async with console(relaying, ctx, mint("alice")) as c:
+            await far_end.send(b"output before the loss\r\n")
+            await c.expect(b"output before the loss\r\n")
+            position = c.hello["offset"] - c.hello["replay"] + len(c.output)
+            victim.proc.send_signal(signal.SIGKILL)
+            await victim.proc.wait()
+            await c.control(type="notice", event="port_down")
+            await redis_server.restart_empty()
+            await c.control(type="notice", event="port_up")
+            reused = await c.control(type="notice", event="offsets_reused")
+            assert reused["last"] == position - 1
+            assert reused["first"] < position
+            assert "vm-a" in relaying.hubs
+            assert c.hello["session"] in relaying.sessions  # a session here, not a relay
+            await c.send(b"after\r")
+            await far_end.wait_received(lambda got: b"after\r" in got)
+            await far_end.send(b"output after\r\n")
+            await c.expect(b"output after\r\n")
+            assert c.output.count(b"output before the loss") == 1
+            assert not [m for m in c.controls if m.get("type") in ("hello", "error")]
+
+
 async def test_relayed_client_moves_with_the_console_when_the_owner_stops(
     cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
 ) -> None:
@@ -1834,6 +1871,59 @@ async def test_keys_sent_as_the_console_moves_here_wait_for_its_port(
         await c.send(b"and after\r")
         await far_end.wait_received(lambda got: b"and after\r" in got)
         assert [m for m in c.controls if m.get("type") == "error"] == []
+
+
+async def test_keys_held_for_a_console_that_came_here_follow_it_when_it_moves_on(
+    cluster_config: Callable[..., Config],
+    gateway_pki: dict[str, Path],
+    far_end: FarEnd,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The console of a relayed writer comes to the relaying gateway while its port is
+    down, and its session there holds the keys typed meanwhile for the port; then the
+    console moves on (a gateway joins and takes its share) before the port is up. The
+    client follows it, relayed to the new owner with the keys still held, and they reach
+    the port when it comes up there; before, the client was closed with 1001."""
+    # The hold outlasts both moves here whatever the host's speed: its end is not the point.
+    monkeypatch.setattr(control, "MOVED_INPUT_WAIT", 60.0)
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    # The client's gateway ranks last for vm-a: the first owner, then the one that joins,
+    # each take the console from it.
+    first, joining, here = ranking("vm-a", ["gw-1", "gw-2", "gw-3"])
+    async with (
+        serving(cluster_config(first, far_end.port)) as owner,
+        serving(cluster_config(here, far_end.port)) as other,
+    ):
+        assert other.cluster is not None
+        cluster = other.cluster
+        await until(lambda: (cluster.owner_of("vm-a") or ("",))[0] == first, owner, other)
+        async with console(other, ctx, mint("alice")) as c:
+            assert c.hello["role"] == "writer"
+            await far_end.stop()  # down for whoever owns the port next, too
+            await c.control(type="notice", event="port_down")
+            owner.stop()
+            await c.control(type="notice", event="port_down")  # the console moves here
+            await c.send(b"typed while it moved\r")
+            await until(
+                lambda: len(other.sessions) == 1 and not any(x.relaying for x in other.connections),
+                other,
+            )
+            assert not other.hubs["vm-a"].port_up  # a session here, holding the keys
+            async with serving(cluster_config(joining, far_end.port)) as new_owner:
+                await c.control(type="notice", event="port_down")  # and moves on
+                await until(lambda: "vm-a" in new_owner.hubs, new_owner)
+                await c.send(b"typed as it moved on\r")
+                await far_end.start()
+                await c.control(type="notice", event="port_up")
+                await far_end.wait_received(lambda got: b"typed as it moved on\r" in got)
+                assert far_end.received.count(b"typed while it moved\r") == 1
+                assert far_end.received.index(b"typed while it moved\r") < (
+                    far_end.received.index(b"typed as it moved on\r")
+                )
+                await c.send(b"and after\r")
+                await far_end.wait_received(lambda got: b"and after\r" in got)
+            assert [m for m in c.controls if m.get("type") == "error"] == []
 
 
 @pytest.mark.parametrize(

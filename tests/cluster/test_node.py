@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from relayd.cluster.node import APPEND_ROUND_TRIP_BYTES, ClusterNode, NodeOwner, Outbox
 from relayd.cluster.ownership import Lease
 from relayd.cluster.store import ClusterStore, SwitchChange
-from relayd.config import VmConfig
+from relayd.config import LimitsConfig, VmConfig
 from relayd.hub import ConsoleHub
 from relayd.switches import ConsoleSwitches
 
@@ -557,3 +557,68 @@ async def test_a_vm_whose_log_marks_in_redis_are_unreadable_is_let_go_and_rounds
     assert not node.held
     assert await store.holder("vm-a") is None
     assert "cluster_vm_log_unreadable" in [e["event"] for e in logs]
+
+
+class _FreezingGateway(_PortlessGateway):
+    """Configures two VMs; Redis stops answering as the first hub the node opens opens."""
+
+    def __init__(self, redis_server: RedisServer) -> None:
+        self.redis_server = redis_server
+        self.vms = {
+            vm: VmConfig(id=vm, subscription="sub-1", serial="tcp://127.0.0.1:1")
+            for vm in ("vm-a", "vm-b")
+        }
+        self.opened: list[str] = []
+        self.moved: list[str] = []
+
+    def configured_vms(self) -> Mapping[str, VmConfig]:
+        return self.vms
+
+    def open_hub(self, vm: VmConfig, history: tuple[int, bytes], sink: Outbox) -> ConsoleHub:
+        if not self.opened:
+            self.redis_server.freeze()
+        self.opened.append(vm.id)
+        return ConsoleHub(vm, LimitsConfig(), sink=sink, history=history)
+
+    def owners_changed(self, vms: Collection[str]) -> None:
+        self.moved += vms
+
+
+async def test_a_claim_round_that_fails_after_opening_a_hub_routes_by_it_at_once(
+    make_store: StoreFactory, redis_server: RedisServer
+) -> None:
+    """A round claims two VMs another gateway held, opens the first one's hub, and Redis
+    stops answering before the second one's (the round fails). The node routes by what it
+    holds from then on: the first VM is its own (sessions relayed to the old owner move
+    here, and a relay waiting for the next owner finds it), not the old owner's until a
+    round succeeds (minutes, while Redis is away); the second, whose port it does not hold,
+    is nobody's."""
+    gateway = _FreezingGateway(redis_server)
+    store = make_store("gw-1")
+    node = _node(gateway, store)
+    node.policy.grace = 0  # claim as soon as the VMs are free
+    old = make_store("gw-2")
+    await old.heartbeat("127.0.0.2:2")
+    tokens = {vm: await old.claim(vm) for vm in gateway.vms}
+    await node.round()
+    assert {vm: node.owner_of(vm) for vm in gateway.vms} == dict.fromkeys(
+        gateway.vms, ("gw-2", "127.0.0.2:2")
+    )
+    for vm, token in tokens.items():
+        assert token is not None
+        assert await old.release(vm, token)
+    await old.leave()
+    try:
+        with capture_logs() as logs:
+            await node.round()
+    finally:
+        redis_server.thaw()
+    assert "cluster_redis_unavailable" in [e["event"] for e in logs]
+    assert node.stats.rounds == 1  # the second round failed
+    (opened,) = gateway.opened
+    (other,) = set(gateway.vms) - {opened}
+    assert node.held.keys() == {opened}
+    assert node.owner_of(opened) == ("gw-1", "127.0.0.1:1")
+    assert node.fence_of(opened) == node.held[opened]
+    assert node.owner_of(other) is None
+    assert opened in gateway.moved
