@@ -46,6 +46,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 FAILOVER_TIMEOUT = 30.0
 """Generous bound for a VM to move after its owner dies (the target is 5 s; see the bench)."""
 
+PAUSE_MS = 60_000
+"""A Redis write pause that the test lifts itself (CLIENT UNPAUSE): never the clock."""
+
 
 def single_holder(region: Region) -> dict[str, int]:
     """VM -> the most connections its port ever had at once (1 means: one gateway at a time)."""
@@ -470,33 +473,44 @@ async def test_owner_printing_faster_than_its_reservation_killed_offsets_are_not
     region: Region,
 ) -> None:
     """A VM printing fast while Redis is slow: its owner hands out offsets well past the
-    last stored byte. Killed then, its successor must still start past every one of them."""
+    last stored byte. Killed then, its successor must still start past every one of them.
+
+    The load is counted in bytes, not paced by the clock: 400 kB in one burst set the
+    owner's measured rate (its reservation reaches that rate times a few call deadlines
+    ahead, far more than the fixed 64 KiB least), and once that is stored, 200 kB more
+    (three times the least) reach the client while Redis holds every write. The pause is
+    lifted only after the owner is dead, so none of the 200 kB is ever stored, however
+    long the printing takes on this host."""
     end = region.ends["vm-4"]
     owner = (await region.wait_settled())["vm-4"]
     redis = region.cluster.redis
     piece = b"f" * 4000 + b"\r\n"
     async with region.console(owner, "vm-4", user="alice") as local:
 
-        async def print_for(seconds: float, marker: bytes) -> None:
-            # A steady 400 kB/s (the session's output limit is 1 MiB/s): a load shape,
-            # paced by the clock on purpose.
-            loop = asyncio.get_running_loop()
-            stop = loop.time() + seconds
-            while loop.time() < stop:
+        def position() -> int:
+            return local.hello["offset"] - local.hello["replay"] + len(local.output)
+
+        async def burst(pieces: int, marker: bytes) -> None:
+            for _ in range(pieces):
                 end.emit(piece)
-                await asyncio.sleep(0.01)
             end.emit(marker)
             await local.expect(marker)
 
-        await print_for(1.0, b"steady-output-seen")
-        # Redis stalls writes (shorter than a call's deadline: not an outage) while the
-        # VM goes on printing; the client sees about 200 kB the log does not have yet.
-        assert await redis.command("CLIENT", "PAUSE", "1000", "WRITE") == b"+OK\r\n"
-        await print_for(0.5, b"seen-but-not-logged")
+        await burst(100, b"fast-output-seen")
+        await wait_logged(region, owner, "vm-4", position())  # its mark is stored too
+        stored = position()
+        # Redis holds writes (not down: the owner's appends wait, they do not fail at once)
+        # while the VM goes on printing; the client sees what the log does not have yet.
+        assert await redis.command("CLIENT", "PAUSE", str(PAUSE_MS), "WRITE") == b"+OK\r\n"
+        try:
+            await burst(50, b"seen-but-not-logged")
+            last = position()
+            assert last - stored > 3 * DEFAULT_RESERVE_AHEAD  # past any fixed reservation
+            owner.kill()
+            await owner.wait_exit()
+        finally:
+            assert await redis.command("CLIENT", "UNPAUSE") == b"+OK\r\n"
         assert not [c for c in local.controls if c.get("type") == "output_gap"]
-        last = local.hello["offset"] - local.hello["replay"] + len(local.output)
-        owner.kill()
-        await owner.wait_exit()
     await region.wait_owner("vm-4", not_on=owner)
     await region.wait_settled()
     async with region.console(LB, "vm-4", query=f"from={last}") as resumed:
