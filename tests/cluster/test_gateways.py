@@ -1119,13 +1119,11 @@ async def test_relayed_client_stays_attached_when_the_owner_is_killed(
                     await cluster.next_round()
             position = c.hello["offset"] - c.hello["replay"] + len(c.output)
 
-            killed_at = asyncio.get_running_loop().time()
             victim.proc.send_signal(signal.SIGKILL)
             await victim.proc.wait()
             assert (await c.control(type="notice", event="port_down"))["vm"] == "vm-a"
             await c.send(b"during\r")  # held until the new owner's port is up
             assert (await c.control(type="notice", event="port_up"))["vm"] == "vm-a"
-            assert asyncio.get_running_loop().time() - killed_at < 5.0
             await far_end.wait_received(lambda got: b"during\r" in got)
             await c.send(b"after\r")
             await far_end.wait_received(lambda got: b"after\r" in got)
