@@ -174,33 +174,49 @@ async def test_audits_name_the_real_client_direct_relayed_or_through_the_balance
         assert audited() == [("session_started", source), ("session_ended", source)], target
 
 
-async def test_hashed_balancer_in_http_mode_serves_every_vm(
-    region: Region, ca: trustme.CA, pki: dict[str, Path], tmp_path: Path
-) -> None:
-    """HAProxy hashing by path (TLS ended at HAProxy): every VM answers, hashed or forwarded."""
+@contextlib.asynccontextmanager
+async def hashed_balancer(
+    region: Region,
+    ca: trustme.CA,
+    pki: dict[str, Path],
+    directory: Path,
+    *,
+    client_pem: Path | None = None,
+) -> AsyncIterator[tuple[str, int]]:
+    """An HAProxy in HTTP mode (TLS ended there, hashing by path) in front of the region's
+    gateways, with a certificate from `ca`; `client_pem`: the certificate it presents to
+    them. Yields its frontend address; stopped at the end."""
     await region.wait_settled()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    pem = tmp_path / "lb.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    pem = directory / "lb.pem"
+    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
     front = ("127.0.0.1", free_port("127.0.0.1"))
     hashed = Haproxy(
-        tmp_path / "hashed",
+        directory / "hashed",
         hashed_haproxy_config(
             frontend=f"{front[0]}:{front[1]}",
             pem=pem,
             ca=pki["ca"],
             servers={g.gateway_id: (g.host, g.tls_port, g.health_port) for g in region.gateways},
+            client_pem=client_pem,
         ),
     )
     await hashed.start()
     try:
+        yield front
+    finally:
+        await hashed.stop()
+
+
+async def test_hashed_balancer_in_http_mode_serves_every_vm(
+    region: Region, ca: trustme.CA, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """HAProxy hashing by path (TLS ended at HAProxy): every VM answers, hashed or forwarded."""
+    async with hashed_balancer(region, ca, pki, tmp_path) as front:
         for vm in VM_IDS:
             async with region.console(front, vm, user="rita") as console:
                 assert console.hello["vm"] == vm
                 region.ends[vm].emit(f"\r\nhashed-{vm}\r\n".encode())
                 await console.expect(f"hashed-{vm}".encode())
-    finally:
-        await hashed.stop()
 
 
 async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_are_refused(
@@ -212,24 +228,9 @@ async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_a
     for a session it admitted, naming an owner: each gateway refuses it 403, as it would
     from the client directly. Before, the balancer's certificate made it a peer link and
     the client had the console as that owner."""
-    await region.wait_settled()
-    frontend = ca.issue_cert("localhost", "127.0.0.1")
-    pem = tmp_path / "lb.pem"
-    frontend.private_key_and_cert_chain_pem.write_to_path(str(pem))
     backend = ca.issue_cert("localhost", common_name="balancer")
     client_pem = tmp_path / "lb-client.pem"
     backend.private_key_and_cert_chain_pem.write_to_path(str(client_pem))
-    front = ("127.0.0.1", free_port("127.0.0.1"))
-    hashed = Haproxy(
-        tmp_path / "hashed",
-        hashed_haproxy_config(
-            frontend=f"{front[0]}:{front[1]}",
-            pem=pem,
-            ca=pki["ca"],
-            servers={g.gateway_id: (g.host, g.tls_port, g.health_port) for g in region.gateways},
-            client_pem=client_pem,
-        ),
-    )
     forged = {
         "Relayd-Forwarded-Version": "1",
         "Relayd-Forwarded-Principal": "user%3Aolga",
@@ -239,7 +240,7 @@ async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_a
         "Relayd-Forwarded-Session": "f0f0f0f0f0f0f0f0",
     }
 
-    async def status(vm: str) -> int:
+    async def status(front: tuple[str, int], vm: str) -> int:
         try:
             async with connect(
                 f"wss://{front[0]}:{front[1]}/v1/vms/{vm}/console",
@@ -253,13 +254,10 @@ async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_a
         except InvalidStatus as refused:
             return refused.response.status_code
 
-    await hashed.start()
-    try:
-        assert {vm: await status(vm) for vm in VM_IDS} == dict.fromkeys(VM_IDS, 403)
+    async with hashed_balancer(region, ca, pki, tmp_path, client_pem=client_pem) as front:
+        assert {vm: await status(front, vm) for vm in VM_IDS} == dict.fromkeys(VM_IDS, 403)
         async with region.console(front, "vm-0") as console:  # a client's own session
             assert console.hello["role"] == "writer"
-    finally:
-        await hashed.stop()
 
 
 async def test_no_gateway_logs_a_token_a_ticket_or_a_keystroke(region: Region) -> None:
