@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +174,8 @@ def gateway_pki(tmp_path: Path) -> dict[str, Path]:
 def cluster_config(
     tmp_path: Path, gateway_pki: dict[str, Path], redis_server: RedisServer
 ) -> Callable[..., Config]:
-    """`cluster_config("gw-1", far_end_port)`: a gateway of the test region."""
+    """`cluster_config("gw-1", far_end_port)`: a gateway of the test region, with vm-a
+    (`**vm`: more of its keys) and the VMs named in `more_vms`, all on that far end."""
 
     def write(
         gateway_id: str,
@@ -183,6 +184,7 @@ def cluster_config(
         gateway: dict[str, Any] | None = None,
         cluster: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
+        more_vms: Sequence[str] = (),
         **vm: Any,
     ) -> Config:
         port = free_port("127.0.0.1")
@@ -227,6 +229,13 @@ def cluster_config(
             f'serial = "tcp://127.0.0.1:{serial_port}"',
         ]
         lines += [f"{k} = {toml_value(v)}" for k, v in vm.items()]
+        for more in more_vms:  # more VMs on the same far end, with the defaults
+            lines += [
+                "[[vms]]",
+                f'id = "{more}"',
+                'subscription = "sub-1"',
+                f'serial = "tcp://127.0.0.1:{serial_port}"',
+            ]
         for principal, role in (
             ("user:alice", "contributor"),
             ("user:bob", "contributor"),

@@ -46,6 +46,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 FAILOVER_TIMEOUT = 30.0
 """Generous bound for a VM to move after its owner dies (the target is 5 s; see the bench)."""
 
+PAUSE_MS = 60_000
+"""A Redis write pause that the test lifts itself (CLIENT UNPAUSE): never the clock."""
+
 
 def single_holder(region: Region) -> dict[str, int]:
     """VM -> the most connections its port ever had at once (1 means: one gateway at a time)."""
@@ -171,33 +174,49 @@ async def test_audits_name_the_real_client_direct_relayed_or_through_the_balance
         assert audited() == [("session_started", source), ("session_ended", source)], target
 
 
-async def test_hashed_balancer_in_http_mode_serves_every_vm(
-    region: Region, ca: trustme.CA, pki: dict[str, Path], tmp_path: Path
-) -> None:
-    """HAProxy hashing by path (TLS ended at HAProxy): every VM answers, hashed or forwarded."""
+@contextlib.asynccontextmanager
+async def hashed_balancer(
+    region: Region,
+    ca: trustme.CA,
+    pki: dict[str, Path],
+    directory: Path,
+    *,
+    client_pem: Path | None = None,
+) -> AsyncIterator[tuple[str, int]]:
+    """An HAProxy in HTTP mode (TLS ended there, hashing by path) in front of the region's
+    gateways, with a certificate from `ca`; `client_pem`: the certificate it presents to
+    them. Yields its frontend address; stopped at the end."""
     await region.wait_settled()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    pem = tmp_path / "lb.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    pem = directory / "lb.pem"
+    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
     front = ("127.0.0.1", free_port("127.0.0.1"))
     hashed = Haproxy(
-        tmp_path / "hashed",
+        directory / "hashed",
         hashed_haproxy_config(
             frontend=f"{front[0]}:{front[1]}",
             pem=pem,
             ca=pki["ca"],
             servers={g.gateway_id: (g.host, g.tls_port, g.health_port) for g in region.gateways},
+            client_pem=client_pem,
         ),
     )
     await hashed.start()
     try:
+        yield front
+    finally:
+        await hashed.stop()
+
+
+async def test_hashed_balancer_in_http_mode_serves_every_vm(
+    region: Region, ca: trustme.CA, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """HAProxy hashing by path (TLS ended at HAProxy): every VM answers, hashed or forwarded."""
+    async with hashed_balancer(region, ca, pki, tmp_path) as front:
         for vm in VM_IDS:
             async with region.console(front, vm, user="rita") as console:
                 assert console.hello["vm"] == vm
                 region.ends[vm].emit(f"\r\nhashed-{vm}\r\n".encode())
                 await console.expect(f"hashed-{vm}".encode())
-    finally:
-        await hashed.stop()
 
 
 async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_are_refused(
@@ -209,24 +228,9 @@ async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_a
     for a session it admitted, naming an owner: each gateway refuses it 403, as it would
     from the client directly. Before, the balancer's certificate made it a peer link and
     the client had the console as that owner."""
-    await region.wait_settled()
-    frontend = ca.issue_cert("localhost", "127.0.0.1")
-    pem = tmp_path / "lb.pem"
-    frontend.private_key_and_cert_chain_pem.write_to_path(str(pem))
     backend = ca.issue_cert("localhost", common_name="balancer")
     client_pem = tmp_path / "lb-client.pem"
     backend.private_key_and_cert_chain_pem.write_to_path(str(client_pem))
-    front = ("127.0.0.1", free_port("127.0.0.1"))
-    hashed = Haproxy(
-        tmp_path / "hashed",
-        hashed_haproxy_config(
-            frontend=f"{front[0]}:{front[1]}",
-            pem=pem,
-            ca=pki["ca"],
-            servers={g.gateway_id: (g.host, g.tls_port, g.health_port) for g in region.gateways},
-            client_pem=client_pem,
-        ),
-    )
     forged = {
         "Relayd-Forwarded-Version": "1",
         "Relayd-Forwarded-Principal": "user%3Aolga",
@@ -236,7 +240,7 @@ async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_a
         "Relayd-Forwarded-Session": "f0f0f0f0f0f0f0f0",
     }
 
-    async def status(vm: str) -> int:
+    async def status(front: tuple[str, int], vm: str) -> int:
         try:
             async with connect(
                 f"wss://{front[0]}:{front[1]}/v1/vms/{vm}/console",
@@ -250,13 +254,10 @@ async def test_forwarded_headers_through_a_balancer_with_a_gateway_certificate_a
         except InvalidStatus as refused:
             return refused.response.status_code
 
-    await hashed.start()
-    try:
-        assert {vm: await status(vm) for vm in VM_IDS} == dict.fromkeys(VM_IDS, 403)
+    async with hashed_balancer(region, ca, pki, tmp_path, client_pem=client_pem) as front:
+        assert {vm: await status(front, vm) for vm in VM_IDS} == dict.fromkeys(VM_IDS, 403)
         async with region.console(front, "vm-0") as console:  # a client's own session
             assert console.hello["role"] == "writer"
-    finally:
-        await hashed.stop()
 
 
 async def test_no_gateway_logs_a_token_a_ticket_or_a_keystroke(region: Region) -> None:
@@ -470,33 +471,44 @@ async def test_owner_printing_faster_than_its_reservation_killed_offsets_are_not
     region: Region,
 ) -> None:
     """A VM printing fast while Redis is slow: its owner hands out offsets well past the
-    last stored byte. Killed then, its successor must still start past every one of them."""
+    last stored byte. Killed then, its successor must still start past every one of them.
+
+    The load is counted in bytes, not paced by the clock: 400 kB in one burst set the
+    owner's measured rate (its reservation reaches that rate times a few call deadlines
+    ahead, far more than the fixed 64 KiB least), and once that is stored, 200 kB more
+    (three times the least) reach the client while Redis holds every write. The pause is
+    lifted only after the owner is dead, so none of the 200 kB is ever stored, however
+    long the printing takes on this host."""
     end = region.ends["vm-4"]
     owner = (await region.wait_settled())["vm-4"]
     redis = region.cluster.redis
     piece = b"f" * 4000 + b"\r\n"
     async with region.console(owner, "vm-4", user="alice") as local:
 
-        async def print_for(seconds: float, marker: bytes) -> None:
-            # A steady 400 kB/s (the session's output limit is 1 MiB/s): a load shape,
-            # paced by the clock on purpose.
-            loop = asyncio.get_running_loop()
-            stop = loop.time() + seconds
-            while loop.time() < stop:
+        def position() -> int:
+            return local.hello["offset"] - local.hello["replay"] + len(local.output)
+
+        async def burst(pieces: int, marker: bytes) -> None:
+            for _ in range(pieces):
                 end.emit(piece)
-                await asyncio.sleep(0.01)
             end.emit(marker)
             await local.expect(marker)
 
-        await print_for(1.0, b"steady-output-seen")
-        # Redis stalls writes (shorter than a call's deadline: not an outage) while the
-        # VM goes on printing; the client sees about 200 kB the log does not have yet.
-        assert await redis.command("CLIENT", "PAUSE", "1000", "WRITE") == b"+OK\r\n"
-        await print_for(0.5, b"seen-but-not-logged")
+        await burst(100, b"fast-output-seen")
+        await wait_logged(region, owner, "vm-4", position())  # its mark is stored too
+        stored = position()
+        # Redis holds writes (not down: the owner's appends wait, they do not fail at once)
+        # while the VM goes on printing; the client sees what the log does not have yet.
+        assert await redis.command("CLIENT", "PAUSE", str(PAUSE_MS), "WRITE") == b"+OK\r\n"
+        try:
+            await burst(50, b"seen-but-not-logged")
+            last = position()
+            assert last - stored > 3 * DEFAULT_RESERVE_AHEAD  # past any fixed reservation
+            owner.kill()
+            await owner.wait_exit()
+        finally:
+            assert await redis.command("CLIENT", "UNPAUSE") == b"+OK\r\n"
         assert not [c for c in local.controls if c.get("type") == "output_gap"]
-        last = local.hello["offset"] - local.hello["replay"] + len(local.output)
-        owner.kill()
-        await owner.wait_exit()
     await region.wait_owner("vm-4", not_on=owner)
     await region.wait_settled()
     async with region.console(LB, "vm-4", query=f"from={last}") as resumed:
