@@ -124,6 +124,9 @@ class ClusterView(Protocol):
     async def next_round(self) -> None:
         """Wait until the next ownership round has run."""
 
+    def link_failed(self, gateway: str) -> None:
+        """A peer link to `gateway` could not be opened (counted for /metrics)."""
+
     @property
     def keepalive_interval(self) -> float:
         """The region's keepalive interval (owners drop a client that misses a pong)."""

@@ -204,6 +204,10 @@ class GatewayCluster:
         """Wait until the next ownership round has run (a relay waits for a new owner)."""
         await self.node.next_round()
 
+    def link_failed(self, gateway: str) -> None:
+        """A peer link to `gateway` could not be opened (counted for /metrics)."""
+        self.node.link_failed(gateway)
+
 
 def _cert_not_after(config: Config) -> datetime.datetime:
     """When the configured server certificate expires (already loadable: checked by TLS)."""
@@ -499,6 +503,7 @@ class Gateway:
             deposed_by_peers=stats.deposed_by_peers,
             unstored_bytes=stats.unstored_bytes,
             dropped_bytes=stats.dropped_bytes,
+            peer_link_failures=dict(stats.peer_link_failures),
         )
 
     def console_enabled(self, vm: VmConfig) -> bool:

@@ -12,7 +12,7 @@ import asyncio
 import datetime
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 import h11
@@ -70,6 +70,7 @@ class ClusterHealth:
     deposed_by_peers: int = 0  # ports let go while cut off from Redis, on a peer's reading
     unstored_bytes: int = 0  # console output given up on when leaving: Redis never took it
     dropped_bytes: int = 0  # console output let go of while Redis was away (buffer full)
+    peer_link_failures: Mapping[str, int] = field(default_factory=dict)  # by peer gateway
 
 
 class HealthSource(Protocol):
@@ -324,6 +325,14 @@ def _cluster_metrics(cluster: ClusterHealth) -> Iterator[Metric]:
     for call, n in sorted(cluster.redis_errors.items()):
         errors.add_metric([call], n)
     yield errors
+    links = CounterMetricFamily(
+        "relayd_cluster_peer_link_failures",
+        "Peer links to another gateway that could not be opened, by that gateway",
+        labels=["peer"],
+    )
+    for peer, n in sorted(cluster.peer_link_failures.items()):
+        links.add_metric([peer], n)
+    yield links
 
 
 def make_registry(gateway: HealthSource) -> CollectorRegistry:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,8 @@ class Directory:
         self.owner = owner
         self.fence = fence
         self._round = asyncio.Condition()
+        self.failed_links: list[str] = []  # the gateways `link_failed` named, in order
+        self.link_failure = asyncio.Event()  # set at each
 
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
         """The owner the test last named."""
@@ -208,6 +211,11 @@ class Directory:
         """Until the test names an owner again."""
         async with self._round:
             await self._round.wait()
+
+    def link_failed(self, gateway: str) -> None:
+        """Recorded for the test."""
+        self.failed_links.append(gateway)
+        self.link_failure.set()
 
     async def name(self, owner: tuple[str, str] | None, fence: int | None = None) -> None:
         """An ownership round that names `owner` (and its lease's `fence`)."""
@@ -455,6 +463,43 @@ async def test_writer_refused_by_deny_on_the_new_owner_resumes_there_as_a_specta
 
             await close_on_purpose(ws, r2, w2)
         assert ws.close_code == 1000
+
+
+async def test_a_new_owner_that_cannot_be_reached_is_counted_and_the_next_one_taken(
+    pki: Pki,
+) -> None:
+    """The region names an owner this gateway cannot link to (a firewall between them,
+    here nothing listening): the failed link is counted for that gateway, for /metrics,
+    and the client waits at port_down for the next owner named, where it goes on."""
+    with socket.socket() as probe:  # an address where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        unreachable = ("gw-cut-off", f"127.0.0.1:{probe.getsockname()[1]}")
+    async with (
+        FakeOwner(pki, "gw-1") as first,
+        FakeOwner(pki, "gw-2") as second,
+        Front(pki, directory := Directory(first.named)) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await first.next_request()
+        w1.write(switching(request) + hello("writer", 100) + binary(b"abc"))
+        ws = await upgrading
+        async with ws:
+            assert (await control_message(ws))["role"] == "writer"
+            assert await received(ws) == b"abc"
+            w1.close()  # a hand-off
+            assert await notice(ws) == "port_down"
+            await directory.name(unreachable)
+            async with asyncio.timeout(TIMEOUT):
+                await directory.link_failure.wait()
+            assert directory.failed_links == ["gw-cut-off"]
+            await directory.name(second.named)
+            (r2, w2), request, fwd = await second.next_request()
+            assert fwd.resume_from == 103
+            w2.write(switching(request) + hello("writer", 103) + binary(b"def"))
+            assert await notice(ws) == "port_up"
+            assert await received(ws) == b"def"
+            await close_on_purpose(ws, r2, w2)
+        assert directory.failed_links == ["gw-cut-off"]
 
 
 async def test_input_held_for_a_new_owner_whose_port_stays_down_goes_after_the_wait(

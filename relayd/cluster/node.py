@@ -252,6 +252,10 @@ class Outbox:
                 break
 
 
+MAX_LINK_PEERS = 64
+"""Peer gateways counted apart in `NodeStats.peer_link_failures`."""
+
+
 @dataclass
 class NodeStats:
     """Counters for /metrics."""
@@ -267,6 +271,9 @@ class NodeStats:
     unstored_bytes: int = 0  # console output given up on: Redis did not take it before leaving
     dropped_bytes: int = 0  # console output an outbox let go of, full while Redis was away
     errors_by_call: dict[str, int] = field(default_factory=dict)
+    # Peer links that could not be opened, by the gateway they were to (relays, moves, and
+    # questions while cut off from Redis). Bounded: ids beyond MAX_LINK_PEERS are "other".
+    peer_link_failures: dict[str, int] = field(default_factory=dict)
 
 
 class ClusterNode:
@@ -701,6 +708,13 @@ class ClusterNode:
             self._digest_of, self._digest = vms, vms_digest(vms)
         return self._digest
 
+    def link_failed(self, gateway: str) -> None:
+        """Count a peer link to `gateway` that could not be opened (`NodeStats`)."""
+        failures = self.stats.peer_link_failures
+        if gateway not in failures and len(failures) >= MAX_LINK_PEERS:
+            gateway = "other"  # ids come from Redis: whoever writes it must not grow this
+        failures[gateway] = failures.get(gateway, 0) + 1
+
     async def next_round(self) -> None:
         """Wait until the next round has run (for tools and tests that watch ownership)."""
         async with self._rounds_seen:
@@ -778,6 +792,7 @@ class ClusterNode:
                     views.append(await self._ask_peer(advertise, group))
         except (PeerLinkError, TimeoutError) as exc:
             _reraise_cancellation()
+            self.link_failed(gateway)
             now = asyncio.get_running_loop().time()
             if now - self._peer_error_logged >= ERROR_LOG_INTERVAL:  # every round otherwise
                 self._peer_error_logged = now

@@ -125,6 +125,9 @@ class OwnerDirectory(Protocol):
     async def next_round(self) -> None:
         """Wait until the gateway's next ownership round has run."""
 
+    def link_failed(self, gateway: str) -> None:
+        """A peer link to `gateway` could not be opened (counted for /metrics)."""
+
 
 @dataclass(frozen=True)
 class Reattach:
@@ -740,6 +743,7 @@ class Relay:
                     reattach.timeout,
                 )
             except PeerLinkError as exc:
+                reattach.owners.link_failed(owner[0])
                 log.info("relay_owner_unreachable", vm=reattach.vm, owner=owner[0], error=str(exc))
                 return None
             if link.status == 503:  # it does not hold the port (yet): the next round will say
@@ -1022,6 +1026,7 @@ async def reach_owner(
     except PeerLinkError as exc:
         if reattach is None:
             raise
+        reattach.owners.link_failed(reattach.owner)
         failure = exc
     if reattach is None or (first is not None and first.status != 503):
         assert first is not None
@@ -1042,6 +1047,7 @@ async def reach_owner(
                         owner_host.strip("[]"), int(owner_port), ssl_context, head, link_timeout
                     )
                 except PeerLinkError as exc:
+                    reattach.owners.link_failed(owner[0])
                     failure = exc
                     continue
                 if answer.status == 503:

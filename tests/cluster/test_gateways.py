@@ -904,7 +904,8 @@ async def test_a_relay_that_reaches_no_owner_logs_why_the_last_link_failed(
 ) -> None:
     """A gateway whose peer_ca did not issue the owner's certificate answers 503 after its
     wait, and its peer_link_failed says what failed (the certificate), not only that no
-    gateway took the console."""
+    gateway took the console; /metrics counts the failed links by the gateway they were to,
+    what an operator alerts on when gateways cannot reach each other."""
     other_ca = tmp_path / "other-ca.crt"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
@@ -924,7 +925,11 @@ async def test_a_relay_that_reaches_no_owner_logs_why_the_last_link_failed(
             status, code = await refused_upgrade(
                 url, ctx, additional_headers={"Authorization": f"Bearer {token}"}
             )
+            metrics = generate_latest(make_registry(relay)).decode()
     assert (status, code) == (503, "owner_unavailable")
+    counted = f'relayd_cluster_peer_link_failures_total{{peer="{owner_id}"}} '
+    (line,) = [m for m in metrics.splitlines() if m.startswith(counted)]
+    assert float(line.split()[1]) >= 1
     (failed,) = waiter.named("peer_link_failed")
     assert "no gateway took the console" in failed["error"]
     assert "certificate verify failed" in failed["error"], failed
