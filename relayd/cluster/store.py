@@ -74,7 +74,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
+from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -720,6 +720,7 @@ class ClusterStore:
         self.target = target if isinstance(target, RedisTarget) else RedisTarget(target)
         self._redis: Redis = self._client(self.target)
         self.switch_watch_up = False  # the switch watcher is subscribed right now
+        self._retargeted = asyncio.Event()  # set by `retarget`, for the switch watcher
         # redis-py leaves execute_command unannotated; this is the one typed door to it.
         self._command: Callable[..., Awaitable[Any]] = self._redis.execute_command
 
@@ -744,6 +745,7 @@ class ClusterStore:
         self.target = target
         self._redis = self._client(target)
         self._command = self._redis.execute_command
+        self._retargeted.set()  # the switch watcher leaves the old client at once
         await old.aclose()
 
     @classmethod
@@ -1197,6 +1199,7 @@ class ClusterStore:
         self, on_event: Callable[[SwitchEvent], None], ping_interval: float
     ) -> None:
         client = self._redis
+        self._retargeted.clear()
         pubsub = client.pubsub()
         try:
             async with self._deadline("subscribe"):
@@ -1204,12 +1207,11 @@ class ClusterStore:
             loop = asyncio.get_running_loop()
             heard = loop.time()
             pinged = False
-            # Until `retarget` replaces the client (at most `ping_interval` later): the
-            # subscription's connection would reconnect as the old client, to the old
-            # server, and hear nothing the region says on the new one.
-            while self._redis is client:
+            while True:
                 async with self._deadline("pubsub", ping_interval + self.timeout):
-                    message = await pubsub.get_message(timeout=ping_interval)
+                    message = await self._message(pubsub, ping_interval)
+                if self._redis is not client:
+                    return  # `retarget`: the caller subscribes on the new client
                 now = loop.time()
                 if message is None:
                     if now - heard > ping_interval + self.timeout:
@@ -1233,6 +1235,25 @@ class ClusterStore:
                         self._malformed.skip_message(bytes(message["data"]))
         finally:
             await pubsub.aclose()
+
+    async def _message(self, pubsub: PubSub, ping_interval: float) -> dict[str, Any] | None:
+        """The subscription's next message (None: none within `ping_interval`), or None at
+        once when `retarget` replaced the client: the old subscription's connection, closed
+        with the old client, would reconnect as it (to the old server, with the old
+        password) and hear nothing the region says on the new one."""
+        reading = asyncio.ensure_future(pubsub.get_message(timeout=ping_interval))
+        moved = asyncio.ensure_future(self._retargeted.wait())
+        try:
+            await asyncio.wait((reading, moved), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved.cancel()
+            if not reading.done() or moved.done():
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+        if moved.done() and not moved.cancelled():
+            return None
+        message: dict[str, Any] | None = reading.result()
+        return message
 
     # -- console log ----------------------------------------------------------------------
 
