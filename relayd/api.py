@@ -135,6 +135,10 @@ class ClusterView(Protocol):
     def reattach_wait(self) -> float:
         """How long a relay waits for a new owner when the owner dies."""
 
+    @property
+    def lease_ttl(self) -> float:
+        """The region's ownership lease period."""
+
     def view_for_peer(self, vms: Sequence[str]) -> dict[str, object]:
         """What this gateway's last round read from Redis about `vms` (cluster/peerview.py)."""
 
@@ -677,6 +681,7 @@ def _reattach(
         ssl_context=cluster.peer_ssl,
         timeout=cluster.forward_timeout,
         wait=cluster.reattach_wait,
+        lease_ttl=cluster.lease_ttl,
         keepalive=cluster.keepalive_interval,
         me=cluster.gateway_id,
     )

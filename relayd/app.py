@@ -132,6 +132,7 @@ class GatewayCluster:
         # A dead owner's lease lapses after lease_ttl and a survivor claims the VM within
         # a round or two; a relay waits three leases (and a margin) before giving up.
         self.reattach_wait = 3 * cluster.lease_ttl + 2.0
+        self.lease_ttl = cluster.lease_ttl
         self.keepalive_interval = config.limits.keepalive_interval
         self.gateway_sources: dict[str, None] = {}  # see `saw_gateway`
         self._proxy_warned: float | None = None  # see `gateway_certificate_from_proxy`

@@ -197,6 +197,7 @@ class Directory:
         self.fence = fence
         self._round = asyncio.Condition()
         self.failed_links: list[str] = []  # the gateways `link_failed` named, in order
+        self.waited = asyncio.Event()  # set while a relay waits in `next_round`
         self.link_failure = asyncio.Event()  # set at each
 
     def owner_of(self, vm_id: str) -> tuple[str, str] | None:
@@ -208,9 +209,19 @@ class Directory:
         return self.fence if vm_id == VM else None
 
     async def next_round(self) -> None:
-        """Until the test names an owner again."""
+        """Until the test names an owner again (or runs a round: `tick`)."""
         async with self._round:
+            self.waited.set()
             await self._round.wait()
+
+    async def tick(self) -> None:
+        """A round that names the same owner, once a relay waits for one (a round nobody
+        waits for would be lost)."""
+        async with asyncio.timeout(TIMEOUT):
+            await self.waited.wait()
+        self.waited.clear()
+        async with self._round:
+            self._round.notify_all()
 
     def link_failed(self, gateway: str) -> None:
         """Recorded for the test."""
@@ -271,11 +282,18 @@ class Front:
     """The relaying gateway: forwards a client's upgrade to the named owner, relays it."""
 
     def __init__(
-        self, pki: Pki, owners: Directory, *, wait: float = TIMEOUT, broken: bool = False
+        self,
+        pki: Pki,
+        owners: Directory,
+        *,
+        wait: float = TIMEOUT,
+        broken: bool = False,
+        lease_ttl: float | None = None,
     ) -> None:
         self.owners = owners
         self.wait = wait
         self.broken = broken
+        self.lease_ttl = lease_ttl
         self.peer_context = peer_client_context(pki.cert, pki.key, pki.ca)
         self.client_context = server_context(TlsConfig(cert=pki.cert, key=pki.key))
         self.relays: asyncio.Queue[Relay] = asyncio.Queue()
@@ -324,6 +342,7 @@ class Front:
             ssl_context=self.peer_context,
             timeout=TIMEOUT,
             wait=self.wait,
+            lease_ttl=self.lease_ttl,
         )
         leftover = bytes(proto.buf[len(head) + 4 :])
         r = relay(proto.transport, peer, reattach, client_data=leftover)
@@ -500,6 +519,41 @@ async def test_a_new_owner_that_cannot_be_reached_is_counted_and_the_next_one_ta
             assert await received(ws) == b"def"
             await close_on_purpose(ws, r2, w2)
         assert directory.failed_links == ["gw-cut-off"]
+
+
+async def test_a_link_that_breaks_while_its_owner_stays_the_owner_is_made_again(
+    pki: Pki,
+) -> None:
+    """The link to the owner breaks without a Close (a reset between the gateways) and the
+    region goes on naming the same owner under the same lease: once rounds that began a
+    lease period later still do, the owner is alive, and the session is made there again
+    at the client's position, instead of waiting for another owner and closing the client
+    with 1001. (The lease period is 0 here: the rounds the test runs are the wait.)"""
+    async with (
+        FakeOwner(pki, "gw-1") as owner,
+        Front(pki, directory := Directory(owner.named, 7), lease_ttl=0.0) as front,
+    ):
+        upgrading = asyncio.create_task(connecting(pki, front))
+        (_, w1), request, _ = await owner.next_request()
+        w1.write(switching(request) + hello("writer", 100) + binary(b"abc"))
+        ws = await upgrading
+        async with ws:
+            assert (await control_message(ws))["role"] == "writer"
+            assert await received(ws) == b"abc"
+            w1.transport.abort()  # a reset: no Close frame, no close_notify
+            assert await notice(ws) == "port_down"
+            await directory.tick()  # the same lease, a round later: it may have begun early
+            async with asyncio.timeout(TIMEOUT):
+                await directory.waited.wait()  # the relay waits for one more
+            assert owner.requests.empty()
+            await directory.tick()  # this one began after the lease period: the owner renewed
+            (r2, w2), request, fwd = await owner.next_request()
+            assert (fwd.mode, fwd.resume_from) == ("interactive", 103)
+            w2.write(switching(request) + hello("writer", 103) + binary(b"def"))
+            assert await notice(ws) == "port_up"
+            assert await received(ws) == b"def"
+            await close_on_purpose(ws, r2, w2)
+        assert ws.close_code == 1000
 
 
 async def test_input_held_for_a_new_owner_whose_port_stays_down_goes_after_the_wait(

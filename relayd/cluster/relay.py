@@ -147,6 +147,9 @@ class Reattach:
             the client into a session here instead of a peer link to itself.
         keepalive: the owners' `keepalive_interval` (the region's config): a client
             that sent no pong for that long when its owner hangs up was dropped by it.
+        lease_ttl: the region's lease period: an owner the region still names under the
+            same lease a period after its link broke renewed it since, so it is alive
+            and is linked to again (None: never; see `Relay._next_owner`).
     """
 
     vm: str
@@ -159,6 +162,7 @@ class Reattach:
     me: str | None = None
     keepalive: float | None = None
     fence: int | None = None
+    lease_ttl: float | None = None
 
 
 class MoveRefused(Exception):
@@ -702,14 +706,27 @@ class Relay:
         restarts and takes its share back. Gateway ids alone would miss that
         when this gateway saw no round in between (frozen, or its rounds
         failed): the client would wait at port_down for an owner never named.
+
+        Or once rounds that began a lease period (`Reattach.lease_ttl`) after the
+        link broke still name the same lease: a dead or frozen owner's would have
+        lapsed by then, so the owner renewed it and is alive, and only the link
+        broke (a reset between the gateways): the session is made again there,
+        rather than waiting for a new owner that never comes and closing the
+        client with 1001.
         """
         dead, dead_fence = self._owner_id, self._owner_fence
         moved = False
+        loop = asyncio.get_running_loop()
+        alive_from = None if reattach.lease_ttl is None else loop.time() + reattach.lease_ttl
+        rounds_since = 0  # rounds seen since `alive_from`: the third began after it
         while True:
             owners = reattach.owners
             owner, fence = owners.owner_of(reattach.vm), owners.fence_of(reattach.vm)
             if _another_lease(owner, fence, dead, dead_fence):
                 moved = True
+            elif alive_from is not None and loop.time() >= alive_from:
+                rounds_since += 1
+                moved = moved or rounds_since >= 3
             if owner is not None and moved:
                 if owner[0] == reattach.me and self._on_here is not None:
                     if await self._on_here(self):  # MoveRefused when this gateway says no

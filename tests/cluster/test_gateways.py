@@ -197,6 +197,31 @@ async def test_two_gateways_one_owner_and_a_relayed_session_types_and_reads(
         assert "vm-a" not in other.hubs  # the relay never opened the port
 
 
+async def test_a_relayed_session_whose_peer_link_is_reset_is_linked_again(
+    cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
+) -> None:
+    """The peer link under a relayed session is reset (between the gateways; both live and
+    the owner keeps the VM): the client gets port_down, then, once the region still names
+    the same owner a lease period later, port_up from a new link to it, and types on. It
+    was closed with 1001 after waiting for a new owner that never came."""
+    ctx = ssl.create_default_context(cafile=str(gateway_pki["ca"]))
+    mint = _mint(gateway_pki)
+    async with (
+        relaying_pair(cluster_config, far_end) as other,
+        console(other, ctx, mint("alice")) as c,
+    ):
+        (relayed,) = [conn for conn in other.connections if conn.relaying]
+        link = relayed._relay._owner if relayed._relay is not None else None
+        assert link is not None
+        link.transport.abort()  # a reset between the gateways
+        await c.control(type="notice", event="port_down")
+        await c.control(type="notice", event="port_up")
+        await c.send(b"after the reset\r")
+        await far_end.wait_received(lambda got: b"after the reset\r" in got)
+        await far_end.send(b"still here\r\n")
+        await c.expect(b"still here")
+
+
 async def test_ticket_from_one_gateway_is_redeemed_once_on_the_other(
     cluster_config: Callable[..., Config], gateway_pki: dict[str, Path], far_end: FarEnd
 ) -> None:
