@@ -31,8 +31,10 @@ Faults run one at a time: each is undone and the region has recovered (every
 port held, every gateway ready; after an empty Redis, every gateway has put its
 offset reservations back) before the next. That keeps the run out of the
 combinations docs/operations.md names as limits (an owner dying while Redis is
-unreachable may have its unstored offsets reused); overlapping faults are not
-exercised.
+unreachable may have its unstored offsets reused). `--overlap` runs pairs of faults at
+once instead (`OVERLAPS`: two gateways killed, frozen or stopped together, a gateway
+fault during a Redis pause, a clean restart during an empty Redis's recovery), every
+pair the failure model does not name as a limit.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ if str(ROOT) not in sys.path:
 
 from bench.cluster import start_region, stop_region  # noqa: E402
 from tests.cluster.harness import LB, LEASE_TTL, Region  # noqa: E402
-from tests.cluster.processes import START_TIMEOUT, GatewayProcess, SerialEnd  # noqa: E402
+from tests.cluster.processes import (  # noqa: E402
+    START_TIMEOUT,
+    GatewayProcess,
+    SerialEnd,
+    poll_until,
+)
 
 RESULTS = ROOT / "bench" / "results"
 LEASE_S = float(LEASE_TTL.rstrip("s"))
@@ -525,20 +532,36 @@ async def recovered(region: Region, timeout: float = START_TIMEOUT) -> bool:  # 
 
 
 async def fault(
-    region: Region, kind: str, rng: random.Random, log: list[dict[str, Any]], busy: list[str]
+    region: Region,
+    kind: str,
+    rng: random.Random,
+    log: list[dict[str, Any]],
+    busy: list[str],
+    *,
+    spare: set[str] | None = None,
+    taken: set[str] | None = None,
+    overlap: str | None = None,
 ) -> None:
     """Inflict one fault and undo it (the caller waits for recovery after).
 
     A gateway fault hits the owner of a `busy` (fast-printing) VM most of the time:
     that is where an owner has handed out the most offsets the log does not hold yet.
+    `spare`: gateway ids not to hit (another fault of an overlap has them); `taken`
+    gets the id of the gateway hit. `redis_empty` waits for the re-reservations of
+    the gateways that keep running throughout (not those in `spare`).
     """
     cluster = region.cluster
-    running = [g for g in region.gateways if g.running()]
+    spare = spare if spare is not None else set()
+    running = [g for g in region.gateways if g.running() and g.gateway_id not in spare]
     gateway: GatewayProcess = rng.choice(running)
     owner = region.owner(rng.choice(busy)) if busy else None
     if owner is not None and owner in running and rng.random() < 0.7:
         gateway = owner
+    if kind in ("kill", "freeze", "term") and taken is not None:
+        taken.add(gateway.gateway_id)
     entry: dict[str, Any] = {"t": None, "fault": kind}
+    if overlap is not None:
+        entry["overlap"] = overlap
     if kind in ("kill", "freeze", "term"):
         entry["gateway"] = gateway.gateway_id
     log.append(entry)
@@ -569,11 +592,84 @@ async def fault(
         # The contract (docs/operations.md, "Redis restarts empty") loses the log's history
         # and tickets, but every holder re-creates its lease and its offset reservation:
         # wait for those before the next fault, so a later kill is not the undocumented
-        # window between the restart and the re-reservation.
+        # window between the restart and the re-reservation. (A gateway an overlapping
+        # fault hits meanwhile, in `spare`, is not waited for.)
         for g in running:
-            if g.running():
-                with contextlib.suppress(TimeoutError, RuntimeError):
-                    await g.wait_event("cluster_offsets_reserved_again", before[g.gateway_id] + 1)
+
+            async def reserved(g: GatewayProcess = g) -> bool:
+                count = len(g.events("cluster_offsets_reserved_again"))
+                return g.gateway_id in spare or count > before[g.gateway_id]
+
+            with contextlib.suppress(TimeoutError, RuntimeError):
+                await poll_until(reserved, g.gateway_id, START_TIMEOUT, g.running)
+
+
+OVERLAPS: tuple[tuple[str, str], ...] = (
+    ("kill", "kill"),
+    ("kill", "freeze"),
+    ("freeze", "kill"),
+    ("freeze", "freeze"),
+    ("kill", "term"),
+    ("term", "kill"),
+    ("term", "term"),
+    ("freeze", "term"),
+    ("term", "freeze"),
+    ("redis_pause", "kill"),
+    ("redis_pause", "freeze"),
+    ("redis_pause", "term"),
+    ("freeze", "redis_pause"),
+    ("kill", "redis_pause"),
+    ("redis_empty", "term"),
+)
+"""Pairs of faults `--overlap` runs at once, the second begun while the first is under way.
+
+Left out are exactly the combinations docs/operations.md's failure model names as limits:
+a gateway that dies, freezes past its lease or stops while Redis is unreachable (a
+`redis_stop`: output it handed out past its mark may have its offsets reused), and a
+holder that dies or freezes between an empty Redis and its re-reservation (its VMs
+start their offsets again, with an `offsets_reused` notice the checker does not take).
+A clean stop (`term`) during that recovery is in: it ships and settles its mark. A
+`redis_pause` is under a second, within a store call's deadline: Redis stays reachable."""
+
+
+def overlap_delay(first: str, rng: random.Random) -> float:
+    """How long after `first` begins the second fault begins: while `first` is under way."""
+    if first == "freeze":
+        return rng.uniform(0.0, LEASE_S + 0.5)  # frozen for LEASE_S + 0.5..2.5 s
+    if first == "kill":
+        return rng.uniform(0.0, 1.5)  # dead 0..2 s, then starting (about 1 s)
+    if first == "redis_pause":
+        return rng.uniform(0.0, 0.2)  # paused 200..900 ms
+    return rng.uniform(0.0, 0.5)  # term (a 500 ms drain) and redis_empty (its recovery)
+
+
+async def overlapping(
+    region: Region,
+    pair: tuple[str, str],
+    rng: random.Random,
+    log: list[dict[str, Any]],
+    busy: list[str],
+) -> None:
+    """Two faults at once (`OVERLAPS`), on different gateways; both undone on return."""
+    first, second = pair
+    hit: set[str] = set()
+    delay = overlap_delay(first, rng)
+    seeds = (rng.random(), rng.random())
+
+    tag = f"{first}+{second}"
+
+    async def later() -> None:
+        await asyncio.sleep(delay)  # the schedule's shape: the second fault's start
+        await fault(
+            region, second, random.Random(seeds[1]), log, busy, spare=hit, taken=hit, overlap=tag
+        )
+
+    # The first fault picks its gateway before the second starts (it runs until its first
+    # await), so `hit` already names it.
+    await asyncio.gather(
+        fault(region, first, random.Random(seeds[0]), log, busy, spare=hit, taken=hit, overlap=tag),
+        later(),
+    )
 
 
 async def restore(region: Region) -> None:
@@ -595,20 +691,28 @@ async def chaos(
     stalls: list[dict[str, Any]],
     busy: list[str],
     kinds: tuple[str, ...] = FAULTS,
+    overlaps: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    """Faults one after another until `deadline` (loop time): every kind once, then random."""
+    """Faults one after another until `deadline` (loop time): every kind once, then random.
+
+    With `overlaps`, every pair of them once instead, then random pairs."""
     loop = asyncio.get_running_loop()
-    order = list(kinds)
+    every: list[str | tuple[str, str]] = list(overlaps or kinds)
+    order = list(every)
     rng.shuffle(order)
     while loop.time() < deadline:
-        kind = order.pop(0) if order else rng.choice(kinds)
+        kind = order.pop(0) if order else rng.choice(every)
+        name = kind if isinstance(kind, str) else "+".join(kind)
         try:
-            await fault(region, kind, rng, log, busy)
+            if isinstance(kind, str):
+                await fault(region, kind, rng, log, busy)
+            else:
+                await overlapping(region, kind, rng, log, busy)
         except Exception as exc:  # a process that would not start: note it, bring all back
-            stalls.append({"after": kind, "error": repr(exc)[:300]})
+            stalls.append({"after": name, "error": repr(exc)[:300]})
             await restore(region)
         if not await recovered(region):
-            stalls.append({"after": kind, "t": log[-1]["t"]})
+            stalls.append({"after": name, "t": log[-1]["t"]})
         await asyncio.sleep(rng.uniform(0.5, 3.0))  # quiet time between faults (the schedule)
 
 
@@ -652,6 +756,7 @@ async def run(
     vms: int = 6,
     kinds: tuple[str, ...] = FAULTS,
     users: tuple[str, ...] = USERS,
+    overlaps: tuple[tuple[str, str], ...] = (),
 ) -> Outcome:
     """Chaos on `region` for `seconds` (then a calm end: every client catches up)."""
     rng = random.Random(seed)
@@ -697,7 +802,7 @@ async def run(
     loop = asyncio.get_running_loop()
     began = loop.time()
     try:
-        await chaos(region, rng, began + seconds, faults, stalls, names[:fast_vms], kinds)
+        await chaos(region, rng, began + seconds, faults, stalls, names[:fast_vms], kinds, overlaps)
         # The calm end: everything up, the VMs print one last record each, every client
         # must get it (and so everything before it, or a gap it was told of).
         if not await recovered(region):
@@ -760,11 +865,14 @@ async def main(args: argparse.Namespace) -> int:
                     fast_rate=args.fast_rate,
                     kinds=tuple(args.faults),
                     users=("rita",) if args.one_user else USERS,
+                    overlaps=OVERLAPS if args.overlap else (),
                 )
             finally:
                 await stop_region(region)
             RESULTS.mkdir(parents=True, exist_ok=True)
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            if args.overlap:
+                stamp += "-overlap"
             if outcome.violation_count or outcome.stalls:  # the gateways' logs, for the cause
                 logs = RESULTS / f"chaos-{stamp}-seed{seed}-logs"
                 logs.mkdir()
@@ -790,4 +898,10 @@ if __name__ == "__main__":
         "reconnects load the gateways",
     )
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
+    parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="run pairs of faults at once (OVERLAPS: those the failure model does not name "
+        "as a limit) instead of one at a time; --faults is then ignored",
+    )
     sys.exit(asyncio.run(main(parser.parse_args())))
