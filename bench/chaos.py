@@ -455,6 +455,8 @@ async def follow(
             reason = f"ended:{type(exc).__name__}"
             if isinstance(exc, InvalidStatus):
                 reason = f"refused:{exc.response.status_code}"
+                with contextlib.suppress(ValueError, AttributeError):
+                    reason += f":{json.loads(exc.response.body or b'{}').get('error')}"
             elif isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
                 reason = f"closed:{exc.rcvd.code}"
             stats[reason] = stats.get(reason, 0) + 1
@@ -541,14 +543,16 @@ async def fault(
     spare: set[str] | None = None,
     taken: set[str] | None = None,
     overlap: str | None = None,
+    target: GatewayProcess | None = None,
 ) -> None:
     """Inflict one fault and undo it (the caller waits for recovery after).
 
     A gateway fault hits the owner of a `busy` (fast-printing) VM most of the time:
     that is where an owner has handed out the most offsets the log does not hold yet.
     `spare`: gateway ids not to hit (another fault of an overlap has them); `taken`
-    gets the id of the gateway hit. `redis_empty` waits for the re-reservations of
-    the gateways that keep running throughout (not those in `spare`).
+    gets the id of the gateway hit; `target`, if running and not spare, is the one hit.
+    `redis_empty` waits for the re-reservations of the gateways that keep running
+    throughout (not those in `spare`).
     """
     cluster = region.cluster
     spare = spare if spare is not None else set()
@@ -557,6 +561,8 @@ async def fault(
     owner = region.owner(rng.choice(busy)) if busy else None
     if owner is not None and owner in running and rng.random() < 0.7:
         gateway = owner
+    if target is not None and target in running:
+        gateway = target
     if kind in ("kill", "freeze", "term") and taken is not None:
         taken.add(gateway.gateway_id)
     entry: dict[str, Any] = {"t": None, "fault": kind}
@@ -650,18 +656,51 @@ async def overlapping(
     log: list[dict[str, Any]],
     busy: list[str],
 ) -> None:
-    """Two faults at once (`OVERLAPS`), on different gateways; both undone on return."""
+    """Two faults at once (`OVERLAPS`), on different gateways; both undone on return.
+
+    When the first takes a gateway down past its lease and the second hits a gateway,
+    half the time the second chases a busy VM of the first's: it hits the gateway that
+    took the VM over, just after it took the port (its mark only `reserve_ahead` past
+    its start, its clients already shown output there)."""
     first, second = pair
     hit: set[str] = set()
     delay = overlap_delay(first, rng)
     seeds = (rng.random(), rng.random())
-
-    tag = f"{first}+{second}"
+    chase = (
+        first in ("kill", "freeze")
+        and second in ("kill", "freeze", "term")
+        and bool(busy)
+        and rng.random() < 0.5
+    )
+    soon = rng.uniform(0.0, 0.5)
+    tag = f"{first}+{second}" + ("/chase" if chase else "")
+    owners = {vm: region.owner(vm) for vm in busy}
 
     async def later() -> None:
-        await asyncio.sleep(delay)  # the schedule's shape: the second fault's start
+        target = None
+        if chase:  # the first fault has picked its gateway (it ran to its first await)
+            mine = [vm for vm, g in owners.items() if g is not None and g.gateway_id in hit]
+            if mine:
+                # A killed gateway back within its lease may take its VM again itself:
+                # then nobody took it over, and the second fault picks as usual.
+                end = region.ends[mine[0]]
+                with contextlib.suppress(TimeoutError, AssertionError):
+                    target = await region.cluster.wait_owner(
+                        end, 3 * LEASE_S, not_on=owners[mine[0]]
+                    )
+                    await asyncio.sleep(soon)  # how soon after the claim (the schedule's shape)
+        else:
+            await asyncio.sleep(delay)  # the schedule's shape: the second fault's start
         await fault(
-            region, second, random.Random(seeds[1]), log, busy, spare=hit, taken=hit, overlap=tag
+            region,
+            second,
+            random.Random(seeds[1]),
+            log,
+            busy,
+            spare=hit,
+            taken=hit,
+            overlap=tag,
+            target=target,
         )
 
     # The first fault picks its gateway before the second starts (it runs until its first
