@@ -893,6 +893,10 @@ async def run(
 async def main(args: argparse.Namespace) -> int:
     """Start a region per seed, run the chaos, write the outcome; exit 1 on a violation."""
     failed = False
+    overlaps: tuple[tuple[str, str], ...] = ()
+    if args.overlap is not None:  # given: the pairs named, or all of them
+        named = {tuple(name.split("+")) for name in args.overlap}
+        overlaps = tuple(pair for pair in OVERLAPS if not named or pair in named)
     for seed in args.seed:
         with tempfile.TemporaryDirectory(prefix="relayd-chaos-") as tmp:
             region = await start_region(Path(tmp))
@@ -904,13 +908,13 @@ async def main(args: argparse.Namespace) -> int:
                     fast_rate=args.fast_rate,
                     kinds=tuple(args.faults),
                     users=("rita",) if args.one_user else USERS,
-                    overlaps=OVERLAPS if args.overlap else (),
+                    overlaps=overlaps,
                 )
             finally:
                 await stop_region(region)
             RESULTS.mkdir(parents=True, exist_ok=True)
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            if args.overlap:
+            if overlaps:
                 stamp += "-overlap"
             if outcome.violation_count or outcome.stalls:  # the gateways' logs, for the cause
                 logs = RESULTS / f"chaos-{stamp}-seed{seed}-logs"
@@ -939,8 +943,11 @@ if __name__ == "__main__":
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
     parser.add_argument(
         "--overlap",
-        action="store_true",
-        help="run pairs of faults at once (OVERLAPS: those the failure model does not name "
-        "as a limit) instead of one at a time; --faults is then ignored",
+        nargs="*",
+        choices=["+".join(pair) for pair in OVERLAPS],
+        metavar="FIRST+SECOND",
+        help="run pairs of faults at once instead of one at a time (OVERLAPS: those the "
+        "failure model does not name as a limit; name some to run only those); --faults "
+        "is then ignored",
     )
     sys.exit(asyncio.run(main(parser.parse_args())))
