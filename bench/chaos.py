@@ -742,6 +742,7 @@ async def chaos(
     while loop.time() < deadline:
         kind = order.pop(0) if order else rng.choice(every)
         name = kind if isinstance(kind, str) else "+".join(kind)
+        began, first = time.monotonic(), len(log)
         try:
             if isinstance(kind, str):
                 await fault(region, kind, rng, log, busy)
@@ -752,6 +753,8 @@ async def chaos(
             await restore(region)
         if not await recovered(region):
             stalls.append({"after": name, "t": log[-1]["t"]})
+        elif len(log) > first:  # from the step's start until every port is held again
+            log[first]["recovered_s"] = round(time.monotonic() - began, 2)
         await asyncio.sleep(rng.uniform(0.5, 3.0))  # quiet time between faults (the schedule)
 
 
