@@ -31,8 +31,10 @@ Faults run one at a time: each is undone and the region has recovered (every
 port held, every gateway ready; after an empty Redis, every gateway has put its
 offset reservations back) before the next. That keeps the run out of the
 combinations docs/operations.md names as limits (an owner dying while Redis is
-unreachable may have its unstored offsets reused); overlapping faults are not
-exercised.
+unreachable may have its unstored offsets reused). `--overlap` runs pairs of faults at
+once instead (`OVERLAPS`: two gateways killed, frozen or stopped together, a gateway
+fault during a Redis pause, a clean restart during an empty Redis's recovery), every
+pair the failure model does not name as a limit.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ if str(ROOT) not in sys.path:
 
 from bench.cluster import start_region, stop_region  # noqa: E402
 from tests.cluster.harness import LB, LEASE_TTL, Region  # noqa: E402
-from tests.cluster.processes import START_TIMEOUT, GatewayProcess, SerialEnd  # noqa: E402
+from tests.cluster.processes import (  # noqa: E402
+    START_TIMEOUT,
+    GatewayProcess,
+    SerialEnd,
+    poll_until,
+)
 
 RESULTS = ROOT / "bench" / "results"
 LEASE_S = float(LEASE_TTL.rstrip("s"))
@@ -448,6 +455,8 @@ async def follow(
             reason = f"ended:{type(exc).__name__}"
             if isinstance(exc, InvalidStatus):
                 reason = f"refused:{exc.response.status_code}"
+                with contextlib.suppress(ValueError, AttributeError):
+                    reason += f":{json.loads(exc.response.body or b'{}').get('error')}"
             elif isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
                 reason = f"closed:{exc.rcvd.code}"
             stats[reason] = stats.get(reason, 0) + 1
@@ -525,20 +534,40 @@ async def recovered(region: Region, timeout: float = START_TIMEOUT) -> bool:  # 
 
 
 async def fault(
-    region: Region, kind: str, rng: random.Random, log: list[dict[str, Any]], busy: list[str]
+    region: Region,
+    kind: str,
+    rng: random.Random,
+    log: list[dict[str, Any]],
+    busy: list[str],
+    *,
+    spare: set[str] | None = None,
+    taken: set[str] | None = None,
+    overlap: str | None = None,
+    target: GatewayProcess | None = None,
 ) -> None:
     """Inflict one fault and undo it (the caller waits for recovery after).
 
     A gateway fault hits the owner of a `busy` (fast-printing) VM most of the time:
     that is where an owner has handed out the most offsets the log does not hold yet.
+    `spare`: gateway ids not to hit (another fault of an overlap has them); `taken`
+    gets the id of the gateway hit; `target`, if running and not spare, is the one hit.
+    `redis_empty` waits for the re-reservations of the gateways that keep running
+    throughout (not those in `spare`).
     """
     cluster = region.cluster
-    running = [g for g in region.gateways if g.running()]
+    spare = spare if spare is not None else set()
+    running = [g for g in region.gateways if g.running() and g.gateway_id not in spare]
     gateway: GatewayProcess = rng.choice(running)
     owner = region.owner(rng.choice(busy)) if busy else None
     if owner is not None and owner in running and rng.random() < 0.7:
         gateway = owner
+    if target is not None and target in running:
+        gateway = target
+    if kind in ("kill", "freeze", "term") and taken is not None:
+        taken.add(gateway.gateway_id)
     entry: dict[str, Any] = {"t": None, "fault": kind}
+    if overlap is not None:
+        entry["overlap"] = overlap
     if kind in ("kill", "freeze", "term"):
         entry["gateway"] = gateway.gateway_id
     log.append(entry)
@@ -569,11 +598,117 @@ async def fault(
         # The contract (docs/operations.md, "Redis restarts empty") loses the log's history
         # and tickets, but every holder re-creates its lease and its offset reservation:
         # wait for those before the next fault, so a later kill is not the undocumented
-        # window between the restart and the re-reservation.
+        # window between the restart and the re-reservation. (A gateway an overlapping
+        # fault hits meanwhile, in `spare`, is not waited for.)
         for g in running:
-            if g.running():
-                with contextlib.suppress(TimeoutError, RuntimeError):
-                    await g.wait_event("cluster_offsets_reserved_again", before[g.gateway_id] + 1)
+
+            async def reserved(g: GatewayProcess = g) -> bool:
+                count = len(g.events("cluster_offsets_reserved_again"))
+                return g.gateway_id in spare or count > before[g.gateway_id]
+
+            with contextlib.suppress(TimeoutError, RuntimeError):
+                await poll_until(reserved, g.gateway_id, START_TIMEOUT, g.running)
+
+
+OVERLAPS: tuple[tuple[str, str], ...] = (
+    ("kill", "kill"),
+    ("kill", "freeze"),
+    ("freeze", "kill"),
+    ("freeze", "freeze"),
+    ("kill", "term"),
+    ("term", "kill"),
+    ("term", "term"),
+    ("freeze", "term"),
+    ("term", "freeze"),
+    ("redis_pause", "kill"),
+    ("redis_pause", "freeze"),
+    ("redis_pause", "term"),
+    ("freeze", "redis_pause"),
+    ("kill", "redis_pause"),
+    ("redis_empty", "term"),
+)
+"""Pairs of faults `--overlap` runs at once, the second begun while the first is under way.
+
+Left out are exactly the combinations docs/operations.md's failure model names as limits:
+a gateway that dies, freezes past its lease or stops while Redis is unreachable (a
+`redis_stop`: output it handed out past its mark may have its offsets reused), and a
+holder that dies or freezes between an empty Redis and its re-reservation (its VMs
+start their offsets again, with an `offsets_reused` notice the checker does not take).
+A clean stop (`term`) during that recovery is in: it ships and settles its mark. A
+`redis_pause` is under a second, within a store call's deadline: Redis stays reachable."""
+
+
+def overlap_delay(first: str, rng: random.Random) -> float:
+    """How long after `first` begins the second fault begins: while `first` is under way."""
+    if first == "freeze":
+        return rng.uniform(0.0, LEASE_S + 0.5)  # frozen for LEASE_S + 0.5..2.5 s
+    if first == "kill":
+        return rng.uniform(0.0, 1.5)  # dead 0..2 s, then starting (about 1 s)
+    if first == "redis_pause":
+        return rng.uniform(0.0, 0.2)  # paused 200..900 ms
+    return rng.uniform(0.0, 0.5)  # term (a 500 ms drain) and redis_empty (its recovery)
+
+
+async def overlapping(
+    region: Region,
+    pair: tuple[str, str],
+    rng: random.Random,
+    log: list[dict[str, Any]],
+    busy: list[str],
+) -> None:
+    """Two faults at once (`OVERLAPS`), on different gateways; both undone on return.
+
+    When the first takes a gateway down past its lease and the second hits a gateway,
+    half the time the second chases a busy VM of the first's: it hits the gateway that
+    took the VM over, just after it took the port (its mark only `reserve_ahead` past
+    its start, its clients already shown output there)."""
+    first, second = pair
+    hit: set[str] = set()
+    delay = overlap_delay(first, rng)
+    seeds = (rng.random(), rng.random())
+    chase = (
+        first in ("kill", "freeze")
+        and second in ("kill", "freeze", "term")
+        and bool(busy)
+        and rng.random() < 0.5
+    )
+    soon = rng.uniform(0.0, 0.5)
+    tag = f"{first}+{second}" + ("/chase" if chase else "")
+    owners = {vm: region.owner(vm) for vm in busy}
+
+    async def later() -> None:
+        target = None
+        if chase:  # the first fault has picked its gateway (it ran to its first await)
+            mine = [vm for vm, g in owners.items() if g is not None and g.gateway_id in hit]
+            if mine:
+                # A killed gateway back within its lease may take its VM again itself:
+                # then nobody took it over, and the second fault picks as usual.
+                end = region.ends[mine[0]]
+                with contextlib.suppress(TimeoutError, AssertionError):
+                    target = await region.cluster.wait_owner(
+                        end, 3 * LEASE_S, not_on=owners[mine[0]]
+                    )
+                    await asyncio.sleep(soon)  # how soon after the claim (the schedule's shape)
+        else:
+            await asyncio.sleep(delay)  # the schedule's shape: the second fault's start
+        await fault(
+            region,
+            second,
+            random.Random(seeds[1]),
+            log,
+            busy,
+            spare=hit,
+            taken=hit,
+            overlap=tag,
+            target=target,
+        )
+
+    # The first fault picks its gateway before the second starts (it runs until its first
+    # await), so `hit` already names it.
+    await asyncio.gather(
+        fault(region, first, random.Random(seeds[0]), log, busy, spare=hit, taken=hit, overlap=tag),
+        later(),
+    )
 
 
 async def restore(region: Region) -> None:
@@ -595,20 +730,31 @@ async def chaos(
     stalls: list[dict[str, Any]],
     busy: list[str],
     kinds: tuple[str, ...] = FAULTS,
+    overlaps: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    """Faults one after another until `deadline` (loop time): every kind once, then random."""
+    """Faults one after another until `deadline` (loop time): every kind once, then random.
+
+    With `overlaps`, every pair of them once instead, then random pairs."""
     loop = asyncio.get_running_loop()
-    order = list(kinds)
+    every: list[str | tuple[str, str]] = list(overlaps or kinds)
+    order = list(every)
     rng.shuffle(order)
     while loop.time() < deadline:
-        kind = order.pop(0) if order else rng.choice(kinds)
+        kind = order.pop(0) if order else rng.choice(every)
+        name = kind if isinstance(kind, str) else "+".join(kind)
+        began, first = time.monotonic(), len(log)
         try:
-            await fault(region, kind, rng, log, busy)
+            if isinstance(kind, str):
+                await fault(region, kind, rng, log, busy)
+            else:
+                await overlapping(region, kind, rng, log, busy)
         except Exception as exc:  # a process that would not start: note it, bring all back
-            stalls.append({"after": kind, "error": repr(exc)[:300]})
+            stalls.append({"after": name, "error": repr(exc)[:300]})
             await restore(region)
         if not await recovered(region):
-            stalls.append({"after": kind, "t": log[-1]["t"]})
+            stalls.append({"after": name, "t": log[-1]["t"]})
+        elif len(log) > first:  # from the step's start until every port is held again
+            log[first]["recovered_s"] = round(time.monotonic() - began, 2)
         await asyncio.sleep(rng.uniform(0.5, 3.0))  # quiet time between faults (the schedule)
 
 
@@ -652,6 +798,7 @@ async def run(
     vms: int = 6,
     kinds: tuple[str, ...] = FAULTS,
     users: tuple[str, ...] = USERS,
+    overlaps: tuple[tuple[str, str], ...] = (),
 ) -> Outcome:
     """Chaos on `region` for `seconds` (then a calm end: every client catches up)."""
     rng = random.Random(seed)
@@ -697,7 +844,7 @@ async def run(
     loop = asyncio.get_running_loop()
     began = loop.time()
     try:
-        await chaos(region, rng, began + seconds, faults, stalls, names[:fast_vms], kinds)
+        await chaos(region, rng, began + seconds, faults, stalls, names[:fast_vms], kinds, overlaps)
         # The calm end: everything up, the VMs print one last record each, every client
         # must get it (and so everything before it, or a gap it was told of).
         if not await recovered(region):
@@ -749,6 +896,10 @@ async def run(
 async def main(args: argparse.Namespace) -> int:
     """Start a region per seed, run the chaos, write the outcome; exit 1 on a violation."""
     failed = False
+    overlaps: tuple[tuple[str, str], ...] = ()
+    if args.overlap is not None:  # given: the pairs named, or all of them
+        named = {tuple(name.split("+")) for name in args.overlap}
+        overlaps = tuple(pair for pair in OVERLAPS if not named or pair in named)
     for seed in args.seed:
         with tempfile.TemporaryDirectory(prefix="relayd-chaos-") as tmp:
             region = await start_region(Path(tmp))
@@ -760,11 +911,14 @@ async def main(args: argparse.Namespace) -> int:
                     fast_rate=args.fast_rate,
                     kinds=tuple(args.faults),
                     users=("rita",) if args.one_user else USERS,
+                    overlaps=overlaps,
                 )
             finally:
                 await stop_region(region)
             RESULTS.mkdir(parents=True, exist_ok=True)
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            if overlaps:
+                stamp += "-overlap"
             if outcome.violation_count or outcome.stalls:  # the gateways' logs, for the cause
                 logs = RESULTS / f"chaos-{stamp}-seed{seed}-logs"
                 logs.mkdir()
@@ -790,4 +944,13 @@ if __name__ == "__main__":
         "reconnects load the gateways",
     )
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
+    parser.add_argument(
+        "--overlap",
+        nargs="*",
+        choices=["+".join(pair) for pair in OVERLAPS],
+        metavar="FIRST+SECOND",
+        help="run pairs of faults at once instead of one at a time (OVERLAPS: those the "
+        "failure model does not name as a limit; name some to run only those); --faults "
+        "is then ignored",
+    )
     sys.exit(asyncio.run(main(parser.parse_args())))

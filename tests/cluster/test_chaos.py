@@ -18,6 +18,7 @@ import pytest
 
 from bench.chaos import (
     FAULTS,
+    OVERLAPS,
     Checker,
     StreamState,
     VmSpec,
@@ -117,3 +118,17 @@ async def test_owner_frozen_just_after_its_claim_hands_out_nothing_past_its_mark
     # included, even when the round in which `home` had claimed it never ended.
     caught_up = {s.name: s.last_seq for s in streams}
     assert caught_up == dict.fromkeys(caught_up, final), [s.history for s in streams]
+
+
+async def test_overlapping_faults_leave_out_the_limits_the_failure_model_names() -> None:
+    """`--overlap` never runs what docs/operations.md says may reuse offsets: a gateway
+    that dies, freezes or stops while Redis is unreachable, or a holder that dies or
+    freezes before it has put its reservation back after an empty Redis."""
+    gateway_faults = {"kill", "freeze", "term"}
+    for pair in OVERLAPS:
+        kinds = set(pair)
+        assert kinds <= set(FAULTS), pair
+        assert not ("redis_stop" in kinds and kinds & gateway_faults), pair
+        assert not ("redis_empty" in kinds and kinds & {"kill", "freeze"}), pair
+        if "redis_empty" in kinds:
+            assert pair[0] == "redis_empty", pair  # a stop begun before it is a hand-over lost
